@@ -1,0 +1,1 @@
+"""ted-prep: raw text → packed token shards in the Megatron indexed format."""

@@ -1,0 +1,374 @@
+"""Raw text → packed token shards, in parallel, resumable, byte-identical for any worker count.
+
+The pipeline (one process reads, ``workers`` processes tokenize, the reader writes):
+
+    read documents in source order ─► split by hash(seed, text) ─► cut shards by text bytes
+        ─► tokenize chunks in a pool (results taken back in submission order) ─► write shards
+
+Shard boundaries depend only on the documents, never on timing or worker count, so the output
+is the same bytes for any ``--workers``, and a re-run knows which shards are finished without
+tokenizing again.  Memory is bounded by ``2 × workers`` chunks in flight plus one shard's
+document-size list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from data_prep.errors import UserError
+from data_prep.indexed import ShardWriter, token_dtype
+from data_prep.sources import ReadStats, iter_documents, resolve_sources
+from data_prep.tokenizer import BatchEncoder, load_tokenizer, tokenizer_identity
+
+FORMAT = "ted-prep/1"
+SPLITS = ("train", "valid")
+CHUNK_DOCS = 512
+CHUNK_BYTES = 2 << 20
+
+
+@dataclass
+class BuildOptions:
+    inputs: list[str]
+    tokenizer: str
+    out: str
+    workers: int = 1
+    valid_fraction: float = 0.01
+    seed: int = 1234
+    text_field: str = "text"
+    blank_line_docs: bool = False
+    strict: bool = False
+    hf_split: str = "train"
+    shard_mb: float = 256.0
+    index_codes: str = "megatron"
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise UserError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.workers < 1:
+            raise UserError(f"--workers must be ≥ 1, got {self.workers}")
+        if self.shard_mb <= 0:
+            raise UserError(f"--shard-mb must be > 0, got {self.shard_mb}")
+        if self.index_codes not in ("megatron", "deepspeed"):
+            raise UserError(f"--index-codes must be megatron or deepspeed, not {self.index_codes!r}")
+
+
+def split_of(text_bytes: bytes, seed: int, valid_fraction: float) -> str:
+    """Deterministic train/valid assignment from a keyed hash of the document's own bytes."""
+    if valid_fraction <= 0.0:
+        return "train"
+    digest = hashlib.blake2b(text_bytes, digest_size=8, key=seed.to_bytes(8, "little", signed=True)).digest()
+    return "valid" if int.from_bytes(digest, "little") < valid_fraction * 2.0**64 else "train"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}"
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- worker side
+_ENCODER: BatchEncoder | None = None
+
+
+def _encode_chunk(task):
+    split, shard, texts = task
+    tokens, lengths = _ENCODER(texts)
+    return split, shard, tokens, lengths
+
+
+# ----------------------------------------------------------------------------- reader side
+@dataclass
+class _Chunk:
+    split: str
+    shard: int
+    texts: list[str] = field(default_factory=list)
+    nbytes: int = 0
+
+
+class _ShardSink:
+    """Receives tokenized chunks in order and turns them into finished shards, one split each."""
+
+    def __init__(self, out: str, dtype, codes: str, done: dict, on_shard):
+        self.out, self.dtype, self.codes = out, dtype, codes
+        self.done = done  # split -> list of finished shard records (also resume state)
+        self.on_shard = on_shard
+        self.open: dict[str, tuple[int, ShardWriter]] = {}
+
+    def add(self, split: str, shard: int, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        current = self.open.get(split)
+        if current is not None and current[0] != shard:
+            self._finish(split)
+            current = None
+        if current is None:
+            writer = ShardWriter(os.path.join(self.out, shard_name(split, shard)), self.dtype, self.codes)
+            self.open[split] = current = (shard, writer)
+        current[1].add_documents(tokens, lengths)
+
+    def _finish(self, split: str) -> None:
+        shard, writer = self.open.pop(split)
+        writer.finish()
+        prefix = os.path.join(self.out, shard_name(split, shard))
+        record = {
+            "name": shard_name(split, shard),
+            "documents": len(writer.sizes),
+            "tokens": int(sum(writer.sizes)),
+            "bin_bytes": os.path.getsize(prefix + ".bin"),
+            "idx_bytes": os.path.getsize(prefix + ".idx"),
+            "bin_sha256": file_sha256(prefix + ".bin"),
+            "idx_sha256": file_sha256(prefix + ".idx"),
+        }
+        assert len(self.done[split]) == shard, "shards must finish in order"
+        self.done[split].append(record)
+        self.on_shard()
+
+    def finish_all(self) -> None:
+        for split in list(self.open):
+            self._finish(split)
+
+    def abort(self) -> None:
+        for _, writer in self.open.values():
+            writer.abort()
+        self.open.clear()
+
+
+def _spec(opts: BuildOptions, sources, tok_id: dict) -> dict:
+    """Everything that determines the output bytes (worker count and progress do not)."""
+    srcs = []
+    for s in sources:
+        st = os.stat(s.path)
+        srcs.append({"path": os.path.abspath(s.path), "kind": s.kind, "compression": s.compression,
+                     "bytes": st.st_size if os.path.isfile(s.path) else None, "mtime_ns": st.st_mtime_ns})
+    return {
+        "format": FORMAT,
+        "sources": srcs,
+        "tokenizer_vocab_sha256": tok_id["vocab_sha256"],
+        "valid_fraction": opts.valid_fraction,
+        "seed": opts.seed,
+        "text_field": opts.text_field,
+        "blank_line_docs": opts.blank_line_docs,
+        "strict": opts.strict,
+        "hf_split": opts.hf_split,
+        "shard_bytes": int(opts.shard_mb * (1 << 20)),
+        "index_codes": opts.index_codes,
+    }
+
+
+def _check_out_dir(out: str, spec: dict, overwrite: bool) -> dict | None:
+    """Return the resume state if ``out`` holds an unfinished build of this same spec."""
+    spec_path = os.path.join(out, "build.json")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return None
+    if not os.path.isfile(spec_path):
+        raise UserError(f"output directory {out} is not empty and holds no ted-prep build; choose a new --out")
+    with open(spec_path) as f:
+        old = json.load(f)
+    if old != spec:
+        if overwrite:
+            shutil.rmtree(out)
+            return None
+        diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+        raise UserError(
+            f"output directory {out} holds a different dataset (differs in: {', '.join(diff)}); "
+            "choose a new --out, or pass --overwrite to replace it"
+        )
+    state_path = os.path.join(out, ".build-state.json")
+    if os.path.isfile(state_path):
+        with open(state_path) as f:
+            return json.load(f)
+    return {"done": {s: [] for s in SPLITS}}
+
+
+def build(opts: BuildOptions) -> dict:
+    """Run (or finish) a build and return the manifest.
+
+    A build that fails on bad input removes its output directory if this run created it, so
+    nothing half-written is left; an interrupted build keeps its finished shards for the re-run.
+    """
+    opts.validate()
+    sources = resolve_sources(opts.inputs)
+    tok = load_tokenizer(opts.tokenizer)
+    tok_id = dict(tokenizer_identity(opts.tokenizer, tok), path=os.path.abspath(opts.tokenizer))
+    dtype = token_dtype(tok_id["vocab_size"], opts.index_codes)
+    spec = _spec(opts, sources, tok_id)
+    manifest_path = os.path.join(opts.out, "manifest.json")
+
+    state = _check_out_dir(opts.out, spec, opts.overwrite)
+    if state is not None and os.path.isfile(manifest_path):
+        print(f"ted-prep: {opts.out} is already complete; nothing to do", file=sys.stderr)
+        with open(manifest_path) as f:
+            return json.load(f)
+    fresh = state is None
+    state = state or {"done": {s: [] for s in SPLITS}}
+    if any(state["done"][s] for s in SPLITS):
+        print("ted-prep: resuming; finished shards kept: "
+              + ", ".join(f"{s} {len(state['done'][s])}" for s in SPLITS), file=sys.stderr)
+    os.makedirs(opts.out, exist_ok=True)
+    _atomic_json(os.path.join(opts.out, "build.json"), spec)
+    for name in os.listdir(opts.out):  # leftovers of an interrupted shard
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(opts.out, name))
+    tok_dir = os.path.join(opts.out, "tokenizer")
+    if not os.path.isdir(tok_dir):
+        tok.save_pretrained(tok_dir + ".tmp")
+        os.replace(tok_dir + ".tmp", tok_dir)
+
+    start = time.time()
+    try:
+        stats = _tokenize_into_shards(opts, sources, BatchEncoder(tok, dtype), spec["shard_bytes"], state)
+    except UserError:
+        if fresh:
+            shutil.rmtree(opts.out, ignore_errors=True)
+        raise
+    manifest = {
+        "format": FORMAT,
+        "tokenizer": tok_id,
+        "vocab_size": tok_id["vocab_size"],
+        "dtype": np.dtype(dtype).name,
+        "index_codes": opts.index_codes,
+        "eos_token_id": tok_id["eos_token_id"],
+        "split": {"method": "blake2b-64(key=seed, utf-8 text) / 2^64 < valid_fraction",
+                  "valid_fraction": opts.valid_fraction, "seed": opts.seed},
+        "sources": [dict(src, documents=stats.per_source.get(s.path, 0)) for src, s in zip(spec["sources"], sources)],
+        "shards": state["done"],
+        "totals": {s: {"documents": sum(r["documents"] for r in state["done"][s]),
+                       "tokens": sum(r["tokens"] for r in state["done"][s])} for s in SPLITS},
+        "stats": {"documents": stats.documents, "empty_skipped": stats.empty_skipped,
+                  "utf8_replaced": stats.utf8_replaced},
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("progress", "workers", "out", "overwrite")},
+    }
+    _atomic_json(manifest_path, manifest)
+    state_path = os.path.join(opts.out, ".build-state.json")
+    if os.path.exists(state_path):
+        os.remove(state_path)
+    _summary(manifest, time.time() - start)
+    return manifest
+
+
+def _tokenize_into_shards(opts: BuildOptions, sources, encoder: BatchEncoder, shard_bytes: int,
+                          state: dict) -> ReadStats:
+    """The streaming loop: read, split, cut shards, tokenize in the pool, write in order."""
+    global _ENCODER
+    _ENCODER = encoder  # inherited by the forked workers
+    state_path = os.path.join(opts.out, ".build-state.json")
+    sink = _ShardSink(opts.out, encoder.dtype, opts.index_codes, state["done"],
+                      lambda: _atomic_json(state_path, state))
+    skip_below = {s: len(state["done"][s]) for s in SPLITS}  # finished shards are not tokenized again
+    pool = mp.get_context("fork").Pool(opts.workers) if opts.workers > 1 else None
+    stats = ReadStats()
+    cursor = {s: [0, 0] for s in SPLITS}  # split -> [shard index, text bytes in it]
+    pending: deque = deque()
+    progress = _Progress(opts.progress)
+
+    def drain(limit: int) -> None:
+        while len(pending) > limit:
+            split, shard, tokens, lengths = pending.popleft().get() if pool else pending.popleft()
+            sink.add(split, shard, tokens, lengths)
+            progress.update(len(lengths), len(tokens))
+
+    def dispatch(chunk: _Chunk) -> None:
+        if chunk.shard < skip_below[chunk.split] or not chunk.texts:
+            return
+        task = (chunk.split, chunk.shard, chunk.texts)
+        pending.append(pool.apply_async(_encode_chunk, (task,)) if pool else _encode_chunk(task))
+        drain(2 * opts.workers)
+
+    chunks = {s: _Chunk(s, 0) for s in SPLITS}
+    try:
+        for doc in iter_documents(sources, text_field=opts.text_field, blank_line_docs=opts.blank_line_docs,
+                                  strict=opts.strict, hf_split=opts.hf_split, stats=stats):
+            raw = doc.text.encode("utf-8", "surrogatepass")
+            split = split_of(raw, opts.seed, opts.valid_fraction)
+            cur = cursor[split]
+            if cur[1] and cur[1] + len(raw) > shard_bytes:
+                cur[0], cur[1] = cur[0] + 1, 0
+            cur[1] += len(raw)
+            chunk = chunks[split]
+            if chunk.shard != cur[0] or len(chunk.texts) >= CHUNK_DOCS or chunk.nbytes >= CHUNK_BYTES:
+                dispatch(chunk)
+                chunks[split] = chunk = _Chunk(split, cur[0])
+            chunk.texts.append(doc.text)
+            chunk.nbytes += len(raw)
+        if stats.documents == 0:
+            raise UserError(f"no non-empty documents in the inputs ({stats.empty_skipped} empty skipped)")
+        for chunk in chunks.values():
+            dispatch(chunk)
+        drain(0)
+        sink.finish_all()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        if pool:
+            pool.terminate()
+        progress.close()
+    return stats
+
+
+class _Progress:
+    """Rank-free progress bar on stderr: documents done and tokens/s."""
+
+    def __init__(self, enabled: bool):
+        self.start = time.time()
+        self.tokens = 0
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit=" doc", desc="tokenizing", file=sys.stderr, mininterval=1.0, smoothing=0.1,
+                             leave=False)
+
+    def update(self, docs: int, tokens: int) -> None:
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(docs)
+            self.bar.set_postfix_str(f"{self.tokens / max(self.elapsed(), 1e-9) / 1e6:.2f}M tok/s", refresh=False)
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _summary(manifest: dict, elapsed: float) -> None:
+    t = manifest["totals"]
+    st = manifest["stats"]
+    lines = [
+        f"ted-prep: built {len(manifest['shards']['train'])} train + {len(manifest['shards']['valid'])} valid shards "
+        f"({manifest['dtype']}, {manifest['index_codes']} codes)",
+        f"  train: {t['train']['documents']:,} docs, {t['train']['tokens']:,} tokens",
+        f"  valid: {t['valid']['documents']:,} docs, {t['valid']['tokens']:,} tokens",
+        f"  skipped empty documents: {st['empty_skipped']:,}; documents with invalid UTF-8 replaced: "
+        f"{st['utf8_replaced']:,}",
+        f"  time: {elapsed:.1f} s ({(t['train']['tokens'] + t['valid']['tokens']) / max(elapsed, 1e-9) / 1e6:.2f}M "
+        "tokens/s)",
+    ]
+    print("\n".join(lines), file=sys.stderr)
