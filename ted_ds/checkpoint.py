@@ -1,0 +1,170 @@
+"""Checkpoints that survive crashes: complete-or-invisible saves, exact resume, keep-last-K.
+
+Layout of ``<out_dir>/checkpoints``::
+
+    step-00000100/            DeepSpeed's files (ZeRO-3 shards, optimizer, scheduler) + ours:
+        trainer_state.json    step, tokens, consumed samples, world size, run config, stage
+        rng_rank{r}.pt        every RNG of rank r (torch, numpy, python), tensors only
+        COMPLETE              written last: every file of the tag with its size
+    latest                    the tag of the newest COMPLETE checkpoint (atomic rename)
+
+A save writes everything, waits for every rank, then rank 0 writes ``COMPLETE`` and only then
+moves ``latest``.  A crash mid-save leaves the previous checkpoint as ``latest``.  Loading checks
+``COMPLETE`` against the files and falls back to the newest older checkpoint that passes, with
+a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+
+import numpy as np
+import torch
+
+from ted_ds import distributed as D
+from ted_ds.errors import CheckpointError
+
+TAG_PREFIX = "step-"
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def _atomic_write(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_meta": torch.tensor([np_state[2], np_state[3]], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64),
+        "python": torch.tensor([x for x in random.getstate()[1]], dtype=torch.int64),
+        "python_version": torch.tensor([random.getstate()[0]], dtype=torch.int64),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss = state["numpy_meta"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
+                         float(state["numpy_gauss"][0])))
+    py = state["python"].tolist()
+    random.setstate((int(state["python_version"][0]), tuple(py), None))
+
+
+def _listing(tag_dir: str) -> dict[str, int]:
+    out = {}
+    for root, _, files in os.walk(tag_dir):
+        for name in files:
+            if name == "COMPLETE":
+                continue
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, tag_dir)] = os.path.getsize(path)
+    return out
+
+
+def is_complete(tag_dir: str) -> str | None:
+    """None if the checkpoint is whole, else what is wrong with it."""
+    marker = os.path.join(tag_dir, "COMPLETE")
+    if not os.path.isfile(marker):
+        return "no COMPLETE marker (the save did not finish)"
+    try:
+        with open(marker) as f:
+            expected = json.load(f)["files"]
+    except (json.JSONDecodeError, KeyError):
+        return "unreadable COMPLETE marker"
+    for rel, size in expected.items():
+        path = os.path.join(tag_dir, rel)
+        if not os.path.isfile(path):
+            return f"missing file {rel}"
+        if os.path.getsize(path) != size:
+            return f"{rel} is {os.path.getsize(path)} bytes, expected {size}"
+    return None
+
+
+def complete_tags(ckpt_dir: str) -> list[str]:
+    """Tags on disk, newest first (completeness not yet checked)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted((d for d in os.listdir(ckpt_dir) if d.startswith(TAG_PREFIX)), reverse=True)
+
+
+class Checkpointer:
+    def __init__(self, ckpt_dir: str, keep_last: int, identity: dict):
+        """``identity`` holds what must match on resume (model shapes, tokenizer, method, stage)."""
+        self.dir = ckpt_dir
+        self.keep_last = keep_last
+        self.identity = identity
+
+    def save(self, engine, step: int, trainer_state: dict) -> str:
+        tag = tag_for(step)
+        tag_dir = os.path.join(self.dir, tag)
+        if D.rank() == 0 and os.path.isdir(tag_dir):
+            shutil.rmtree(tag_dir)  # a partial save of the same step from a crashed attempt
+        D.barrier()
+        engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
+        torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{D.rank()}.pt"))
+        if D.rank() == 0:
+            state = dict(trainer_state, identity=self.identity, world_size=D.world_size(), tag=tag)
+            _atomic_write(os.path.join(tag_dir, "trainer_state.json"), json.dumps(state, indent=2))
+        D.barrier()  # every rank's files are on disk
+        if D.rank() == 0:
+            _atomic_write(os.path.join(tag_dir, "COMPLETE"), json.dumps({"files": _listing(tag_dir)}, indent=1))
+            _atomic_write(os.path.join(self.dir, "latest"), tag)
+            self._prune(tag)
+        D.barrier()
+        return tag
+
+    def _prune(self, newest: str) -> None:
+        tags = complete_tags(self.dir)
+        for old in [t for t in tags if t < newest][max(0, self.keep_last - 1):]:
+            shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
+
+    def find_resumable(self) -> str | None:
+        """The newest whole checkpoint: ``latest`` if it checks out, else the newest older one."""
+        latest_path = os.path.join(self.dir, "latest")
+        if not os.path.isfile(latest_path):
+            return None
+        with open(latest_path) as f:
+            latest = f.read().strip()
+        for tag in [latest] + [t for t in complete_tags(self.dir) if t < latest]:
+            problem = is_complete(os.path.join(self.dir, tag))
+            if problem is None:
+                return tag
+            if D.rank() == 0:
+                warnings.warn(f"checkpoint {tag} is unusable ({problem}); trying an older one", stacklevel=2)
+        raise CheckpointError(f"{self.dir}: no complete checkpoint left to resume from")
+
+    def read_state(self, tag: str) -> dict:
+        with open(os.path.join(self.dir, tag, "trainer_state.json")) as f:
+            state = json.load(f)
+        for key, value in self.identity.items():
+            if state["identity"].get(key) != value:
+                raise CheckpointError(
+                    f"checkpoint {os.path.join(self.dir, tag)} was written with {key}={state['identity'].get(key)!r}, "
+                    f"this run has {value!r}; use another train.out_dir or the matching config")
+        return state
+
+    def load(self, engine, tag: str) -> dict:
+        """Restore engine, RNG and trainer state from ``tag``; returns the trainer state."""
+        state = self.read_state(tag)
+        load_dir, _ = engine.load_checkpoint(self.dir, tag=tag, load_module_strict=True,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_dir is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {tag} from {self.dir}")
+        rng_path = os.path.join(self.dir, tag, f"rng_rank{D.rank()}.pt")
+        if state["world_size"] == D.world_size() and os.path.isfile(rng_path):
+            set_rng_state(torch.load(rng_path, weights_only=True))
+        return state

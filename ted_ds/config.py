@@ -1,0 +1,282 @@
+"""The one typed run configuration: dataclasses loaded from YAML, with dotted CLI overrides.
+
+A run file looks like ``ted_ds/configs/demo_distill.yaml``; any field can be overridden on the
+command line as ``section.field=value`` (the value is parsed as YAML).  Unknown keys, wrong
+types and impossible values are errors before any process group starts.  Batch size,
+accumulation, clipping and learning rate live here; the DeepSpeed JSON is filled from them
+(``"auto"``) or checked against them (see ``ted_ds.engine.resolve_ds_config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from ted_ds.errors import ConfigError
+
+METHODS = ("ted", "lwd", "kd", "lm")
+PLACEMENTS = ("replicated", "zero3", "pipeline")
+LAYER_LOSSES = ("mse", "normalized_mse", "cosine")
+FILTER_KINDS = ("linear", "mlp")
+
+
+@dataclass
+class TeacherConfig:
+    path: str | None = None
+    """HF directory of the frozen teacher (weights, config, tokenizer). Unused by ``method: lm``."""
+    placement: str = "replicated"
+    """replicated: a full copy per rank; zero3: parameters sharded over all ranks (ZeRO-3 inference);
+    pipeline: layers split over ``pipeline_stages`` ranks of each pipeline group."""
+    pipeline_stages: int = 2
+    """P, the number of pipeline stages (placement: pipeline). World size must be a multiple of P."""
+    pipeline_layers: list[int] | None = None
+    """Explicit stage boundaries: number of decoder layers on each stage (sums to the layer count).
+    Default: balanced by parameter count."""
+    pipeline_chunks: int = 1
+    """Each micro-batch of the group is cut into this many chunks to fill the pipeline."""
+    logits_dtype: str = "fp32"
+    """fp32 | bf16: precision of the logits a pipeline teacher sends."""
+    logits_topk: int = 0
+    """> 0: the teacher sends only its top-k logits per token and KD is computed on that support."""
+    filters: str | None = None
+    """Teacher filter bank from stage 1 (``learn-filters --model teacher``). Required by ``ted``."""
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StudentConfig:
+    path: str | None = None
+    """HF directory to start from (continual pre-training)."""
+    config: str | None = None
+    """HF config (directory or config.json) for a randomly initialised student."""
+    init_from_teacher: list[int] | None = None
+    """0-based teacher layers to copy, in order, into a fresh student (embeddings, final norm and
+    head are copied too). The usual way to start a small student well."""
+    filters: str | None = None
+    """Student filter bank from stage 1 (``learn-filters --model student``). Required by ``ted``."""
+    activation_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """A ``ted-prep build`` output directory."""
+    seq_len: int = 256
+    eval_samples: int = 64
+    """Validation windows used for the perplexity printed every ``train.eval_interval`` steps."""
+
+
+@dataclass
+class DistillConfig:
+    method: str = "ted"
+    """ted: filtered layer targets (two stages); lwd: raw teacher states, trainable student projection,
+    no stage 1; kd: logits only (β = 0); lm: plain language modelling, no teacher at all."""
+    alpha: float = 1.0
+    """Weight of T²·KL(teacher ‖ student) on the temperature-softened next-token distributions."""
+    beta: float = 1.0
+    """Weight of the mean layer loss over taps (ted, lwd)."""
+    temperature: float = 2.0
+    teacher_every: int | None = None
+    """k_t: tap the teacher after every k_t-th layer (layers k_t, 2k_t, …, the last)."""
+    student_every: int | None = None
+    """k_s: likewise for the student; both must give the same number of taps."""
+    pairs: list[list[int]] | None = None
+    """Explicit [[teacher_layer, student_layer], …] taps, 1-based (layer L = output of block L)."""
+    filter: str = "linear"
+    """linear: Linear(d_model → d_filter); mlp: Linear → GELU → Linear."""
+    filter_dim: int | None = None
+    """d_filter; defaults to the teacher's hidden size so the teacher's head can read filtered states."""
+    layer_loss: str = "normalized_mse"
+    """mse (the paper) | normalized_mse (MSE ÷ variance of the teacher target, per tap; default, so one β
+    works across model pairs) | cosine (1 − cosine similarity per token)."""
+    filters_out: str | None = None
+    """learn-filters: where to write the bank (default ``<train.out_dir>/filters-<model>``)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    """cosine (warmup, then cosine decay to min_lr at the last step) | constant (after warmup)."""
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global-norm gradient clipping; 0 turns it off."""
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/ted"
+    deepspeed_config: str = "ds_configs/zero3_cpu.json"
+    """A DeepSpeed JSON from ds_configs/ (or your own); "auto" values are filled from this file."""
+    micro_batch_size: int = 4
+    global_batch_size: int = 32
+    """Samples per optimizer step over all ranks = micro × accumulation × data-parallel ranks."""
+    steps: int | None = None
+    tokens: int | None = None
+    """Alternative to ``steps``: train for this many tokens (rounded up to whole steps)."""
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 100
+    save_interval: int = 500
+    keep_last: int = 2
+    """Checkpoints kept on disk (the newest K)."""
+    timeout_minutes: float = 10.0
+    """Every collective fails with a clear error after this long instead of hanging."""
+    peak_tflops: float | None = None
+    """Per-device peak used for MFU; default: looked up for known GPUs, measured by a matmul on CPU."""
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        d, t, tr, o = self.distill, self.teacher, self.train, self.optim
+        _choice("distill.method", d.method, METHODS)
+        _choice("teacher.placement", t.placement, PLACEMENTS)
+        _choice("distill.layer_loss", d.layer_loss, LAYER_LOSSES)
+        _choice("distill.filter", d.filter, FILTER_KINDS)
+        _choice("optim.schedule", o.schedule, ("cosine", "constant"))
+        _choice("teacher.logits_dtype", t.logits_dtype, ("fp32", "bf16"))
+        for name, value in (("train.micro_batch_size", tr.micro_batch_size),
+                            ("train.global_batch_size", tr.global_batch_size), ("data.seq_len", self.data.seq_len),
+                            ("train.log_interval", tr.log_interval), ("train.eval_interval", tr.eval_interval),
+                            ("train.save_interval", tr.save_interval), ("train.keep_last", tr.keep_last),
+                            ("teacher.pipeline_stages", t.pipeline_stages),
+                            ("teacher.pipeline_chunks", t.pipeline_chunks)):
+            if value < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {value}")
+        if tr.steps is None and tr.tokens is None:
+            raise ConfigError("set train.steps or train.tokens")
+        if tr.steps is not None and tr.tokens is not None:
+            raise ConfigError("set only one of train.steps and train.tokens")
+        if (tr.steps or 1) < 1 or (tr.tokens or 1) < 1:
+            raise ConfigError("train.steps / train.tokens must be ≥ 1")
+        if min(d.alpha, d.beta, d.temperature) < 0 or d.temperature == 0:
+            raise ConfigError("distill.alpha and distill.beta must be ≥ 0 and distill.temperature > 0")
+        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr or o.warmup_steps < 0:
+            raise ConfigError("need optim.lr > 0, 0 ≤ optim.min_lr ≤ optim.lr and optim.warmup_steps ≥ 0")
+        if len(o.betas) != 2:
+            raise ConfigError("optim.betas must be two numbers")
+        if sum(x is not None for x in (self.student.path, self.student.config, self.student.init_from_teacher)) != 1:
+            raise ConfigError("give exactly one of student.path, student.config and student.init_from_teacher")
+        if self.uses_teacher and not t.path:
+            raise ConfigError(f"method {d.method} needs teacher.path")
+        if self.student.init_from_teacher is not None and not t.path:
+            raise ConfigError("student.init_from_teacher needs teacher.path")
+        if d.pairs is not None and (d.teacher_every or d.student_every):
+            raise ConfigError("give distill.pairs or distill.teacher_every/student_every, not both")
+        if not self.data.path:
+            raise ConfigError("data.path is required (a ted-prep build directory)")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.distill.method != "lm"
+
+    @property
+    def uses_layers(self) -> bool:
+        return self.distill.method in ("ted", "lwd") and self.distill.beta > 0
+
+    @property
+    def uses_logits(self) -> bool:
+        return self.distill.method != "lm" and self.distill.alpha > 0
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+# ----------------------------------------------------------------------------- loading
+def _coerce(value, hint, where: str):
+    """Check a YAML value against a field's type hint (ints are accepted for floats)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping")
+        return _build(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and
+                                                                                 isinstance(value, bool))):
+        raise ConfigError(f"{where} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """``a.b=value`` sets ``data["a"]["b"]`` (value parsed as YAML)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {p} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r} ({e})") from None
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for o in overrides:
+        apply_override(data, o)
+    return _build(RunConfig, data)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,150 @@
+"""Process-group set-up for every launcher, and the few collectives the trainer needs.
+
+Launchers and what they give us:
+
+* ``deepspeed`` / ``torchrun``: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
+* ``mpirun``: OMPI_COMM_WORLD_*; DeepSpeed's MPI discovery (mpi4py) fills in the rest.
+* ``srun``: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the job's first host.
+* nothing (plain ``ted-ds ...``): one process, a free local port.
+
+Every collective runs under the timeout given to ``init`` so a dead peer ends the job with an
+error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+from ted_ds.errors import DistributedError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        return out[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return nodelist.split(",")[0] or "127.0.0.1"
+
+
+def prepare_env() -> str:
+    """Fill the torch.distributed environment from whatever launched us; returns the launcher name."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torch"
+    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
+        return "mpi"  # deepspeed.init_distributed discovers ranks through mpi4py
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("MASTER_ADDR", _first_slurm_host())
+        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return "slurm"
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(free_port()))
+    return "single"
+
+
+def expected_world_size() -> int:
+    """World size from the launcher's environment (after ``prepare_env``), before the group exists."""
+    env = os.environ
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if key in env:
+            return int(env[key])
+    return 1
+
+
+def _local_world_size() -> int:
+    env = os.environ
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    return expected_world_size()
+
+
+def init(timeout_minutes: float) -> None:
+    """Start the process group (gloo on CPU, NCCL on CUDA: DeepSpeed's accelerator decides)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if dist.is_initialized():
+        return
+    launcher = prepare_env()
+    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False,
+                               auto_mpi_discovery=launcher == "mpi")
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        acc.set_device(local_rank())
+    elif "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // _local_world_size()))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device("cpu") if name == "cpu" else torch.device(name, local_rank())
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Mean of each scalar over ranks (one collective for the whole dict)."""
+    if world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device())
+    _checked(dist.all_reduce, t)
+    return {k: float(v) / world_size() for k, v in zip(keys, t.tolist())}
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        _checked(dist.all_reduce, t)
+    return t
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        _checked(dist.barrier)
+
+
+def _checked(fn, *args):
+    try:
+        return fn(*args)
+    except RuntimeError as e:  # gloo/NCCL timeouts and closed connections surface as RuntimeError
+        raise DistributedError(f"rank {rank()}: collective {fn.__name__} failed — a peer rank died or timed out "
+                               f"({str(e).splitlines()[0][:200]})") from None
+
+
+def shutdown() -> None:
+    """End cleanly: a final barrier, then destroy the group (avoids rare aborts at exit)."""
+    if dist.is_initialized():
+        try:
+            barrier()
+        finally:
+            dist.destroy_process_group()

@@ -1,0 +1,148 @@
+"""The one place that builds DeepSpeed engines: the trained module (ZeRO-3) and the frozen side.
+
+* ``resolve_ds_config`` fills a ds_configs/ JSON from the run config ("auto") and refuses values
+  that disagree with it, so batch size, accumulation, clipping and LR have one source of truth.
+* ``build_trained_engine`` puts the trained module (student + its filters, or a filter bank in
+  stage 1) under ``deepspeed.initialize`` with our AdamW (or the JSON's optimizer) and schedule.
+* ``build_frozen`` places a frozen model by ``teacher.placement``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+
+import torch
+from torch import nn
+
+from ted_ds import distributed as D
+from ted_ds.config import RunConfig
+from ted_ds.errors import ConfigError
+from ted_ds.teacher import FrozenLM, ReplicatedTeacher, Zero3Teacher
+
+_DERIVED_OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay")
+
+
+def _fill(section: dict, key: str, value, where: str) -> None:
+    current = section.get(key, "auto")
+    if current == "auto":
+        section[key] = value
+    elif current != value:
+        raise ConfigError(f"{where}: {key}={current!r} disagrees with the run config ({value!r}); "
+                          f'set it to "auto" or change the run config')
+
+
+def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed config for this run, with derived values filled and checked."""
+    path = cfg.train.deepspeed_config
+    if not os.path.isfile(path):
+        raise ConfigError(f"DeepSpeed config not found: {path}")
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    mb, gb = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    if gb % (mb * world_size):
+        raise ConfigError(f"train.global_batch_size {gb} is not a multiple of micro_batch_size {mb} × "
+                          f"{world_size} ranks")
+    _fill(ds, "train_micro_batch_size_per_gpu", mb, path)
+    _fill(ds, "gradient_accumulation_steps", gb // (mb * world_size), path)
+    _fill(ds, "train_batch_size", gb, path)
+    _fill(ds, "gradient_clipping", cfg.optim.grad_clip, path)
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        for key in _DERIVED_OPTIMIZER_KEYS:
+            value = list(cfg.optim.betas) if key == "betas" else getattr(cfg.optim, key)
+            _fill(params, key, value, f"{path} optimizer.params")
+    else:
+        ds["zero_allow_untested_optimizer"] = True  # our torch AdamW under ZeRO
+    if "scheduler" in ds:
+        raise ConfigError(f"{path}: remove the 'scheduler' section; the schedule comes from optim.* in the run config")
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def compute_dtype(ds: dict) -> torch.dtype:
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def frozen_ds_config(ds: dict) -> dict:
+    """Inference-only ZeRO-3 config for a frozen model: same precision and batch, no optimizer."""
+    frozen = copy.deepcopy(ds)
+    for key in ("optimizer", "scheduler", "zero_allow_untested_optimizer", "gradient_clipping"):
+        frozen.pop(key, None)
+    zero = frozen.setdefault("zero_optimization", {})
+    zero["stage"] = 3
+    zero.pop("offload_optimizer", None)
+    return frozen
+
+
+def lr_multiplier(step: int, cfg: RunConfig, total_steps: int) -> float:
+    """Linear warmup, then cosine decay to min_lr at the last step (or constant)."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+    floor = o.min_lr / o.lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; leave biases, norms and other vectors alone."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def build_trained_engine(cfg: RunConfig, module: nn.Module, ds: dict, total_steps: int):
+    import deepspeed
+
+    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg, total_steps))
+    groups = param_groups(module, cfg.optim.weight_decay)
+    optimizer = None
+    if "optimizer" not in ds:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, model_parameters=groups,
+                                      lr_scheduler=schedule, config=ds)
+    return engine
+
+
+def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_logits: bool, ds: dict):
+    """Place a frozen model (``load_model()`` builds it on CPU) by ``teacher.placement``."""
+    placement = cfg.teacher.placement
+    dtype = compute_dtype(ds)
+    if placement == "replicated":
+        frozen = FrozenLM(load_model(), layers, filters, need_logits, cfg.teacher.logits_topk).to(dtype)
+        return ReplicatedTeacher(frozen, D.device())
+    if placement == "zero3":
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        fds = frozen_ds_config(ds)
+        keep_alive = HfDeepSpeedConfig(fds)  # from_pretrained loads straight into partitions
+        try:
+            frozen = FrozenLM(load_model(), layers, filters, need_logits, cfg.teacher.logits_topk)
+            engine, *_ = deepspeed.initialize(model=frozen, config=fds)
+        finally:
+            unset_hf_deepspeed_config()
+            del keep_alive
+        return Zero3Teacher(engine)
+    if placement == "pipeline":
+        from ted_ds.pipeline import build_pipeline_teacher
+
+        return build_pipeline_teacher(cfg, layers, filters, need_logits, dtype)
+    raise ConfigError(f"unknown teacher.placement {placement!r}")

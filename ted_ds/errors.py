@@ -1,0 +1,15 @@
+"""Error types that entry points print as one line (``ted-ds: error: ...``), never a traceback."""
+
+from data_prep.errors import UserError
+
+
+class ConfigError(UserError):
+    """The run configuration is wrong or disagrees with the models/data it names."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, partial, corrupted or incompatible with this run."""
+
+
+class DistributedError(UserError):
+    """A collective timed out or a peer rank died."""

@@ -1,0 +1,95 @@
+"""Metrics out of the trainer: TensorBoard scalars, a JSONL file, a progress bar, and MFU.
+
+Only rank 0 writes.  ``metrics.jsonl`` holds one JSON object per logged step; on resume, lines
+past the resumed step (written by the interrupted attempt) are dropped so curves stay clean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+# Dense bf16 peak TFLOPs per device of common GPUs (vendor datasheets, no sparsity).
+_GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0,
+                    "V100": 125.0, "MI300X": 1307.0, "B200": 2250.0}
+
+
+def device_peak_flops(configured_tflops: float | None) -> float:
+    """Peak FLOP/s of one device: configured, looked up by GPU name, or measured by a CPU matmul."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in _GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    a = torch.randn(1024, 1024)
+    b = torch.randn(1024, 1024)
+    a @ b
+    start, reps = time.perf_counter(), 8
+    for _ in range(reps):
+        a @ b
+    return 2 * 1024**3 * reps / (time.perf_counter() - start)
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str, enabled: bool, total_steps: int, start_step: int, progress: bool,
+                 desc: str):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        self.jsonl = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "metrics.jsonl")
+        kept = []
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+        self.jsonl = open(path, "a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start_step + 1)
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", file=sys.stderr,
+                            dynamic_ncols=True, mininterval=1.0)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+
+    def advance(self, step: int, postfix: str) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.refresh()
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

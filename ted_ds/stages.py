@@ -1,0 +1,233 @@
+"""What each command trains: the TED stages and the baselines, as (engine, frozen side, loss).
+
+``plan`` reads configs, manifest and tokenizers from disk and checks that everything fits
+together before any process group exists.  ``build_distill`` and ``build_filter_learning`` turn
+a plan into a ``Stage``: the DeepSpeed engine of the trained module, the frozen model, and the
+loss of one micro-batch.  The trainer only ever sees a ``Stage``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from data_prep.tokenizer import TOKENIZER_FILES, load_tokenizer, vocab_fingerprint
+from data_prep.verify import read_manifest
+from ted_ds import distributed as D
+from ted_ds import models as M
+from ted_ds.config import RunConfig
+from ted_ds.engine import build_frozen, build_trained_engine
+from ted_ds.errors import ConfigError
+from ted_ds.filters import FilterBank, load_filter_bank
+from ted_ds.losses import ObjectiveWeights, distill_objective, lm_loss, tap_lm_loss
+
+
+@dataclass
+class Plan:
+    """Everything checked up front: model shapes, taps, data, step budget."""
+
+    cfg: RunConfig
+    teacher_config: object | None
+    student_config: object
+    pairs: list[tuple[int, int]]
+    filter_dim: int | None
+    manifest: dict
+    total_steps: int
+
+    @property
+    def teacher_layers(self) -> list[int]:
+        return [t for t, _ in self.pairs]
+
+    @property
+    def student_layers(self) -> list[int]:
+        return [s for _, s in self.pairs]
+
+
+def _check_tokenizer(model_dir: str, manifest: dict, what: str) -> None:
+    if not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        return
+    if vocab_fingerprint(load_tokenizer(model_dir)) != manifest["tokenizer"]["vocab_sha256"]:
+        raise ConfigError(f"{what} {model_dir} has a different tokenizer than the data "
+                          f"({manifest['tokenizer']['name']}); teacher, student and shards must share one vocabulary")
+
+
+def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
+    """Validate a run against the files it names; ``filters_for`` is set for stage 1."""
+    manifest = read_manifest(cfg.data.path)
+    t, s = cfg.teacher, cfg.student
+    teacher_config = M.load_config(t.path, t.trust_remote_code) if t.path else None
+    if s.path:
+        student_config = M.load_config(s.path, s.trust_remote_code)
+    elif s.config:
+        student_config = M.load_config(s.config, s.trust_remote_code)
+    else:
+        import copy
+
+        student_config = copy.deepcopy(teacher_config)
+        student_config.num_hidden_layers = len(s.init_from_teacher)
+        n_t = M.num_layers(teacher_config)
+        if any(not 0 <= i < n_t for i in s.init_from_teacher) or not s.init_from_teacher:
+            raise ConfigError(f"student.init_from_teacher: layers must be 0-based indices < {n_t}, "
+                              f"got {s.init_from_teacher}")
+    for what, conf, path in (("teacher", teacher_config, t.path), ("student", student_config, s.path or s.config)):
+        if conf is None:
+            continue
+        if M.vocab_size(conf) < manifest["vocab_size"]:
+            raise ConfigError(f"{what} {path}: vocab_size {M.vocab_size(conf)} is smaller than the data's "
+                              f"tokenizer ({manifest['vocab_size']})")
+        limit = M.max_positions(conf)
+        if limit is not None and cfg.data.seq_len > limit:
+            raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the {what}'s {limit} positions")
+    for what, path in (("teacher", t.path), ("student", s.path)):
+        if path:
+            _check_tokenizer(path, manifest, what)
+    uses_teacher_geometry = cfg.uses_teacher or filters_for is not None
+    if uses_teacher_geometry and teacher_config is None:
+        raise ConfigError("this command needs teacher.path")
+    if teacher_config is not None and M.vocab_size(teacher_config) != M.vocab_size(student_config):
+        raise ConfigError(f"teacher and student vocabularies differ ({M.vocab_size(teacher_config)} vs "
+                          f"{M.vocab_size(student_config)}); KD and the shared task head need the same one")
+    pairs: list[tuple[int, int]] = []
+    if cfg.uses_layers or filters_for is not None:
+        pairs = M.tap_pairs(cfg.distill, M.num_layers(teacher_config), M.num_layers(student_config))
+    filter_dim = None
+    if teacher_config is not None:
+        filter_dim = cfg.distill.filter_dim or M.hidden_size(teacher_config)
+        if filters_for is not None and filter_dim != M.hidden_size(teacher_config):
+            raise ConfigError(f"distill.filter_dim {filter_dim} must equal the teacher's hidden size "
+                              f"{M.hidden_size(teacher_config)}: stage 1 reads filtered states with the teacher's head")
+    if cfg.distill.method == "ted" and filters_for is None:
+        for what, path in (("teacher.filters", t.filters), ("student.filters", s.filters)):
+            if not path:
+                raise ConfigError(f"method ted needs {what} (run `ted-ds learn-filters` first)")
+            if not os.path.isdir(path):
+                raise ConfigError(f"{what}: filter bank not found: {path}")
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    total = cfg.train.steps or math.ceil(cfg.train.tokens / tokens_per_step)
+    return Plan(cfg, teacher_config, student_config, pairs, filter_dim, manifest, total)
+
+
+# ----------------------------------------------------------------------------- models
+def load_teacher(cfg: RunConfig) -> nn.Module:
+    return M.load_model(cfg.teacher.path, cfg.teacher.trust_remote_code)
+
+
+def load_student(p: Plan) -> nn.Module:
+    s = p.cfg.student
+    if s.path:
+        return M.load_model(s.path, s.trust_remote_code)
+    if s.config:
+        return M.model_from_config(p.student_config, p.cfg.train.seed)
+    return M.student_from_teacher(load_teacher(p.cfg), s.init_from_teacher, p.cfg.train.seed)
+
+
+class StudentWithFilters(nn.Module):
+    """The trained module of stage 2: the HF student and the filters on its tapped layers."""
+
+    def __init__(self, model: nn.Module, layers: list[int], filters: FilterBank | None):
+        super().__init__()
+        self.model = model
+        self.filters = filters
+        self.recorder = M.TapRecorder(model, layers) if layers else None
+
+    def forward(self, input_ids: torch.Tensor):
+        logits = self.model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+        taps = self.recorder.take() if self.recorder else None
+        if taps is not None and self.filters is not None:
+            taps = self.filters(taps)  # (B, T, D_filter) each
+        return logits, taps
+
+
+@dataclass
+class Stage:
+    name: str
+    engine: object  # DeepSpeedEngine of the trained module
+    frozen: object | None  # a teacher placement (ted_ds.teacher), or None
+    loss: Callable  # (input_ids, labels) -> dict of terms with "loss"
+    eval_loss: Callable  # (input_ids, labels) -> scalar tensor
+    flops_per_token: float  # trained forward+backward + frozen forward, for MFU
+    trained_model: nn.Module  # what `finish` saves
+
+
+def _flops_per_token(n_matmul: int, config, seq_len: int, training: bool) -> float:
+    """6N + 12·L·d·T per trained token (forward + backward), a third of it for a forward only."""
+    per_token = 6 * n_matmul + 12 * M.num_layers(config) * M.hidden_size(config) * seq_len
+    return per_token if training else per_token / 3
+
+
+def build_distill(p: Plan, ds: dict) -> Stage:
+    """Stage 2 (ted), or a baseline (lwd, kd, lm), by ``distill.method``."""
+    cfg = p.cfg
+    method = cfg.distill.method
+    student = load_student(p)
+    if cfg.student.activation_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    d_s = M.hidden_size(p.student_config)
+    student_filters, teacher_filters = None, None
+    if method == "ted" and cfg.uses_layers:
+        expect = lambda d_in, layers: {"kind": cfg.distill.filter, "in_dim": d_in, "out_dim": p.filter_dim,
+                                       "layers": layers}
+        student_filters = load_filter_bank(cfg.student.filters, expect(d_s, p.student_layers), "student.filters")
+        teacher_filters = load_filter_bank(cfg.teacher.filters,
+                                           expect(M.hidden_size(p.teacher_config), p.teacher_layers),
+                                           "teacher.filters")
+    elif method == "lwd" and cfg.uses_layers:  # a fresh projection into the teacher's raw hidden space
+        student_filters = FilterBank(cfg.distill.filter, d_s, M.hidden_size(p.teacher_config), p.student_layers,
+                                     seed=cfg.train.seed)
+    trained = StudentWithFilters(student, p.student_layers if cfg.uses_layers else [], student_filters)
+    flops = _flops_per_token(M.matmul_parameters(student), p.student_config, cfg.data.seq_len, True)
+    engine = build_trained_engine(cfg, trained, ds, p.total_steps)
+    frozen = None
+    if cfg.uses_teacher:
+        frozen = build_frozen(cfg, lambda: load_teacher(cfg), p.teacher_layers if cfg.uses_layers else [],
+                              teacher_filters, cfg.uses_logits, ds)
+        flops += _flops_per_token(M.matmul_parameters(M.meta_model(p.teacher_config)), p.teacher_config,
+                                  cfg.data.seq_len, False)
+    weights = ObjectiveWeights(cfg.distill.alpha, cfg.distill.beta, cfg.distill.temperature, cfg.distill.layer_loss)
+
+    def loss(input_ids, labels):
+        t = frozen(input_ids) if frozen is not None else None
+        logits, taps = engine(input_ids)
+        return distill_objective(logits, taps, labels, t and t.logits, t and t.taps, weights, t and t.topk_index)
+
+    def eval_loss(input_ids, labels):
+        logits, _ = engine(input_ids)
+        return lm_loss(logits, labels)
+
+    return Stage(f"distill-{method}", engine, frozen, loss, eval_loss, flops, trained)
+
+
+def build_filter_learning(p: Plan, ds: dict, which: str) -> Stage:
+    """Stage 1: filters on the frozen ``which`` model learn to predict the next token through the
+    teacher's frozen head, at every tap."""
+    cfg = p.cfg
+    if which == "teacher":
+        layers, conf, load = p.teacher_layers, p.teacher_config, (lambda: load_teacher(cfg))
+    else:
+        layers, conf, load = p.student_layers, p.student_config, (lambda: load_student(p))
+    bank = FilterBank(cfg.distill.filter, M.hidden_size(conf), p.filter_dim, layers, seed=cfg.train.seed)
+    engine = build_trained_engine(cfg, bank, ds, p.total_steps)
+    frozen = build_frozen(cfg, load, layers, None, False, ds)
+    head = M.TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code).to(D.device())
+    n_filter = sum(p_.numel() for p_ in bank.parameters() if p_.ndim >= 2)
+    head_mm = M.hidden_size(p.teacher_config) * M.vocab_size(p.teacher_config)
+    flops = (_flops_per_token(M.matmul_parameters(M.meta_model(conf)), conf, cfg.data.seq_len, False)
+             + 6 * n_filter + 4 * head_mm * len(layers))  # head: forward + backward to its input
+
+    def loss(input_ids, labels):
+        raw = frozen(input_ids).taps
+        filtered = engine([h.to(engine.device) for h in raw])
+        per_tap = [lm_loss(head(h), labels.to(h.device)) for h in filtered]
+        terms = {f"tap_lm/L{layer}": v for layer, v in zip(layers, per_tap)}
+        terms["loss"] = torch.stack(per_tap).mean()
+        return terms
+
+    def eval_loss(input_ids, labels):
+        return tap_lm_loss(head, engine(frozen(input_ids).taps), labels)
+
+    return Stage(f"filters-{which}", engine, frozen, loss, eval_loss, flops, bank)

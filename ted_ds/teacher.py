@@ -1,0 +1,100 @@
+"""The frozen side: a model that answers "filtered states at the taps + logits for this micro-batch".
+
+Every placement implements the same call, ``teacher(input_ids) -> TeacherOutput``:
+
+* ``ReplicatedTeacher``: a full copy on each rank.
+* ``Zero3Teacher``: parameters sharded over all ranks by a ZeRO-3 inference engine.
+* ``PipelineTeacher`` (``ted_ds.pipeline``): layers split over the ranks of a pipeline group.
+
+The same frozen wrapper serves stage 1 (raw states of teacher or student, no logits) and stage 2
+(teacher states through its frozen filters, plus logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ted_ds.filters import FilterBank
+from ted_ds.models import TapRecorder, count_parameters
+
+
+@dataclass
+class TeacherOutput:
+    taps: list[torch.Tensor] | None  # (B, T, D_filter) per tap, filtered (or raw when no bank)
+    logits: torch.Tensor | None  # (B, T, V), or (B, T, k) top-k values
+    topk_index: torch.Tensor | None = None  # (B, T, k) when logits are top-k
+
+
+def topk_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The k largest logits per token and their ids (k = 0: all logits, no ids)."""
+    if k <= 0:
+        return logits, None
+    values, index = logits.topk(k, dim=-1)
+    return values, index
+
+
+class FrozenLM(nn.Module):
+    """A causal LM plus optional filter bank, evaluated without gradients.
+
+    ``layers`` are the 1-based taps; ``filters=None`` returns raw states (stage 1, LWD).
+    """
+
+    def __init__(self, model: nn.Module, layers: list[int], filters: FilterBank | None, need_logits: bool,
+                 logits_topk: int = 0):
+        super().__init__()
+        self.model = model
+        self.filters = filters
+        self.need_logits = need_logits
+        self.logits_topk = logits_topk
+        self.recorder = TapRecorder(model, layers) if layers else None
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, input_ids: torch.Tensor):
+        out = self.model(input_ids=input_ids, use_cache=False)
+        taps = self.recorder.take() if self.recorder else None
+        if taps is not None and self.filters is not None:
+            taps = self.filters(taps)
+        if not self.need_logits:
+            return taps, None, None
+        values, index = topk_logits(out.logits, self.logits_topk)
+        return taps, values, index
+
+
+class ReplicatedTeacher:
+    """A full copy of the frozen model on this rank."""
+
+    placement = "replicated"
+
+    def __init__(self, frozen: FrozenLM, device: torch.device):
+        self.frozen = frozen.to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> TeacherOutput:
+        return TeacherOutput(*self.frozen(input_ids.to(self.device)))
+
+    def local_parameters(self) -> int:
+        return count_parameters(self.frozen)
+
+
+class Zero3Teacher:
+    """The frozen model under a ZeRO-3 engine with no optimizer: each rank stores 1/W of it and
+    parameters are gathered layer by layer during the forward."""
+
+    placement = "zero3"
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.engine.eval()
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> TeacherOutput:
+        return TeacherOutput(*self.engine(input_ids.to(self.engine.device)))
+
+    def local_parameters(self) -> int:
+        return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                   for p in self.engine.module.parameters())

@@ -1,0 +1,122 @@
+"""The training loop shared by every stage: sample, forward/backward, step, log, evaluate, save.
+
+The loop knows nothing of TED: a ``Stage`` (ted_ds.stages) gives it the engine and the loss of
+one micro-batch.  Resume is automatic from ``<out_dir>/checkpoints/latest``; SIGTERM/SIGUSR1
+(SLURM's warnings before preemption or the time limit) make every rank save and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections import defaultdict
+
+import torch
+
+from ted_ds import distributed as D
+from ted_ds.checkpoint import Checkpointer
+from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
+from ted_ds.metrics import MetricsLogger, device_peak_flops
+from ted_ds.stages import Plan, Stage
+
+
+class StopSignal:
+    """Remembers that SIGTERM/SIGUSR1 arrived; the loop saves and exits at the next step boundary."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, _frame):
+        self.received = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank got a signal (one collective)."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=D.device())
+        return bool(D.all_reduce_sum(flag).item() > 0)
+
+
+@torch.no_grad()
+def evaluate(stage: Stage, valid: PackedShardDataset, samples: int, micro_batch: int) -> float:
+    """Mean eval loss over the first ``samples`` validation windows, split evenly over ranks
+    (every rank runs the same number of forwards, as ZeRO-3 needs)."""
+    world = D.world_size()
+    n = max(world, min(samples, len(valid)) // world * world)
+    mine = list(range(D.rank(), n, world))
+    stage.engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=D.device())
+    for i in range(0, len(mine), micro_batch):
+        input_ids, labels = (t.to(D.device()) for t in collate(valid, [j % len(valid) for j in mine[i:i + micro_batch]]))
+        loss = stage.eval_loss(input_ids, labels)
+        total += torch.tensor([loss.item() * len(input_ids), len(input_ids)], dtype=torch.float64, device=D.device())
+    stage.engine.train()
+    total = D.all_reduce_sum(total)
+    return float(total[0] / total[1])
+
+
+def fit(stage: Stage, p: Plan, checkpointer: Checkpointer) -> dict:
+    """Train ``stage`` to ``p.total_steps``; returns the last logged metrics."""
+    cfg = p.cfg
+    out_dir = cfg.train.out_dir
+    train = PackedShardDataset(cfg.data.path, "train", cfg.data.seq_len)
+    valid = PackedShardDataset(cfg.data.path, "valid", cfg.data.seq_len) if p.manifest["shards"]["valid"] else None
+    sampler = ConsumedSamplesSampler(len(train), cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                     D.rank(), D.world_size(), cfg.train.seed)
+    step, tokens = 0, 0
+    tag = checkpointer.find_resumable()
+    if tag is not None:
+        state = checkpointer.load(stage.engine, tag)
+        step, tokens = state["step"], state["tokens"]
+        sampler.load_state_dict(state["sampler"])
+    log = MetricsLogger(out_dir, D.rank() == 0, p.total_steps, step, cfg.train.progress, stage.name)
+    if tag is not None:
+        log.message(f"ted-ds: resumed from {tag} (step {step}, {sampler.consumed} samples consumed)")
+    stop = StopSignal()
+    peak = device_peak_flops(cfg.train.peak_tflops) * D.world_size()
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    save = lambda: checkpointer.save(stage.engine, step, {"step": step, "tokens": tokens,
+                                                          "sampler": sampler.state_dict()})
+    last: dict = {}
+    window_start, window_steps = time.time(), 0
+
+    while step < p.total_steps:
+        sums: dict[str, float] = defaultdict(float)
+        micro_batches = sampler.next_batch()
+        for indices in micro_batches:
+            input_ids, labels = (t.to(D.device()) for t in collate(train, indices))
+            terms = stage.loss(input_ids, labels)
+            stage.engine.backward(terms["loss"])
+            stage.engine.step()
+            for k, v in terms.items():
+                sums[k] += v.item() / len(micro_batches)
+        step += 1
+        tokens += tokens_per_step
+        window_steps += 1
+
+        if step % cfg.train.log_interval == 0 or step == p.total_steps:
+            elapsed = time.time() - window_start
+            tps = window_steps * tokens_per_step / elapsed
+            last = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in D.all_reduce_mean(sums).items()}
+            grad_norm = stage.engine.get_global_grad_norm()
+            last.update({"lr": stage.engine.get_lr()[0], "tokens": tokens, "tokens_per_s": tps,
+                         "mfu": tps * stage.flops_per_token / peak,
+                         "grad_norm": float(grad_norm) if grad_norm is not None else math.nan})
+            log.log(step, last)
+            window_start, window_steps = time.time(), 0
+        if valid is not None and (step % cfg.train.eval_interval == 0 or step == p.total_steps):
+            eval_loss = evaluate(stage, valid, cfg.data.eval_samples, cfg.train.micro_batch_size)
+            last.update({"eval/loss": eval_loss, "eval/ppl": math.exp(min(eval_loss, 50.0))})
+            log.log(step, {k: last[k] for k in ("eval/loss", "eval/ppl")})
+            log.message(f"step {step}: eval loss {eval_loss:.4f}, ppl {last['eval/ppl']:.2f}")
+        log.advance(step, f"loss {sums['loss']:.4f} (rank 0)")
+        stopping = stop.agreed()
+        if step % cfg.train.save_interval == 0 or step == p.total_steps or stopping:
+            save()
+        if stopping:
+            log.message(f"ted-ds: {stop.received or 'a peer signal'} received; saved step {step} and exiting "
+                        "(re-run the same command to resume)")
+            break
+    log.close()
+    return dict(last, step=step, stopped=step < p.total_steps)
