@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 
 from data_prep.errors import UserError
@@ -49,15 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _quiet_libraries() -> None:
     """Keep DeepSpeed's per-step INFO lines and torch's deprecation noise out of the user's log."""
     import logging
@@ -78,36 +68,15 @@ def _quiet_libraries() -> None:
 def run_training(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from ted_ds import distributed as D
-    from ted_ds.checkpoint import Checkpointer
-    from ted_ds.config import load_config, save_config
-    from ted_ds.engine import resolve_ds_config
-    from ted_ds.export import save_trained_outputs
-    from ted_ds.stages import build_distill, build_filter_learning, plan
-    from ted_ds.trainer import fit
+    from ted_ds.config import load_config
+    from ted_ds.trainer import run_stage
 
     cfg = load_config(args.config, args.overrides)
-    which = getattr(args, "model", None)
-    p = plan(cfg, filters_for=which)
-    D.prepare_env()
-    ds = resolve_ds_config(cfg, D.expected_world_size())  # all checks done before the process group
-    D.init(cfg.train.timeout_minutes)
-    _seed_everything(cfg.train.seed)
-    stage = build_filter_learning(p, ds, which) if which else build_distill(p, ds)
-    if D.rank() == 0:
-        os.makedirs(cfg.train.out_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.train.out_dir, "config.yaml"))
-    ckpt_dir = os.path.join(cfg.train.out_dir, "checkpoints", stage.name)
-    identity = {"stage": stage.name, "vocab_sha256": p.manifest["tokenizer"]["vocab_sha256"],
-                "student_layers": p.student_config.num_hidden_layers,
-                "student_hidden": p.student_config.hidden_size, "taps": [list(x) for x in p.pairs],
-                "seq_len": cfg.data.seq_len, "global_batch_size": cfg.train.global_batch_size}
-    result = fit(stage, p, Checkpointer(ckpt_dir, cfg.train.keep_last, identity))
-    if not result["stopped"]:
-        target = save_trained_outputs(stage, p, cfg.train.out_dir)
-        if D.rank() == 0:
-            summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k in ("loss/total", "eval/ppl"))
-            print(f"ted-ds: {stage.name} finished at step {result['step']} ({summary}); wrote {target}",
-                  file=sys.stderr)
+    stage, _, result = run_stage(cfg, getattr(args, "model", None))
+    if D.rank() == 0 and not result["stopped"]:
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k in ("loss/total", "eval/ppl"))
+        print(f"ted-ds: {stage.name} finished at step {result['step']} ({summary}); wrote {result['output']}",
+              file=sys.stderr)
     D.shutdown()
     return 0
 

@@ -36,7 +36,7 @@ def write_hf_dir(config, state: dict[str, torch.Tensor], out_dir: str, tokenizer
     """A standard HF directory (safetensors, config, generation config, tokenizer), written atomically."""
     model = M.meta_model(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise ValueError(f"state does not fit the model: missing {sorted(set(missing) - tied)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}")
@@ -53,18 +53,27 @@ def write_hf_dir(config, state: dict[str, torch.Tensor], out_dir: str, tokenizer
     return model
 
 
-def save_trained_outputs(stage, p, out_dir: str) -> str | None:
-    """Distillation: the student as an HF directory. Stage 1: the filter bank."""
+def save_trained_outputs(stage, p, out_dir: str) -> str:
+    """Stage 1: the filter bank. Distillation: the student as an HF directory (``<out>/hf``) and, for
+    ted/lwd, its trained filters (``<out>/student-filters``) for users who continue TED later."""
+    trained = stage.trained_model
     if stage.name.startswith("filters-"):
         which = stage.name.split("-", 1)[1]
-        target = p.cfg.distill.filters_out or os.path.join(p.cfg.train.out_dir, f"filters-{which}")
-        state = gathered_state_dict(stage.trained_model)
-        if D.rank() == 0:
-            save_filter_bank(state, stage.trained_model.meta(), target)
-    else:
-        target = os.path.join(out_dir, "hf")
-        state = gathered_state_dict(stage.trained_model.model)
-        if D.rank() == 0:
-            write_hf_dir(p.student_config, state, target, os.path.join(p.cfg.data.path, "tokenizer"))
+        target = p.cfg.distill.filters_out or os.path.join(out_dir, f"filters-{which}")
+        _save_bank(trained, target)
+        return target
+    target = os.path.join(out_dir, "hf")
+    state = gathered_state_dict(trained.model)
+    if D.rank() == 0:
+        write_hf_dir(p.student_config, state, target, os.path.join(p.cfg.data.path, "tokenizer"))
+    if trained.filters is not None:
+        _save_bank(trained.filters, os.path.join(out_dir, "student-filters"))
     D.barrier()
     return target
+
+
+def _save_bank(bank, target: str) -> None:
+    state = gathered_state_dict(bank)
+    if D.rank() == 0:
+        save_filter_bank(state, bank.meta(), target)
+    D.barrier()

@@ -8,17 +8,23 @@ one micro-batch.  Resume is automatic from ``<out_dir>/checkpoints/latest``; SIG
 from __future__ import annotations
 
 import math
+import os
+import random
 import signal
 import time
 from collections import defaultdict
 
+import numpy as np
 import torch
 
 from ted_ds import distributed as D
 from ted_ds.checkpoint import Checkpointer
+from ted_ds.config import RunConfig, save_config
 from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
+from ted_ds.engine import resolve_ds_config
+from ted_ds.export import save_trained_outputs
 from ted_ds.metrics import MetricsLogger, device_peak_flops
-from ted_ds.stages import Plan, Stage
+from ted_ds.stages import Plan, Stage, build_distill, build_filter_learning, plan
 
 
 class StopSignal:
@@ -48,7 +54,8 @@ def evaluate(stage: Stage, valid: PackedShardDataset, samples: int, micro_batch:
     stage.engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=D.device())
     for i in range(0, len(mine), micro_batch):
-        input_ids, labels = (t.to(D.device()) for t in collate(valid, [j % len(valid) for j in mine[i:i + micro_batch]]))
+        window = [j % len(valid) for j in mine[i:i + micro_batch]]
+        input_ids, labels = (t.to(D.device()) for t in collate(valid, window))
         loss = stage.eval_loss(input_ids, labels)
         total += torch.tensor([loss.item() * len(input_ids), len(input_ids)], dtype=torch.float64, device=D.device())
     stage.engine.train()
@@ -120,3 +127,34 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer) -> dict:
             break
     log.close()
     return dict(last, step=step, stopped=step < p.total_steps)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_stage(cfg: RunConfig, filters_for: str | None = None) -> tuple[Stage, Plan, dict]:
+    """A whole command: check, start the process group, build, train (or resume), write outputs.
+
+    ``filters_for`` = "teacher" | "student" runs TED stage 1; None runs ``distill.method``.
+    """
+    p = plan(cfg, filters_for=filters_for)
+    D.prepare_env()
+    ds = resolve_ds_config(cfg, D.expected_world_size())  # every check happens before the process group
+    D.init(cfg.train.timeout_minutes)
+    seed_everything(cfg.train.seed)
+    stage = build_filter_learning(p, ds, filters_for) if filters_for else build_distill(p, ds)
+    if D.rank() == 0:
+        os.makedirs(cfg.train.out_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.train.out_dir, "config.yaml"))
+    identity = {"stage": stage.name, "vocab_sha256": p.manifest["tokenizer"]["vocab_sha256"],
+                "student_layers": p.student_config.num_hidden_layers,
+                "student_hidden": p.student_config.hidden_size, "taps": [list(x) for x in p.pairs],
+                "seq_len": cfg.data.seq_len, "global_batch_size": cfg.train.global_batch_size}
+    ckpt = Checkpointer(os.path.join(cfg.train.out_dir, "checkpoints", stage.name), cfg.train.keep_last, identity)
+    result = fit(stage, p, ckpt)
+    if not result["stopped"]:
+        result["output"] = save_trained_outputs(stage, p, cfg.train.out_dir)
+    return stage, p, result

@@ -50,3 +50,46 @@ def gpt2_tokenizer(tmp_path_factory) -> str:
                             unk_token="<|endoftext|>")
     tok.save_pretrained(out)
     return out
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# DeepSpeed's JIT ops (shm comm on CPU) are compiled once per machine into this cache.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def run_launcher(cmd: list[str], timeout: float = 600, env: dict | None = None, cwd: str | None = None):
+    """Run a multi-process launch; on failure the assertion shows the end of its output."""
+    import subprocess
+
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+    return proc
+
+
+def deepspeed_cmd(nproc: int, *args: str) -> list[str]:
+    import sys
+
+    from ted_ds.distributed import free_port
+
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [launcher, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            *args]
+
+
+@pytest.fixture(scope="session")
+def tiny(sp_tokenizer, gpt2_tokenizer, corpus_file, tmp_path_factory) -> dict:
+    """Datasets and randomly initialised teachers: LLaMA (SentencePiece) and GPT-2 (byte-level BPE)."""
+    from tiny import make_dataset, make_teacher
+
+    root = tmp_path_factory.mktemp("tiny")
+    llama_data = make_dataset(corpus_file, sp_tokenizer, str(root / "data-sp"))
+    gpt2_data = make_dataset(corpus_file, gpt2_tokenizer, str(root / "data-gpt2"))
+    return {
+        "root": str(root),
+        "llama_data": llama_data,
+        "llama_teacher": make_teacher("llama", sp_tokenizer, str(root / "teacher-llama"), llama_data),
+        "gpt2_data": gpt2_data,
+        "gpt2_teacher": make_teacher("gpt2", gpt2_tokenizer, str(root / "teacher-gpt2"), gpt2_data),
+    }

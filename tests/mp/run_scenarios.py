@@ -1,0 +1,71 @@
+"""Runs several training commands in ONE multi-rank launch and records what pytest checks.
+
+    deepspeed --num_gpus 2 tests/mp/run_scenarios.py --spec spec.json --out results.json
+
+spec.json: [{"name": ..., "config": path, "filters_for": null|"teacher"|"student"}, ...].
+For each scenario the real command runs (``ted_ds.trainer.run_stage``); afterwards this script
+records whether the frozen side (teacher and its filters) is bit-identical to what is on disk
+and how many frozen parameters this rank stores.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ted_ds import distributed as D  # noqa: E402
+from ted_ds.cli import _quiet_libraries  # noqa: E402
+from ted_ds.config import load_config  # noqa: E402
+from ted_ds.export import gathered_state_dict  # noqa: E402
+from ted_ds.filters import load_filter_bank  # noqa: E402
+from ted_ds.models import load_model  # noqa: E402
+from ted_ds.trainer import run_stage  # noqa: E402
+
+
+def frozen_matches_disk(stage, cfg, filters_for) -> bool:
+    frozen = stage.frozen.frozen if stage.frozen.placement == "replicated" else stage.frozen.engine.module
+    state = gathered_state_dict(frozen)
+    if D.rank() != 0:
+        return True
+    path = cfg.teacher.path if filters_for != "student" else None
+    ok = True
+    if path:
+        disk = load_model(path).state_dict()
+        ok &= all(torch.equal(state[f"model.{k}"], v) for k, v in disk.items())
+    if frozen.filters is not None:
+        bank = load_filter_bank(cfg.teacher.filters, frozen.filters.meta(), "teacher.filters")
+        ok &= all(torch.equal(state[f"filters.{k}"], v) for k, v in bank.state_dict().items())
+    return bool(ok)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int)
+    args = parser.parse_args()
+    _quiet_libraries()
+    results = {}
+    for scenario in json.load(open(args.spec)):
+        cfg = load_config(scenario["config"], scenario.get("overrides", []))
+        stage, plan, result = run_stage(cfg, scenario.get("filters_for"))
+        record = {"result": {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}}
+        if stage.frozen is not None:
+            record["frozen_matches_disk"] = frozen_matches_disk(stage, cfg, scenario.get("filters_for"))
+            local = torch.tensor([float(stage.frozen.local_parameters())])
+            record["frozen_local_params_rank0"] = float(local[0])
+            record["frozen_local_params_sum"] = float(D.all_reduce_sum(local)[0])
+        results[scenario["name"]] = record
+        D.barrier()
+    if D.rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    D.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Tiny real models and datasets for the engine tests (built here: no model hub)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import yaml
+
+from data_prep.build import BuildOptions, build
+from data_prep.tokenizer import load_tokenizer
+
+
+def make_dataset(corpus: str, tokenizer: str, out: str) -> str:
+    build(BuildOptions(inputs=[corpus], tokenizer=tokenizer, out=out, valid_fraction=0.1, shard_mb=0.05,
+                       progress=False))
+    return out
+
+
+def pretrain(model, data_dir: str, steps: int, seq_len: int = 32, batch: int = 8, lr: float = 3e-3) -> list[float]:
+    """A few hundred plain-PyTorch LM steps, so the teacher knows something worth distilling."""
+    from ted_ds.data import PackedShardDataset, collate
+    from ted_ds.losses import lm_loss
+
+    data = PackedShardDataset(data_dir, "train", seq_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    curve = []
+    for _ in range(steps):
+        x, y = collate(data, torch.randint(len(data), (batch,), generator=gen).tolist())
+        loss = lm_loss(model(input_ids=x).logits, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        curve.append(loss.item())
+    return curve
+
+
+def make_teacher(kind: str, tokenizer: str, out: str, data_dir: str | None = None, layers: int = 4,
+                 hidden: int = 64, seed: int = 0, steps: int = 150) -> str:
+    """A LLaMA or GPT-2 teacher, pre-trained briefly on ``data_dir``, saved as an HF directory."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer(tokenizer)
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=128, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             tie_word_embeddings=False)
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(vocab_size=len(tok), n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
+                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)
+        model = GPT2LMHeadModel(config)
+    if data_dir is not None:
+        pretrain(model, data_dir, steps)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_config(path: str, **sections) -> str:
+    with open(path, "w") as f:
+        yaml.safe_dump(sections, f, sort_keys=False)
+    return path
+
+
+def base_config(data: str, teacher: str, out_dir: str, **overrides) -> dict:
+    """A TED config for the tiny models: 4-layer teacher tapped every 2, 2-layer student from layers 0, 2."""
+    ds_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs",
+                             "zero3_cpu.json")
+    cfg = {
+        "teacher": {"path": teacher},
+        "student": {"init_from_teacher": [0, 2]},
+        "data": {"path": data, "seq_len": 32, "eval_samples": 8},
+        "distill": {"method": "ted", "teacher_every": 2, "student_every": 1, "alpha": 1.0, "beta": 1.0},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},
+        "train": {"out_dir": out_dir, "micro_batch_size": 2, "global_batch_size": 8, "steps": 4,
+                  "log_interval": 1, "eval_interval": 100, "save_interval": 100, "deepspeed_config": ds_config,
+                  "progress": False, "timeout_minutes": 3},
+    }
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        cfg[section][field] = value
+    return cfg
