@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ted_ds", "ted_ds.*", "data_prep", "data_prep.*"]),
-    package_data={"data_prep": ["sample/*"], "ted_ds": ["configs/*.yaml"]},
+    package_data={"data_prep": ["sample/*"], "ted_ds": ["configs/*.yaml", "configs/*.json"]},
     include_package_data=True,
     install_requires=[
         # A range: GPU users bring their own CUDA build. CPU machines pin it with constraints-cpu.txt.

@@ -81,8 +81,20 @@ def run_training(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_args(argv: list[str] | None):
+    """Like parse_args, but KEY=VALUE overrides may also come after options (e.g. after --model)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(getattr(args, "overrides", [])) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.command in ("distill", "learn-filters"):
             return run_training(args)

@@ -60,7 +60,8 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
     """Validate a run against the files it names; ``filters_for`` is set for stage 1."""
     manifest = read_manifest(cfg.data.path)
     t, s = cfg.teacher, cfg.student
-    teacher_config = M.load_config(t.path, t.trust_remote_code) if t.path else None
+    needs_teacher = cfg.uses_teacher or s.init_from_teacher is not None or filters_for is not None
+    teacher_config = M.load_config(t.path, t.trust_remote_code) if t.path and needs_teacher else None
     if s.path:
         student_config = M.load_config(s.path, s.trust_remote_code)
     elif s.config:
@@ -83,7 +84,7 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
         limit = M.max_positions(conf)
         if limit is not None and cfg.data.seq_len > limit:
             raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the {what}'s {limit} positions")
-    for what, path in (("teacher", t.path), ("student", s.path)):
+    for what, path in (("teacher", t.path if teacher_config is not None else None), ("student", s.path)):
         if path:
             _check_tokenizer(path, manifest, what)
     uses_teacher_geometry = cfg.uses_teacher or filters_for is not None

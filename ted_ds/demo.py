@@ -1,0 +1,101 @@
+"""The main job end to end on the bundled corpus, 2 CPU ranks under the deepspeed launcher.
+
+    python -m ted_ds.demo [--out runs/demo] [--quick]
+
+1. ted-prep: train a 4k SentencePiece tokenizer on the bundled Wikipedia sample, build shards.
+2. Pre-train a tiny LLaMA-style teacher (method: lm).
+3. TED stage 1: learn the teacher's and the student's filters (student = teacher layers 0 and 2).
+4. TED stage 2: distill; then the same-budget kd and lm students.
+5. Print validation perplexity of every student next to the teacher's.
+
+Each step is the real command; re-running skips finished steps (and resumes unfinished ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def _run(cmd: list[str], what: str) -> None:
+    print(f"\n=== {what}\n$ {' '.join(cmd)}", flush=True)
+    start = time.time()
+    if subprocess.run(cmd).returncode != 0:
+        sys.exit(f"demo: step failed: {what}")
+    print(f"=== {what}: {time.time() - start:.0f} s", flush=True)
+
+
+def _deepspeed(nproc: int, *args: str) -> list[str]:
+    from ted_ds.distributed import free_port
+
+    launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [launcher, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            "--module", "ted_ds", *args]
+
+
+def _final(out_dir: str, key: str = "eval/ppl") -> float:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        values = [json.loads(line).get(key) for line in f]
+    return [v for v in values if v is not None][-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ted_ds.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo", help="where everything goes (default runs/demo)")
+    parser.add_argument("--ranks", type=int, default=2, help="processes per training command (default 2)")
+    parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
+    args = parser.parse_args(argv)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    py = sys.executable
+    start = time.time()
+    tok, data = os.path.join(out, "tokenizer"), os.path.join(out, "data")
+    if not os.path.isdir(tok):
+        _run([py, "-m", "data_prep", "tokenizer", "--input", "sample", "--vocab-size", "4000", "--out", tok],
+             "train a SentencePiece tokenizer on the bundled corpus")
+    _run([py, "-m", "data_prep", "build", "--input", "sample", "--tokenizer", tok, "--out", data, "--workers", "2",
+          "--valid-fraction", "0.02", "--no-progress"], "build packed token shards")
+
+    steps = {"teacher": 300, "filters": 40, "student": 150} if not args.quick else {"teacher": 6, "filters": 3,
+                                                                                    "student": 4}
+    base = os.path.join(HERE, "configs", "demo.yaml")
+    paths = [f"data.path={data}", f"teacher.path={out}/teacher/hf",
+             f"teacher.filters={out}/filters-teacher/filters-teacher",
+             f"student.filters={out}/filters-student/filters-student",
+             f"train.deepspeed_config={os.path.join(REPO, 'ds_configs', 'zero3_cpu.json')}"]
+    if args.quick:
+        paths += ["train.eval_interval=2", "train.log_interval=1", "train.save_interval=2", "data.eval_samples=8"]
+
+    def train(what: str, name: str, n_steps: int, command: list[str], *overrides: str) -> None:
+        _run(_deepspeed(args.ranks, *command, "--config", base, *paths, f"train.out_dir={out}/{name}",
+                        f"train.steps={n_steps}", *overrides), what)
+
+    train("pre-train the teacher (method: lm)", "teacher", steps["teacher"], ["distill"],
+          f"student.config={os.path.join(HERE, 'configs', 'demo_teacher.json')}", "student.init_from_teacher=null",
+          "distill.method=lm", "optim.lr=3e-3")
+    for side in ("teacher", "student"):
+        train(f"TED stage 1: {side} filters", f"filters-{side}", steps["filters"],
+              ["learn-filters", "--model", side], "optim.lr=1e-2")
+    for method in ("ted", "kd", "lm"):
+        train(f"student by {method}", method, steps["student"], ["distill"], f"distill.method={method}")
+
+    rows = [("teacher (4 layers, lm)", _final(f"{out}/teacher"))]
+    rows += [(f"student (2 layers) {m}", _final(f"{out}/{m}")) for m in ("ted", "kd", "lm")]
+    print(f"\nvalidation perplexity on {data} (same token budget for every student):")
+    for name, ppl in rows:
+        print(f"  {name:<28} {ppl:10.2f}")
+    print(f"demo finished in {time.time() - start:.0f} s; students in {out}/{{ted,kd,lm}}/hf")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
