@@ -16,8 +16,10 @@ a warning.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -41,6 +43,41 @@ def _atomic_write(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+
+
+def _deepspeed_safe_globals() -> list:
+    """The few non-tensor classes DeepSpeed pickles into its checkpoint files."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    allowed = [ZeroStageEnum]
+    with contextlib.suppress(ImportError):
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        allowed += [LossScaler, DynamicLossScaler]
+    return allowed
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Make every ``torch.load`` inside (DeepSpeed's loaders included) use ``weights_only=True``:
+    a checkpoint can then hold tensors and plain data, never code to execute."""
+    original = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(*args, **kwargs)
+        except pickle.UnpicklingError as e:
+            where = args[0] if args else kwargs.get("f")
+            raise CheckpointError(f"{where}: holds Python objects other than tensors; refusing to unpickle it "
+                                  f"({str(e).splitlines()[0][:160]})") from None
+
+    torch.load = safe_load
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    finally:
+        torch.load = original
 
 
 def rng_state() -> dict:
@@ -102,11 +139,13 @@ def complete_tags(ckpt_dir: str) -> list[str]:
 
 
 class Checkpointer:
-    def __init__(self, ckpt_dir: str, keep_last: int, identity: dict):
-        """``identity`` holds what must match on resume (model shapes, tokenizer, method, stage)."""
+    def __init__(self, ckpt_dir: str, keep_last: int, identity: dict, run_info: dict | None = None):
+        """``identity`` holds what must match on resume (model shapes, tokenizer, method, stage);
+        ``run_info`` what an offline export needs (HF config of the student, filter bank layout)."""
         self.dir = ckpt_dir
         self.keep_last = keep_last
         self.identity = identity
+        self.run_info = run_info or {}
 
     def save(self, engine, step: int, trainer_state: dict) -> str:
         tag = tag_for(step)
@@ -117,7 +156,7 @@ class Checkpointer:
         engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
         torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{D.rank()}.pt"))
         if D.rank() == 0:
-            state = dict(trainer_state, identity=self.identity, world_size=D.world_size(), tag=tag)
+            state = dict(trainer_state, identity=self.identity, run=self.run_info, world_size=D.world_size(), tag=tag)
             _atomic_write(os.path.join(tag_dir, "trainer_state.json"), json.dumps(state, indent=2))
         D.barrier()  # every rank's files are on disk
         if D.rank() == 0:
@@ -160,8 +199,9 @@ class Checkpointer:
     def load(self, engine, tag: str) -> dict:
         """Restore engine, RNG and trainer state from ``tag``; returns the trainer state."""
         state = self.read_state(tag)
-        load_dir, _ = engine.load_checkpoint(self.dir, tag=tag, load_module_strict=True,
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+        with weights_only_loads():
+            load_dir, _ = engine.load_checkpoint(self.dir, tag=tag, load_module_strict=True,
+                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_dir is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {tag} from {self.dir}")
         rng_path = os.path.join(self.dir, tag, f"rng_rank{D.rank()}.pt")

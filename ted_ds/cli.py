@@ -45,6 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
                                    "teacher's head predicts the next token from every filtered state.")
     _training_args(p)
     p.add_argument("--model", choices=("teacher", "student"), required=True)
+
+    p = sub.add_parser("export", help="checkpoint → Hugging Face directory (and/or filter bank)",
+                       description="Consolidate a checkpoint's ZeRO-3 shards (DeepSpeed's zero_to_fp32), keep only "
+                                   "the student, and write a standard HF directory (safetensors, config, generation "
+                                   "config, tokenizer). The directory is then reloaded with transformers and its "
+                                   "logits compared with the checkpoint's. No GPU or process group needed.")
+    p.add_argument("checkpoint", help="a run's out_dir, its checkpoints/<stage> directory, or one tag directory")
+    p.add_argument("--out", help="HF directory to write")
+    p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--filters", metavar="DIR", help="also write the student's filter bank here")
+    p.add_argument("--tokenizer", help="tokenizer to copy (default: the dataset's copy recorded in the checkpoint)")
+
+    p = sub.add_parser("eval", help="perplexity and bits per byte of an HF model on a ted-prep split")
+    p.add_argument("model_dir")
+    p.add_argument("--data", required=True, help="ted-prep build directory")
+    p.add_argument("--split", default="valid", choices=("train", "valid"))
+    p.add_argument("--seq-len", type=int, help="window length (default: the model's positions, at most 1024)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-samples", type=int, help="score at most this many windows")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return parser
 
 
@@ -81,6 +103,36 @@ def run_training(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from ted_ds.export import export_checkpoint
+
+    if args.out is None and args.filters is None:
+        raise UserError("nothing to do: give --out HF_DIR and/or --filters DIR")
+    for line in export_checkpoint(args.checkpoint, args.out, args.tag, args.dtype, args.filters, args.tokenizer):
+        print(f"ted-ds: {line}", file=sys.stderr)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from ted_ds.evaluate import evaluate_hf
+    from ted_ds.models import _quiet_transformers
+
+    _quiet_transformers()
+    if not os.path.isdir(args.model_dir):
+        raise UserError(f"model directory not found: {args.model_dir}")
+    r = evaluate_hf(args.model_dir, args.data, args.split, args.seq_len, args.batch_size, args.max_samples,
+                    args.device)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{args.model_dir} on {args.data} [{r['split']}]: {r['samples']} windows × {r['seq_len']} tokens, "
+              f"loss {r['loss']:.4f}, perplexity {r['ppl']:.3f}, bits/byte {r['bits_per_byte']:.4f}")
+    return 0
+
+
 def parse_args(argv: list[str] | None):
     """Like parse_args, but KEY=VALUE overrides may also come after options (e.g. after --model)."""
     parser = build_parser()
@@ -98,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("distill", "learn-filters"):
             return run_training(args)
-        return 2
+        if args.command == "export":
+            return run_export(args)
+        return run_eval(args)
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         prefix = "ted-ds: error: " if rank == "0" else f"ted-ds: rank {rank}: error: "

@@ -15,6 +15,8 @@ from torch import nn
 
 from ted_ds import distributed as D
 from ted_ds import models as M
+from ted_ds.checkpoint import is_complete, weights_only_loads
+from ted_ds.errors import CheckpointError
 from ted_ds.filters import save_filter_bank
 
 
@@ -34,8 +36,8 @@ def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
 def write_hf_dir(config, state: dict[str, torch.Tensor], out_dir: str, tokenizer_dir: str | None,
                  dtype: torch.dtype = torch.float32) -> nn.Module:
     """A standard HF directory (safetensors, config, generation config, tokenizer), written atomically."""
-    model = M.meta_model(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model = M.empty_model(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise ValueError(f"state does not fit the model: missing {sorted(set(missing) - tied)[:3]}, "
@@ -77,3 +79,107 @@ def _save_bank(bank, target: str) -> None:
     if D.rank() == 0:
         save_filter_bank(state, bank.meta(), target)
     D.barrier()
+
+
+# ----------------------------------------------------------------------------- offline export
+def resolve_checkpoint(path: str, tag: str | None) -> tuple[str, str]:
+    """(stage checkpoint dir, tag) from a run dir, a stage checkpoint dir or a tag dir."""
+    from ted_ds.checkpoint import Checkpointer
+
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):  # a tag directory
+        return os.path.dirname(path), tag or os.path.basename(path)
+    candidates = [path]
+    root = os.path.join(path, "checkpoints")
+    if os.path.isdir(root):
+        candidates = [os.path.join(root, d) for d in sorted(os.listdir(root))]
+        distill = [c for c in candidates if os.path.basename(c).startswith("distill-")]
+        candidates = distill or candidates
+    candidates = [c for c in candidates if os.path.isfile(os.path.join(c, "latest"))]
+    if len(candidates) != 1:
+        raise CheckpointError(f"{path}: expected one checkpoint directory with a 'latest' file, found "
+                              f"{len(candidates)}; pass the checkpoints/<stage> directory itself")
+    ckpt_dir = candidates[0]
+    if tag is None:
+        tag = Checkpointer(ckpt_dir, 1, {}).find_resumable()
+    elif is_complete(os.path.join(ckpt_dir, tag)) is not None:
+        raise CheckpointError(f"{os.path.join(ckpt_dir, tag)}: {is_complete(os.path.join(ckpt_dir, tag))}")
+    return ckpt_dir, tag
+
+
+def consolidated_state(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 master weights rebuilt from the ZeRO shards by DeepSpeed's zero_to_fp32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with weights_only_loads():
+        state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag)
+    return {k: v.float() for k, v in state.items()}
+
+
+def _split(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@torch.no_grad()
+def verify_export(reference: nn.Module, hf_dir: str, data_path: str | None, seq_len: int, exact: bool) -> str:
+    """Reload ``hf_dir`` with plain transformers and compare its logits with ``reference``'s."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    reference = reference.eval()
+    batch = None
+    if data_path and os.path.isdir(data_path):
+        from ted_ds.data import PackedShardDataset, collate
+
+        split = "valid" if _has_split(data_path, "valid") else "train"
+        data = PackedShardDataset(data_path, split, seq_len)
+        batch = collate(data, list(range(min(4, len(data)))))[0]
+    if batch is None:
+        batch = torch.randint(0, reloaded.config.vocab_size, (4, min(seq_len, 64)), generator=torch.Generator()
+                              .manual_seed(0))
+    a = reference(input_ids=batch).logits
+    b = reloaded(input_ids=batch).logits
+    if exact and not torch.equal(a, b):
+        raise CheckpointError(f"{hf_dir}: reloaded logits differ from the checkpoint's (max |Δ| "
+                              f"{(a - b).abs().max().item():.3g}); export is not faithful")
+    if not exact:
+        torch.testing.assert_close(b, a.to(b.dtype), rtol=2e-2, atol=2e-2)
+    return f"logits on {batch.shape[0]}×{batch.shape[1]} tokens {'identical' if exact else 'within bf16 tolerance'}"
+
+
+def _has_split(data_path: str, split: str) -> bool:
+    from data_prep.verify import read_manifest
+
+    return bool(read_manifest(data_path)["shards"].get(split))
+
+
+def export_checkpoint(path: str, out: str | None, tag: str | None = None, dtype: str = "fp32",
+                      filters_out: str | None = None, tokenizer: str | None = None) -> list[str]:
+    """Checkpoint → HF directory (student only) and/or filter bank. No GPU, no process group."""
+    import json
+
+    ckpt_dir, tag = resolve_checkpoint(path, tag)
+    with open(os.path.join(ckpt_dir, tag, "trainer_state.json")) as f:
+        run = json.load(f)["run"]
+    state = consolidated_state(ckpt_dir, tag)
+    done = []
+    is_bank = not any(k.startswith("model.") for k in state)
+    if out is not None:
+        if is_bank:
+            raise CheckpointError(f"{ckpt_dir}/{tag} is a stage-1 checkpoint (filters only); use --filters")
+        from transformers import AutoConfig
+
+        config = AutoConfig.for_model(**run["student_config"])
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        tok = tokenizer or run.get("tokenizer")
+        reference = write_hf_dir(config, _split(state, "model."), out, tok, torch_dtype)
+        cfg = run["config"]
+        check = verify_export(reference.float(), out, cfg["data"]["path"], cfg["data"]["seq_len"], dtype == "fp32")
+        done.append(f"wrote {out} from {tag} ({check})")
+    if filters_out is not None:
+        bank_state = state if is_bank else _split(state, "filters.")
+        if not bank_state or run.get("filters") is None:
+            raise CheckpointError(f"{ckpt_dir}/{tag} holds no filter bank (method without filters)")
+        save_filter_bank(bank_state, run["filters"], filters_out)
+        done.append(f"wrote filter bank {filters_out}")
+    return done

@@ -74,9 +74,8 @@ class MetricsLogger:
 
     def advance(self, step: int, postfix: str) -> None:
         if self.bar is not None:
-            self.bar.n = step
             self.bar.set_postfix_str(postfix, refresh=False)
-            self.bar.refresh()
+            self.bar.update(step - self.bar.n)  # redraws at most once per second
 
     def message(self, text: str) -> None:
         if not self.enabled:

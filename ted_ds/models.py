@@ -164,6 +164,16 @@ def read_tensors(path: str, keep) -> dict[str, torch.Tensor]:
     return out
 
 
+def empty_model(config) -> nn.Module:
+    """A CPU model with real storage but skipped weight init (its weights are about to be loaded)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    _quiet_transformers()
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
 def meta_model(config) -> nn.Module:
     """The model's module tree with no storage: cheap to build for any size."""
     from transformers import AutoModelForCausalLM

@@ -19,7 +19,7 @@ import torch
 
 from ted_ds import distributed as D
 from ted_ds.checkpoint import Checkpointer
-from ted_ds.config import RunConfig, save_config
+from ted_ds.config import RunConfig, save_config, to_dict
 from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
 from ted_ds.engine import resolve_ds_config
 from ted_ds.export import save_trained_outputs
@@ -153,7 +153,12 @@ def run_stage(cfg: RunConfig, filters_for: str | None = None) -> tuple[Stage, Pl
                 "student_layers": p.student_config.num_hidden_layers,
                 "student_hidden": p.student_config.hidden_size, "taps": [list(x) for x in p.pairs],
                 "seq_len": cfg.data.seq_len, "global_batch_size": cfg.train.global_batch_size}
-    ckpt = Checkpointer(os.path.join(cfg.train.out_dir, "checkpoints", stage.name), cfg.train.keep_last, identity)
+    bank = stage.trained_model if filters_for else stage.trained_model.filters
+    run_info = {"config": to_dict(cfg), "student_config": p.student_config.to_dict(),
+                "filters": bank.meta() if bank is not None else None,
+                "tokenizer": os.path.abspath(os.path.join(cfg.data.path, "tokenizer"))}
+    ckpt = Checkpointer(os.path.join(cfg.train.out_dir, "checkpoints", stage.name), cfg.train.keep_last, identity,
+                        run_info)
     result = fit(stage, p, ckpt)
     if not result["stopped"]:
         result["output"] = save_trained_outputs(stage, p, cfg.train.out_dir)

@@ -1,0 +1,65 @@
+"""Perplexity and bits per byte of an HF model on a ted-prep split (CPU or GPU, no process group).
+
+Bits per byte = total negative log-likelihood / (ln 2 × UTF-8 bytes of the scored text), with the
+bytes of each window's target tokens counted by decoding them; it compares models with different
+tokenizers, perplexity does not.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+
+from data_prep.tokenizer import load_tokenizer
+from ted_ds.data import PackedShardDataset, collate
+from ted_ds.errors import ConfigError
+
+
+@torch.inference_mode()
+def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: int | None = None,
+                batch_size: int = 8, max_samples: int | None = None, device: str = "auto",
+                progress: bool = True) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from ted_ds import models as M
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    config = M.load_config(model_dir)
+    data_tokenizer = os.path.join(data_dir, "tokenizer")
+    dataset_probe = PackedShardDataset(data_dir, split, 1)
+    if M.vocab_size(config) < dataset_probe.manifest["vocab_size"]:
+        raise ConfigError(f"{model_dir}: vocab_size {M.vocab_size(config)} is smaller than the data's "
+                          f"{dataset_probe.manifest['vocab_size']}")
+    limit = M.max_positions(config) or 1024
+    seq_len = seq_len or min(limit, 1024)
+    if seq_len > limit:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's {limit} positions")
+    data = PackedShardDataset(data_dir, split, seq_len)
+    tok = load_tokenizer(data_tokenizer)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev).eval()
+    n = len(data) if max_samples is None else min(max_samples, len(data))
+    nll, tokens, nbytes = 0.0, 0, 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, unit="sample", desc="eval", file=sys.stderr, leave=False)
+    for start in range(0, n, batch_size):
+        x, y = collate(data, list(range(start, min(n, start + batch_size))))
+        logits = model(input_ids=x.to(dev)).logits.float()
+        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.to(dev).flatten(), reduction="sum").item()
+        tokens += y.numel()
+        nbytes += sum(len(tok.decode(row.tolist()).encode("utf-8")) for row in y)
+        if bar is not None:
+            bar.update(len(x))
+    if bar is not None:
+        bar.close()
+    loss = nll / tokens
+    return {"model": model_dir, "data": data_dir, "split": split, "samples": n, "seq_len": seq_len,
+            "tokens": tokens, "bytes": nbytes, "loss": loss, "ppl": math.exp(loss),
+            "bits_per_byte": nll / (math.log(2) * nbytes)}
