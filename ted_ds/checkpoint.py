@@ -135,7 +135,7 @@ def complete_tags(ckpt_dir: str) -> list[str]:
     """Tags on disk, newest first (completeness not yet checked)."""
     if not os.path.isdir(ckpt_dir):
         return []
-    return sorted((d for d in os.listdir(ckpt_dir) if d.startswith(TAG_PREFIX)), reverse=True)
+    return sorted((d for d in os.listdir(ckpt_dir) if d.startswith(TAG_PREFIX) and "." not in d), reverse=True)
 
 
 class Checkpointer:
@@ -170,6 +170,7 @@ class Checkpointer:
         tags = complete_tags(self.dir)
         for old in [t for t in tags if t < newest][max(0, self.keep_last - 1):]:
             shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.dir, old + ".universal"), ignore_errors=True)
 
     def find_resumable(self) -> str | None:
         """The newest whole checkpoint: ``latest`` if it checks out, else the newest older one."""
@@ -197,14 +198,45 @@ class Checkpointer:
         return state
 
     def load(self, engine, tag: str) -> dict:
-        """Restore engine, RNG and trainer state from ``tag``; returns the trainer state."""
+        """Restore engine, RNG and trainer state from ``tag``; returns the trainer state.
+
+        A checkpoint written by another number of ranks is converted once to DeepSpeed's universal
+        format (``<tag>.universal``, per-parameter fp32 weights and Adam moments) and loaded from
+        there, re-partitioned for this world size.
+        """
         state = self.read_state(tag)
-        with weights_only_loads():
-            load_dir, _ = engine.load_checkpoint(self.dir, tag=tag, load_module_strict=True,
-                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
+        load_tag = tag
+        if state["world_size"] != D.world_size():
+            load_tag = self._universal(tag)
+            engine._config.load_universal_checkpoint = True
+        try:
+            with weights_only_loads():
+                load_dir, _ = engine.load_checkpoint(self.dir, tag=load_tag, load_module_strict=True,
+                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+        finally:
+            engine._config.load_universal_checkpoint = False
         if load_dir is None:
-            raise CheckpointError(f"DeepSpeed could not load checkpoint {tag} from {self.dir}")
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {load_tag} from {self.dir}")
         rng_path = os.path.join(self.dir, tag, f"rng_rank{D.rank()}.pt")
         if state["world_size"] == D.world_size() and os.path.isfile(rng_path):
             set_rng_state(torch.load(rng_path, weights_only=True))
         return state
+
+    def _universal(self, tag: str) -> str:
+        """Convert ``tag`` to the universal format (rank 0, once); returns the universal tag."""
+        universal = tag + ".universal"
+        target = os.path.join(self.dir, universal)
+        if D.rank() == 0 and not os.path.isdir(target):
+            from argparse import Namespace
+
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            tmp = target + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            args = Namespace(input_folder=os.path.join(self.dir, tag), output_folder=tmp, num_extract_workers=1,
+                             num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+            with weights_only_loads():
+                ds_to_universal(args)
+            os.replace(tmp, target)
+        D.barrier()
+        return universal

@@ -149,7 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.command in ("distill", "learn-filters"):
-            return run_training(args)
+            rc = run_training(args)
+            # Everything is saved, flushed and the process group is destroyed; leave without running
+            # C++ static destructors, which can abort ("terminate called without an active exception")
+            # when a communication thread of gloo/DeepSpeed's shm backend is still joinable.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
         if args.command == "export":
             return run_export(args)
         return run_eval(args)

@@ -63,3 +63,28 @@ def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: in
     return {"model": model_dir, "data": data_dir, "split": split, "samples": n, "seq_len": seq_len,
             "tokens": tokens, "bytes": nbytes, "loss": loss, "ppl": math.exp(loss),
             "bits_per_byte": nll / (math.log(2) * nbytes)}
+
+
+def write_rolling_task(task_dir: str, name: str, jsonl: str) -> str:
+    """An lm-evaluation-harness task scoring whole documents (``{"text": ...}`` per line of
+    ``jsonl``) with loglikelihood_rolling: word/byte perplexity and bits per byte, offline."""
+    os.makedirs(task_dir, exist_ok=True)
+    path = os.path.join(task_dir, f"{name}.yaml")
+    with open(path, "w") as f:
+        f.write(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {os.path.abspath(jsonl)}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+""")
+    return path

@@ -102,6 +102,9 @@ def resolve_checkpoint(path: str, tag: str | None) -> tuple[str, str]:
     ckpt_dir = candidates[0]
     if tag is None:
         tag = Checkpointer(ckpt_dir, 1, {}).find_resumable()
+    elif not os.path.isdir(os.path.join(ckpt_dir, tag)):
+        have = ", ".join(sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step-"))) or "none"
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint tag {tag} (have: {have})")
     elif is_complete(os.path.join(ckpt_dir, tag)) is not None:
         raise CheckpointError(f"{os.path.join(ckpt_dir, tag)}: {is_complete(os.path.join(ckpt_dir, tag))}")
     return ckpt_dir, tag

@@ -199,7 +199,8 @@ def materialize(model: nn.Module, modules: dict[str, nn.Module], path: str) -> N
     head_name = module_name(model, model.get_output_embeddings())
     embed_name = module_name(model, model.get_input_embeddings())
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    wanted = lambda k: any(k.startswith(p + ".") for p in prefixes) or k.startswith(embed_name + ".")
+    need_embed = tied and head_name in prefixes
+    wanted = lambda k: any(k.startswith(p + ".") for p in prefixes) or (need_embed and k.startswith(embed_name + "."))
     tensors = read_tensors(path, wanted)
     for name, mod in prefixes.items():
         mod.to_empty(device="cpu")

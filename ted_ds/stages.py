@@ -8,6 +8,7 @@ loss of one micro-batch.  The trainer only ever sees a ``Stage``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -213,6 +214,8 @@ def build_filter_learning(p: Plan, ds: dict, which: str) -> Stage:
         layers, conf, load = p.student_layers, p.student_config, (lambda: load_student(p))
     bank = FilterBank(cfg.distill.filter, M.hidden_size(conf), p.filter_dim, layers, seed=cfg.train.seed)
     engine = build_trained_engine(cfg, bank, ds, p.total_steps)
+    if which == "student" and cfg.teacher.placement == "pipeline":  # a pipeline is for the teacher's size
+        cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, placement="zero3"))
     frozen = build_frozen(cfg, load, layers, None, False, ds)
     head = M.TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code).to(D.device())
     n_filter = sum(p_.numel() for p_ in bank.parameters() if p_.ndim >= 2)

@@ -43,6 +43,8 @@ def runs(tiny, tmp_path_factory):
                                                             "optim.lr": 5e-2}), "student"),
         "ted_replicated": (base_config(ll, lt, o("ted_rep"), **filters), None),
         "ted_zero3": (base_config(ll, lt, o("ted_z3"), **filters, **{"teacher.placement": "zero3"}), None),
+        "ted_pipeline": (base_config(ll, lt, o("ted_pp"), **filters, **{"teacher.placement": "pipeline",
+                                                                         "teacher.pipeline_stages": 2}), None),
         "lwd": (base_config(ll, lt, o("lwd"), **{"distill.method": "lwd", "train.steps": 2}), None),
         "kd": (base_config(ll, lt, o("kd"), **{"distill.method": "kd", "train.steps": 2}), None),
         "gpt2_filters_teacher": (base_config(gp, gt, o("gft"), **{"train.steps": 2}), "teacher"),
@@ -165,6 +167,13 @@ def test_replicated_and_zero3_teachers_give_identical_losses(runs):
     assert r["ted_zero3"]["frozen_local_params_rank0"] < 0.6 * r["ted_replicated"]["frozen_local_params_rank0"]
     assert r["ted_zero3"]["frozen_local_params_sum"] == pytest.approx(r["ted_replicated"]["frozen_local_params_rank0"],
                                                                        rel=0.01)
+
+
+def test_pipeline_teacher_training_matches_replicated(runs):
+    rep, pp = losses(runs["dirs"]["ted_replicated"]), losses(runs["dirs"]["ted_pipeline"])
+    assert len(pp) == STEPS and pp == pytest.approx(rep, rel=1e-6, abs=1e-7)
+    r = runs["results"]
+    assert r["ted_pipeline"]["frozen_local_params_rank0"] < 0.7 * r["ted_replicated"]["frozen_local_params_rank0"]
 
 
 def test_baselines_log_their_own_terms(runs):

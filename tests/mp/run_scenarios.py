@@ -27,6 +27,8 @@ from ted_ds.trainer import run_stage  # noqa: E402
 
 
 def frozen_matches_disk(stage, cfg, filters_for) -> bool:
+    if stage.frozen.placement == "pipeline":
+        return pipeline_matches_disk(stage.frozen, cfg)
     frozen = stage.frozen.frozen if stage.frozen.placement == "replicated" else stage.frozen.engine.module
     state = gathered_state_dict(frozen)
     if D.rank() != 0:
@@ -40,6 +42,19 @@ def frozen_matches_disk(stage, cfg, filters_for) -> bool:
         bank = load_filter_bank(cfg.teacher.filters, frozen.filters.meta(), "teacher.filters")
         ok &= all(torch.equal(state[f"filters.{k}"], v) for k, v in bank.state_dict().items())
     return bool(ok)
+
+
+def pipeline_matches_disk(pipe, cfg) -> bool:
+    """Every materialised tensor of this rank's stage (and its filters) equals the teacher on disk."""
+    disk = load_model(cfg.teacher.path).state_dict()
+    ok = all(torch.equal(v, disk[k]) for k, v in pipe.model.state_dict().items() if not v.is_meta and k in disk)
+    if pipe.filters is not None:
+        bank = load_filter_bank(cfg.teacher.filters, {"kind": cfg.distill.filter, "in_dim": pipe.hidden_size,
+                                                      "out_dim": pipe.filter_dim, "layers": pipe.tap_layers}, "t")
+        ok &= all(torch.equal(a, b) for i, f in zip(pipe.local_taps, pipe.filters)
+                  for a, b in zip(f.state_dict().values(), bank.filters[i].state_dict().values()))
+    flag = torch.tensor([1.0 if ok else 0.0])
+    return bool(D.all_reduce_sum(flag)[0] == D.world_size())
 
 
 def main() -> None:

@@ -1,0 +1,94 @@
+"""Pipeline teacher vs a single-process teacher, run under a launcher with any number of ranks.
+
+    deepspeed --num_gpus 4 tests/mp/pipeline_check.py --teacher DIR --bank DIR --out results.json
+    python tests/mp/pipeline_check.py ... --fault die|shape        (ranks started by the test itself)
+
+Each rank feeds its own micro-batch; the pipeline's filtered taps and logits must equal those of
+the full teacher (``FrozenLM``) evaluated on that micro-batch in this process.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from ted_ds import distributed as D
+from ted_ds.errors import DistributedError
+from ted_ds.filters import load_filter_bank
+from ted_ds.models import load_config, load_model
+from ted_ds.pipeline import PipelineTeacher
+from ted_ds.teacher import FrozenLM
+
+TAPS = [2, 4]
+
+
+def batch(seed: int, shape=(4, 16), vocab=500) -> torch.Tensor:
+    return torch.randint(vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name):
+    config = load_config(teacher_dir)
+    pipe = PipelineTeacher(teacher_dir, config, TAPS, bank, True, stages, None, chunks, logits_dtype, topk, 1.0)
+    ref = FrozenLM(load_model(teacher_dir), TAPS, bank, True, topk)
+    exact = True
+    max_diff = 0.0
+    for step in range(2):
+        ids = batch(1000 * step + D.rank())
+        got = pipe(ids)
+        with torch.no_grad():
+            taps, logits, index = ref(ids)
+        for a, b in zip(got.taps, taps):
+            exact &= torch.equal(a, b)
+            max_diff = max(max_diff, (a - b).abs().max().item())
+        want = logits.to(logits_dtype).float()
+        exact &= torch.equal(got.logits, want)
+        max_diff = max(max_diff, (got.logits - want).abs().max().item())
+        if topk:
+            exact &= torch.equal(got.topk_index, index)
+    flags = torch.tensor([float(exact), max_diff, float(pipe.local_parameters())])
+    gathered = [torch.zeros_like(flags) for _ in range(D.world_size())]
+    torch.distributed.all_gather(gathered, flags)
+    full = sum(p.numel() for p in ref.parameters())
+    results[name] = {"exact": all(bool(g[0]) for g in gathered), "max_diff": max(float(g[1]) for g in gathered),
+                     "local_params": [float(g[2]) for g in gathered], "full_params": full}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--bank", required=True)
+    p.add_argument("--out")
+    p.add_argument("--fault", choices=("die", "shape"))
+    p.add_argument("--local_rank", type=int)
+    args = p.parse_args()
+    D.init(timeout_minutes=0.25 if args.fault else 5)
+    config = load_config(args.teacher)
+    expect = {"kind": "linear", "in_dim": config.hidden_size, "out_dim": config.hidden_size, "layers": TAPS}
+    bank = load_filter_bank(args.bank, expect, "bank")
+    if args.fault:
+        pipe = PipelineTeacher(args.teacher, config, TAPS, bank, True, D.world_size(), None, 1, torch.float32, 0,
+                               0.25)
+        try:
+            if args.fault == "die" and D.rank() == D.world_size() - 1:
+                os._exit(17)  # the last stage dies before sending anything
+            shape = (4, 16) if args.fault == "die" or D.rank() == 0 else (4, 12)
+            pipe(batch(D.rank(), shape))
+        except DistributedError as e:
+            print(f"ted-ds: rank {D.rank()}: error: {e}", file=sys.stderr, flush=True)
+            os._exit(2)
+        os._exit(0)
+    results = {}
+    world = D.world_size()
+    for stages in sorted({2, world}):
+        compare(args.teacher, bank, stages, 1, 0, torch.float32, results, f"P{stages}")
+    compare(args.teacher, bank, 2, 2, 0, torch.float32, results, "P2_chunks2")
+    compare(args.teacher, bank, 2, 1, 8, torch.bfloat16, results, "P2_top8_bf16")
+    if D.rank() == 0:
+        json.dump(results, open(args.out, "w"), indent=1)
+    D.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The pipeline-parallel teacher on 2 and 4 CPU ranks: exact outputs, memory split, clear failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, deepspeed_cmd, run_launcher
+
+pytestmark = pytest.mark.multirank
+SCRIPT = os.path.join(REPO, "tests", "mp", "pipeline_check.py")
+
+
+@pytest.fixture(scope="module")
+def bank(tiny, tmp_path_factory) -> str:
+    from ted_ds.filters import FilterBank, save_filter_bank
+
+    b = FilterBank("linear", 64, 64, [2, 4], seed=3)
+    out = str(tmp_path_factory.mktemp("bank") / "bank")
+    save_filter_bank(b.state_dict(), b.meta(), out)
+    return out
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_pipeline_outputs_equal_a_single_process_teacher(tiny, bank, tmp_path, ranks):
+    out = str(tmp_path / "r.json")
+    run_launcher(deepspeed_cmd(ranks, SCRIPT, "--teacher", tiny["llama_teacher"], "--bank", bank, "--out", out))
+    r = json.load(open(out))
+    for name in [f"P{p}" for p in sorted({2, ranks})]:
+        assert r[name]["exact"], (name, r[name]["max_diff"])  # bit-identical in fp32
+        stages = int(name[1:])
+        # every rank holds ~1/P of the teacher (the embeddings sit on the first stage, the head on the last)
+        for local in r[name]["local_params"]:
+            assert local < 0.75 * r[name]["full_params"] if stages == 2 else local < 0.5 * r[name]["full_params"]
+        group_total = sum(r[name]["local_params"][:stages])
+        assert group_total == pytest.approx(r[name]["full_params"], rel=0.01)
+    assert r["P2_chunks2"]["max_diff"] < 1e-5  # chunking only changes matmul batch shapes
+    assert r["P2_top8_bf16"]["exact"]  # bf16 logits = the teacher's logits rounded to bf16; top-k ids equal
+
+
+def _spawn(tiny, bank, fault: str, ranks: int = 2):
+    """Start ranks without a launcher (as `srun` without --kill-on-bad-exit would): nobody kills the
+    survivors for us, so they must notice the failure themselves."""
+    from ted_ds.distributed import free_port
+
+    port = str(free_port())
+    procs = []
+    for r in range(ranks):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(ranks), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, SCRIPT, "--teacher", tiny["llama_teacher"], "--bank", bank,
+                                       "--fault", fault], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True))
+    start = time.time()
+    outs = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    return outs, time.time() - start
+
+
+def test_dead_stage_ends_the_job_with_a_clear_error(tiny, bank):
+    outs, elapsed = _spawn(tiny, bank, "die")
+    (rc0, err0), (rc1, _) = outs
+    assert rc1 == 17
+    assert rc0 == 2, err0[-2000:]
+    assert "pipeline teacher, stage 0 (rank 0)" in err0 and "peer stage died" in err0
+    assert elapsed < 90  # within the 15 s timeout plus start-up, not a hang
+
+
+def test_shape_mismatch_is_an_error_on_every_rank(tiny, bank):
+    outs, _ = _spawn(tiny, bank, "shape")
+    for rc, err in outs:
+        assert rc == 2, err[-2000:]
+        assert "micro-batch shapes differ" in err and "[(4, 16), (4, 12)]" in err
