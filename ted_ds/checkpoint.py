@@ -206,7 +206,10 @@ class Checkpointer:
         """
         state = self.read_state(tag)
         load_tag = tag
-        if state["world_size"] != D.world_size():
+        universal = state["world_size"] != D.world_size()
+        groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
+        hyper = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps")} for g in groups]
+        if universal:
             load_tag = self._universal(tag)
             engine._config.load_universal_checkpoint = True
         try:
@@ -215,6 +218,17 @@ class Checkpointer:
                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
         finally:
             engine._config.load_universal_checkpoint = False
+        if universal:
+            # DeepSpeed's universal ZeRO-3 loader copies param group 0's hyperparameters onto every
+            # group, which would start decaying norms and biases: put each group's own back.
+            # It also gives every parameter group the SAME step-count tensor, which torch's AdamW
+            # increments in place once per group: each group needs its own copy.
+            for group, own in zip(groups, hyper):
+                group.update(own)
+            inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+            for param_state in inner.state.values():
+                if "step" in param_state:
+                    param_state["step"] = torch.tensor(float(param_state["step"]))
         if load_dir is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {load_tag} from {self.dir}")
         rng_path = os.path.join(self.dir, tag, f"rng_rank{D.rank()}.pt")

@@ -156,12 +156,15 @@ def build_stage_model(path: str, config, start: int, end: int, first: bool, last
         for name in extra_embeddings:
             _set_module(model, name, ZeroEmbedding())
     _rebuild_meta_buffers(model, config)
-    if not last:
-        def stop(_module, _inputs, output):
-            raise _StageDone(output[0] if isinstance(output, tuple) else output)
-
-        blocks[end - 1].register_forward_hook(stop)
     return model.eval().requires_grad_(False), injected
+
+
+def _stop_after(block: nn.Module) -> None:
+    """End the forward at this block (register after any tap hook on it, which must run first)."""
+    def stop(_module, _inputs, output):
+        raise _StageDone(output[0] if isinstance(output, tuple) else output)
+
+    block.register_forward_hook(stop)
 
 
 def _rebuild_meta_buffers(model: nn.Module, config) -> None:
@@ -206,6 +209,8 @@ class PipelineTeacher:
         self.local_taps = [i for i, s in enumerate(self.tap_stage) if s == self.stage]
         self.recorder = M.TapRecorder(self.model, [self.tap_layers[i] for i in self.local_taps]) \
             if self.local_taps else None
+        if not self.last:
+            _stop_after(M.decoder_layers(self.model)[end - 1])
         self.filters = None
         self.filter_dim = self.hidden_size
         if filters is not None:

@@ -13,9 +13,8 @@ import time
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO, deepspeed_cmd, run_launcher
+from safetensors.torch import load_file
 from tiny import base_config, write_config
 
 pytestmark = pytest.mark.multirank
@@ -120,8 +119,10 @@ def test_sigterm_saves_and_exits_then_resume_on_one_rank(tiny, reference_run):
     assert f"resumed from {saved}" in r.stderr
     ref_losses, got = _losses(ref), _losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))
-    for s in range(1, STEPS + 1):  # same samples in the same order: same losses within fp32 tolerance
-        assert got[s] == pytest.approx(ref_losses[s], rel=1e-4), s
+    # same samples in the same order, same optimizer state: equal up to float summation order
+    # (1 rank accumulates 4 micro-batches where 2 ranks accumulated 2 each and averaged)
+    for s in range(1, STEPS + 1):
+        assert got[s] == pytest.approx(ref_losses[s], rel=1e-5), s
     a, b = _weights(ref), _weights(out)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
@@ -132,8 +133,8 @@ def test_crash_during_save_leaves_latest_valid(tiny, reference_run):
     cfg = _cfg(tiny, root, "crashsave")
     out = str(root / "crashsave")
     script = os.path.join(REPO, "tests", "mp", "crash_during_save.py")
-    proc = subprocess.run(deepspeed_cmd(2, script, "2", "distill", "--config", cfg), cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(deepspeed_cmd(2, script, "--crash-at", "2", "distill", "--config", cfg), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     ckpt = os.path.join(out, "checkpoints", "distill-lwd")
     assert _latest(out) == "step-00000004"  # the 2nd save (step 8) died: latest still names step 4
@@ -185,6 +186,7 @@ def test_export_round_trip_is_exact(reference_run, tmp_path):
 
 def test_lm_eval_harness_runs_offline_on_the_export(reference_run, tmp_path):
     from conftest import corpus_lines
+
     from ted_ds.evaluate import write_rolling_task
 
     _, ref = reference_run
@@ -200,7 +202,7 @@ def test_lm_eval_harness_runs_offline_on_the_export(reference_run, tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     found = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "results") for f in fs if f.endswith(".json")]
     results = json.load(open(found[0]))["results"]["ted_heldout"]
-    assert 1.0 < results["word_perplexity,none"] < 1e7 and 0 < results["bits_per_byte,none"] < 20
+    assert results["word_perplexity,none"] > 1.0 and 0 < results["bits_per_byte,none"] < 20
 
 
 def test_export_of_a_tied_gpt2_student_and_bad_checkpoint_paths(tiny, tmp_path, capsys):
@@ -224,9 +226,10 @@ def test_export_of_a_tied_gpt2_student_and_bad_checkpoint_paths(tiny, tmp_path, 
     exported = load_file(os.path.join(out, "model.safetensors"))
     assert all(torch.equal(live[k], exported[k]) for k in live)
     # bad inputs: one line each
+    g = str(tmp_path / "g")
     for argv, frag in (([str(tmp_path / "nothing"), "--out", str(tmp_path / "x")], "expected one checkpoint"),
-                       ([str(tmp_path / "g"), "--out", str(tmp_path / "x"), "--tag", "step-00000099"], "no checkpoint tag"),
-                       ([str(tmp_path / "g")], "nothing to do")):
+                       ([g, "--out", str(tmp_path / "x"), "--tag", "step-00000099"], "no checkpoint tag"),
+                       ([g], "nothing to do")):
         capsys.readouterr()
         assert ted_main(["export", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import base_config, write_config
 
 from ted_ds.cli import main as ted_main
 from ted_ds.config import load_config
@@ -15,7 +16,6 @@ from ted_ds.errors import ConfigError
 from ted_ds.filters import FilterBank
 from ted_ds.losses import ObjectiveWeights, distill_objective, kd_loss, layer_loss, lm_loss
 from ted_ds.models import TapRecorder, TaskHead, decoder_layers, load_model, student_from_teacher, tap_pairs
-from tiny import base_config, write_config
 
 
 # ----------------------------------------------------------------------------- losses by hand
