@@ -13,6 +13,7 @@ document-size list.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -28,7 +29,7 @@ import numpy as np
 from data_prep.errors import UserError
 from data_prep.indexed import ShardWriter, token_dtype
 from data_prep.sources import ReadStats, iter_documents, resolve_sources
-from data_prep.tokenizer import BatchEncoder, load_tokenizer, tokenizer_identity
+from data_prep.tokenizer import BatchEncoder, load_tokenizer_for_build, tokenizer_identity
 
 FORMAT = "ted-prep/1"
 SPLITS = ("train", "valid")
@@ -68,8 +69,13 @@ def split_of(text_bytes: bytes, seed: int, valid_fraction: float) -> str:
     """Deterministic train/valid assignment from a keyed hash of the document's own bytes."""
     if valid_fraction <= 0.0:
         return "train"
-    digest = hashlib.blake2b(text_bytes, digest_size=8, key=seed.to_bytes(8, "little", signed=True)).digest()
+    digest = hashlib.blake2b(text_bytes, digest_size=8, key=_split_key(seed)).digest()
     return "valid" if int.from_bytes(digest, "little") < valid_fraction * 2.0**64 else "train"
+
+
+@functools.lru_cache(maxsize=8)
+def _split_key(seed: int) -> bytes:
+    return seed.to_bytes(8, "little", signed=True)
 
 
 def shard_name(split: str, index: int) -> str:
@@ -213,7 +219,7 @@ def build(opts: BuildOptions) -> dict:
     """
     opts.validate()
     sources = resolve_sources(opts.inputs)
-    tok = load_tokenizer(opts.tokenizer)
+    tok = load_tokenizer_for_build(opts.tokenizer)
     tok_id = dict(tokenizer_identity(opts.tokenizer, tok), path=os.path.abspath(opts.tokenizer))
     dtype = token_dtype(tok_id["vocab_size"], opts.index_codes)
     spec = _spec(opts, sources, tok_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -19,6 +20,59 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt",
     "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json",
 )
+
+
+class TokenizerDir:
+    """A ``tokenizer.json`` directory read with the ``tokenizers`` library alone.
+
+    Enough for building shards (ids, special tokens, vocabulary, a copy of the files) without
+    importing transformers and torch: start-up drops from seconds to a tenth of one, and every
+    forked worker is ~200 MB smaller.  Directories it cannot read fully go through ``AutoTokenizer``.
+    """
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        self.name_or_path = path
+        self.backend_tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        config = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+            full = os.path.join(path, name)
+            if os.path.isfile(full):
+                with open(full) as f:
+                    config.update(json.load(f))
+        self.tokenizer_class = config.get("tokenizer_class", "PreTrainedTokenizerFast")
+        ids = {}
+        for role in ("eos", "bos", "unk"):
+            token = config.get(f"{role}_token")
+            if isinstance(token, dict):
+                token = token.get("content")
+            ids[role] = self.backend_tokenizer.token_to_id(token) if isinstance(token, str) else None
+        self.eos_token_id, self.bos_token_id, self.unk_token_id = ids["eos"], ids["bos"], ids["unk"]
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
+
+    def save_pretrained(self, out_dir: str) -> None:
+        os.makedirs(out_dir, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(self.name_or_path, name)):
+                shutil.copy2(os.path.join(self.name_or_path, name), out_dir)
+
+
+def load_tokenizer_for_build(path: str):
+    """The light ``TokenizerDir`` when the directory allows it, else the full HF tokenizer."""
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        try:
+            tok = TokenizerDir(path)
+        except Exception:  # an unusual tokenizer.json: let transformers judge it
+            tok = None
+        if tok is not None and tok.eos_token_id is not None and len(tok) > 0:
+            return tok
+    return load_tokenizer(path)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -65,7 +119,7 @@ def tokenizer_identity(path: str, tok) -> dict:
     """What manifest.json and checkpoints record to tell tokenizers apart."""
     return {
         "name": os.path.basename(os.path.normpath(getattr(tok, "name_or_path", path) or path)),
-        "class": type(tok).__name__,
+        "class": getattr(tok, "tokenizer_class", type(tok).__name__),
         "vocab_size": len(tok),
         "eos_token_id": tok.eos_token_id,
         "files_sha256": files_fingerprint(path),
@@ -93,13 +147,12 @@ class BatchEncoder:
         return self.tok(texts, add_special_tokens=False)["input_ids"]
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        flat: list[int] = []
-        lengths = np.empty(len(texts), dtype=np.int64)
-        for i, ids in enumerate(self.ids(texts)):
-            flat.extend(ids)
-            flat.append(self.eos)
-            lengths[i] = len(ids) + 1
-        return np.array(flat, dtype=self.dtype), lengths
+        docs = self.ids(texts)
+        lengths = np.fromiter((len(ids) + 1 for ids in docs), dtype=np.int64, count=len(docs))
+        eos = (self.eos,)
+        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(ids, eos) for ids in docs), dtype=self.dtype,
+                           count=int(lengths.sum()))
+        return flat, lengths
 
 
 def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int, model_type: str,

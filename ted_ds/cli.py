@@ -25,6 +25,8 @@ import sys
 
 from data_prep.errors import UserError
 
+EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped on a signal after saving; run the same command again to resume
+
 
 def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="run configuration (YAML); see ted_ds/configs/")
@@ -100,7 +102,7 @@ def run_training(args: argparse.Namespace) -> int:
         print(f"ted-ds: {stage.name} finished at step {result['step']} ({summary}); wrote {result['output']}",
               file=sys.stderr)
     D.shutdown()
-    return 0
+    return EXIT_RESUMABLE if result["stopped"] else 0
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -155,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             # when a communication thread of gloo/DeepSpeed's shm backend is still joinable.
             sys.stdout.flush()
             sys.stderr.flush()
+            mpi = sys.modules.get("mpi4py.MPI")  # under mpirun, MPI must still be finalized
+            if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+                mpi.Finalize()
             os._exit(rc)
         if args.command == "export":
             return run_export(args)

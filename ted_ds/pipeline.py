@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import time
 
 import torch
 import torch.distributed as dist
@@ -218,6 +219,7 @@ class PipelineTeacher:
             self.filters = nn.ModuleList(filters.filters[i] for i in self.local_taps).to(dtype).eval()
             self.filters.requires_grad_(False)
         self._check_group_agrees()
+        self.stats = {"calls": 0, "busy_s": 0.0, "wall_s": 0.0}  # for the bubble fraction (benchmarks)
 
     def _stage_of_layer(self, layer: int) -> int:
         for s, (a, b) in enumerate(self.layout):
@@ -257,6 +259,13 @@ class PipelineTeacher:
     # ------------------------------------------------------------------------- one call
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> TeacherOutput:
+        start = time.perf_counter()
+        out = self._call(input_ids)
+        self.stats["calls"] += 1
+        self.stats["wall_s"] += time.perf_counter() - start
+        return out
+
+    def _call(self, input_ids: torch.Tensor) -> TeacherOutput:
         shape = torch.tensor(list(input_ids.shape), dtype=torch.int64)
         shapes = [torch.zeros_like(shape) for _ in self.members]
         self._wait(dist.all_gather(shapes, shape, group=self.group, async_op=True), "shape exchange")
@@ -314,11 +323,13 @@ class PipelineTeacher:
                        f"receiving activations from stage {self.stage - 1}")
             self.injected.hidden = hidden
         logits = None
+        busy = time.perf_counter()
         try:
             logits = self.model(input_ids=ids, use_cache=False).logits
             out = None
         except _StageDone as done:
             out = done.hidden
+        self.stats["busy_s"] += time.perf_counter() - busy
         if self.recorder is not None:
             states = self.recorder.take()
             if self.filters is not None:

@@ -63,7 +63,7 @@ def evaluate(stage: Stage, valid: PackedShardDataset, samples: int, micro_batch:
     return float(total[0] / total[1])
 
 
-def fit(stage: Stage, p: Plan, checkpointer: Checkpointer) -> dict:
+def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> dict:
     """Train ``stage`` to ``p.total_steps``; returns the last logged metrics."""
     cfg = p.cfg
     out_dir = cfg.train.out_dir
@@ -80,7 +80,6 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer) -> dict:
     log = MetricsLogger(out_dir, D.rank() == 0, p.total_steps, step, cfg.train.progress, stage.name)
     if tag is not None:
         log.message(f"ted-ds: resumed from {tag} (step {step}, {sampler.consumed} samples consumed)")
-    stop = StopSignal()
     peak = device_peak_flops(cfg.train.peak_tflops) * D.world_size()
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     save = lambda: checkpointer.save(stage.engine, step, {"step": step, "tokens": tokens,
@@ -140,6 +139,7 @@ def run_stage(cfg: RunConfig, filters_for: str | None = None) -> tuple[Stage, Pl
 
     ``filters_for`` = "teacher" | "student" runs TED stage 1; None runs ``distill.method``.
     """
+    stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step
     p = plan(cfg, filters_for=filters_for)
     D.prepare_env()
     ds = resolve_ds_config(cfg, D.expected_world_size())  # every check happens before the process group
@@ -159,7 +159,7 @@ def run_stage(cfg: RunConfig, filters_for: str | None = None) -> tuple[Stage, Pl
                 "tokenizer": os.path.abspath(os.path.join(cfg.data.path, "tokenizer"))}
     ckpt = Checkpointer(os.path.join(cfg.train.out_dir, "checkpoints", stage.name), cfg.train.keep_last, identity,
                         run_info)
-    result = fit(stage, p, ckpt)
+    result = fit(stage, p, ckpt, stop)
     if not result["stopped"]:
         result["output"] = save_trained_outputs(stage, p, cfg.train.out_dir)
     return stage, p, result

@@ -305,3 +305,15 @@ def test_cli_errors_have_no_traceback():
     assert "Traceback" not in r.stderr and r.stderr.strip() == "ted-prep: error: input not found: /nonexistent.txt"
     r = subprocess.run([sys.executable, "-m", "data_prep", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "tokenizer" in r.stdout and "inspect" in r.stdout
+
+
+@pytest.mark.parametrize("tok_fixture", ["sp_tokenizer", "gpt2_tokenizer"])
+def test_light_tokenizer_loader_agrees_with_transformers(request, tok_fixture):
+    from data_prep.tokenizer import TokenizerDir, load_tokenizer_for_build, vocab_fingerprint
+
+    path = request.getfixturevalue(tok_fixture)
+    light, full = load_tokenizer_for_build(path), load_tokenizer(path)
+    assert isinstance(light, TokenizerDir)
+    assert (light.eos_token_id, light.bos_token_id, light.unk_token_id, len(light)) == \
+        (full.eos_token_id, full.bos_token_id, full.unk_token_id, len(full))
+    assert vocab_fingerprint(light) == vocab_fingerprint(full)

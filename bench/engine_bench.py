@@ -1,0 +1,117 @@
+"""TED step overhead and teacher placements, measured in one run.
+
+    python bench/engine_bench.py [--quick]
+
+* Overhead: on 2 ranks, the TED step time ÷ (student-only LM step + teacher forward on the same
+  micro-batches). Goal ≤ 1.10: TED adds only filters and two losses to what distillation must do anyway.
+* Placements: replicated / zero3 / pipeline teacher at 2 and 4 ranks: step time, peak RSS per rank,
+  teacher parameters held per rank, and the pipeline bubble (share of a teacher call a stage is not
+  computing). Goals: pipeline teacher memory per rank ≤ 0.6× replicated at P=2; step time ≤ 1.5×.
+
+Models: a random LLaMA teacher (8 layers, d=256, vocab 8k) and a 4-layer student from teacher layers
+0, 2, 4, 6; seq 128, micro-batch 4, 2 micro-batches per rank per step. 4 ranks on a 2-core machine are
+oversubscribed: read those times as a memory/correctness check, not as speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import REPO, deepspeed, machine, run, tiny_world  # noqa: E402
+
+
+def _config(world: dict, out: str, ranks: int, **over) -> dict:
+    cfg = {
+        "teacher": {"path": world["teacher"], "filters": world["banks"]["teacher"], "placement": "replicated"},
+        "student": {"init_from_teacher": [0, 2, 4, 6], "filters": world["banks"]["student"]},
+        "data": {"path": world["data"], "seq_len": 128},
+        "distill": {"method": "ted", "teacher_every": 2, "student_every": 1},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "train": {"out_dir": out, "micro_batch_size": 4, "global_batch_size": 8 * ranks, "steps": 100,
+                  "deepspeed_config": os.path.join(REPO, "ds_configs", "zero3_cpu.json"), "progress": False},
+    }
+    for key, value in over.items():
+        section, name = key.split(".")
+        cfg[section][name] = value
+    return cfg
+
+
+def measure(world: dict, workdir: str, name: str, ranks: int, steps: int, **over) -> list[dict]:
+    import yaml
+
+    path = os.path.join(workdir, f"{name}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(_config(world, os.path.join(workdir, name), ranks, **over), f)
+    out = os.path.join(workdir, f"{name}.json")
+    run(deepspeed(ranks, os.path.join(REPO, "bench", "mp_engine_bench.py"), "--config", path, "--out", out,
+                  "--steps", str(steps)), env={"DS_ACCELERATOR": "cpu"})
+    return json.load(open(out))
+
+
+def summarize(ranks: list[dict]) -> dict:
+    mean = lambda k: sum(r[k] for r in ranks) / len(ranks)
+    bubbles = [r["bubble"] for r in ranks if r["bubble"] is not None]
+    return {"step_s": max(r["step_s"] for r in ranks), "teacher_forward_s": max(r["teacher_forward_s"] for r in ranks),
+            "peak_rss_mb_max": max(r["peak_rss_mb"] for r in ranks), "peak_rss_mb_mean": mean("peak_rss_mb"),
+            "teacher_params_per_rank_max": max(r["teacher_local_params"] for r in ranks),
+            "bubble": sum(bubbles) / len(bubbles) if bubbles else None,
+            "tokens_per_s": ranks[0]["tokens_per_step"] / max(r["step_s"] for r in ranks)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer steps, 2 ranks only")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ted-ds-bench"))
+    args = ap.parse_args(argv)
+    steps = 2 if args.quick else 6
+    world = tiny_world(args.workdir)
+    results = {"machine": machine(), "overhead": {}, "placements": {}}
+
+    lm = summarize(measure(world, args.workdir, "lm-2", 2, steps, **{"distill.method": "lm"}))
+    ted = summarize(measure(world, args.workdir, "ted-rep-2", 2, steps))
+    results["overhead"] = {"lm_step_s": lm["step_s"], "teacher_forward_s": ted["teacher_forward_s"],
+                           "ted_step_s": ted["step_s"],
+                           "ratio": ted["step_s"] / (lm["step_s"] + ted["teacher_forward_s"])}
+    results["placements"]["replicated@2"] = ted
+    for ranks in ((2,) if args.quick else (2, 4)):
+        for placement in ("replicated", "zero3", "pipeline"):
+            key = f"{placement}@{ranks}"
+            if key in results["placements"]:
+                continue
+            over = {"teacher.placement": placement, "teacher.pipeline_stages": 2}
+            results["placements"][key] = summarize(measure(world, args.workdir, f"ted-{placement}-{ranks}", ranks,
+                                                           steps, **over))
+    report(results)
+    os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
+    with open(os.path.join(REPO, "bench", "results", "engine.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def report(r: dict) -> None:
+    o = r["overhead"]
+    print(f"TED step overhead (2 ranks): ted {o['ted_step_s']:.3f} s / (lm {o['lm_step_s']:.3f} s + teacher forward "
+          f"{o['teacher_forward_s']:.3f} s) = {o['ratio']:.3f}   goal <= 1.10")
+    print(f"{'placement':<16}{'step s':>9}{'tok/s':>9}{'peak RSS MB':>13}{'teacher params/rank':>21}{'bubble':>8}")
+    for key, v in r["placements"].items():
+        bubble = f"{v['bubble']:.2f}" if v["bubble"] is not None else "-"
+        print(f"{key:<16}{v['step_s']:>9.3f}{v['tokens_per_s']:>9.0f}{v['peak_rss_mb_max']:>13.0f}"
+              f"{v['teacher_params_per_rank_max']:>21,.0f}{bubble:>8}")
+    p = r["placements"]
+    for ranks in (2, 4):
+        if f"pipeline@{ranks}" in p:
+            rep, pipe = p[f"replicated@{ranks}"], p[f"pipeline@{ranks}"]
+            print(f"pipeline vs replicated @{ranks}: teacher memory/rank "
+                  f"{pipe['teacher_params_per_rank_max'] / rep['teacher_params_per_rank_max']:.2f}x (goal <= 0.6 at "
+                  f"P=2), step time {pipe['step_s'] / rep['step_s']:.2f}x (goal <= 1.5), peak RSS "
+                  f"{pipe['peak_rss_mb_max'] / rep['peak_rss_mb_max']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Every documented launch path, for real: a local SLURM cluster running the project's sbatch script
+(with preemption), `deepspeed --hostfile`, `mpirun` and `torchrun`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+import pytest
+from conftest import REPO, run_launcher
+from netns_hosts import ADDRS, IFNAME, TwoHosts, netns_available
+from slurm_cluster import LocalSlurm, slurm_available
+from tiny import base_config, write_config
+
+pytestmark = pytest.mark.multirank
+SBATCH = os.path.join(REPO, "slurm", "ted_ds.sbatch")
+
+
+def _config(tiny, path, **over) -> str:
+    cfg = base_config(tiny["llama_data"], tiny["llama_teacher"], "unused", **{"distill.method": "lwd", **over})
+    return write_config(path, **cfg)
+
+
+def _metrics(out_dir) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def _finished(out_dir, steps) -> None:
+    steps_logged = [m["step"] for m in _metrics(out_dir) if "loss/total" in m]
+    assert steps_logged == list(range(1, steps + 1))
+    assert os.path.isfile(os.path.join(out_dir, "hf", "model.safetensors"))
+    assert open(os.path.join(out_dir, "checkpoints", "distill-lwd", "latest")).read().strip() == f"step-{steps:08d}"
+
+
+def _latest(out_dir):
+    path = os.path.join(out_dir, "checkpoints", "distill-lwd", "latest")
+    return open(path).read().strip() if os.path.exists(path) else None
+
+
+@pytest.mark.skipif(not slurm_available(), reason="needs root and Debian's slurmctld/slurmd (scripts/setup_env.sh)")
+def test_slurm_batch_job_preemption_and_time_limit_warning(tiny, tmp_path):
+    env = {"PYTHON": sys.executable, "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"],
+           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    shape = ["--nodes", "1", "--ntasks", "2", "--ntasks-per-node", "2", "--cpus-per-task", "1"]
+    with LocalSlurm(str(tmp_path / "slurm")) as slurm:
+        # 1. a plain 2-task TED distillation job
+        out = str(tmp_path / "job")
+        job = slurm.submit(SBATCH, *shape, "--output", f"{out}.log",
+                           env=dict(env, CONFIG=_config(tiny, str(tmp_path / "a.yaml")), OUT_DIR=out))
+        info = slurm.wait(job, timeout=300)
+        log = open(f"{out}.log").read()
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+        assert "ted-ds: job" in log and "master" in log and "distill-lwd finished at step 4" in log
+        _finished(out, 4)
+
+        # 2. preemption: `scontrol requeue` mid-run -> SIGTERM, save, requeue, resume, finish
+        steps = 120
+        out = str(tmp_path / "preempted")
+        cfg = _config(tiny, str(tmp_path / "b.yaml"), **{"train.steps": steps, "train.save_interval": 10})
+        job = slurm.submit(SBATCH, *shape, "--output", f"{out}.log", env=dict(env, CONFIG=cfg, OUT_DIR=out))
+        _wait_for(lambda: _latest(out) is not None, 300, slurm)
+        slurm.run(["scontrol", "requeue", job])
+        info = slurm.wait(job, timeout=600, until=("COMPLETED", "FAILED", "CANCELLED"))
+        log = open(f"{out}.log").read()
+        assert info["JobState"] == "COMPLETED", log[-4000:]
+        assert int(info["Restarts"]) >= 1 and "(restart 1)" in log
+        assert "resumed from step-" in log
+        _finished(out, steps)
+
+        # 3. the time-limit warning (--signal=USR1@300 in the script): ranks save and exit 75, the
+        #    script requeues the job itself, the restart resumes and finishes
+        out = str(tmp_path / "warned")
+        cfg = _config(tiny, str(tmp_path / "c.yaml"), **{"train.steps": steps, "train.save_interval": 10})
+        job = slurm.submit(SBATCH, *shape, "--output", f"{out}.log", env=dict(env, CONFIG=cfg, OUT_DIR=out))
+        _wait_for(lambda: _latest(out) is not None, 300, slurm)
+        slurm.run(["scancel", "--signal=USR1", job])
+        info = slurm.wait(job, timeout=600, until=("COMPLETED", "FAILED", "CANCELLED"))
+        log = open(f"{out}.log").read()
+        assert info["JobState"] == "COMPLETED", log[-4000:]
+        assert "SIGUSR1 received; saved step" in log and "requeueing job" in log and "resumed from step-" in log
+        _finished(out, steps)
+
+
+def _wait_for(cond, timeout, slurm):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, slurm.log_tail()
+        time.sleep(0.05)
+
+
+def test_deepspeed_hostfile_single_host(tiny, tmp_path):
+    from ted_ds.distributed import free_port
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    for i, extra in enumerate((["--no_ssh_check", "--master_addr", "127.0.0.1"],
+                               ["--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1"])):
+        out = str(tmp_path / f"hf{i}")
+        cfg = _config(tiny, str(tmp_path / f"h{i}.yaml"), **{"train.out_dir": out})
+        run_launcher([launcher, "--hostfile", str(hostfile), *extra, "--master_port", str(free_port()),
+                      "--module", "ted_ds", "distill", "--config", cfg])
+        _finished(out, 4)
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI (scripts/setup_env.sh)")
+def test_mpirun_launch(tiny, tmp_path):
+    out = str(tmp_path / "mpi")
+    cfg = _config(tiny, str(tmp_path / "m.yaml"), **{"train.out_dir": out})
+    env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1"}
+    run_launcher(["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe", "-x", "TORCH_EXTENSIONS_DIR",
+                  "-x", "DS_ACCELERATOR", "-x", "PATH", sys.executable, "-m", "ted_ds", "distill", "--config", cfg],
+                 env=env)
+    _finished(out, 4)
+
+
+def test_torchrun_launch(tiny, tmp_path):
+    from ted_ds.distributed import free_port
+
+    out = str(tmp_path / "torchrun")
+    cfg = _config(tiny, str(tmp_path / "t.yaml"), **{"train.out_dir": out})
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    run_launcher([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                  "-m", "ted_ds", "distill", "--config", cfg])
+    _finished(out, 4)
+
+
+@pytest.mark.skipif(not netns_available(), reason="needs root, iproute2, openssh-server and pdsh")
+def test_two_node_run_over_pdsh_ssh_between_network_namespaces(tiny, tmp_path):
+    """A genuine 2-node job: the deepspeed launcher on host A starts one rank on each host through
+    pdsh/ssh; the ranks talk gloo over the veth link between the two namespaces."""
+    from ted_ds.distributed import free_port
+
+    out = str(tmp_path / "two-node")
+    cfg = _config(tiny, str(tmp_path / "n.yaml"), **{"train.out_dir": out})
+    with TwoHosts(str(tmp_path)) as hosts:
+        hostfile = tmp_path / "hostfile"
+        hostfile.write_text("".join(f"{addr} slots=1\n" for addr in ADDRS))
+        env_file = tmp_path / "deepspeed_env"  # what the launcher exports to the remote ranks
+        env_file.write_text("".join(f"{k}={os.environ.get(k, v)}\n" for k, v in (
+            ("TORCH_EXTENSIONS_DIR", ""), ("DS_ACCELERATOR", "cpu"), ("GLOO_SOCKET_IFNAME", IFNAME),
+            ("OMP_NUM_THREADS", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("PATH", ""))))
+        launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+        env = {"PDSH_RCMD_TYPE": "ssh", "PDSH_SSH_ARGS_APPEND": " ".join(hosts.ssh_options()),
+               "DS_ENV_FILE": str(env_file), "GLOO_SOCKET_IFNAME": IFNAME}
+        proc = run_launcher(["ip", "netns", "exec", hosts.ns[0], launcher, "--hostfile", str(hostfile),
+                             "--no_ssh_check", "--master_addr", ADDRS[0], "--master_port", str(free_port()),
+                             "--module", "ted_ds", "distill", "--config", cfg], env=env, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert "pdsh" in log and ADDRS[1] in log
+    _finished(out, 4)
