@@ -63,6 +63,7 @@ def test_slurm_batch_job_preemption_and_time_limit_warning(tiny, tmp_path):
         job = slurm.submit(SBATCH, *shape, "--output", f"{out}.log", env=dict(env, CONFIG=cfg, OUT_DIR=out))
         _wait_for(lambda: _latest(out) is not None, 300, slurm)
         slurm.run(["scontrol", "requeue", job])
+        slurm.release_requeued(job)
         info = slurm.wait(job, timeout=600, until=("COMPLETED", "FAILED", "CANCELLED"))
         log = open(f"{out}.log").read()
         assert info["JobState"] == "COMPLETED", log[-4000:]
@@ -77,6 +78,7 @@ def test_slurm_batch_job_preemption_and_time_limit_warning(tiny, tmp_path):
         job = slurm.submit(SBATCH, *shape, "--output", f"{out}.log", env=dict(env, CONFIG=cfg, OUT_DIR=out))
         _wait_for(lambda: _latest(out) is not None, 300, slurm)
         slurm.run(["scancel", "--signal=USR1", job])
+        slurm.release_requeued(job)
         info = slurm.wait(job, timeout=600, until=("COMPLETED", "FAILED", "CANCELLED"))
         log = open(f"{out}.log").read()
         assert info["JobState"] == "COMPLETED", log[-4000:]
