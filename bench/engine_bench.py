@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="fewer steps, 2 ranks only")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ted-ds-bench"))
     args = ap.parse_args(argv)
-    steps = 2 if args.quick else 6
+    steps = 2 if args.quick else 10
     world = tiny_world(args.workdir)
     results = {"machine": machine(), "overhead": {}, "placements": {}}
 

@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus N bench/mp_engine_bench.py --config run.yaml --out result.json [--student-only]
 
-Measures, per rank: a full training step of ``distill.method`` (ted by default), the teacher's forward
+Measures, per rank (medians over the timed steps): a full training step of ``distill.method`` (ted by default), the teacher's forward
 alone on the same micro-batches, peak RSS, and (pipeline) the stages' busy time inside teacher calls.
 """
 
@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--local_rank", type=int)
     args, overrides = ap.parse_known_args()
     _quiet_libraries()
@@ -70,8 +70,9 @@ def main():
             step_times.append(step)
             teacher_times.append(teacher)
     stats = getattr(stage.frozen, "stats", None)
-    mine = {"rank": D.rank(), "step_s": sum(step_times) / len(step_times),
-            "teacher_forward_s": sum(teacher_times) / len(teacher_times), "peak_rss_mb": rss_mb(),
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    mine = {"rank": D.rank(), "step_s": median(step_times), "teacher_forward_s": median(teacher_times),
+            "peak_rss_mb": rss_mb(),
             "rss_before_build_mb": rss_before, "rss_after_build_mb": rss_built,
             "teacher_local_params": stage.frozen.local_parameters() if stage.frozen is not None else 0,
             "bubble": 1 - stats["busy_s"] / stats["wall_s"] if stats else None,

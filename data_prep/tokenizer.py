@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import os
 import shutil
@@ -147,12 +146,13 @@ class BatchEncoder:
         return self.tok(texts, add_special_tokens=False)["input_ids"]
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        docs = self.ids(texts)
-        lengths = np.fromiter((len(ids) + 1 for ids in docs), dtype=np.int64, count=len(docs))
-        eos = (self.eos,)
-        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(ids, eos) for ids in docs), dtype=self.dtype,
-                           count=int(lengths.sum()))
-        return flat, lengths
+        flat: list[int] = []
+        lengths = np.empty(len(texts), dtype=np.int64)
+        for i, ids in enumerate(self.ids(texts)):
+            flat.extend(ids)
+            flat.append(self.eos)
+            lengths[i] = len(ids) + 1
+        return np.array(flat, dtype=self.dtype), lengths
 
 
 def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int, model_type: str,
