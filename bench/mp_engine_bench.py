@@ -1,9 +1,10 @@
 """Worker of bench/engine_bench.py: times one configuration on every rank of a launch.
 
-    deepspeed --num_gpus N bench/mp_engine_bench.py --config run.yaml --out result.json [--student-only]
+    deepspeed --num_gpus N bench/mp_engine_bench.py --config run.yaml --out result.json [key=value ...]
 
-Measures, per rank (medians over the timed steps): a full training step of ``distill.method`` (ted by default), the teacher's forward
-alone on the same micro-batches, peak RSS, and (pipeline) the stages' busy time inside teacher calls.
+Measures, per rank (medians over the timed steps): a full training step of ``distill.method``, the
+teacher's forward alone on the same micro-batches, peak RSS, and (pipeline) the stages' busy time
+inside teacher calls.
 """
 
 import argparse
