@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from data_prep.errors import UserError
+from data_prep.errors import UserError, run_cli
 
 SAMPLE_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample", "enwiki_sample.txt.gz")
 
@@ -122,14 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"ted-prep: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ted-prep: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    return run_cli("ted-prep", lambda: run(args), "interrupted; re-run the same command to resume")
 
 
 if __name__ == "__main__":

@@ -6,3 +6,20 @@ class UserError(Exception):
 
     Entry points print ``<prog>: error: <message>`` and exit with status 2, no traceback.
     """
+
+
+def run_cli(prog: str, command, interrupted: str) -> int:
+    """Run ``command()``; a ``UserError`` becomes one line on stderr and status 2."""
+    import os
+    import sys
+
+    try:
+        return command()
+    except UserError as e:
+        rank = os.environ.get("RANK", "0")
+        where = "" if rank == "0" else f"rank {rank}: "
+        print(f"{prog}: {where}error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130

@@ -86,33 +86,20 @@ def resolve_sources(inputs: list[str]) -> list[Source]:
             sources.append(src)
 
     for raw in inputs:
-        if any(ch in raw for ch in "*?["):
-            matches = sorted(glob.glob(raw, recursive=True))
-            if not matches:
+        if any(ch in raw for ch in "*?[") or (os.path.isdir(raw) and not _is_hf_dataset_dir(raw)):
+            is_glob = not os.path.isdir(raw)
+            paths = _glob_files(raw) if is_glob else _walk_files(raw)
+            if is_glob and not paths:
                 raise UserError(f"input glob matches no files: {raw}")
-            candidates = [m for m in matches if os.path.isfile(m)]
-            found = [s for s in map(_classify, candidates) if s]
+            found = [s for s in map(_classify, paths) if s]
             if not found:
-                raise UserError(f"input glob matches no supported files ({', '.join(TEXT_SUFFIXES)}): {raw}")
+                what = "input glob matches no" if is_glob else "input directory holds no"
+                raise UserError(f"{what} supported files ({', '.join(TEXT_SUFFIXES)}): {raw}")
             for s in found:
                 _check_readable(s.path)
                 add(s)
         elif os.path.isdir(raw):
-            if _is_hf_dataset_dir(raw):
-                add(Source(raw, "hf"))
-                continue
-            found = []
-            for root, dirs, files in os.walk(raw):
-                dirs.sort()
-                for name in sorted(files):
-                    s = _classify(os.path.join(root, name))
-                    if s:
-                        found.append(s)
-            if not found:
-                raise UserError(f"input directory holds no supported files ({', '.join(TEXT_SUFFIXES)}): {raw}")
-            for s in found:
-                _check_readable(s.path)
-                add(s)
+            add(Source(raw, "hf"))
         elif os.path.exists(raw):
             s = _classify(raw)
             if s is None:
@@ -125,6 +112,18 @@ def resolve_sources(inputs: list[str]) -> list[Source]:
         else:
             raise UserError(f"input not found: {raw}")
     return sources
+
+
+def _glob_files(pattern: str) -> list[str]:
+    return [m for m in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(m)]
+
+
+def _walk_files(directory: str) -> list[str]:
+    out = []
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        out += [os.path.join(root, name) for name in sorted(files)]
+    return out
 
 
 def _check_readable(path: str) -> None:

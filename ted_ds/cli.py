@@ -23,7 +23,7 @@ import argparse
 import os
 import sys
 
-from data_prep.errors import UserError
+from data_prep.errors import UserError, run_cli
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped on a signal after saving; run the same command again to resume
 
@@ -149,29 +149,18 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.command in ("distill", "learn-filters"):
-            rc = run_training(args)
-            # Everything is saved, flushed and the process group is destroyed; leave without running
-            # C++ static destructors, which can abort ("terminate called without an active exception")
-            # when a communication thread of gloo/DeepSpeed's shm backend is still joinable.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            mpi = sys.modules.get("mpi4py.MPI")  # under mpirun, MPI must still be finalized
-            if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-                mpi.Finalize()
-            os._exit(rc)
-        if args.command == "export":
-            return run_export(args)
-        return run_eval(args)
-    except UserError as e:
-        rank = os.environ.get("RANK", "0")
-        prefix = "ted-ds: error: " if rank == "0" else f"ted-ds: rank {rank}: error: "
-        print(prefix + str(e), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ted-ds: interrupted", file=sys.stderr)
-        return 130
+    if args.command in ("distill", "learn-filters"):
+        rc = run_cli("ted-ds", lambda: run_training(args), "interrupted")
+        # Everything is saved, flushed and the process group is destroyed; leave without running
+        # C++ static destructors, which can abort ("terminate called without an active exception")
+        # when a communication thread of gloo/DeepSpeed's shm backend is still joinable.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        mpi = sys.modules.get("mpi4py.MPI")  # under mpirun, MPI must still be finalized
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()
+        os._exit(rc)
+    return run_cli("ted-ds", lambda: run_export(args) if args.command == "export" else run_eval(args), "interrupted")
 
 
 if __name__ == "__main__":

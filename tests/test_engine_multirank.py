@@ -32,6 +32,10 @@ def losses(out_dir: str, key: str = "loss/total") -> list[float]:
 def runs(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     o = lambda name: str(root / name)
+    bf16_config = o("zero3_cpu_bf16.json")  # the CPU config with one switch flipped, as a GPU user would
+    ds = json.load(open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "ds_configs", "zero3_cpu.json")))
+    ds["bf16"] = {"enabled": True}
+    json.dump(ds, open(bf16_config, "w"))
     ll, gp = tiny["llama_data"], tiny["gpt2_data"]
     lt, gt = tiny["llama_teacher"], tiny["gpt2_teacher"]
     filters = {"teacher.filters": o("ft/filters-teacher"), "student.filters": o("fs/filters-student")}
@@ -45,6 +49,9 @@ def runs(tiny, tmp_path_factory):
         "ted_zero3": (base_config(ll, lt, o("ted_z3"), **filters, **{"teacher.placement": "zero3"}), None),
         "ted_pipeline": (base_config(ll, lt, o("ted_pp"), **filters, **{"teacher.placement": "pipeline",
                                                                          "teacher.pipeline_stages": 2}), None),
+        "ted_checkpointing": (base_config(ll, lt, o("ted_ac"), **filters, **{"student.activation_checkpointing": True}),
+                              None),
+        "ted_bf16": (base_config(ll, lt, o("ted_bf16"), **filters, **{"train.deepspeed_config": bf16_config}), None),
         "lwd": (base_config(ll, lt, o("lwd"), **{"distill.method": "lwd", "train.steps": 2}), None),
         "kd": (base_config(ll, lt, o("kd"), **{"distill.method": "kd", "train.steps": 2}), None),
         "gpt2_filters_teacher": (base_config(gp, gt, o("gft"), **{"train.steps": 2}), "teacher"),
@@ -174,6 +181,13 @@ def test_pipeline_teacher_training_matches_replicated(runs):
     assert len(pp) == STEPS and pp == pytest.approx(rep, rel=1e-6, abs=1e-7)
     r = runs["results"]
     assert r["ted_pipeline"]["frozen_local_params_rank0"] < 0.7 * r["ted_replicated"]["frozen_local_params_rank0"]
+
+
+def test_activation_checkpointing_and_bf16_are_one_switch_away(runs):
+    rep = losses(runs["dirs"]["ted_replicated"])
+    assert losses(runs["dirs"]["ted_checkpointing"]) == pytest.approx(rep, rel=1e-6, abs=1e-7)
+    bf16 = losses(runs["dirs"]["ted_bf16"])
+    assert len(bf16) == STEPS and bf16 == pytest.approx(rep, rel=3e-2)  # bf16 rounding, same trajectory
 
 
 def test_baselines_log_their_own_terms(runs):

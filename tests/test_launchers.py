@@ -57,33 +57,30 @@ def test_slurm_batch_job_preemption_and_time_limit_warning(tiny, tmp_path):
         _finished(out, 4)
 
         # 2. preemption: `scontrol requeue` mid-run -> SIGTERM, save, requeue, resume, finish
-        steps = 120
-        out = str(tmp_path / "preempted")
-        cfg = _config(tiny, str(tmp_path / "b.yaml"), **{"train.steps": steps, "train.save_interval": 10})
-        job = slurm.submit(SBATCH, *shape, "--output", f"{out}.log", env=dict(env, CONFIG=cfg, OUT_DIR=out))
-        _wait_for(lambda: _latest(out) is not None, 300, slurm)
-        slurm.run(["scontrol", "requeue", job])
-        slurm.release_requeued(job)
-        info = slurm.wait(job, timeout=600, until=("COMPLETED", "FAILED", "CANCELLED"))
-        log = open(f"{out}.log").read()
-        assert info["JobState"] == "COMPLETED", log[-4000:]
-        assert int(info["Restarts"]) >= 1 and "(restart 1)" in log
-        assert "resumed from step-" in log
-        _finished(out, steps)
+        log = _interrupted_job(slurm, tiny, tmp_path, "preempted", shape, env, ["scontrol", "requeue"])
+        assert "(restart 1)" in log
 
         # 3. the time-limit warning (--signal=USR1@300 in the script): ranks save and exit 75, the
         #    script requeues the job itself, the restart resumes and finishes
-        out = str(tmp_path / "warned")
-        cfg = _config(tiny, str(tmp_path / "c.yaml"), **{"train.steps": steps, "train.save_interval": 10})
-        job = slurm.submit(SBATCH, *shape, "--output", f"{out}.log", env=dict(env, CONFIG=cfg, OUT_DIR=out))
-        _wait_for(lambda: _latest(out) is not None, 300, slurm)
-        slurm.run(["scancel", "--signal=USR1", job])
-        slurm.release_requeued(job)
-        info = slurm.wait(job, timeout=600, until=("COMPLETED", "FAILED", "CANCELLED"))
-        log = open(f"{out}.log").read()
-        assert info["JobState"] == "COMPLETED", log[-4000:]
-        assert "SIGUSR1 received; saved step" in log and "requeueing job" in log and "resumed from step-" in log
-        _finished(out, steps)
+        log = _interrupted_job(slurm, tiny, tmp_path, "warned", shape, env, ["scancel", "--signal=USR1"])
+        assert "SIGUSR1 received; saved step" in log and "requeueing job" in log
+
+
+def _interrupted_job(slurm, tiny, tmp_path, name, shape, env, interrupt: list[str], steps: int = 120) -> str:
+    """Submit a longer job, interrupt it once its first checkpoint exists, and check that it comes
+    back and finishes; returns its log."""
+    out = str(tmp_path / name)
+    cfg = _config(tiny, str(tmp_path / f"{name}.yaml"), **{"train.steps": steps, "train.save_interval": 10})
+    job = slurm.submit(SBATCH, *shape, "--output", f"{out}.log", env=dict(env, CONFIG=cfg, OUT_DIR=out))
+    _wait_for(lambda: _latest(out) is not None, 300, slurm)
+    slurm.run([*interrupt, job])
+    slurm.release_requeued(job)
+    info = slurm.wait(job, timeout=600, until=("COMPLETED", "FAILED", "CANCELLED"))
+    log = open(f"{out}.log").read()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert int(info["Restarts"]) >= 1 and "resumed from step-" in log
+    _finished(out, steps)
+    return log
 
 
 def _wait_for(cond, timeout, slurm):

@@ -30,6 +30,7 @@ def frozen_matches_disk(stage, cfg, filters_for) -> bool:
     if stage.frozen.placement == "pipeline":
         return pipeline_matches_disk(stage.frozen, cfg)
     frozen = stage.frozen.frozen if stage.frozen.placement == "replicated" else stage.frozen.engine.module
+    dtype = next(frozen.parameters()).dtype  # bf16 runs hold the teacher rounded to bf16
     state = gathered_state_dict(frozen)
     if D.rank() != 0:
         return True
@@ -37,10 +38,10 @@ def frozen_matches_disk(stage, cfg, filters_for) -> bool:
     ok = True
     if path:
         disk = load_model(path).state_dict()
-        ok &= all(torch.equal(state[f"model.{k}"], v) for k, v in disk.items())
+        ok &= all(torch.equal(state[f"model.{k}"], v.to(dtype).float()) for k, v in disk.items())
     if frozen.filters is not None:
         bank = load_filter_bank(cfg.teacher.filters, frozen.filters.meta(), "teacher.filters")
-        ok &= all(torch.equal(state[f"filters.{k}"], v) for k, v in bank.state_dict().items())
+        ok &= all(torch.equal(state[f"filters.{k}"], v.to(dtype).float()) for k, v in bank.state_dict().items())
     return bool(ok)
 
 
