@@ -1,14 +1,16 @@
 """Raw text → packed token shards, in parallel, resumable, byte-identical for any worker count.
 
-The pipeline (one process reads, ``workers`` processes tokenize, the reader writes):
+The pipeline (one process reads and writes, ``workers`` processes do everything per document):
 
-    read documents in source order ─► split by hash(seed, text) ─► cut shards by text bytes
-        ─► tokenize chunks in a pool (results taken back in submission order) ─► write shards
+    reader: cut sources into chunks of raw lines/records, in order
+    workers: decode (UTF-8 policy), parse JSON, drop empty documents, split each document by
+             hash(seed, its bytes), tokenize            (results taken back in submission order)
+    writer: cut shards by text bytes per split, write them
 
-Shard boundaries depend only on the documents, never on timing or worker count, so the output
-is the same bytes for any ``--workers``, and a re-run knows which shards are finished without
-tokenizing again.  Memory is bounded by ``2 × workers`` chunks in flight plus one shard's
-document-size list.
+Shard boundaries depend only on the documents, never on timing or worker count, so the output is
+the same bytes for any ``--workers``.  A re-run counts the documents of the finished shards without
+tokenizing them (decode and hash only) and starts writing where they end.  Memory is bounded by
+``2 × workers`` chunks in flight plus one shard's document-size list.
 """
 
 from __future__ import annotations
@@ -22,19 +24,17 @@ import shutil
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from data_prep.errors import UserError
 from data_prep.indexed import ShardWriter, token_dtype
-from data_prep.sources import ReadStats, iter_documents, resolve_sources
+from data_prep.sources import Chunk, ReadOptions, ReadStats, decode_chunk, iter_chunks, resolve_sources
 from data_prep.tokenizer import BatchEncoder, load_tokenizer_for_build, tokenizer_identity
 
 FORMAT = "ted-prep/1"
 SPLITS = ("train", "valid")
-CHUNK_DOCS = 512
-CHUNK_BYTES = 2 << 20
 
 
 @dataclass
@@ -103,19 +103,44 @@ def _atomic_json(path: str, obj) -> None:
 _ENCODER: BatchEncoder | None = None
 
 
-def _encode_chunk(task):
-    split, shard, texts = task
-    tokens, lengths = _ENCODER(texts)
-    return split, shard, tokens, lengths
-
-
-# ----------------------------------------------------------------------------- reader side
 @dataclass
-class _Chunk:
-    split: str
-    shard: int
-    texts: list[str] = field(default_factory=list)
-    nbytes: int = 0
+class _Documents:
+    """One chunk, decoded: per document its split (1 = valid) and UTF-8 size; tokens if asked."""
+
+    split: np.ndarray
+    nbytes: np.ndarray
+    stats: ReadStats
+    lengths: np.ndarray | None = None
+    tokens: np.ndarray | None = None
+
+
+def _process(chunk: Chunk, read: ReadOptions, seed: int, valid_fraction: float, tokenize: bool) -> _Documents:
+    texts, raws, stats = decode_chunk(chunk, read)
+    split = np.fromiter((split_of(r, seed, valid_fraction) == "valid" for r in raws), dtype=bool, count=len(raws))
+    docs = _Documents(split, np.fromiter(map(len, raws), dtype=np.int64, count=len(raws)), stats)
+    if tokenize and texts:
+        docs.tokens, docs.lengths = _ENCODER(texts)
+    return docs
+
+
+def cut_shards(shard: int, used: int, nbytes: np.ndarray, limit: int) -> tuple[list[tuple[int, int, int]], int, int]:
+    """Assign documents of one split to shards: a shard takes documents while its text stays within
+    ``limit`` bytes (a document never splits; a shard holds at least one). Returns the (shard, start,
+    end) runs over ``nbytes`` and the new (shard, used)."""
+    runs, start = [], 0
+    while start < len(nbytes):
+        room = limit - used
+        fits = int(np.searchsorted(np.cumsum(nbytes[start:]), room, side="right"))
+        if fits == 0:
+            if used == 0:
+                fits = 1  # an oversized document gets a shard of its own
+            else:
+                shard, used = shard + 1, 0
+                continue
+        runs.append((shard, start, start + fits))
+        used += int(nbytes[start:start + fits].sum())
+        start += fits
+    return runs, shard, used
 
 
 class _ShardSink:
@@ -279,53 +304,59 @@ def build(opts: BuildOptions) -> dict:
 
 def _tokenize_into_shards(opts: BuildOptions, sources, encoder: BatchEncoder, shard_bytes: int,
                           state: dict) -> ReadStats:
-    """The streaming loop: read, split, cut shards, tokenize in the pool, write in order."""
+    """The streaming loop: read chunks, process them in the pool, cut shards and write, in order."""
     global _ENCODER
     _ENCODER = encoder  # inherited by the forked workers
+    read = ReadOptions(opts.text_field, opts.blank_line_docs, opts.strict, opts.hf_split)
     state_path = os.path.join(opts.out, ".build-state.json")
     sink = _ShardSink(opts.out, encoder.dtype, opts.index_codes, state["done"],
                       lambda: _atomic_json(state_path, state))
-    skip_below = {s: len(state["done"][s]) for s in SPLITS}  # finished shards are not tokenized again
-    pool = mp.get_context("fork").Pool(opts.workers) if opts.workers > 1 else None
+    # documents already in finished shards, per split: counted again (decode + hash), never tokenized
+    skip = {s: sum(r["documents"] for r in state["done"][s]) for s in SPLITS}
+    seen = {s: 0 for s in SPLITS}
+    cursor = {s: [len(state["done"][s]), 0] for s in SPLITS}  # split -> [shard, text bytes in it]
     stats = ReadStats()
-    cursor = {s: [0, 0] for s in SPLITS}  # split -> [shard index, text bytes in it]
-    pending: deque = deque()
     progress = _Progress(opts.progress)
+    work = functools.partial(_process, read=read, seed=opts.seed, valid_fraction=opts.valid_fraction)
 
-    def drain(limit: int) -> None:
-        while len(pending) > limit:
-            split, shard, tokens, lengths = pending.popleft().get() if pool else pending.popleft()
-            sink.add(split, shard, tokens, lengths)
-            progress.update(len(lengths), len(tokens))
+    def place(docs: _Documents) -> None:
+        stats.add(docs.stats)
+        for flag, split in ((False, "train"), (True, "valid")):
+            index = np.flatnonzero(docs.split == flag)
+            first = max(0, skip[split] - seen[split])  # documents of finished shards come first
+            seen[split] += len(index)
+            index = index[first:]
+            if not len(index):
+                continue
+            runs, cursor[split][0], cursor[split][1] = cut_shards(*cursor[split], docs.nbytes[index], shard_bytes)
+            for shard, a, b in runs:
+                picked = np.zeros(len(docs.split), dtype=bool)
+                picked[index[a:b]] = True
+                tokens = docs.tokens[np.repeat(picked, docs.lengths)]
+                sink.add(split, shard, tokens, docs.lengths[picked])
+                progress.update(b - a, len(tokens))
 
-    def dispatch(chunk: _Chunk) -> None:
-        if chunk.shard < skip_below[chunk.split] or not chunk.texts:
-            return
-        task = (chunk.split, chunk.shard, chunk.texts)
-        pending.append(pool.apply_async(_encode_chunk, (task,)) if pool else _encode_chunk(task))
-        drain(2 * opts.workers)
-
-    chunks = {s: _Chunk(s, 0) for s in SPLITS}
+    pool = mp.get_context("fork").Pool(opts.workers) if opts.workers > 1 else None
+    resuming = any(skip.values())
+    pending: deque = deque()
     try:
-        for doc in iter_documents(sources, text_field=opts.text_field, blank_line_docs=opts.blank_line_docs,
-                                  strict=opts.strict, hf_split=opts.hf_split, stats=stats):
-            raw = doc.text.encode("utf-8", "surrogatepass")
-            split = split_of(raw, opts.seed, opts.valid_fraction)
-            cur = cursor[split]
-            if cur[1] and cur[1] + len(raw) > shard_bytes:
-                cur[0], cur[1] = cur[0] + 1, 0
-            cur[1] += len(raw)
-            chunk = chunks[split]
-            if chunk.shard != cur[0] or len(chunk.texts) >= CHUNK_DOCS or chunk.nbytes >= CHUNK_BYTES:
-                dispatch(chunk)
-                chunks[split] = chunk = _Chunk(split, cur[0])
-            chunk.texts.append(doc.text)
-            chunk.nbytes += len(raw)
+        for chunk in iter_chunks(sources, read):
+            if resuming:  # count the finished shards' documents without tokenizing them
+                counted = work(chunk, tokenize=False)
+                n = {s: int((counted.split == (s == "valid")).sum()) for s in SPLITS}
+                if all(seen[s] + n[s] <= skip[s] for s in SPLITS):
+                    stats.add(counted.stats)
+                    for s in SPLITS:
+                        seen[s] += n[s]
+                    continue
+                resuming = False  # from here on `place` drops whatever finished documents remain
+            pending.append(pool.apply_async(work, (chunk,), {"tokenize": True}) if pool else work(chunk, tokenize=True))
+            while len(pending) > 2 * opts.workers:
+                place(pending.popleft().get() if pool else pending.popleft())
+        while pending:
+            place(pending.popleft().get() if pool else pending.popleft())
         if stats.documents == 0:
             raise UserError(f"no non-empty documents in the inputs ({stats.empty_skipped} empty skipped)")
-        for chunk in chunks.values():
-            dispatch(chunk)
-        drain(0)
         sink.finish_all()
     except BaseException:
         sink.abort()

@@ -83,7 +83,7 @@ def _expand_inputs(inputs: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "tokenizer":
-        from data_prep.sources import iter_documents, resolve_sources
+        from data_prep.sources import ReadOptions, iter_texts, resolve_sources
         from data_prep.tokenizer import train_sentencepiece
 
         if args.vocab_size < 300:
@@ -91,9 +91,8 @@ def run(args: argparse.Namespace) -> int:
         if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
             raise UserError(f"--out {args.out} exists and is not empty")
         sources = resolve_sources(_expand_inputs(args.input))
-        docs = iter_documents(sources, text_field=args.text_field, blank_line_docs=args.blank_line_docs,
-                              strict=args.strict, hf_split=args.hf_split)
-        lines = (line for d in docs for line in d.text.split("\n") if line.strip())
+        texts = iter_texts(sources, ReadOptions(args.text_field, args.blank_line_docs, args.strict, args.hf_split))
+        lines = (line for text in texts for line in text.split("\n") if line.strip())
         train_sentencepiece(lines, args.out, args.vocab_size, args.model_type, args.max_sentences)
         print(f"ted-prep: wrote {args.model_type} tokenizer with {args.vocab_size} pieces to {args.out}",
               file=sys.stderr)

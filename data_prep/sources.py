@@ -1,9 +1,12 @@
 """Find input files and stream their documents in one fixed, worker-independent order.
 
 A *source* is one file (``.txt``, ``.jsonl``, ``.parquet``, each optionally ``.gz``/``.zst``)
-or one Hugging Face ``datasets`` directory saved with ``save_to_disk``.  Documents come out
-as ``Document(source, location, text)`` where ``location`` is a human-readable line/row
-reference used in error messages.
+or one Hugging Face ``datasets`` directory saved with ``save_to_disk``.
+
+Reading is split in two so the expensive half runs in the tokenizer workers: the reader only cuts
+each source into ``Chunk`` s of raw items (undecoded lines, or texts for parquet / datasets /
+blank-line paragraphs) in file order; ``decode_chunk`` turns a chunk into documents — UTF-8
+policy, JSON parsing, empty-document filtering — and names ``file:line`` in every error.
 """
 
 from __future__ import annotations
@@ -31,21 +34,40 @@ class Source:
 
 
 @dataclass
-class Document:
-    source: int  # index into the resolved source list
-    location: str  # "file:line" / "file:row", for messages
-    text: str
+class Chunk:
+    """Consecutive raw items of one source: ``lines`` (bytes, one document each), ``jsonl`` (bytes,
+    one record each) or ``text`` (str documents). ``numbers`` are their 1-based line/row numbers."""
+
+    source: int
+    path: str
+    kind: str
+    numbers: list[int]
+    items: list = field(default_factory=list)
 
 
 @dataclass
 class ReadStats:
-    """Counters the reader keeps so that nothing is dropped silently."""
+    """Counters kept so that nothing is dropped silently."""
 
     documents: int = 0
     empty_skipped: int = 0
     utf8_replaced: int = 0  # documents that had invalid UTF-8 replaced by U+FFFD
-    bytes_read: int = 0
     per_source: dict = field(default_factory=dict)
+
+    def add(self, other: ReadStats) -> None:
+        self.documents += other.documents
+        self.empty_skipped += other.empty_skipped
+        self.utf8_replaced += other.utf8_replaced
+        for k, v in other.per_source.items():
+            self.per_source[k] = self.per_source.get(k, 0) + v
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    text_field: str = "text"
+    blank_line_docs: bool = False
+    strict: bool = False
+    hf_split: str = "train"
 
 
 def _is_hf_dataset_dir(path: str) -> bool:
@@ -146,22 +168,11 @@ def _open_binary(src: Source):
     return open(src.path, "rb")
 
 
-def _decode(raw: bytes, where: str, strict: bool, stats: ReadStats) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if strict:
-            raise UserError(f"{where}: invalid UTF-8 at byte {e.start} of the document (--strict)") from None
-        stats.utf8_replaced += 1
-        return raw.decode("utf-8", errors="replace")
-
-
-def _binary_lines(src: Source) -> Iterator[tuple[int, bytes]]:
-    """Yield (1-based line number, line without newline); a damaged archive is a clear error."""
+def _binary_lines(src: Source) -> Iterator[bytes]:
+    """The raw lines of a file (newline kept); a damaged archive is a clear error."""
     try:
         with _open_binary(src) as f:
-            for lineno, line in enumerate(f, 1):
-                yield lineno, line.rstrip(b"\r\n")
+            yield from f
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise UserError(f"{src.path}: compressed stream is damaged or truncated ({e})") from None
     except OSError as e:
@@ -172,48 +183,24 @@ def _binary_lines(src: Source) -> Iterator[tuple[int, bytes]]:
         raise
 
 
-def _txt_documents(src: Source, blank_line_docs: bool, strict: bool, stats: ReadStats):
-    if not blank_line_docs:
-        for lineno, line in _binary_lines(src):
-            stats.bytes_read += len(line) + 1
-            yield f"{src.path}:{lineno}", _decode(line, f"{src.path}:{lineno}", strict, stats)
-        return
+def _paragraphs(src: Source) -> Iterator[tuple[int, bytes]]:
+    """Blank-line separated documents: (first line number, the paragraph's lines joined by newlines)."""
     para: list[bytes] = []
     start = 0
-    for lineno, line in _binary_lines(src):
-        stats.bytes_read += len(line) + 1
+    for lineno, line in enumerate(_binary_lines(src), 1):
+        line = line.rstrip(b"\r\n")
         if line.strip():
             if not para:
                 start = lineno
             para.append(line)
         elif para:
-            yield f"{src.path}:{start}", _decode(b"\n".join(para), f"{src.path}:{start}", strict, stats)
+            yield start, b"\n".join(para)
             para = []
     if para:
-        yield f"{src.path}:{start}", _decode(b"\n".join(para), f"{src.path}:{start}", strict, stats)
+        yield start, b"\n".join(para)
 
 
-def _jsonl_documents(src: Source, text_field: str, strict: bool, stats: ReadStats):
-    for lineno, line in _binary_lines(src):
-        stats.bytes_read += len(line) + 1
-        where = f"{src.path}:{lineno}"
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(_decode(line, where, strict, stats))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict) or text_field not in record:
-            raise UserError(f"{where}: record has no field {text_field!r} (choose one with --text-field)")
-        text = record[text_field]
-        if text is None:
-            text = ""
-        if not isinstance(text, str):
-            raise UserError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
-        yield where, text
-
-
-def _parquet_documents(src: Source, text_field: str, stats: ReadStats):
+def _parquet_texts(src: Source, text_field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
@@ -222,16 +209,11 @@ def _parquet_documents(src: Source, text_field: str, stats: ReadStats):
         raise UserError(f"{src.path}: not a readable parquet file ({e})") from None
     if text_field not in pf.schema_arrow.names:
         raise UserError(f"{src.path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)})")
-    row = 0
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            text = text or ""
-            stats.bytes_read += len(text)
-            yield f"{src.path}:row {row}", text
+        yield from batch.column(0).to_pylist()
 
 
-def _hf_documents(src: Source, text_field: str, hf_split: str, stats: ReadStats):
+def _hf_texts(src: Source, text_field: str, hf_split: str) -> Iterator[str]:
     import datasets
 
     try:
@@ -244,41 +226,90 @@ def _hf_documents(src: Source, text_field: str, hf_split: str, stats: ReadStats)
         ds = ds[hf_split]
     if text_field not in ds.column_names:
         raise UserError(f"{src.path}: no column {text_field!r} (columns: {', '.join(ds.column_names)})")
-    row = 0
     for batch in ds.select_columns([text_field]).iter(batch_size=1024):
-        for text in batch[text_field]:
-            row += 1
-            text = text or ""
-            stats.bytes_read += len(text)
-            yield f"{src.path}:row {row}", text
+        yield from batch[text_field]
 
 
-def iter_documents(
-    sources: list[Source],
-    *,
-    text_field: str = "text",
-    blank_line_docs: bool = False,
-    strict: bool = False,
-    hf_split: str = "train",
-    stats: ReadStats | None = None,
-) -> Iterator[Document]:
-    """Stream every non-empty document of every source, in source order then file order."""
-    stats = stats if stats is not None else ReadStats()
+def iter_chunks(sources: list[Source], opts: ReadOptions, max_items: int = 512,
+                max_bytes: int = 2 << 20) -> Iterator[Chunk]:
+    """Every source cut into chunks of raw items, in source order then file order."""
     for i, src in enumerate(sources):
-        if src.kind == "txt":
-            it = _txt_documents(src, blank_line_docs, strict, stats)
-        elif src.kind == "jsonl":
-            it = _jsonl_documents(src, text_field, strict, stats)
+        if src.kind == "txt" and opts.blank_line_docs:
+            kind, numbered = "lines", _paragraphs(src)
+        elif src.kind in ("txt", "jsonl"):
+            kind, numbered = ("lines" if src.kind == "txt" else "jsonl"), enumerate(_binary_lines(src), 1)
         elif src.kind == "parquet":
-            it = _parquet_documents(src, text_field, stats)
+            kind, numbered = "text", enumerate(_parquet_texts(src, opts.text_field), 1)
         else:
-            it = _hf_documents(src, text_field, hf_split, stats)
-        count = 0
-        for where, text in it:
-            if not text.strip():
-                stats.empty_skipped += 1
+            kind, numbered = "text", enumerate(_hf_texts(src, opts.text_field, opts.hf_split), 1)
+        chunk, size = Chunk(i, src.path, kind, []), 0
+        for number, item in numbered:
+            chunk.numbers.append(number)
+            chunk.items.append(item)
+            size += len(item) if item else 0
+            if len(chunk.items) >= max_items or size >= max_bytes:
+                yield chunk
+                chunk, size = Chunk(i, src.path, kind, []), 0
+        if chunk.items:
+            yield chunk
+
+
+def _decode(raw: bytes, where: str, strict: bool, stats: ReadStats) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if strict:
+            raise UserError(f"{where}: invalid UTF-8 at byte {e.start} of the document (--strict)") from None
+        stats.utf8_replaced += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def decode_chunk(chunk: Chunk, opts: ReadOptions) -> tuple[list[str], list[bytes], ReadStats]:
+    """The chunk's non-empty documents as texts and as UTF-8 bytes, with the counters."""
+    stats = ReadStats()
+    texts: list[str] = []
+    raws: list[bytes] = []
+    label = "row " if chunk.kind == "text" else ""
+    for number, item in zip(chunk.numbers, chunk.items):
+        where = f"{chunk.path}:{label}{number}"
+        if chunk.kind == "lines":
+            raw = item.rstrip(b"\r\n")
+            text = _decode(raw, where, opts.strict, stats)
+        elif chunk.kind == "jsonl":
+            if not item.strip():
                 continue
-            count += 1
-            stats.documents += 1
-            yield Document(i, where, text)
-        stats.per_source[src.path] = count
+            text = _json_text(_decode(item, where, opts.strict, stats), where, opts.text_field)
+            raw = None
+        else:
+            text, raw = item or "", None
+        if not text.strip():
+            stats.empty_skipped += 1
+            continue
+        if raw is None or "\ufffd" in text:
+            raw = text.encode("utf-8", "surrogatepass")
+        texts.append(text)
+        raws.append(raw)
+    stats.documents = len(texts)
+    stats.per_source[chunk.path] = len(texts)
+    return texts, raws, stats
+
+
+def _json_text(line: str, where: str, text_field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict) or text_field not in record:
+        raise UserError(f"{where}: record has no field {text_field!r} (choose one with --text-field)")
+    text = record[text_field]
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise UserError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+    return text
+
+
+def iter_texts(sources: list[Source], opts: ReadOptions) -> Iterator[str]:
+    """Every non-empty document's text, in order (for tokenizer training)."""
+    for chunk in iter_chunks(sources, opts):
+        yield from decode_chunk(chunk, opts)[0]

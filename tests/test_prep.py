@@ -317,3 +317,30 @@ def test_light_tokenizer_loader_agrees_with_transformers(request, tok_fixture):
     assert (light.eos_token_id, light.bos_token_id, light.unk_token_id, len(light)) == \
         (full.eos_token_id, full.bos_token_id, full.unk_token_id, len(full))
     assert vocab_fingerprint(light) == vocab_fingerprint(full)
+
+
+def _cut_reference(shard, used, sizes, limit):
+    out = []
+    for size in sizes:
+        if used and used + size > limit:
+            shard, used = shard + 1, 0
+        out.append(shard)
+        used += size
+    return out, shard, used
+
+
+def test_cut_shards_matches_the_one_document_at_a_time_rule():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from data_prep.build import cut_shards
+
+    @settings(max_examples=300, deadline=None)
+    @given(sizes=st.lists(st.integers(1, 50), max_size=60), limit=st.integers(1, 120), used=st.integers(0, 80))
+    def check(sizes, limit, used):
+        runs, shard, after = cut_shards(3, used, np.array(sizes, dtype=np.int64), limit)
+        assigned = [s for s, a, b in runs for _ in range(a, b)]
+        assert (assigned, shard, after) == _cut_reference(3, used, sizes, limit)
+        assert [a for _, a, _ in runs] == sorted({a for _, a, _ in runs})
+
+    check()
