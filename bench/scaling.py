@@ -81,8 +81,8 @@ def main(argv=None) -> list[dict]:
     print(f"{STUDENT['name']} ({total_params(STUDENT) / 1e9:.2f}B) distilled from {TEACHER['name']} "
           f"({total_params(TEACHER) / 1e9:.2f}B), S=2048, micro-batch 4, H100 bf16; TED overhead "
           f"{overhead:.2f} (measured)")
-    print(f"{'GPUs':>5}{'P':>3}{'bubble':>8}{'tokens/s':>11}{'MFU':>6}{'GB/GPU':>8}   (student + teacher + act + logits;"
-          " replicated teacher alone would be)")
+    print(f"{'GPUs':>5}{'P':>3}{'bubble':>8}{'tokens/s':>11}{'MFU':>6}{'GB/GPU':>8}"
+          "   (student + teacher + act + logits; replicated teacher alone would be)")
     for r in rows:
         m = r["memory_gb"]
         print(f"{r['gpus']:>5}{r['stages']:>3}{r['bubble']:>8.2f}{r['tokens_per_s']:>11,.0f}{r['mfu']:>6.2f}"

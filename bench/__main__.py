@@ -1,0 +1,37 @@
+"""Every benchmark of the project, then one table of ratios.
+
+    python -m bench [--quick]          (make bench)
+
+prep (ted-prep vs the HF run_clm recipe and the bare tokenizer), engine (TED step overhead, teacher
+placements), loader (data path vs training consumption), scaling (on paper, from the measured
+overhead). The reproduction study is separate: python bench/repro.py (about an hour).
+"""
+
+import sys
+
+from bench import engine_bench, loader_bench, prep_bench, scaling
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    prep = prep_bench.run(quick=quick)
+    print(prep_bench.table(prep))
+    engine = engine_bench.main(["--quick"] if quick else [])
+    loader = loader_bench.main(["--quick"] if quick else [])
+    scaling.main([])
+    p = engine["placements"]
+    rows = [("ted-prep tokens/s vs HF run_clm", prep["ratios"]["tedprep_vs_hf_tokens_per_s"], ">= 1.3"),
+            ("ted-prep tokens/s vs bare tokenizer", prep["ratios"]["tedprep_vs_bare_tokens_per_s"], ">= 0.9"),
+            ("ted-prep peak RSS, 10x corpus vs 1x", prep["ratios"]["tedprep_peak_rss_nx_vs_1x"], "~1"),
+            ("TED step / (LM step + teacher fwd)", engine["overhead"]["ratio"], "<= 1.10"),
+            ("pipeline / replicated teacher params per rank @2",
+             p["pipeline@2"]["teacher_params_per_rank_max"] / p["replicated@2"]["teacher_params_per_rank_max"],
+             "<= 0.6"),
+            ("pipeline / replicated step time @2", p["pipeline@2"]["step_s"] / p["replicated@2"]["step_s"], "<= 1.5"),
+            ("loader / training tokens/s per rank", loader["ratio"], ">> 1")]
+    print(f"\n{'ratio':<52}{'measured':>10}   goal")
+    for name, value, goal in rows:
+        print(f"{name:<52}{value:>10.2f}   {goal}")
+
+
+main()
