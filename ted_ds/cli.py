@@ -31,6 +31,8 @@ EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped on a signal after saving; run the sa
 def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="run configuration (YAML); see ted_ds/configs/")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow Python code shipped in the teacher/student directories to run (off by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, help="score at most this many windows")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow Python code in MODEL_DIR to run")
     return parser
 
 
@@ -95,7 +98,8 @@ def run_training(args: argparse.Namespace) -> int:
     from ted_ds.config import load_config
     from ted_ds.trainer import run_stage
 
-    cfg = load_config(args.config, args.overrides)
+    trust = ["teacher.trust_remote_code=true", "student.trust_remote_code=true"] if args.trust_remote_code else []
+    cfg = load_config(args.config, [*args.overrides, *trust])
     stage, _, result = run_stage(cfg, getattr(args, "model", None))
     if D.rank() == 0 and not result["stopped"]:
         summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k in ("loss/total", "eval/ppl"))
@@ -126,7 +130,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.model_dir):
         raise UserError(f"model directory not found: {args.model_dir}")
     r = evaluate_hf(args.model_dir, args.data, args.split, args.seq_len, args.batch_size, args.max_samples,
-                    args.device)
+                    args.device, trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps(r))
     else:
@@ -151,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command in ("distill", "learn-filters"):
         rc = run_cli("ted-ds", lambda: run_training(args), "interrupted")
+        if "ted_ds.distributed" not in sys.modules or not sys.modules["ted_ds.distributed"].started():
+            return rc  # failed before any process group: a normal return
         # Everything is saved, flushed and the process group is destroyed; leave without running
         # C++ static destructors, which can abort ("terminate called without an active exception")
         # when a communication thread of gloo/DeepSpeed's shm backend is still joinable.

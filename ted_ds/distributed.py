@@ -76,11 +76,21 @@ def _local_world_size() -> int:
     return expected_world_size()
 
 
+_STARTED = False
+
+
+def started() -> bool:
+    """Whether this process ever started a process group (it may be destroyed by now)."""
+    return _STARTED
+
+
 def init(timeout_minutes: float) -> None:
     """Start the process group (gloo on CPU, NCCL on CUDA: DeepSpeed's accelerator decides)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    global _STARTED
+    _STARTED = True
     if dist.is_initialized():
         return
     launcher = prepare_env()

@@ -103,6 +103,11 @@ def load_model(path: str, trust_remote_code: bool = False) -> nn.Module:
         raise ConfigError(f"{path}: not a loadable HF causal LM ({str(e).splitlines()[0]})") from None
 
 
+def _trusted(config) -> bool:
+    """A config that names remote code (auto_map) could only be loaded with the user's consent."""
+    return bool(getattr(config, "auto_map", None))
+
+
 def model_from_config(config, seed: int) -> nn.Module:
     """A randomly initialised causal LM; the same seed gives the same weights on every rank."""
     from transformers import AutoModelForCausalLM
@@ -110,7 +115,7 @@ def model_from_config(config, seed: int) -> nn.Module:
     _quiet_transformers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=_trusted(config))
 
 
 def student_from_teacher(teacher: nn.Module, layers: list[int], seed: int) -> nn.Module:
@@ -171,7 +176,7 @@ def empty_model(config) -> nn.Module:
 
     _quiet_transformers()
     with no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=_trusted(config))
 
 
 def meta_model(config) -> nn.Module:
@@ -180,7 +185,7 @@ def meta_model(config) -> nn.Module:
 
     _quiet_transformers()
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=_trusted(config))
 
 
 def module_name(model: nn.Module, target: nn.Module) -> str:

@@ -176,3 +176,26 @@ def test_bad_configs_fail_before_any_process_group(tiny, gpt2_tokenizer, tmp_pat
                                          **{"distill.method": "kd"}), "different tokenizer")
     _fails(capsys, tmp_path, good(**{"distill.method": "kd", "train.global_batch_size": 7}), "not a multiple")
     assert not dist.is_initialized()
+
+
+def test_code_in_a_model_directory_never_runs_without_trust_remote_code(tiny, tmp_path, capsys):
+    import json
+    import shutil
+
+    model = tmp_path / "remote"
+    shutil.copytree(tiny["llama_teacher"], model)
+    marker = tmp_path / "EXECUTED"
+    (model / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaConfig\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'evil'\n")
+    config = json.load(open(model / "config.json"))
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig"}
+    config["model_type"] = "evil"  # only the directory's own code could load it
+    json.dump(config, open(model / "config.json", "w"))
+    capsys.readouterr()
+    assert ted_main(["eval", str(model), "--data", tiny["llama_data"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ted-ds: error:") and "\n" not in err
+    _fails(capsys, tmp_path, base_config(tiny["llama_data"], str(model), str(tmp_path / "o"),
+                                         **{"distill.method": "kd"}), "not a loadable HF model config")
+    assert not marker.exists()
