@@ -62,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filters", metavar="DIR", help="also write the student's filter bank here")
     p.add_argument("--tokenizer", help="tokenizer to copy (default: the dataset's copy recorded in the checkpoint)")
 
+    p = sub.add_parser("launch", help="print the launch commands for a cluster shape (starts nothing)",
+                       description="Check that the config fits nodes × GPUs ranks and print the exact command of "
+                                   "each launcher: deepspeed (hostfile + pdsh), srun (sbatch slurm/ted_ds.sbatch), "
+                                   "torchrun (one line per node), mpirun.")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--hosts", help="comma-separated host names (default node1..nodeN)")
+    p.add_argument("--launcher", choices=("all", "deepspeed", "srun", "torchrun", "mpirun"), default="all")
+    p.add_argument("--port", type=int, default=29500)
+    p.add_argument("--dry-run", action="store_true", help="accepted for clarity; launch never starts anything")
+    p.add_argument("training", nargs=argparse.REMAINDER,
+                   help="the ted-ds command to launch, e.g. distill --config run.yaml train.steps=1000")
+
     p = sub.add_parser("eval", help="perplexity and bits per byte of an HF model on a ted-prep split")
     p.add_argument("model_dir")
     p.add_argument("--data", required=True, help="ted-prep build directory")
@@ -120,6 +133,31 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_launch(args: argparse.Namespace) -> int:
+    from ted_ds.config import load_config
+    from ted_ds.launch import LAUNCHERS, check_world, launch_commands
+
+    command = [a for a in args.training if a != "--"]
+    if not command or command[0] not in ("distill", "learn-filters") or "--config" not in command:
+        raise UserError("give the command to launch after the options, e.g. "
+                        "`ted-ds launch --nodes 2 --gpus-per-node 8 distill --config run.yaml`")
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise UserError("--nodes and --gpus-per-node must be ≥ 1")
+    hosts = args.hosts.split(",") if args.hosts else [f"node{i + 1}" for i in range(args.nodes)]
+    if len(hosts) != args.nodes:
+        raise UserError(f"--hosts names {len(hosts)} hosts, --nodes says {args.nodes}")
+    rest = command[1:]
+    config = rest[rest.index("--config") + 1]
+    cfg = load_config(config, [a for a in rest if "=" in a and not a.startswith("-")])
+    print(f"# {check_world(cfg, args.nodes * args.gpus_per_node)}")
+    for launcher in (LAUNCHERS if args.launcher == "all" else (args.launcher,)):
+        print(f"# --- {launcher}")
+        for line in launch_commands(launcher, args.nodes, args.gpus_per_node, hosts, command, args.port,
+                                    cfg.train.out_dir):
+            print(line)
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -166,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
             mpi.Finalize()
         os._exit(rc)
-    return run_cli("ted-ds", lambda: run_export(args) if args.command == "export" else run_eval(args), "interrupted")
+    commands = {"export": run_export, "eval": run_eval, "launch": run_launch}
+    return run_cli("ted-ds", lambda: commands[args.command](args), "interrupted")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""``ted-ds launch``: the exact launch commands for a cluster shape, checked against the config.
+
+Prints, for ``--nodes`` × ``--gpus-per-node`` ranks, the command of the chosen launcher (or all of
+them), after checking that the run config fits that world size (batch divisibility, pipeline
+stages).  Nothing is started.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from ted_ds.config import RunConfig
+from ted_ds.errors import ConfigError
+
+LAUNCHERS = ("deepspeed", "srun", "torchrun", "mpirun")
+
+
+def check_world(cfg: RunConfig, world: int) -> str:
+    """One line describing how the batch splits over ``world`` ranks, or a ConfigError."""
+    mb, gb = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    if gb % (mb * world):
+        raise ConfigError(f"train.global_batch_size {gb} is not a multiple of micro_batch_size {mb} × {world} ranks; "
+                          f"try global_batch_size={mb * world * max(1, round(gb / (mb * world)))}")
+    if cfg.teacher.placement == "pipeline" and world % cfg.teacher.pipeline_stages:
+        raise ConfigError(f"teacher.pipeline_stages {cfg.teacher.pipeline_stages} does not divide {world} ranks")
+    line = f"{world} ranks: micro-batch {mb} × accumulation {gb // (mb * world)} × {world} ranks = global batch {gb}"
+    if cfg.teacher.placement == "pipeline":
+        line += f"; teacher in {world // cfg.teacher.pipeline_stages} pipeline groups of {cfg.teacher.pipeline_stages}"
+    return line
+
+
+def launch_commands(launcher: str, nodes: int, gpus: int, hosts: list[str], command: list[str], port: int,
+                    out_dir: str) -> list[str]:
+    """The shell lines that start ``command`` (ted-ds arguments) on every rank."""
+    args = " ".join(shlex.quote(a) for a in command)
+    master = hosts[0]
+    if launcher == "deepspeed":
+        if nodes == 1:
+            return [f"deepspeed --num_gpus {gpus} --master_addr 127.0.0.1 --master_port {port} --module ted_ds {args}"]
+        hostfile = "\\n".join(f"{h} slots={gpus}" for h in hosts)
+        return [f"printf '{hostfile}\\n' > hostfile",
+                f"deepspeed --hostfile hostfile --master_addr {master} --master_port {port} --module ted_ds {args}"]
+    if launcher == "torchrun":
+        return [f"# on {h}:\ntorchrun --nnodes {nodes} --node_rank {i} --nproc_per_node {gpus} --master_addr {master} "
+                f"--master_port {port} -m ted_ds {args}" for i, h in enumerate(hosts)]
+    if launcher == "mpirun":
+        spec = ",".join(f"{h}:{gpus}" for h in hosts)
+        return [f"mpirun -np {nodes * gpus} -H {spec} -x MASTER_PORT={port} python -m ted_ds {args}"]
+    if launcher == "srun":
+        sub, rest = command[0], command[1:]
+        if sub == "learn-filters" and "--model" in rest:
+            i = rest.index("--model")
+            sub, rest = f"learn-filters --model {rest[i + 1]}", rest[:i] + rest[i + 2:]
+        config = rest[rest.index("--config") + 1] if "--config" in rest else ""
+        overrides = " ".join(a for a in rest if "=" in a and not a.startswith("-"))
+        export = f"ALL,CONFIG={config},OUT_DIR={out_dir},COMMAND={sub}"
+        if overrides:
+            export += f",OVERRIDES={overrides}"
+        return [f"sbatch --nodes {nodes} --ntasks-per-node {gpus} --gpus-per-node {gpus} --output logs/%x-%j.out "
+                f"--export {shlex.quote(export)} slurm/ted_ds.sbatch"]
+    raise ConfigError(f"unknown launcher {launcher!r} (choose from {', '.join(LAUNCHERS)})")
