@@ -71,6 +71,6 @@ def distill_objective(student_logits, student_taps, labels, teacher_logits, teac
     return terms
 
 
-def tap_lm_loss(head, filtered_taps: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Stage 1: the task loss of every filtered tap through the (frozen) task head, averaged."""
-    return torch.stack([lm_loss(head(h), labels) for h in filtered_taps]).mean()
+def tap_lm_losses(head, filtered_taps: list[torch.Tensor], labels: torch.Tensor) -> list[torch.Tensor]:
+    """Stage 1: the next-token loss of every filtered tap read through the (frozen) task head."""
+    return [lm_loss(head(h), labels) for h in filtered_taps]

@@ -22,10 +22,10 @@ from data_prep.verify import read_manifest
 from ted_ds import distributed as D
 from ted_ds import models as M
 from ted_ds.config import RunConfig
-from ted_ds.engine import build_frozen, build_trained_engine
+from ted_ds.engine import build_frozen, build_trained_engine, compute_dtype
 from ted_ds.errors import ConfigError
 from ted_ds.filters import FilterBank, load_filter_bank
-from ted_ds.losses import ObjectiveWeights, distill_objective, lm_loss, tap_lm_loss
+from ted_ds.losses import ObjectiveWeights, distill_objective, lm_loss, tap_lm_losses
 
 
 @dataclass
@@ -217,21 +217,18 @@ def build_filter_learning(p: Plan, ds: dict, which: str) -> Stage:
     if which == "student" and cfg.teacher.placement == "pipeline":  # a pipeline is for the teacher's size
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, placement="zero3"))
     frozen = build_frozen(cfg, load, layers, None, False, ds)
-    head = M.TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code).to(D.device())
+    head = M.TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code).to(D.device(), compute_dtype(ds))
     n_filter = sum(p_.numel() for p_ in bank.parameters() if p_.ndim >= 2)
     head_mm = M.hidden_size(p.teacher_config) * M.vocab_size(p.teacher_config)
     flops = (_flops_per_token(M.matmul_parameters(M.meta_model(conf)), conf, cfg.data.seq_len, False)
              + 6 * n_filter + 4 * head_mm * len(layers))  # head: forward + backward to its input
 
     def loss(input_ids, labels):
-        raw = frozen(input_ids).taps
-        filtered = engine([h.to(engine.device) for h in raw])
-        per_tap = [lm_loss(head(h), labels.to(h.device)) for h in filtered]
+        filtered = engine([h.to(engine.device) for h in frozen(input_ids).taps])
+        per_tap = tap_lm_losses(head, filtered, labels.to(engine.device))
         terms = {f"tap_lm/L{layer}": v for layer, v in zip(layers, per_tap)}
         terms["loss"] = torch.stack(per_tap).mean()
         return terms
 
-    def eval_loss(input_ids, labels):
-        return tap_lm_loss(head, engine(frozen(input_ids).taps), labels)
-
+    eval_loss = lambda input_ids, labels: loss(input_ids, labels)["loss"]
     return Stage(f"filters-{which}", engine, frozen, loss, eval_loss, flops, bank)
