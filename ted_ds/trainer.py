@@ -85,38 +85,40 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
     save = lambda: checkpointer.save(stage.engine, step, {"step": step, "tokens": tokens,
                                                           "sampler": sampler.state_dict()})
     last: dict = {}
-    window_start, window_steps = time.time(), 0
+    window_time, window_steps = 0.0, 0  # training time only: evaluation and saving excluded
 
     while step < p.total_steps:
-        sums: dict[str, float] = defaultdict(float)
+        start = time.perf_counter()
+        sums: dict[str, torch.Tensor] = defaultdict(float)
         micro_batches = sampler.next_batch()
         for indices in micro_batches:
             input_ids, labels = (t.to(D.device()) for t in collate(train, indices))
             terms = stage.loss(input_ids, labels)
             stage.engine.backward(terms["loss"])
             stage.engine.step()
-            for k, v in terms.items():
-                sums[k] += v.item() / len(micro_batches)
+            for k, v in terms.items():  # no .item() here: no device sync per micro-batch
+                sums[k] = sums[k] + v.detach().float() / len(micro_batches)
         step += 1
         tokens += tokens_per_step
         window_steps += 1
+        window_time += time.perf_counter() - start
 
         if step % cfg.train.log_interval == 0 or step == p.total_steps:
-            elapsed = time.time() - window_start
-            tps = window_steps * tokens_per_step / elapsed
-            last = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in D.all_reduce_mean(sums).items()}
+            tps = window_steps * tokens_per_step / window_time
+            last = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in
+                    D.all_reduce_mean({k: v.item() for k, v in sums.items()}).items()}
             grad_norm = stage.engine.get_global_grad_norm()
             last.update({"lr": stage.engine.get_lr()[0], "tokens": tokens, "tokens_per_s": tps,
                          "mfu": tps * stage.flops_per_token / peak,
                          "grad_norm": float(grad_norm) if grad_norm is not None else math.nan})
             log.log(step, last)
-            window_start, window_steps = time.time(), 0
+            window_time, window_steps = 0.0, 0
         if valid is not None and (step % cfg.train.eval_interval == 0 or step == p.total_steps):
             eval_loss = evaluate(stage, valid, cfg.data.eval_samples, cfg.train.micro_batch_size)
             last.update({"eval/loss": eval_loss, "eval/ppl": math.exp(min(eval_loss, 50.0))})
             log.log(step, {k: last[k] for k in ("eval/loss", "eval/ppl")})
             log.message(f"step {step}: eval loss {eval_loss:.4f}, ppl {last['eval/ppl']:.2f}")
-        log.advance(step, f"loss {sums['loss']:.4f} (rank 0)")
+        log.advance(step, f"loss {float(sums['loss']):.4f} (rank 0)")
         stopping = stop.agreed()
         if step % cfg.train.save_interval == 0 or step == p.total_steps or stopping:
             save()
