@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(openmpi-bin libopenmpi-dev numactl)
+APT_PACKAGES=(openmpi-bin libopenmpi-dev numactl slurmctld slurmd slurm-client openssh-server openssh-client pdsh iproute2)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
