@@ -169,7 +169,7 @@ class _ShardSink:
         record = {
             "name": shard_name(split, shard),
             "documents": len(writer.sizes),
-            "tokens": int(sum(writer.sizes)),
+            "tokens": int(np.frombuffer(writer.sizes, dtype=np.int64).sum()) if writer.sizes else 0,
             "bin_bytes": os.path.getsize(prefix + ".bin"),
             "idx_bytes": os.path.getsize(prefix + ".idx"),
             "bin_sha256": file_sha256(prefix + ".bin"),

@@ -15,6 +15,7 @@ both), the deepspeed flavour uint32.
 
 from __future__ import annotations
 
+import array
 import os
 import struct
 
@@ -61,19 +62,19 @@ class ShardWriter:
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
         self.codes = codes
-        self.sizes: list[int] = []
+        self.sizes = array.array("q")  # 8 bytes per document, not a Python int object each
         self._bin = open(prefix + ".bin.tmp", "wb")
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents given as one concatenated token array and their lengths."""
         self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
-        self.sizes.extend(int(n) for n in lengths)
+        self.sizes.frombytes(np.ascontiguousarray(lengths, dtype=np.int64).tobytes())
 
     def finish(self) -> None:
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
-        write_index(self.prefix + ".idx.tmp", np.asarray(self.sizes, dtype=np.int64), self.dtype, self.codes)
+        write_index(self.prefix + ".idx.tmp", np.frombuffer(self.sizes, dtype=np.int64), self.dtype, self.codes)
         os.replace(self.prefix + ".bin.tmp", self.prefix + ".bin")
         os.replace(self.prefix + ".idx.tmp", self.prefix + ".idx")
 
