@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     _run([py, "-m", "data_prep", "build", "--input", "sample", "--tokenizer", tok, "--out", data, "--workers", "2",
           "--valid-fraction", "0.02", "--no-progress"], "build packed token shards")
 
-    steps = {"teacher": 500, "filters": 40, "student": 150} if not args.quick else {"teacher": 6, "filters": 3,
+    steps = {"teacher": 400, "filters": 40, "student": 150} if not args.quick else {"teacher": 6, "filters": 3,
                                                                                     "student": 4}
     base = os.path.join(HERE, "configs", "demo.yaml")
     paths = [f"data.path={data}", f"teacher.path={out}/teacher/hf",
