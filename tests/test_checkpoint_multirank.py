@@ -179,6 +179,11 @@ def test_export_round_trip_is_exact(reference_run, tmp_path):
     live, exported = _weights(ref), load_file(os.path.join(out, "model.safetensors"))
     assert live.keys() == exported.keys() and all(torch.equal(live[k], exported[k]) for k in live)
     assert {"config.json", "generation_config.json", "tokenizer.json"} <= set(os.listdir(out))
+    r = subprocess.run([sys.executable, "-m", "ted_ds", "export", ref, "--out", str(tmp_path / "bf16"), "--dtype",
+                        "bf16"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "within bf16 tolerance" in r.stderr, r.stderr[-3000:]
+    half = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, live[k].to(torch.bfloat16)) for k, v in half.items())
     live_bank = load_file(os.path.join(ref, "student-filters", "filters.safetensors"))
     bank = load_file(str(tmp_path / "bank" / "filters.safetensors"))
     assert all(torch.equal(live_bank[k], bank[k]) for k in live_bank)
