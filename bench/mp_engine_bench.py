@@ -38,7 +38,6 @@ def main():
     _quiet_libraries()
     cfg = load_config(args.config, overrides)
     p = plan(cfg)
-    D.prepare_env()
     ds = resolve_ds_config(cfg, D.expected_world_size())
     D.init(cfg.train.timeout_minutes)
     seed_everything(cfg.train.seed)

@@ -40,28 +40,36 @@ def _first_slurm_host() -> str:
         return nodelist.split(",")[0] or "127.0.0.1"
 
 
-def prepare_env() -> str:
-    """Fill the torch.distributed environment from whatever launched us; returns the launcher name."""
+def launcher_env() -> tuple[str, dict[str, str]]:
+    """Which launcher started us, and the torch.distributed variables it left for us to fill.
+
+    Pure: nothing is written to ``os.environ`` until ``init``, so a run that fails its checks
+    leaves the environment as it found it.
+    """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return "torch"
+        return "torch", {}
     if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
-        return "mpi"  # deepspeed.init_distributed discovers ranks through mpi4py
+        return "mpi", {}  # deepspeed.init_distributed discovers ranks through mpi4py
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env.setdefault("MASTER_ADDR", _first_slurm_host())
-        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-        return "slurm"
-    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(free_port()))
-    return "single"
+        fill = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+                "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+        if "MASTER_ADDR" not in env:
+            fill["MASTER_ADDR"] = _first_slurm_host()
+        if "MASTER_PORT" not in env:
+            fill["MASTER_PORT"] = str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return "slurm", fill
+    fill = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    if "MASTER_ADDR" not in env:
+        fill["MASTER_ADDR"] = "127.0.0.1"
+    if "MASTER_PORT" not in env:
+        fill["MASTER_PORT"] = str(free_port())
+    return "single", fill
 
 
 def expected_world_size() -> int:
-    """World size from the launcher's environment (after ``prepare_env``), before the group exists."""
-    env = os.environ
+    """World size from the launcher's environment, before the process group exists."""
+    env = {**os.environ, **launcher_env()[1]}
     for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         if key in env:
             return int(env[key])
@@ -93,7 +101,8 @@ def init(timeout_minutes: float) -> None:
     _STARTED = True
     if dist.is_initialized():
         return
-    launcher = prepare_env()
+    launcher, fill = launcher_env()
+    os.environ.update(fill)
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False,
                                auto_mpi_discovery=launcher == "mpi")
     acc = get_accelerator()

@@ -143,7 +143,6 @@ def run_stage(cfg: RunConfig, filters_for: str | None = None) -> tuple[Stage, Pl
     """
     stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step
     p = plan(cfg, filters_for=filters_for)
-    D.prepare_env()
     ds = resolve_ds_config(cfg, D.expected_world_size())  # every check happens before the process group
     D.init(cfg.train.timeout_minutes)
     seed_everything(cfg.train.seed)

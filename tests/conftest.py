@@ -93,3 +93,15 @@ def tiny(sp_tokenizer, gpt2_tokenizer, corpus_file, tmp_path_factory) -> dict:
         "gpt2_data": gpt2_data,
         "gpt2_teacher": make_teacher("gpt2", gpt2_tokenizer, str(root / "teacher-gpt2"), gpt2_data),
     }
+
+
+@pytest.fixture(autouse=True)
+def _environment_is_left_as_found():
+    """A test must not leak variables (RANK, MASTER_PORT, ...) into the launches of later tests."""
+    before = dict(os.environ)
+    yield
+    leaked = {k for k in os.environ if k not in before}
+    for key in leaked:
+        del os.environ[key]
+    os.environ.update(before)
+    assert not leaked - {"TOKENIZERS_PARALLELISM"}, f"test leaked environment variables: {sorted(leaked)}"
