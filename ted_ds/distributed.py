@@ -13,6 +13,7 @@ error instead of a hang.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -108,8 +109,37 @@ def init(timeout_minutes: float) -> None:
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         acc.set_device(local_rank())
-    elif "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // _local_world_size()))
+        return
+    _release_shm_workspace()
+    if "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
+        torch.set_num_threads(max(1, _usable_cpus() // _local_world_size()))
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (a cpuset or taskset can allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def shm_workspace_path(rank_: int) -> str:
+    """The POSIX shared-memory file DeepSpeed's CPU backend creates for ``rank_`` of this job."""
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
+           f"{os.environ.get('MASTER_PORT', '')}_{rank_}"
+    return os.path.join("/dev/shm", name)
+
+
+def _release_shm_workspace() -> None:
+    """DeepSpeed's CPU backend gives every rank a ~69 MB shared-memory workspace (for its
+    inference all-reduce) when all ranks share a host, and never removes it: each run would leave
+    69 MB per rank in /dev/shm — RAM — until reboot. Every rank maps its peers' workspaces during
+    ``init_distributed``; after a barrier the names can go, and the kernel frees the memory when
+    the last process exits, however it exits."""
+    if world_size() > 1:
+        barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(shm_workspace_path(rank()))
 
 
 def rank() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 
@@ -59,13 +60,52 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def run_launcher(cmd: list[str], timeout: float = 600, env: dict | None = None, cwd: str | None = None):
-    """Run a multi-process launch; on failure the assertion shows the end of its output."""
+    """Run a multi-process launch; on failure the assertion shows the end of its output.
+
+    The launch gets its own process group, killed whole on timeout: a hung rank must not outlive
+    its test. A launch must leave no shared memory behind (see ted_ds.distributed)."""
+    import signal
     import subprocess
 
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
-    return proc
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                            cwd=cwd or REPO, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} still running after {timeout} s; killed:\n"
+                             f"{(stdout + stderr)[-6000:]}") from None
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed ({out.returncode}):\n{(stdout + stderr)[-6000:]}"
+    if "--master_port" in cmd:
+        port = cmd[cmd.index("--master_port") + 1]
+        left = [f for f in os.listdir("/dev/shm") if f.startswith(SHM_PREFIX) and f"_{port}_" in f]
+        assert not left, f"the launch left shared memory behind: {left}"
+    return out
+
+
+SHM_PREFIX = "deepspeed_allreduce_buffer_"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_stale_shared_memory():
+    """Runs from before ted-ds released DeepSpeed's CPU all-reduce workspaces (69 MB of RAM per rank
+    each) may have left them in /dev/shm; drop those no live process maps."""
+    if not os.path.isdir("/dev/shm"):
+        return
+    mapped = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                mapped.update(line.rsplit("/", 1)[-1].strip() for line in f if "/dev/shm/" in line)
+        except OSError:
+            continue
+    for name in os.listdir("/dev/shm"):
+        if name.startswith(SHM_PREFIX) and name not in mapped:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join("/dev/shm", name))
 
 
 def deepspeed_cmd(nproc: int, *args: str) -> list[str]:

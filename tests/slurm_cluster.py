@@ -99,12 +99,17 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
     def release_requeued(self, job_id: str, timeout: float = 300) -> None:
-        """Once the job is back in the queue, start it now: SLURM holds a requeued job for about two
-        minutes (BeginTime), which only costs the tests time."""
+        """Once the job is back in the queue and its previous run has fully ended, start it now:
+        SLURM holds a requeued job for about two minutes (BeginTime), which only costs the tests
+        time. Released too early, slurmctld can apply the old run's exit status to the new run
+        (seen with 22.05 when a batch script requeues itself), hence the grace period."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             info = self.job(job_id)
-            if info.get("JobState") == "PENDING" and int(info.get("Restarts", "0")) >= 1:
+            old_run_alive = subprocess.run(["pgrep", "-f", f"slurmstepd: \\[{job_id}\\."],
+                                           capture_output=True).returncode == 0
+            if info.get("JobState") == "PENDING" and int(info.get("Restarts", "0")) >= 1 and not old_run_alive:
+                time.sleep(10)
                 self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
                 return
             time.sleep(0.3)
