@@ -7,8 +7,10 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["ted_ds", "ted_ds.*", "data_prep", "data_prep.*"]),
-    package_data={"data_prep": ["sample/*"], "ted_ds": ["configs/*.yaml", "configs/*.json"]},
+    # the two data folders are listed as packages so that setuptools ships them as such
+    packages=find_packages(include=["ted_ds", "ted_ds.*", "data_prep", "data_prep.*"])
+    + ["data_prep.sample", "ted_ds.configs"],
+    package_data={"data_prep.sample": ["*.gz", "*.md"], "ted_ds.configs": ["*.yaml", "*.json"]},
     include_package_data=True,
     install_requires=[
         # A range: GPU users bring their own CUDA build. CPU machines pin it with constraints-cpu.txt.
