@@ -63,15 +63,32 @@ class TokenizerDir:
 
 
 def load_tokenizer_for_build(path: str):
-    """The light ``TokenizerDir`` when the directory allows it, else the full HF tokenizer."""
+    """The light ``TokenizerDir`` when the directory allows it, else the full HF tokenizer; either
+    way checked to turn text into tokens."""
+    tok = None
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         try:
             tok = TokenizerDir(path)
         except Exception:  # an unusual tokenizer.json: let transformers judge it
             tok = None
-        if tok is not None and tok.eos_token_id is not None and len(tok) > 0:
-            return tok
-    return load_tokenizer(path)
+        if tok is not None and (tok.eos_token_id is None or len(tok) == 0):
+            tok = None
+    tok = tok or load_tokenizer(path)
+    check_encodes_text(tok, path)
+    return tok
+
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog; 1,024 tokens per sample."
+
+
+def check_encodes_text(tok, path: str) -> None:
+    """A tokenizer that maps plain English to nothing, or to nothing but <unk>, would make shards of
+    bare EOS tokens without any error (a failed conversion can leave a 3-entry vocabulary)."""
+    ids = BatchEncoder(tok, np.int64).ids([PROBE_TEXT])[0]
+    if not ids or all(i == tok.unk_token_id for i in ids):
+        what = "no tokens" if not ids else "only the unknown token"
+        raise UserError(f"tokenizer {path} turns plain English text into {what} (vocabulary of {len(tok)}); "
+                        "it is broken or incomplete — check how it was converted or saved")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

@@ -264,8 +264,22 @@ def test_bad_inputs_fail_with_one_clear_line(sp_tokenizer, corpus_file, tmp_path
     _fails(capsys, b + [str(tmp_path / "empty.txt")], "no non-empty documents", "3 empty skipped")
     _fails(capsys, ["build", "--tokenizer", str(tmp_path), "--out", str(out), "--input", corpus_file],
            "does not load")
+    _fails(capsys, ["build", "--tokenizer", _hollow_tokenizer(tmp_path / "hollow"), "--out", str(out), "--input",
+                    corpus_file], "turns plain English text into no tokens", "vocabulary of 3")
     _fails(capsys, b + [corpus_file, "--valid-fraction", "1.5"], "--valid-fraction")
     assert not out.exists() or not any(p.suffix == ".bin" for p in out.iterdir())
+
+
+def _hollow_tokenizer(out) -> str:
+    """A loadable tokenizer.json with nothing but special tokens, as a failed conversion leaves it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab={"<unk>": 0, "<s>": 1, "</s>": 2}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    out.mkdir()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text('{"eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}')
+    return str(out)
 
 
 def test_utf8_policy_replace_and_count_or_strict(sp_tokenizer, tmp_path, capsys):
