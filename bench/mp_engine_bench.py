@@ -4,10 +4,13 @@
 
 Measures, per rank (medians over the timed steps): a full training step of ``distill.method``, the
 teacher's forward alone on the same micro-batches, peak RSS, and (pipeline) the stages' busy time
-inside teacher calls.
+inside teacher calls. With ``--with-lm`` the same process also builds the student-only LM baseline
+(same initialisation) and times its step on the same micro-batches, interleaved with the others, so
+that the overhead ratio is not at the mercy of run-to-run noise between launches.
 """
 
 import argparse
+import dataclasses
 import json
 import resource
 import time
@@ -27,12 +30,20 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def train_step(stage, micro_batches) -> None:
+    for x, y in micro_batches:
+        terms = stage.loss(x, y)
+        stage.engine.backward(terms["loss"])
+        stage.engine.step()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--with-lm", action="store_true", help="also time the student-only LM step (same process)")
     ap.add_argument("--local_rank", type=int)
     args, overrides = ap.parse_known_args()
     _quiet_libraries()
@@ -44,34 +55,33 @@ def main():
     rss_before = rss_mb()
     stage = build_distill(p, ds)
     rss_built = rss_mb()
+    baseline = None
+    if args.with_lm:
+        lm_cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method="lm"))
+        baseline = build_distill(plan(lm_cfg), ds)
     data = PackedShardDataset(cfg.data.path, "train", cfg.data.seq_len)
     sampler = ConsumedSamplesSampler(len(data), cfg.train.global_batch_size, cfg.train.micro_batch_size, D.rank(),
                                      D.world_size(), cfg.train.seed)
-    step_times, teacher_times = [], []
+    jobs = {"step": lambda micro: train_step(stage, micro)}
+    if stage.frozen is not None:
+        jobs["teacher"] = lambda micro: [stage.frozen(x) for x, _ in micro]
+    if baseline is not None:
+        jobs["lm"] = lambda micro: train_step(baseline, micro)
+    names = list(jobs)
+    times = {name: [] for name in names}
     for i in range(args.warmup + args.steps):
         micro = [collate(data, idx) for idx in sampler.next_batch()]
-        D.barrier()
-        start = time.perf_counter()
-        for x, y in micro:
-            terms = stage.loss(x, y)
-            stage.engine.backward(terms["loss"])
-            stage.engine.step()
-        D.barrier()
-        step = time.perf_counter() - start
-        if stage.frozen is not None:
-            start = time.perf_counter()
-            for x, _ in micro:
-                stage.frozen(x)
+        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate: no fixed order advantage
             D.barrier()
-            teacher = time.perf_counter() - start
-        else:
-            teacher = 0.0
-        if i >= args.warmup:
-            step_times.append(step)
-            teacher_times.append(teacher)
+            start = time.perf_counter()
+            jobs[name](micro)
+            D.barrier()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
     stats = getattr(stage.frozen, "stats", None)
-    median = lambda xs: sorted(xs)[len(xs) // 2]
-    mine = {"rank": D.rank(), "step_s": median(step_times), "teacher_forward_s": median(teacher_times),
+    median = lambda xs: sorted(xs)[len(xs) // 2] if xs else 0.0
+    mine = {"rank": D.rank(), "step_s": median(times["step"]), "teacher_forward_s": median(times.get("teacher", [])),
+            "lm_step_s": median(times["lm"]) if "lm" in times else None,
             "peak_rss_mb": rss_mb(),
             "rss_before_build_mb": rss_before, "rss_after_build_mb": rss_built,
             "teacher_local_params": stage.frozen.local_parameters() if stage.frozen is not None else 0,

@@ -1,6 +1,6 @@
 """The one typed run configuration: dataclasses loaded from YAML, with dotted CLI overrides.
 
-A run file looks like ``ted_ds/configs/demo_distill.yaml``; any field can be overridden on the
+A run file looks like ``ted_ds/configs/demo.yaml``; any field can be overridden on the
 command line as ``section.field=value`` (the value is parsed as YAML).  Unknown keys, wrong
 types and impossible values are errors before any process group starts.  Batch size,
 accumulation, clipping and learning rate live here; the DeepSpeed JSON is filled from them
