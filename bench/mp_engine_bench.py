@@ -93,6 +93,7 @@ def main():
         with open(args.out, "w") as f:
             json.dump(gathered, f)
     D.shutdown()
+    D.leave(0)
 
 
 if __name__ == "__main__":

@@ -195,15 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = run_cli("ted-ds", lambda: run_training(args), "interrupted")
         if "ted_ds.distributed" not in sys.modules or not sys.modules["ted_ds.distributed"].started():
             return rc  # failed before any process group: a normal return
-        # Everything is saved, flushed and the process group is destroyed; leave without running
-        # C++ static destructors, which can abort ("terminate called without an active exception")
-        # when a communication thread of gloo/DeepSpeed's shm backend is still joinable.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        mpi = sys.modules.get("mpi4py.MPI")  # under mpirun, MPI must still be finalized
-        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-            mpi.Finalize()
-        os._exit(rc)
+        sys.modules["ted_ds.distributed"].leave(rc)
     commands = {"export": run_export, "eval": run_eval, "launch": run_launch}
     return run_cli("ted-ds", lambda: commands[args.command](args), "interrupted")
 

@@ -18,6 +18,7 @@ import datetime
 import os
 import socket
 import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -197,3 +198,15 @@ def shutdown() -> None:
             barrier()
         finally:
             dist.destroy_process_group()
+
+
+def leave(rc: int) -> None:
+    """End a process that started a process group, after ``shutdown``: everything is saved and
+    flushed, so skip the C++ static destructors, which can abort ("terminate called without an
+    active exception") while a gloo or shm communication thread is still joinable."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun, MPI must still be finalized
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(rc)

@@ -88,6 +88,7 @@ def main():
     if D.rank() == 0:
         json.dump(results, open(args.out, "w"), indent=1)
     D.shutdown()
+    D.leave(0)  # no C++ destructors at exit (see ted_ds.distributed.leave)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
     D.shutdown()
+    D.leave(0)  # no C++ destructors at exit (see ted_ds.distributed.leave)
 
 
 if __name__ == "__main__":
