@@ -34,8 +34,8 @@ from bench.common import REPO, corpus_path, deepspeed, machine, run  # noqa: E40
 
 METHODS = ("lm", "kd", "lwd", "ted")
 
-FULL = {"vocab": 8000, "teacher_layers": 8, "hidden": 256, "heads": 4, "seq_len": 128, "micro": 4, "global": 16,
-        "teacher_steps": 400, "filter_steps": 40, "student_steps": 100, "student_layers": [0, 2, 4, 6],
+FULL = {"vocab": 8000, "teacher_layers": 8, "hidden": 256, "heads": 4, "seq_len": 128, "micro": 8, "global": 16,
+        "teacher_steps": 800, "filter_steps": 40, "student_steps": 100, "student_layers": [0, 2, 4, 6],
         "corpus_lines": None, "eval_samples": 256, "heldout_docs": 150}
 QUICK = {"vocab": 1000, "teacher_layers": 4, "hidden": 64, "heads": 4, "seq_len": 32, "micro": 2, "global": 8,
          "teacher_steps": 20, "filter_steps": 3, "student_steps": 4, "student_layers": [0, 2],
@@ -167,12 +167,18 @@ def write_report(out: str, results: dict, size: dict, seeds: list[int]) -> str:
     order = [m for m, _ in sorted(rows, key=lambda r: r[1][0])]
     stats = dict(rows)
     lines += ["", f"Ranking by held-out perplexity (best first): {' < '.join(order)}.", "",
-              "The paper's claim, pair by pair (Δ = mean perplexity difference; σ = the larger of the two std):", ""]
+              "The paper's claim, pair by pair (Δ = mean perplexity difference; σ = the larger of the two std; "
+              "paired: per seed, where both students saw the same batches in the same order):", ""]
+    ppl_of = lambda m: [r["eval"]["ppl"] for r in results["students"][m]]
     for better, worse in (("ted", "kd"), ("ted", "lwd"), ("kd", "lm"), ("lwd", "lm")):
         delta = stats[better][0] - stats[worse][0]
         sigma = max(stats[better][1], stats[worse][1]) or float("nan")
         verdict = "holds" if delta < 0 else "does not hold"
-        lines.append(f"* {better} < {worse}: {verdict} here (Δ = {delta:+.2f}, {abs(delta) / sigma:.1f} σ)")
+        paired = [b - w for b, w in zip(ppl_of(better), ppl_of(worse))]
+        d_mean, d_std = mean_std(paired)
+        lines.append(f"* {better} < {worse}: {verdict} here (Δ = {delta:+.2f}, {abs(delta) / sigma:.1f} σ; paired: "
+                     f"{better} better in {sum(d < 0 for d in paired)} of {len(paired)} seeds, "
+                     f"Δ = {d_mean:+.2f} ± {d_std:.2f})")
     lines += ["", "![loss curves](loss_curves.png) ![perplexity](perplexity.png)"]
     path = os.path.join(out, "results.md")
     with open(path, "w") as f:
@@ -239,7 +245,7 @@ def main(argv=None) -> dict:
     common = [f"train.steps={size['student_steps']}"]
     train(args.ranks, ["distill"], config, f"student.config={teacher_config(work, tok, size)}",
           "student.init_from_teacher=null", "distill.method=lm", f"train.out_dir={work}/teacher",
-          f"train.steps={size['teacher_steps']}", "optim.lr=2e-3", "optim.min_lr=2e-4",
+          f"train.steps={size['teacher_steps']}", "optim.lr=3e-3", "optim.min_lr=3e-4",
           f"optim.warmup_steps={max(1, size['teacher_steps'] // 20)}")
     for seed in seeds:
         s = f"{work}/seed{seed}"
