@@ -65,17 +65,22 @@ class TokenizerDir:
 def load_tokenizer_for_build(path: str):
     """The light ``TokenizerDir`` when the directory allows it, else the full HF tokenizer; either
     way checked to turn text into tokens."""
-    tok = None
-    if os.path.isfile(os.path.join(path, "tokenizer.json")):
-        try:
-            tok = TokenizerDir(path)
-        except Exception:  # an unusual tokenizer.json: let transformers judge it
-            tok = None
-        if tok is not None and (tok.eos_token_id is None or len(tok) == 0):
-            tok = None
-    tok = tok or load_tokenizer(path)
+    tok = _light_tokenizer(path)
+    if tok is None:
+        tok = load_tokenizer(path)
     check_encodes_text(tok, path)
     return tok
+
+
+def _light_tokenizer(path: str) -> TokenizerDir | None:
+    """``TokenizerDir`` if the directory has a ``tokenizer.json`` it reads fully, else None."""
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return None
+    try:
+        tok = TokenizerDir(path)
+    except Exception:  # an unusual tokenizer.json: let transformers judge it
+        return None
+    return tok if tok.eos_token_id is not None and len(tok) > 0 else None
 
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog; 1,024 tokens per sample."

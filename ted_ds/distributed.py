@@ -124,9 +124,12 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+SHM_WORKSPACE_PREFIX = "deepspeed_allreduce_buffer_"  # DeepSpeed's csrc/cpu/comm/shm.cpp names them so
+
+
 def shm_workspace_path(rank_: int) -> str:
     """The POSIX shared-memory file DeepSpeed's CPU backend creates for ``rank_`` of this job."""
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
+    name = f"{SHM_WORKSPACE_PREFIX}{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
            f"{os.environ.get('MASTER_PORT', '')}_{rank_}"
     return os.path.join("/dev/shm", name)
 

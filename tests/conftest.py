@@ -9,6 +9,7 @@ import os
 import pytest
 
 from data_prep.cli import SAMPLE_CORPUS
+from ted_ds.distributed import SHM_WORKSPACE_PREFIX
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -81,12 +82,9 @@ def run_launcher(cmd: list[str], timeout: float = 600, env: dict | None = None, 
     assert out.returncode == 0, f"{' '.join(cmd)} failed ({out.returncode}):\n{(stdout + stderr)[-6000:]}"
     if "--master_port" in cmd:
         port = cmd[cmd.index("--master_port") + 1]
-        left = [f for f in os.listdir("/dev/shm") if f.startswith(SHM_PREFIX) and f"_{port}_" in f]
+        left = [f for f in os.listdir("/dev/shm") if f.startswith(SHM_WORKSPACE_PREFIX) and f"_{port}_" in f]
         assert not left, f"the launch left shared memory behind: {left}"
     return out
-
-
-SHM_PREFIX = "deepspeed_allreduce_buffer_"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -103,7 +101,7 @@ def _no_stale_shared_memory():
         except OSError:
             continue
     for name in os.listdir("/dev/shm"):
-        if name.startswith(SHM_PREFIX) and name not in mapped:
+        if name.startswith(SHM_WORKSPACE_PREFIX) and name not in mapped:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join("/dev/shm", name))
 
