@@ -7,7 +7,7 @@ STAMP := $(VENV)/.ted-ds-installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test check bench
+.PHONY: demo test check bench gpu-wheels gpu-check
 
 $(STAMP): setup.py constraints-cpu.txt scripts/setup_env.sh
 	bash scripts/setup_env.sh
@@ -23,3 +23,15 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench
+
+# Wheels for a GPU machine with no network (Python 3.12, x86-64): DeepSpeed (pure Python, ops JIT)
+# and what it and ted-ds import that such a machine lacks, into .whl/. There: `. scripts/gpu_install.sh`.
+gpu-wheels: $(STAMP)
+	bash scripts/gpu_wheels.sh
+
+# The large-scale path on one GPU (bench/gpu_check.py): TED with a ~3.6B teacher and a ~1.2B student,
+# export, eval, step overhead, KD memory. On a GPU machine without network, carry .whl (make
+# gpu-wheels). `make gpu-check ARGS=--dry-run` runs the same phases on CPU with tiny shapes.
+GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
+gpu-check:
+	$(if $(wildcard .whl/*.whl),. scripts/gpu_install.sh &&) $(GPU_PYTHON) -m bench.gpu_check $(ARGS)

@@ -1,6 +1,7 @@
-"""Every benchmark of the project, then one table of ratios.
+"""Every benchmark of the project, then one table of ratios; or one benchmark by name.
 
     python -m bench [--quick]          (make bench)
+    python -m bench scale|kd|gpu [...] the scale rehearsal, the chunked KD loss, the GPU check
 
 prep (ted-prep vs the HF run_clm recipe and the bare tokenizer), engine (TED step overhead, teacher
 placements), loader (data path vs training consumption), scaling (on paper, from the measured
@@ -9,10 +10,15 @@ overhead). The reproduction study is separate: python bench/repro.py (about an h
 
 import sys
 
-from bench import engine_bench, loader_bench, prep_bench, scaling
+from bench import engine_bench, gpu_check, kd_bench, loader_bench, prep_bench, scale_bench, scaling
+
+BY_NAME = {"scale": scale_bench.main, "kd": kd_bench.main, "gpu": gpu_check.main}
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in BY_NAME:
+        BY_NAME[sys.argv[1]](sys.argv[2:])
+        return
     quick = "--quick" in sys.argv
     prep = prep_bench.run(quick=quick)
     print(prep_bench.table(prep))

@@ -70,7 +70,7 @@ def main():
     names = list(jobs)
     times = {name: [] for name in names}
     for i in range(args.warmup + args.steps):
-        micro = [collate(data, idx) for idx in sampler.next_batch()]
+        micro = [tuple(t.to(D.device()) for t in collate(data, idx)) for idx in sampler.next_batch()]
         for name in names[i % len(names):] + names[:i % len(names)]:  # rotate: no fixed order advantage
             D.barrier()
             start = time.perf_counter()

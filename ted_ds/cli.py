@@ -162,9 +162,9 @@ def run_eval(args: argparse.Namespace) -> int:
     import json
 
     from ted_ds.evaluate import evaluate_hf
-    from ted_ds.models import _quiet_transformers
+    from ted_ds.weights import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     if not os.path.isdir(args.model_dir):
         raise UserError(f"model directory not found: {args.model_dir}")
     r = evaluate_hf(args.model_dir, args.data, args.split, args.seq_len, args.batch_size, args.max_samples,

@@ -78,7 +78,8 @@ def expected_world_size() -> int:
     return 1
 
 
-def _local_world_size() -> int:
+def local_world_size() -> int:
+    """Ranks on this host, from the launcher's environment."""
     env = os.environ
     for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
         if env.get(key, "").isdigit():
@@ -113,7 +114,7 @@ def init(timeout_minutes: float) -> None:
         return
     _release_shm_workspace()
     if "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
-        torch.set_num_threads(max(1, _usable_cpus() // _local_world_size()))
+        torch.set_num_threads(max(1, _usable_cpus() // local_world_size()))
 
 
 def _usable_cpus() -> int:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ted_ds import distributed as D
+from ted_ds import models as M
 from ted_ds.config import RunConfig
 from ted_ds.errors import ConfigError
 from ted_ds.teacher import FrozenLM, ReplicatedTeacher, Zero3Teacher
@@ -102,7 +103,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if M.ndim(p) >= 2 else no_decay).append(p)
     return [g for g in ({"params": decay, "weight_decay": weight_decay},
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
@@ -121,25 +122,23 @@ def build_trained_engine(cfg: RunConfig, module: nn.Module, ds: dict, total_step
 
 
 def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_logits: bool, ds: dict):
-    """Place a frozen model (``load_model()`` builds it on CPU) by ``teacher.placement``."""
+    """Place a frozen model by ``teacher.placement``; ``load_model(dtype=, device=, zero_config=)``
+    reads its weights straight into the rank's share: a whole copy on the device (replicated), this
+    rank's ZeRO-3 slices (zero3); the pipeline reads its stage alone."""
     placement = cfg.teacher.placement
-    dtype = compute_dtype(ds)
+    dtype, device = compute_dtype(ds), D.device()
+    if filters is not None:
+        filters = filters.to(device, dtype)
     if placement == "replicated":
-        frozen = FrozenLM(load_model(), layers, filters, need_logits, cfg.teacher.logits_topk).to(dtype)
-        return ReplicatedTeacher(frozen, D.device())
+        model = load_model(dtype=dtype, device=device)
+        return ReplicatedTeacher(FrozenLM(model, layers, filters, need_logits, cfg.teacher.logits_topk), device)
     if placement == "zero3":
         import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         fds = frozen_ds_config(ds)
-        keep_alive = HfDeepSpeedConfig(fds)  # from_pretrained loads straight into partitions
-        try:
-            frozen = FrozenLM(load_model(), layers, filters, need_logits, cfg.teacher.logits_topk)
-            engine, *_ = deepspeed.initialize(model=frozen, config=fds)
-        finally:
-            unset_hf_deepspeed_config()
-            del keep_alive
+        frozen = FrozenLM(load_model(dtype=dtype, zero_config=fds), layers, filters, need_logits,
+                          cfg.teacher.logits_topk)
+        engine, *_ = deepspeed.initialize(model=frozen, config=fds)
         return Zero3Teacher(engine)
     if placement == "pipeline":
         from ted_ds.pipeline import build_pipeline_teacher

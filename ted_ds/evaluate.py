@@ -22,8 +22,6 @@ from ted_ds.errors import ConfigError
 def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: int | None = None,
                 batch_size: int = 8, max_samples: int | None = None, device: str = "auto",
                 progress: bool = True, trust_remote_code: bool = False) -> dict:
-    from transformers import AutoModelForCausalLM
-
     from ted_ds import models as M
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -41,8 +39,7 @@ def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: in
     data = PackedShardDataset(data_dir, split, seq_len)
     tok = load_tokenizer(data_tokenizer)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-    model = model.to(dev).eval()
+    model = M.load_model(model_dir, trust_remote_code, dtype=dtype, device=dev).eval()
     n = len(data) if max_samples is None else min(max_samples, len(data))
     nll, tokens, nbytes = 0.0, 0, 0
     bar = None

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ted_ds import distributed as D
-from ted_ds import models as M
+from ted_ds import weights as W
 from ted_ds.checkpoint import is_complete, weights_only_loads
 from ted_ds.errors import CheckpointError
 from ted_ds.filters import save_filter_bank
@@ -36,7 +36,7 @@ def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
 def write_hf_dir(config, state: dict[str, torch.Tensor], out_dir: str, tokenizer_dir: str | None,
                  dtype: torch.dtype = torch.float32) -> nn.Module:
     """A standard HF directory (safetensors, config, generation config, tokenizer), written atomically."""
-    model = M.empty_model(config)
+    model = W.build_dense(config, torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:

@@ -4,35 +4,119 @@
 
 ``method`` only decides which terms exist: lm → CE; kd → CE + KD; ted/lwd → all three
 (ted with stage-1 filters on both sides, lwd with raw teacher states and a fresh student map).
+
+The vocabulary-sized terms (CE, KD, stage-1 tap CE) run over chunks of ``CHUNK_TOKENS`` tokens and make
+their gradient together with their value, in closed form: at 128k vocabulary and 8k tokens one fp32
+(tokens × V) tensor is 4 GB, and autograd through log_softmax would keep several of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+CHUNK_TOKENS = 512  # at 128k vocabulary a chunk's KD peaks at three fp32 (chunk × V) tensors, 0.75 GB
+IGNORE_INDEX = -100  # F.cross_entropy's default: such labels count neither in the sum nor in the mean
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; logits (B, T, V), labels (B, T)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels other than IGNORE_INDEX; logits (B, T, V), labels (B, T)."""
+    labels = labels.flatten()
+    kept = (labels != IGNORE_INDEX).sum()
+    return _chunked_mean(_ce_chunk, logits.flatten(0, 1), (labels,), kept, chunk_tokens)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-            teacher_topk_index: torch.Tensor | None = None) -> torch.Tensor:
-    """T²·KL(softmax(t/T) ‖ softmax(s/T)), averaged over tokens.
+            teacher_topk_index: torch.Tensor | None = None, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)), averaged over tokens; the teacher logits get no gradient.
 
     With ``teacher_topk_index`` (B, T, k) the teacher logits are its top-k values (B, T, k): the teacher
     distribution is renormalised on that support and compared with the student's full-vocabulary
     log-probabilities at the same ids.
     """
-    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, T, V)
-    t_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (B, T, V) or (B, T, k)
+    teacher = (teacher_logits.flatten(0, 1),)
     if teacher_topk_index is not None:
-        s_logp = s_logp.gather(-1, teacher_topk_index)  # (B, T, k)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (B, T)
-    return temperature * temperature * kl.mean()
+        teacher += (teacher_topk_index.flatten(0, 1),)
+    student = student_logits.flatten(0, 1)
+    return _chunked_mean(partial(_kd_chunk, temperature), student, teacher, student.shape[0], chunk_tokens)
+
+
+def _chunked_mean(chunk_loss, x: torch.Tensor, others: tuple, denominator, chunk_tokens: int) -> torch.Tensor:
+    """Σ over chunks of ``chunk_loss`` / ``denominator``; the gradient w.r.t. ``x`` (N, F) is made with the
+    value, and only where autograd will want it (not under no_grad, not for a frozen ``x``).
+
+    ``chunk_loss(grad_scale, grad_rows, x_rows, *other_rows)`` returns the chunk's loss sum and, unless
+    ``grad_rows`` is None, writes ``grad_scale`` times its gradient w.r.t. ``x_rows`` there. ``others``
+    (tensors with N rows) get no gradient.
+    """
+    if x.requires_grad:
+        return _ChunkedMean.apply(x, others, chunk_loss, denominator, chunk_tokens)
+    return _sum_chunks(chunk_loss, x, others, None, denominator, chunk_tokens) / denominator
+
+
+def _sum_chunks(chunk_loss, x, others, grad, denominator, chunk_tokens) -> torch.Tensor:
+    """Σ of the chunks' loss sums; each chunk's gradient goes into its rows of ``grad`` unless that is None."""
+    grad_scale = 1.0 / denominator
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        grad_rows = None if grad is None else grad[rows]
+        total += chunk_loss(grad_scale, grad_rows, x[rows], *(o[rows] for o in others))
+    return total
+
+
+class _ChunkedMean(torch.autograd.Function):
+    """_chunked_mean with a gradient: only that gradient, in ``x``'s dtype and shape, is kept for backward,
+    so no fp32 intermediate outlives its chunk."""
+
+    @staticmethod
+    def forward(ctx, x, others, chunk_loss, denominator, chunk_tokens):
+        grad = torch.empty_like(x)
+        total = _sum_chunks(chunk_loss, x, others, grad, denominator, chunk_tokens)
+        ctx.save_for_backward(grad)
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad_loss * grad, None, None, None, None
+
+
+def _ce_chunk(grad_scale, grad_rows, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ cross-entropy over a chunk's kept tokens; gradient softmax(s) − onehot(y), zero on ignored rows."""
+    logp = F.log_softmax(logits, dim=-1, dtype=torch.float32)  # (C, V)
+    kept = labels != IGNORE_INDEX
+    target = torch.where(kept, labels, 0).unsqueeze(1)  # (C, 1), a valid id on ignored rows
+    loss_sum = -torch.where(kept, logp.gather(1, target).squeeze(1), 0.0).sum()
+    if grad_rows is not None:
+        grad = logp.exp_().scatter_add_(1, target, logp.new_full(target.shape, -1.0))
+        torch.mul(grad, kept.unsqueeze(1) * grad_scale, out=grad_rows)  # scaled, masked and cast in one pass
+    return loss_sum
+
+
+def _kd_chunk(temperature: float, grad_scale, grad_rows, student: torch.Tensor, teacher: torch.Tensor,
+              topk_index: torch.Tensor | None = None) -> torch.Tensor:
+    """T²·Σ KL(p_t ‖ p_s) over a chunk; gradient T·(softmax(s/T) − p_t) w.r.t. the student logits.
+
+    With top-k, p_t lives on k ids: the KL reads the student's full-vocabulary log-probs there, and the
+    gradient scatters p_t onto those ids (Σ p_t = 1 leaves softmax(s/T) whole).
+    """
+    s_logp = F.log_softmax(student.float() / temperature, dim=-1)  # (C, V)
+    t_logp = F.log_softmax(teacher.float() / temperature, dim=-1)  # (C, V) or (C, k)
+    t_p = t_logp.exp()
+    s_at_teacher = s_logp if topk_index is None else s_logp.gather(1, topk_index)
+    loss_sum = temperature * temperature * t_logp.sub_(s_at_teacher).mul_(t_p).sum()
+    if grad_rows is not None:
+        grad = s_logp.exp_()
+        if topk_index is None:
+            grad.sub_(t_p)
+        else:
+            grad.scatter_add_(1, topk_index, t_p.neg_())
+        torch.mul(grad, temperature * grad_scale, out=grad_rows)
+    return loss_sum
 
 
 def layer_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
@@ -71,6 +155,27 @@ def distill_objective(student_logits, student_taps, labels, teacher_logits, teac
     return terms
 
 
-def tap_lm_losses(head, filtered_taps: list[torch.Tensor], labels: torch.Tensor) -> list[torch.Tensor]:
-    """Stage 1: the next-token loss of every filtered tap read through the (frozen) task head."""
-    return [lm_loss(head(h), labels) for h in filtered_taps]
+def tap_lm_losses(head, filtered_taps: list[torch.Tensor], labels: torch.Tensor,
+                  chunk_tokens: int = CHUNK_TOKENS) -> list[torch.Tensor]:
+    """Stage 1: the next-token loss of every filtered tap (B, T, D) read through the frozen task head.
+
+    Head and cross-entropy run fused, one chunk of tokens of one tap at a time, so only one chunk's
+    logits exist at once and each tap keeps just its (tokens × D) gradient. The head gets no gradient.
+    """
+    labels = labels.flatten()
+    kept = (labels != IGNORE_INDEX).sum()
+    chunk_loss = partial(_head_ce_chunk, head)
+    return [_chunked_mean(chunk_loss, h.flatten(0, 1), (labels,), kept, chunk_tokens) for h in filtered_taps]
+
+
+def _head_ce_chunk(head, grad_scale, grad_rows, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ cross-entropy of head(h) over a chunk; the gradient w.r.t. h is CE's sent back through the head."""
+    if grad_rows is None:
+        return _ce_chunk(grad_scale, None, head(h), labels)
+    with torch.enable_grad():
+        h = h.detach().requires_grad_()
+        logits = head(h)  # (C, D) -> (C, V)
+        grad_logits = torch.empty_like(logits)
+        loss_sum = _ce_chunk(grad_scale, grad_logits, logits.detach(), labels)
+        grad_rows.copy_(torch.autograd.grad(logits, h, grad_logits)[0])
+    return loss_sum

@@ -14,6 +14,7 @@ import os
 import torch
 from torch import nn
 
+from ted_ds import weights as W
 from ted_ds.errors import ConfigError
 
 # (decoder block list, final norm) attribute paths, tried in order.
@@ -62,24 +63,22 @@ def vocab_size(config) -> int:
     return int(config.vocab_size)
 
 
+def ndim(p: torch.Tensor) -> int:
+    """Dimensions of a parameter, also when ZeRO-3 has partitioned it (its data is then empty)."""
+    return len(getattr(p, "ds_shape", p.shape))
+
+
 def count_parameters(module: nn.Module) -> int:
     """Parameter count, also for ZeRO-3-partitioned modules (which report ds_numel)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
 
 
 # ----------------------------------------------------------------------------- loading
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def load_config(path: str, trust_remote_code: bool = False):
     """An HF config from a model directory or a config.json file."""
     from transformers import AutoConfig
 
-    _quiet_transformers()
+    W.quiet_transformers()
     if not os.path.exists(path):
         raise ConfigError(f"model path not found: {path}")
     try:
@@ -92,100 +91,62 @@ def load_config(path: str, trust_remote_code: bool = False):
         raise ConfigError(f"{path}: not a loadable HF model config ({str(e).splitlines()[0]})") from None
 
 
-def load_model(path: str, trust_remote_code: bool = False) -> nn.Module:
-    """A causal LM with its trained weights, fp32, on CPU."""
-    from transformers import AutoModelForCausalLM
+def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu", zero_config: dict | None = None, config=None,
+               rename: W.Rename = W.identity) -> nn.Module:
+    """A causal LM with weights read from the safetensors of ``path``, straight into ``dtype`` on
+    ``device`` — whole (``zero_config`` None) or as this rank's ZeRO-3 slices.  ``config`` and
+    ``rename`` build another shape from the same files (a student from some teacher blocks)."""
+    config = config if config is not None else load_config(path, trust_remote_code)
+    reader = W.WeightReader(path)
+    if zero_config is not None:
+        model = W.build_partitioned(config, dtype, zero_config)
+        W.fill_partitions(model, reader, rename)
+    else:
+        model = W.build_dense(config, dtype, device)
+        W.fill_dense(model, reader, rename)
+    return model
 
-    _quiet_transformers()
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"{path}: not a loadable HF causal LM ({str(e).splitlines()[0]})") from None
+
+def teacher_blocks_config(teacher_config, layers: list[int]):
+    """The config of a student made of the teacher blocks ``layers`` (0-based, in order)."""
+    import copy
+
+    n = num_layers(teacher_config)
+    if not layers or any(not 0 <= i < n for i in layers):
+        raise ConfigError(f"student.init_from_teacher: layers must be non-empty 0-based indices < {n}, got {layers}")
+    config = copy.deepcopy(teacher_config)
+    config.num_hidden_layers = len(layers)
+    return config
 
 
-def _trusted(config) -> bool:
-    """A config that names remote code (auto_map) could only be loaded with the user's consent."""
-    return bool(getattr(config, "auto_map", None))
+def load_teacher_blocks(teacher_path: str, layers: list[int], trust_remote_code: bool = False, **placement):
+    """A student with the teacher's embeddings, head, final norm and the chosen blocks, in order,
+    reading only those tensors from the teacher's files."""
+    teacher_config = load_config(teacher_path, trust_remote_code)
+    blocks_path = layout(meta_model(teacher_config))[0]
+    return load_model(teacher_path, config=teacher_blocks_config(teacher_config, layers),
+                      rename=W.layer_rename(blocks_path, layers), **placement)
 
 
 def model_from_config(config, seed: int) -> nn.Module:
-    """A randomly initialised causal LM; the same seed gives the same weights on every rank."""
+    """A randomly initialised causal LM, built whole in fp32; the same seed gives the same weights on
+    every rank."""
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
+    W.quiet_transformers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=_trusted(config))
-
-
-def student_from_teacher(teacher: nn.Module, layers: list[int], seed: int) -> nn.Module:
-    """A student with the teacher's embeddings, head, final norm and the chosen blocks, in order."""
-    import copy
-
-    n = num_layers(teacher.config)
-    bad = [i for i in layers if not 0 <= i < n]
-    if bad or not layers:
-        raise ConfigError(f"student.init_from_teacher: layers must be non-empty 0-based indices < {n}, got {layers}")
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(layers)
-    student = model_from_config(config, seed)
-    blocks_path = layout(teacher)[0] + "."
-    teacher_state = teacher.state_dict()
-    state = {}
-    for key in student.state_dict():
-        if key.startswith(blocks_path):
-            idx, rest = key[len(blocks_path):].split(".", 1)
-            key_t = f"{blocks_path}{layers[int(idx)]}.{rest}"
-        else:
-            key_t = key
-        state[key] = teacher_state[key_t].clone()
-    student.load_state_dict(state)
-    return student
-
-
-def weight_files(path: str) -> list[str]:
-    """The safetensors files of an HF directory (sharded or not)."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    raise ConfigError(f"{path}: no safetensors weights (model.safetensors[.index.json]); re-save the model with "
-                      "save_pretrained(safe_serialization=True)")
-
-
-def read_tensors(path: str, keep) -> dict[str, torch.Tensor]:
-    """Read only the tensors whose names satisfy ``keep`` from an HF directory's safetensors."""
-    from safetensors import safe_open
-
-    out = {}
-    for file in weight_files(path):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if keep(name):
-                    out[name] = f.get_tensor(name).float()
-    return out
-
-
-def empty_model(config) -> nn.Module:
-    """A CPU model with real storage but skipped weight init (its weights are about to be loaded)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    _quiet_transformers()
-    with no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=_trusted(config))
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=W.trusted(config))
 
 
 def meta_model(config) -> nn.Module:
     """The model's module tree with no storage: cheap to build for any size."""
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
+    W.quiet_transformers()
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=_trusted(config))
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=W.trusted(config))
 
 
 def module_name(model: nn.Module, target: nn.Module) -> str:
@@ -193,31 +154,6 @@ def module_name(model: nn.Module, target: nn.Module) -> str:
         if mod is target:
             return name
     raise KeyError(type(target).__name__)
-
-
-def materialize(model: nn.Module, modules: dict[str, nn.Module], path: str) -> None:
-    """Give meta-device submodules real storage and load their weights from ``path``.
-
-    Tied output embeddings (GPT-2) are read from the input embedding's tensor.
-    """
-    prefixes = dict(modules)
-    head_name = module_name(model, model.get_output_embeddings())
-    embed_name = module_name(model, model.get_input_embeddings())
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    need_embed = tied and head_name in prefixes
-    wanted = lambda k: any(k.startswith(p + ".") for p in prefixes) or (need_embed and k.startswith(embed_name + "."))
-    tensors = read_tensors(path, wanted)
-    for name, mod in prefixes.items():
-        mod.to_empty(device="cpu")
-        state = {}
-        for key in mod.state_dict():
-            full = f"{name}.{key}"
-            if full not in tensors and tied and name == head_name and key == "weight":
-                full = f"{embed_name}.weight"
-            if full not in tensors:
-                raise ConfigError(f"{path}: weights lack {full}")
-            state[key] = tensors[full]
-        mod.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- taps
@@ -283,7 +219,7 @@ def matmul_parameters(model: nn.Module) -> int:
     """Parameters that take part in matrix products (the N of 6·N FLOPs per token): every weight
     matrix except input/position embeddings, plus the output head even when it is tied."""
     embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.ndim >= 2 and id(p) not in embeddings)
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if ndim(p) >= 2 and id(p) not in embeddings)
     head = model.get_output_embeddings()
     if head is not None and id(head.weight) in embeddings:
         n += getattr(head.weight, "ds_numel", head.weight.numel())
@@ -294,15 +230,16 @@ class TaskHead(nn.Module):
     """The teacher's final norm and unembedding, frozen: reads a (filtered) state as next-token logits.
 
     Built from the teacher directory without materialising the teacher: only the norm and head
-    tensors are read.
+    tensors are read, straight into ``dtype`` on ``device``.
     """
 
-    def __init__(self, teacher_path: str, trust_remote_code: bool = False):
+    def __init__(self, teacher_path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
         super().__init__()
         model = meta_model(load_config(teacher_path, trust_remote_code))
         self.norm, self.head = final_norm(model), model.get_output_embeddings()
-        materialize(model, {module_name(model, self.norm): self.norm, module_name(model, self.head): self.head},
-                    teacher_path)
+        W.fill_modules(model, {module_name(model, self.norm): self.norm, module_name(model, self.head): self.head},
+                       W.WeightReader(teacher_path), dtype, device)
         self.requires_grad_(False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from torch import nn
 
 from ted_ds import distributed as D
 from ted_ds import models as M
+from ted_ds import weights as W
 from ted_ds.errors import ConfigError, DistributedError
 from ted_ds.filters import FilterBank
 from ted_ds.teacher import TeacherOutput, topk_logits
@@ -118,9 +119,9 @@ class Injected(nn.Module):
 class ZeroEmbedding(nn.Module):
     """Stands in for extra embeddings (GPT-2's positions) on stages > 0: adds nothing."""
 
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.zero = nn.Buffer(torch.zeros(()), persistent=False)  # follows .to(dtype)
+        self.zero = nn.Buffer(torch.zeros((), dtype=dtype, device=device), persistent=False)
 
     def forward(self, ids):
         return self.zero
@@ -131,10 +132,11 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def build_stage_model(path: str, config, start: int, end: int, first: bool, last: bool) -> tuple[nn.Module, Injected]:
+def build_stage_model(path: str, config, start: int, end: int, first: bool, last: bool, dtype: torch.dtype,
+                      device: torch.device) -> tuple[nn.Module, Injected]:
     """The teacher's module tree with only blocks [start, end) (and embeddings / norm + head where
-    this stage needs them) given storage and weights; everything else is a stand-in or stays on
-    the meta device, never executed."""
+    this stage needs them) given storage and weights in ``dtype`` on ``device``; everything else is
+    a stand-in or stays on the meta device, never executed."""
     model = M.meta_model(config)
     blocks_path, norm_path = M.layout(model)
     blocks = M.decoder_layers(model)
@@ -148,15 +150,15 @@ def build_stage_model(path: str, config, start: int, end: int, first: bool, last
     if last:
         local[norm_path] = M.final_norm(model)
         local[M.module_name(model, model.get_output_embeddings())] = model.get_output_embeddings()
-    M.materialize(model, local, path)
+    W.fill_modules(model, local, W.WeightReader(path), dtype, device)
     for i in list(range(0, start)) + list(range(end, len(blocks))):
         blocks[i] = PassThrough()
     injected = Injected()
     if not first:
         _set_module(model, embed_name, injected)
         for name in extra_embeddings:
-            _set_module(model, name, ZeroEmbedding())
-    _rebuild_meta_buffers(model, config)
+            _set_module(model, name, ZeroEmbedding(dtype, device))
+    _rebuild_meta_buffers(model, config, device)
     return model.eval().requires_grad_(False), injected
 
 
@@ -168,13 +170,13 @@ def _stop_after(block: nn.Module) -> None:
     block.register_forward_hook(stop)
 
 
-def _rebuild_meta_buffers(model: nn.Module, config) -> None:
+def _rebuild_meta_buffers(model: nn.Module, config, device: torch.device) -> None:
     """Parameter-free helpers with computed buffers (rotary embeddings) are rebuilt for real."""
     for name, module in list(model.named_modules()):
         if name and not any(True for _ in module.parameters(recurse=False)) and any(
                 b.is_meta for b in module.buffers(recurse=False)):
             try:
-                _set_module(model, name, type(module)(config=config))
+                _set_module(model, name, type(module)(config=config).to(device))
             except TypeError as e:
                 raise ConfigError(f"pipeline placement cannot rebuild {type(module).__name__} of this architecture "
                                   f"({e}); use teacher.placement replicated or zero3") from None
@@ -201,9 +203,10 @@ class PipelineTeacher:
         self.layout = stage_layout(config, stages, explicit_layers)
         start, end = self.layout[self.stage]
         self.first, self.last = self.stage == 0, self.stage == stages - 1
-        self.model, self.injected = build_stage_model(path, config, start, end, self.first, self.last)
-        self.model.to(dtype)
-        self.hidden_size, self.vocab = M.hidden_size(config), M.vocab_size(config)
+        self.device = D.device()
+        self.model, self.injected = build_stage_model(path, config, start, end, self.first, self.last, dtype,
+                                                      self.device)
+        self.hidden_size, self.vocab, self.dtype = M.hidden_size(config), M.vocab_size(config), dtype
         # taps: global order, which stage holds each, and the local filters
         self.tap_layers = list(tap_layers)
         self.tap_stage = [self._stage_of_layer(layer) for layer in self.tap_layers]
@@ -216,7 +219,7 @@ class PipelineTeacher:
         self.filter_dim = self.hidden_size
         if filters is not None:
             self.filter_dim = filters.out_dim
-            self.filters = nn.ModuleList(filters.filters[i] for i in self.local_taps).to(dtype).eval()
+            self.filters = nn.ModuleList(filters.filters[i] for i in self.local_taps).to(self.device, dtype).eval()
             self.filters.requires_grad_(False)
         self._check_group_agrees()
         self.stats = {"calls": 0, "busy_s": 0.0, "wall_s": 0.0}  # for the bubble fraction (benchmarks)
@@ -231,7 +234,7 @@ class PipelineTeacher:
         """Every member must have built the same pipeline, or the schedule would hang."""
         fingerprint = repr((self.P, self.layout, self.tap_layers, self.filter_dim, self.vocab, self.topk,
                             str(self.logits_dtype), self.chunks, self.need_logits)).encode()
-        mine = torch.tensor(list(hashlib.sha256(fingerprint).digest()[:8]), dtype=torch.int64)
+        mine = torch.tensor(list(hashlib.sha256(fingerprint).digest()[:8]), dtype=torch.int64, device=self.device)
         gathered = [torch.zeros_like(mine) for _ in self.members]
         self._wait(dist.all_gather(gathered, mine, group=self.group, async_op=True), "layout handshake")
         bad = [self.members[i] for i, g in enumerate(gathered) if not torch.equal(g, mine)]
@@ -266,7 +269,8 @@ class PipelineTeacher:
         return out
 
     def _call(self, input_ids: torch.Tensor) -> TeacherOutput:
-        shape = torch.tensor(list(input_ids.shape), dtype=torch.int64)
+        input_ids = input_ids.to(self.device)
+        shape = torch.tensor(list(input_ids.shape), dtype=torch.int64, device=self.device)
         shapes = [torch.zeros_like(shape) for _ in self.members]
         self._wait(dist.all_gather(shapes, shape, group=self.group, async_op=True), "shape exchange")
         if any(not torch.equal(s, shape) for s in shapes):
@@ -292,18 +296,19 @@ class PipelineTeacher:
         for c, ids in enumerate(my_chunks):
             b, t = ids.shape
             for i, s in enumerate(self.tap_stage):
-                received[("tap", c, i)] = buf = torch.empty(b, t, self.filter_dim, dtype=torch.float32)
+                received[("tap", c, i)] = buf = torch.empty(b, t, self.filter_dim, dtype=torch.float32,
+                                                            device=self.device)
                 if s != me:
                     pending.append((dist.irecv(buf, self.members[s], tag=self._tag(me, c, 3 + i)),
                                     f"receiving tap {self.tap_layers[i]} from stage {s}"))
             if self.need_logits:
                 width = self.topk or self.vocab
-                received[("logits", c)] = buf = torch.empty(b, t, width, dtype=self.logits_dtype)
+                received[("logits", c)] = buf = torch.empty(b, t, width, dtype=self.logits_dtype, device=self.device)
                 if not self.last:
                     pending.append((dist.irecv(buf, self.members[-1], tag=self._tag(me, c, 1)),
                                     "receiving logits from the last stage"))
                 if self.topk:
-                    received[("index", c)] = idx = torch.empty(b, t, self.topk, dtype=torch.int64)
+                    received[("index", c)] = idx = torch.empty(b, t, self.topk, dtype=torch.int64, device=self.device)
                     if not self.last:
                         pending.append((dist.irecv(idx, self.members[-1], tag=self._tag(me, c, 2)),
                                         "receiving top-k ids from the last stage"))
@@ -318,7 +323,7 @@ class PipelineTeacher:
     def _run_chunk(self, owner: int, c: int, ids: torch.Tensor, received, pending) -> None:
         b, t = ids.shape
         if not self.first:
-            hidden = torch.empty(b, t, self.hidden_size, dtype=next(self.model.parameters()).dtype)
+            hidden = torch.empty(b, t, self.hidden_size, dtype=self.dtype, device=self.device)
             self._wait(dist.irecv(hidden, self.members[self.stage - 1], tag=self._tag(owner, c, 0)),
                        f"receiving activations from stage {self.stage - 1}")
             self.injected.hidden = hidden

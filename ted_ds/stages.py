@@ -9,6 +9,7 @@ loss of one micro-batch.  The trainer only ever sees a ``Stage``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -115,17 +116,24 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
 
 
 # ----------------------------------------------------------------------------- models
-def load_teacher(cfg: RunConfig) -> nn.Module:
-    return M.load_model(cfg.teacher.path, cfg.teacher.trust_remote_code)
+def load_teacher(cfg: RunConfig, **placement) -> nn.Module:
+    """The teacher's weights as ``placement`` says (dtype, device, zero_config: see models.load_model)."""
+    return M.load_model(cfg.teacher.path, cfg.teacher.trust_remote_code, **placement)
 
 
-def load_student(p: Plan) -> nn.Module:
+def load_student(p: Plan, **placement) -> nn.Module:
+    """The student from its own directory, from teacher blocks (reading only those), or random.
+
+    A random student is built whole in fp32 on every rank (then cast and partitioned): only small
+    students start from scratch, and so every rank and the single-process reference agree."""
     s = p.cfg.student
     if s.path:
-        return M.load_model(s.path, s.trust_remote_code)
-    if s.config:
-        return M.model_from_config(p.student_config, p.cfg.train.seed)
-    return M.student_from_teacher(load_teacher(p.cfg), s.init_from_teacher, p.cfg.train.seed)
+        return M.load_model(s.path, s.trust_remote_code, **placement)
+    if s.init_from_teacher is not None:
+        return M.load_teacher_blocks(p.cfg.teacher.path, s.init_from_teacher, p.cfg.teacher.trust_remote_code,
+                                     **placement)
+    model = M.model_from_config(p.student_config, p.cfg.train.seed)
+    return model.to(placement.get("dtype", torch.float32))
 
 
 class StudentWithFilters(nn.Module):
@@ -166,7 +174,7 @@ def build_distill(p: Plan, ds: dict) -> Stage:
     """Stage 2 (ted), or a baseline (lwd, kd, lm), by ``distill.method``."""
     cfg = p.cfg
     method = cfg.distill.method
-    student = load_student(p)
+    student = load_student(p, dtype=compute_dtype(ds), zero_config=ds)
     if cfg.student.activation_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     d_s = M.hidden_size(p.student_config)
@@ -181,12 +189,14 @@ def build_distill(p: Plan, ds: dict) -> Stage:
     elif method == "lwd" and cfg.uses_layers:  # a fresh projection into the teacher's raw hidden space
         student_filters = FilterBank(cfg.distill.filter, d_s, M.hidden_size(p.teacher_config), p.student_layers,
                                      seed=cfg.train.seed)
+    if student_filters is not None:  # DeepSpeed casts no module whose student is already partitioned
+        student_filters = student_filters.to(compute_dtype(ds))
     trained = StudentWithFilters(student, p.student_layers if cfg.uses_layers else [], student_filters)
     flops = _flops_per_token(M.matmul_parameters(student), p.student_config, cfg.data.seq_len, True)
     engine = build_trained_engine(cfg, trained, ds, p.total_steps)
     frozen = None
     if cfg.uses_teacher:
-        frozen = build_frozen(cfg, lambda: load_teacher(cfg), p.teacher_layers if cfg.uses_layers else [],
+        frozen = build_frozen(cfg, functools.partial(load_teacher, cfg), p.teacher_layers if cfg.uses_layers else [],
                               teacher_filters, cfg.uses_logits, ds)
         flops += _flops_per_token(M.matmul_parameters(M.meta_model(p.teacher_config)), p.teacher_config,
                                   cfg.data.seq_len, False)
@@ -209,15 +219,15 @@ def build_filter_learning(p: Plan, ds: dict, which: str) -> Stage:
     teacher's frozen head, at every tap."""
     cfg = p.cfg
     if which == "teacher":
-        layers, conf, load = p.teacher_layers, p.teacher_config, (lambda: load_teacher(cfg))
+        layers, conf, load = p.teacher_layers, p.teacher_config, functools.partial(load_teacher, cfg)
     else:
-        layers, conf, load = p.student_layers, p.student_config, (lambda: load_student(p))
+        layers, conf, load = p.student_layers, p.student_config, functools.partial(load_student, p)
     bank = FilterBank(cfg.distill.filter, M.hidden_size(conf), p.filter_dim, layers, seed=cfg.train.seed)
     engine = build_trained_engine(cfg, bank, ds, p.total_steps)
     if which == "student" and cfg.teacher.placement == "pipeline":  # a pipeline is for the teacher's size
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, placement="zero3"))
     frozen = build_frozen(cfg, load, layers, None, False, ds)
-    head = M.TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code).to(D.device(), compute_dtype(ds))
+    head = M.TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code, compute_dtype(ds), D.device())
     n_filter = sum(p_.numel() for p_ in bank.parameters() if p_.ndim >= 2)
     head_mm = M.hidden_size(p.teacher_config) * M.vocab_size(p.teacher_config)
     flops = (_flops_per_token(M.matmul_parameters(M.meta_model(conf)), conf, cfg.data.seq_len, False)

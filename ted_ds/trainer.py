@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from ted_ds import distributed as D
+from ted_ds.capacity import check_fits
 from ted_ds.checkpoint import Checkpointer
 from ted_ds.config import RunConfig, save_config, to_dict
 from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
-from ted_ds.engine import resolve_ds_config
+from ted_ds.engine import compute_dtype, resolve_ds_config
 from ted_ds.export import save_trained_outputs
 from ted_ds.metrics import MetricsLogger, device_peak_flops
 from ted_ds.stages import Plan, Stage, build_distill, build_filter_learning, plan
@@ -111,6 +112,8 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
             last.update({"lr": stage.engine.get_lr()[0], "tokens": tokens, "tokens_per_s": tps,
                          "mfu": tps * stage.flops_per_token / peak,
                          "grad_norm": float(grad_norm) if grad_norm is not None else math.nan})
+            if D.device().type == "cuda":
+                last["mem/peak_gib"] = torch.cuda.max_memory_allocated(D.device()) / 2**30
             log.log(step, last)
             window_time, window_steps = 0.0, 0
         if valid is not None and (step % cfg.train.eval_interval == 0 or step == p.total_steps):
@@ -144,6 +147,8 @@ def run_stage(cfg: RunConfig, filters_for: str | None = None) -> tuple[Stage, Pl
     stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step
     p = plan(cfg, filters_for=filters_for)
     ds = resolve_ds_config(cfg, D.expected_world_size())  # every check happens before the process group
+    check_fits(p, compute_dtype(ds), D.expected_world_size(), D.local_world_size(),
+               with_teacher=cfg.uses_teacher or filters_for == "teacher")
     D.init(cfg.train.timeout_minutes)
     seed_everything(cfg.train.seed)
     stage = build_filter_learning(p, ds, filters_for) if filters_for else build_distill(p, ds)

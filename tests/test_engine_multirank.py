@@ -209,3 +209,27 @@ def test_gpt2_ted_runs_and_exports(runs):
     model = AutoModelForCausalLM.from_pretrained(os.path.join(runs["dirs"]["gpt2_ted"], "hf"))
     assert type(model).__name__ == "GPT2LMHeadModel" and model.config.n_layer == 2
     assert os.path.isdir(os.path.join(runs["dirs"]["gpt2_ted"], "tb"))
+
+
+def test_each_rank_reads_only_its_share_of_the_weights(runs, tiny):
+    """Counted while loading: a rank reads its teacher share (whole, 1/2, one pipeline stage) and only
+    its 1/2 slice of the student's tensors — the student's teacher blocks are never read whole, and
+    the teacher is never read twice. Slack: the partial rows at each slice's two ends."""
+    from ted_ds.capacity import teacher_share
+    from ted_ds.models import load_config, meta_model, teacher_blocks_config
+
+    t = load_config(tiny["llama_teacher"])
+    student = meta_model(teacher_blocks_config(t, [0, 2]))
+    student_half = sum(p.numel() for p in student.parameters()) / 2
+    slack = 2 * sum(p[0].numel() if p.ndim > 1 else 1 for p in student.parameters())
+    for placement in ("replicated", "zero3", "pipeline"):
+        read = runs["results"][f"ted_{placement}"]["elements_read_max"]
+        share = teacher_share(t, placement, 2, 2, None) + student_half
+        assert student_half <= read <= share + slack, (placement, read, share)
+
+
+def test_every_tensor_lives_on_the_rank_device(runs):
+    from ted_ds.distributed import device
+
+    for name, record in runs["results"].items():
+        assert record["devices"] == [device().type], name

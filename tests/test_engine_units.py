@@ -15,7 +15,8 @@ from ted_ds.engine import lr_multiplier
 from ted_ds.errors import ConfigError
 from ted_ds.filters import FilterBank
 from ted_ds.losses import ObjectiveWeights, distill_objective, kd_loss, layer_loss, lm_loss
-from ted_ds.models import TapRecorder, TaskHead, decoder_layers, load_model, student_from_teacher, tap_pairs
+from ted_ds.models import TapRecorder, TaskHead, decoder_layers, load_model, load_teacher_blocks, tap_pairs
+from ted_ds.weights import WeightReader
 
 
 # ----------------------------------------------------------------------------- losses by hand
@@ -124,7 +125,10 @@ def test_task_head_reads_only_head_tensors_and_matches_the_model(tiny, kind):
 
 def test_student_from_teacher_copies_chosen_layers(tiny):
     teacher = load_model(tiny["llama_teacher"])
-    student = student_from_teacher(teacher, [1, 3], seed=0)
+    before = WeightReader.process_total
+    student = load_teacher_blocks(tiny["llama_teacher"], [1, 3])
+    # only the two blocks, embeddings, final norm and head were read, never the whole teacher
+    assert WeightReader.process_total - before == sum(p.numel() for p in student.parameters())
     assert student.config.num_hidden_layers == 2
     for s_i, t_i in ((0, 1), (1, 3)):
         for (ks, vs), (kt, vt) in zip(decoder_layers(student)[s_i].state_dict().items(),
@@ -132,7 +136,7 @@ def test_student_from_teacher_copies_chosen_layers(tiny):
             assert ks == kt and torch.equal(vs, vt)
     assert torch.equal(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
     with pytest.raises(ConfigError, match="0-based"):
-        student_from_teacher(teacher, [0, 4], seed=0)
+        load_teacher_blocks(tiny["llama_teacher"], [0, 4])
 
 
 def test_lr_schedule_warmup_then_cosine(tiny, tmp_path):

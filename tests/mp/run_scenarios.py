@@ -24,6 +24,7 @@ from ted_ds.export import gathered_state_dict  # noqa: E402
 from ted_ds.filters import load_filter_bank  # noqa: E402
 from ted_ds.models import load_model  # noqa: E402
 from ted_ds.trainer import run_stage  # noqa: E402
+from ted_ds.weights import WeightReader  # noqa: E402
 
 
 def frozen_matches_disk(stage, cfg, filters_for) -> bool:
@@ -58,6 +59,22 @@ def pipeline_matches_disk(pipe, cfg) -> bool:
     return bool(D.all_reduce_sum(flag)[0] == D.world_size())
 
 
+def device_types(stage) -> set[str]:
+    """Device types of every tensor this rank holds for the trained module and the frozen side
+    (ZeRO-3 parameters by their partitions; the pipeline's meta-device stand-ins excluded)."""
+    held = lambda module: [getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p
+                           for p in [*module.parameters(), *module.buffers()]]
+    tensors = held(stage.engine.module)
+    frozen = stage.frozen
+    if frozen is not None:
+        module = {"replicated": lambda: frozen.frozen, "zero3": lambda: frozen.engine.module,
+                  "pipeline": lambda: frozen.model}[frozen.placement]()
+        tensors += held(module)
+        if frozen.placement == "pipeline" and frozen.filters is not None:
+            tensors += held(frozen.filters)
+    return {t.device.type for t in tensors if t is not None and not t.is_meta}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True)
@@ -68,8 +85,13 @@ def main() -> None:
     results = {}
     for scenario in json.load(open(args.spec)):
         cfg = load_config(scenario["config"], scenario.get("overrides", []))
+        read_before = WeightReader.process_total
         stage, plan, result = run_stage(cfg, scenario.get("filters_for"))
         record = {"result": {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}}
+        read = torch.tensor([float(WeightReader.process_total - read_before)])
+        torch.distributed.all_reduce(read, op=torch.distributed.ReduceOp.MAX)
+        record["elements_read_max"] = float(read[0])  # what the busiest rank read from weight files
+        record["devices"] = sorted(device_types(stage))
         if stage.frozen is not None:
             record["frozen_matches_disk"] = frozen_matches_disk(stage, cfg, scenario.get("filters_for"))
             local = torch.tensor([float(stage.frozen.local_parameters())])

@@ -1,0 +1,230 @@
+"""The GPU check: the large-scale path end to end on one GPU, with the figures that matter.
+
+    python -m bench.gpu_check [--out DIR]      (make gpu-check; one GPU, world size 1, NCCL)
+    python -m bench.gpu_check --dry-run        (CPU, tiny shapes, gloo: what the tests run)
+
+A random LLaMA-shaped teacher (~3.6 B: d=3072, 28 layers, vocab 128k, bf16 safetensors written
+here) is distilled with TED into a LLaMA-shaped student (~1.2 B: d=2048, 16 layers, tied
+embeddings) under ``ds_configs/zero3_bf16.json`` (DeepSpeed's fused AdamW): stage 1 on both sides,
+~30 distillation steps, export to HF, ``ted-ds eval``; then the engine worker times a TED step
+against a student-only step + the teacher forward on the same batches, and the KD bench compares
+chunked and unchunked losses.  Every phase is the real command in its own process.
+
+Printed: tokens/s and MFU (teacher forward FLOPs counted), TED step ÷ (student step + teacher
+forward), peak GPU memory ÷ the floor (teacher in bf16 + student and filters at 16 bytes/param:
+bf16 weights and gradients, fp32 master weights and Adam moments — activations excluded), the KD
+memory and time ratios.  The last line is one JSON object; ``--out`` also gets it as
+``gpu_check.json``.  Random weights: the losses mean nothing, the speed and memory do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(REPO, "data_prep", "sample", "enwiki_sample.txt.gz")
+
+# (teacher, student) LLaMA shapes: full size on a GPU, tiny for the CPU dry run
+SHAPES = {
+    "gpu": {"teacher": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                            num_key_value_heads=8, tie_word_embeddings=False),
+            "student": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                            num_key_value_heads=8, tie_word_embeddings=True),
+            "vocab": 128256, "tokenizer_vocab": 8000, "seq_len": 2048, "micro_batch": 2, "global_batch": 4,
+            "filter_steps": 10, "distill_steps": 30, "bench_steps": 6, "kd_tokens": 8192, "taps": (7, 4)},
+    "dry": {"teacher": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, tie_word_embeddings=False),
+            "student": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1, tie_word_embeddings=True),
+            "vocab": 1536, "tokenizer_vocab": 1000, "seq_len": 64, "micro_batch": 2, "global_batch": 4,
+            "filter_steps": 2, "distill_steps": 3, "bench_steps": 2, "kd_tokens": 256, "taps": (2, 1)},
+}
+
+
+def run(cmd: list[str], log: list, what: str, env: dict | None = None) -> str | None:
+    """Run one phase; its time, exit status and (on failure) output tail go to ``log``. Returns its
+    stdout, or None when it failed: the phases that do not depend on it still run."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, **(env or {})))
+    entry = {"phase": what, "seconds": round(time.perf_counter() - start, 1), "rc": proc.returncode}
+    if proc.returncode != 0:
+        entry["tail"] = (proc.stdout + proc.stderr)[-3000:]
+    log.append(entry)
+    print(f"[{what}] {entry['seconds']} s, exit {proc.returncode}", flush=True)
+    if proc.returncode != 0:
+        print(entry["tail"], flush=True)
+        return None
+    return proc.stdout
+
+
+def make_models(shape: dict, work: str, device: str) -> dict:
+    """Random teacher and student saved as bf16 safetensors (initialised on ``device``: fast)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from data_prep.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(os.path.join(work, "tok"))
+    paths = {}
+    for side in ("teacher", "student"):
+        paths[side] = os.path.join(work, side)
+        if os.path.isfile(os.path.join(paths[side], "config.json")):
+            continue
+        config = LlamaConfig(vocab_size=shape["vocab"], max_position_embeddings=max(4096, shape["seq_len"]),
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape[side])
+        torch.manual_seed(0 if side == "teacher" else 1)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(paths[side], safe_serialization=True)
+        tok.save_pretrained(paths[side])
+        del model
+    return paths
+
+
+def run_config(shape: dict, work: str, paths: dict, ds_config: str) -> str:
+    import yaml
+
+    k_t, k_s = shape["taps"]
+    cfg = {"teacher": {"path": paths["teacher"], "placement": "replicated",
+                       "filters": os.path.join(work, "filters-teacher")},
+           "student": {"path": paths["student"], "filters": os.path.join(work, "filters-student")},
+           "data": {"path": os.path.join(work, "data"), "seq_len": shape["seq_len"], "eval_samples": 8},
+           "distill": {"method": "ted", "teacher_every": k_t, "student_every": k_s},
+           "optim": {"lr": 1e-4, "warmup_steps": 2},
+           "train": {"out_dir": os.path.join(work, "run"), "deepspeed_config": ds_config,
+                     "micro_batch_size": shape["micro_batch"], "global_batch_size": shape["global_batch"],
+                     "log_interval": 5, "eval_interval": 10**6, "save_interval": 10**6, "progress": False}}
+    path = os.path.join(work, "run.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+def last_metrics(out_dir: str) -> dict:
+    """The last logged training step of a run (metrics.jsonl)."""
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return [r for r in rows if "tokens_per_s" in r][-1]
+
+
+def parameters(path: str) -> int:
+    """Parameter count of an HF directory, read from its safetensors headers."""
+    import math
+
+    from ted_ds.weights import WeightReader
+
+    reader = WeightReader(path)
+    return sum(math.prod(reader.shape(name)) for name in reader.names())
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, gloo (what the tests run)")
+    ap.add_argument("--work", default=None, help="work directory (default: a fresh temporary one)")
+    ap.add_argument("--out", default=None, help="also write gpu_check.json here")
+    args = ap.parse_args(argv)
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("gpu-check: no CUDA device visible; use --dry-run on a CPU machine")
+    shape = SHAPES["dry" if args.dry_run else "gpu"]
+    work = args.work or tempfile.mkdtemp(prefix="ted-gpu-check-")
+    os.makedirs(work, exist_ok=True)
+    py, log = sys.executable, []
+    env = {"DS_ACCELERATOR": "cpu"} if args.dry_run else {}
+    ds_config = os.path.join(REPO, "ds_configs", "zero3_bf16.json")
+
+    if not os.path.isdir(os.path.join(work, "tok")):
+        run([py, "-m", "data_prep", "tokenizer", "--input", SAMPLE, "--vocab-size", str(shape["tokenizer_vocab"]),
+             "--out", os.path.join(work, "tok")], log, "tokenizer")
+    run([py, "-m", "data_prep", "build", "--input", SAMPLE, "--tokenizer", os.path.join(work, "tok"), "--out",
+         os.path.join(work, "data"), "--workers", str(min(8, os.cpu_count() or 1)), "--no-progress"], log, "shards")
+    start = time.perf_counter()
+    paths = make_models(shape, work, "cpu" if args.dry_run else "cuda")
+    log.append({"phase": "random models", "seconds": round(time.perf_counter() - start, 1), "rc": 0})
+    config = run_config(shape, work, paths, ds_config)
+    result = {"device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(0),
+              "teacher_params": parameters(paths["teacher"]), "student_params": parameters(paths["student"]),
+              "floor_gib": floor_gib(shape, paths), "phases": log}
+    save = lambda: _save(result, args.out)  # after every phase: a cut-off run still reports what it measured
+    kd = run([py, "-m", "bench", "kd", "--device", "cpu" if args.dry_run else "cuda", "--tokens",
+              str(shape["kd_tokens"]), "--vocab", str(shape["vocab"])], log, "kd bench", env)
+    if kd:
+        result.update({k: v for k, v in json.loads(kd.strip().splitlines()[-1]).items() if k.startswith("kd_")})
+    save()
+    ted = [py, "-m", "ted_ds"]
+    filters = all([run([*ted, "learn-filters", "--config", config, "--model", side,
+                        f"train.steps={shape['filter_steps']}", f"train.out_dir={work}/stage1-{side}",
+                        f"distill.filters_out={work}/filters-{side}"], log, f"learn-filters {side}", env)
+                   for side in ("teacher", "student")])
+    save()
+    if filters and run([*ted, "distill", "--config", config, f"train.steps={shape['distill_steps']}"], log,
+                       "distill ted", env):
+        trained = last_metrics(os.path.join(work, "run"))
+        peak = trained.get("mem/peak_gib")
+        result.update({"tokens_per_s": trained["tokens_per_s"], "mfu": trained["mfu"], "peak_gpu_gib": peak,
+                       "peak_over_floor": peak / result["floor_gib"] if peak else None})
+        save()
+        export = os.path.join(work, "export")
+        if run([*ted, "export", os.path.join(work, "run"), "--out", export, "--dtype", "bf16"], log, "export", env):
+            out = run([*ted, "eval", export, "--data", os.path.join(work, "data"), "--max-samples", "16",
+                       "--seq-len", str(shape["seq_len"]), "--json"], log, "eval", env)
+            if out:
+                result["eval_ppl"] = json.loads(out.strip().splitlines()[-1])["ppl"]
+        save()
+    for placement in ("replicated", "zero3", "pipeline") if filters else ():
+        bench_out = os.path.join(work, f"engine-{placement}.json")
+        with_lm = ["--with-lm"] if placement == "replicated" else []
+        if run([py, os.path.join(REPO, "bench", "mp_engine_bench.py"), "--config", config, "--out", bench_out,
+                *with_lm, "--warmup", "2", "--steps", str(shape["bench_steps"]), f"teacher.placement={placement}",
+                "teacher.pipeline_stages=1"], log, f"engine bench {placement}", env):
+            e = json.load(open(bench_out))[0]
+            result[f"ted_step_s_{placement}"] = e["step_s"]
+            if with_lm:
+                both = e["lm_step_s"] + e["teacher_forward_s"]
+                result.update({"student_step_s": e["lm_step_s"], "teacher_forward_s": e["teacher_forward_s"],
+                               "ted_over_student_plus_teacher": e["step_s"] / both})
+        save()
+    report(result)
+    if any(p["rc"] for p in log):
+        sys.exit(f"gpu-check: failed phases: {', '.join(p['phase'] for p in log if p['rc'])}")
+    return result
+
+
+def floor_gib(shape: dict, paths: dict) -> float:
+    """What the distillation run must hold on its one GPU (ted_ds.capacity's floor, replicated teacher)."""
+    import torch
+
+    from ted_ds.capacity import rank_floor_bytes
+    from ted_ds.models import load_config
+
+    floor = rank_floor_bytes(load_config(paths["teacher"]), load_config(paths["student"]), "replicated", 1, 1, None,
+                             torch.bfloat16, shape["micro_batch"] * shape["seq_len"])
+    return floor / 2**30
+
+
+def _save(result: dict, out: str | None) -> None:
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "gpu_check.json"), "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def report(r: dict) -> None:
+    fmt = lambda key, spec: format(r[key], spec) if r.get(key) is not None else "-"
+    print(f"\nteacher {r['teacher_params'] / 1e9:.2f} B, student {r['student_params'] / 1e9:.2f} B on {r['device']}")
+    print(f"tokens/s {fmt('tokens_per_s', '.0f')}, MFU {fmt('mfu', '.3f')} (teacher forward counted)")
+    print(f"TED step / (student step + teacher forward) = {fmt('ted_over_student_plus_teacher', '.3f')}")
+    print(f"peak GPU memory {fmt('peak_gpu_gib', '.1f')} GiB / floor {fmt('floor_gib', '.1f')} GiB = "
+          f"{fmt('peak_over_floor', '.2f')}")
+    print(f"KD chunked/unchunked: memory {fmt('kd_memory_ratio', '.2f')}, time {fmt('kd_time_ratio', '.2f')}")
+    print(json.dumps({k: v for k, v in r.items() if k != "phases"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Will the run fit: the bytes each rank must hold, from shapes alone, checked before any load.
+
+``rank_floor_bytes`` is a lower bound of what one rank holds under a teacher placement: its teacher
+share in the compute dtype, its ZeRO-3 shard of the student (weights, master copy, Adam moments,
+gradients), the largest student parameter gathered whole with its gradient, and the step's
+(tokens × vocabulary) logits.  ``check_fits`` refuses a run whose floor already exceeds the memory a
+rank can see, and a rank count that does not fit the GPUs or the pipeline — one line each, before
+any weights are read.  The scale rehearsal (``python -m bench scale``) divides measured peaks by
+the same floor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ted_ds import models as M
+from ted_ds.errors import ConfigError
+
+GIB = 2**30
+
+
+def student_bytes_per_param(dtype: torch.dtype) -> int:
+    """ZeRO-3 state per trained parameter: fp32 runs hold weights, gradients and two Adam moments
+    (4 × 4 bytes); bf16 runs add the bf16 weights to fp32 master, moments and gradients (2 + 4 × 4)."""
+    return 16 if dtype == torch.float32 else 18
+
+
+def teacher_share(teacher_config, placement: str, world: int, stages: int, explicit: list[int] | None) -> int:
+    """Teacher parameters one rank holds: all (replicated), 1/W (zero3), its largest stage (pipeline)."""
+    model = M.meta_model(teacher_config)
+    total = sum(p.numel() for p in model.parameters())
+    if placement == "replicated":
+        return total
+    if placement == "zero3":
+        return math.ceil(total / world)
+    from ted_ds.pipeline import stage_layout
+
+    blocks = [sum(p.numel() for p in b.parameters()) for b in M.decoder_layers(model)]
+    inside = {id(p) for b in M.decoder_layers(model) for p in b.parameters()}
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    first = sum(p.numel() for p in model.parameters() if id(p) in embeddings - inside)  # embeddings
+    last = sum(p.numel() for p in model.parameters() if id(p) not in embeddings | inside)  # norm, head
+    head = model.get_output_embeddings()
+    if head is not None and id(head.weight) in embeddings:  # tied: the last stage holds its own copy
+        last += head.weight.numel()
+    bounds = stage_layout(teacher_config, stages, explicit)
+    return max(sum(blocks[a:b]) + first * (s == 0) + last * (s == len(bounds) - 1)
+               for s, (a, b) in enumerate(bounds))
+
+
+def rank_floor_bytes(teacher_config, student_config, placement: str, world: int, stages: int,
+                     explicit: list[int] | None, dtype: torch.dtype, tokens: int) -> float:
+    """A lower bound of one rank's memory for this run (module docstring)."""
+    student = M.meta_model(student_config)
+    n_student = sum(p.numel() for p in student.parameters())
+    largest = max(p.numel() for p in student.parameters())
+    width = torch.finfo(dtype).bits // 8
+    vocab = M.vocab_size(student_config)
+    floor = student_bytes_per_param(dtype) * n_student / world + (width + 4) * largest + tokens * vocab * (width + 4)
+    if teacher_config is not None:
+        floor += width * teacher_share(teacher_config, placement, world, stages, explicit) + tokens * vocab * width
+    return floor
+
+
+def visible_bytes(local_ranks: int) -> tuple[float, str]:
+    """Memory one rank can use, and where it is: its GPU's free memory, or its share of the host's."""
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return free, "GPU"
+    import psutil
+
+    return psutil.virtual_memory().available / local_ranks, "host"
+
+
+def check_fits(p, dtype: torch.dtype, world: int, local_ranks: int, with_teacher: bool) -> None:
+    """Refuse, in one line, a run that cannot fit the ranks it starts on (``with_teacher``: the
+    teacher is placed by ``teacher.placement`` in this run)."""
+    cfg = p.cfg
+    t = cfg.teacher
+    if torch.cuda.is_available() and local_ranks > torch.cuda.device_count():
+        raise ConfigError(f"{local_ranks} ranks on this host but {torch.cuda.device_count()} GPUs visible; start one "
+                          "rank per GPU (--num_gpus / --ntasks-per-node) or check CUDA_VISIBLE_DEVICES")
+    teacher_config = p.teacher_config if with_teacher else None
+    if teacher_config is not None and t.placement == "pipeline" and world % t.pipeline_stages:
+        raise ConfigError(f"teacher.pipeline_stages {t.pipeline_stages} must divide the number of ranks {world}")
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    need = rank_floor_bytes(teacher_config, p.student_config, t.placement, world, t.pipeline_stages,
+                            t.pipeline_layers, dtype, tokens)
+    have, where = visible_bytes(local_ranks)
+    if need > have:
+        hint = ("use teacher.placement zero3 or pipeline, more ranks, " if teacher_config is not None
+                and t.placement == "replicated" else "use more ranks, ")
+        raise ConfigError(f"this run needs at least {need / GIB:.1f} GiB per rank (teacher share, student ZeRO-3 "
+                          f"shard, logits) but a rank sees {have / GIB:.1f} GiB of {where} memory; {hint}"
+                          "a smaller micro_batch_size, or the offload config (ds_configs/zero3_offload.json)")

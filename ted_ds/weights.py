@@ -1,0 +1,236 @@
+"""Weights into exactly what a rank holds: read from safetensors, one tensor at a time, in the
+dtype and on the device the rank computes with.
+
+Three ways a model lives on a rank, one loader each:
+
+* **dense** (``build_dense`` + ``fill_dense``): a whole copy (replicated teacher, single-process
+  runs); storage is allocated uninitialised in the compute dtype on the device, then each tensor
+  is read and copied in, so the peak is one copy plus one tensor.
+* **partitioned** (``build_partitioned`` + ``fill_partitions``): built under DeepSpeed's
+  ``zero.Init``, each parameter holding only this rank's flat 1/W slice (``ds_tensor``); the
+  loader reads only the rows of the file that cover that slice.  No rank ever holds a whole model.
+* **some modules** (``fill_modules``): pipeline stages and the task head give storage to a few
+  submodules of a meta-device tree and read only their tensors.
+
+A ``Rename`` maps a target parameter name to the name it has in the source files: identity for a
+model's own directory, teacher block indices for ``student.init_from_teacher``.
+``WeightReader.elements_read`` counts what was read, so tests can check that no rank reads more
+than its share.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ted_ds.errors import ConfigError
+
+Rename = Callable[[str], str]
+
+
+def identity(name: str) -> str:
+    return name
+
+
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of an HF directory (sharded or not)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise ConfigError(f"{path}: no safetensors weights (model.safetensors[.index.json]); re-save the model with "
+                      "save_pretrained(safe_serialization=True)")
+
+
+class WeightReader:
+    """Random access to the tensors of an HF directory without loading any file whole.
+
+    Each read maps its file only for that read: a mapping kept open would keep every page read so
+    far resident in this process (file-backed RSS), doubling the memory of a load.
+    """
+
+    process_total = 0  # elements read by every reader of this process (what a rank materialised)
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.path = path
+        self.elements_read = 0
+        self._file: dict[str, str] = {}
+        self._shape: dict[str, list[int]] = {}
+        for file in weight_files(path):
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    self._file[name] = file
+                    self._shape[name] = list(f.get_slice(name).get_shape())
+
+    def names(self) -> list[str]:
+        return list(self._file)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file
+
+    def shape(self, name: str) -> list[int]:
+        if name not in self._file:
+            raise ConfigError(f"{self.path}: weights lack {name}")
+        return self._shape[name]
+
+    def _count(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.elements_read += tensor.numel()
+        WeightReader.process_total += tensor.numel()
+        return tensor
+
+    def read(self, name: str) -> torch.Tensor:
+        """One whole tensor, in the file's dtype."""
+        from safetensors import safe_open
+
+        self.shape(name)
+        with safe_open(self._file[name], framework="pt") as f:
+            return self._count(f.get_tensor(name))
+
+    def read_flat(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of the flattened tensor, reading only the rows that cover them."""
+        from safetensors import safe_open
+
+        shape = self.shape(name)
+        if not shape:  # a scalar
+            return self.read(name).reshape(1)[start:end]
+        row = math.prod(shape[1:])
+        first, last = start // row, -(-end // row)
+        with safe_open(self._file[name], framework="pt") as f:
+            rows = self._count(f.get_slice(name)[first:last])
+        offset = start - first * row
+        return rows.reshape(-1)[offset:offset + end - start]
+
+
+def _check_shape(reader: WeightReader, source: str, param: nn.Parameter | torch.Tensor, target: str) -> None:
+    expected = list(getattr(param, "ds_shape", param.shape))
+    found = reader.shape(source)
+    if found != expected:
+        raise ConfigError(f"{reader.path}: {source} has shape {found}, the model's {target} needs {expected}")
+
+
+def _tied_source(model: nn.Module, name: str, reader: WeightReader, rename: Rename) -> str:
+    """The source name of ``name``; a tied output head missing from the files reads the embedding."""
+    source = rename(name)
+    if source in reader:
+        return source
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and name == _param_name(model, head.weight) and embed is not None:
+        return rename(_param_name(model, embed.weight))
+    return source
+
+
+def _param_name(model: nn.Module, param: torch.Tensor) -> str:
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p is param:
+            return name
+    raise KeyError("parameter not in model")
+
+
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that are saved with the model's weights (e.g. none for LLaMA; rotary tables are not)."""
+    return {name: b for name, b in model.named_buffers() if name in model.state_dict()}
+
+
+# ----------------------------------------------------------------------------- building
+def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def trusted(config) -> bool:
+    """A config that names remote code (auto_map) could only be loaded with the user's consent."""
+    return bool(getattr(config, "auto_map", None))
+
+
+def build_dense(config, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
+    """The model with uninitialised storage in ``dtype`` on ``device`` (its weights are about to be
+    read); computed buffers (rotary tables) are real."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    quiet_transformers()
+    with torch.device(device), no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trusted(config))
+
+
+def build_partitioned(config, dtype: torch.dtype, ds_config: dict) -> nn.Module:
+    """The model under ZeRO-3's ``zero.Init``: every parameter is this rank's uninitialised slice
+    from the moment it is created (one module is whole, briefly, while it is built)."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    quiet_transformers()
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype), no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trusted(config))
+
+
+# ----------------------------------------------------------------------------- filling
+@torch.no_grad()
+def fill_dense(model: nn.Module, reader: WeightReader, rename: Rename = identity) -> None:
+    """Copy every parameter and saved buffer of ``model`` from the files, one tensor at a time."""
+    for name, tensor in [*model.named_parameters(), *persistent_buffers(model).items()]:
+        source = _tied_source(model, name, reader, rename)
+        _check_shape(reader, source, tensor, name)
+        tensor.copy_(reader.read(source))
+
+
+@torch.no_grad()
+def fill_partitions(model: nn.Module, reader: WeightReader, rename: Rename = identity) -> None:
+    """Copy into each ZeRO-3 parameter only this rank's flat slice, read as rows from the files."""
+    import torch.distributed as dist
+
+    for name, param in model.named_parameters():
+        source = _tied_source(model, name, reader, rename)
+        _check_shape(reader, source, param, name)
+        part = param.ds_tensor
+        size = part.ds_numel
+        start = size * dist.get_rank(group=param.ds_process_group)
+        end = min(start + size, param.ds_numel)
+        if start < end:
+            part.narrow(0, 0, end - start).copy_(reader.read_flat(source, start, end))
+    for name, buf in persistent_buffers(model).items():
+        buf.copy_(reader.read(rename(name)))
+
+
+def fill_modules(model: nn.Module, modules: dict[str, nn.Module], reader: WeightReader, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+    """Give the named meta-device submodules real storage (``dtype`` on ``device``) and read their
+    tensors; a tied output head reads the input embedding's tensor."""
+    head = model.get_output_embeddings()
+    for prefix, module in modules.items():
+        module.to_empty(device=device)
+        module.to(dtype)
+        with torch.no_grad():
+            for key, tensor in [*module.named_parameters(), *persistent_buffers(module).items()]:
+                name = f"{prefix}.{key}"
+                source = name
+                if name not in reader and module is head and key == "weight":
+                    source = _param_name(model, model.get_input_embeddings().weight)
+                _check_shape(reader, source, tensor, name)
+                tensor.copy_(reader.read(source))
+
+
+def layer_rename(blocks_path: str, layers: list[int]) -> Rename:
+    """Student block i is read from teacher block ``layers[i]``; everything else keeps its name."""
+    prefix = blocks_path + "."
+
+    def rename(name: str) -> str:
+        if name.startswith(prefix):
+            index, rest = name[len(prefix):].split(".", 1)
+            return f"{prefix}{layers[int(index)]}.{rest}"
+        return name
+
+    return rename

@@ -1,0 +1,78 @@
+"""The large-scale path at small size: the GPU check's phases on CPU, the scale rehearsal's
+arithmetic, and the one-line refusals of runs that cannot fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny import base_config, write_config
+
+from ted_ds.cli import main as ted_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench(*args: str, timeout: float = 1200) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.multirank
+def test_gpu_check_dry_run_runs_every_phase_on_cpu(tmp_path):
+    """The GPU check's own code path (bf16 ZeRO-3 config, fused AdamW, TED stage 1 and 2 from
+    partitioned loads, export, eval, engine and KD benches) with tiny shapes on CPU."""
+    result = _bench("gpu", "--dry-run", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"))
+    written = json.load(open(tmp_path / "o" / "gpu_check.json"))
+    phases = {p["phase"]: p["rc"] for p in written["phases"]}
+    assert {"kd bench", "learn-filters teacher", "learn-filters student", "distill ted", "export", "eval",
+            "engine bench replicated", "engine bench zero3", "engine bench pipeline"} <= set(phases)
+    assert not any(phases.values()), phases
+    assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
+    assert result["ted_over_student_plus_teacher"] > 0 and result["eval_ppl"] > 1
+    assert result["kd_memory_ratio"] > 0 and result["kd_time_ratio"] > 0
+
+
+@pytest.mark.multirank
+def test_scale_rehearsal_quick_reports_every_placement(tmp_path):
+    summary = _bench("scale", "--quick", "--workdir", str(tmp_path))
+    assert set(summary["rss_over_floor"]) == {"replicated", "zero3", "pipeline"}
+    assert all(r > 0 for r in summary["rss_over_floor"].values())
+
+
+def test_floor_follows_the_placement(tiny):
+    """Sharded placements must hold less teacher than a replicated one, and the floor says how much."""
+    from ted_ds.capacity import rank_floor_bytes, teacher_share
+    from ted_ds.models import load_config, teacher_blocks_config
+
+    t = load_config(tiny["llama_teacher"])
+    total = teacher_share(t, "replicated", 2, 2, None)
+    assert teacher_share(t, "zero3", 2, 2, None) == (total + 1) // 2
+    assert total / 2 < teacher_share(t, "pipeline", 2, 2, None) < total
+    s = teacher_blocks_config(t, [0, 2])
+    floors = {p: rank_floor_bytes(t, s, p, 2, 2, None, torch.float32, 64) for p in ("replicated", "zero3")}
+    assert floors["replicated"] - floors["zero3"] == pytest.approx(4 * (total - (total + 1) // 2))
+
+
+def test_runs_that_cannot_fit_are_refused_in_one_line(tiny, tmp_path, capsys, monkeypatch):
+    from ted_ds import capacity
+
+    cfg = base_config(tiny["llama_data"], tiny["llama_teacher"], str(tmp_path / "o"), **{"distill.method": "kd"})
+    path = write_config(str(tmp_path / "c.yaml"), **cfg)
+    monkeypatch.setattr(capacity, "visible_bytes", lambda local_ranks: (1e5, "host"))  # a rank that sees 100 kB
+    capsys.readouterr()
+    assert ted_main(["distill", "--config", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ted-ds: error: this run needs at least") and "teacher.placement zero3" in err
+    assert "\n" not in err and not os.path.exists(tmp_path / "o" / "checkpoints")
+    monkeypatch.undo()
+    assert ted_main(["distill", "--config", path, "teacher.placement=pipeline",
+                     "teacher.pipeline_stages=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pipeline_stages 8 must divide the number of ranks 1" in err and "\n" not in err
