@@ -36,7 +36,7 @@ SHAPES = {
                             num_key_value_heads=8, tie_word_embeddings=False),
             "student": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                             num_key_value_heads=8, tie_word_embeddings=True),
-            "vocab": 128256, "tokenizer_vocab": 8000, "seq_len": 2048, "micro_batch": 2, "global_batch": 4,
+            "vocab": 128256, "tokenizer_vocab": 4000, "seq_len": 2048, "micro_batch": 2, "global_batch": 4,
             "filter_steps": 10, "distill_steps": 30, "bench_steps": 6, "kd_tokens": 8192, "taps": (7, 4)},
     "dry": {"teacher": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                             num_key_value_heads=2, tie_word_embeddings=False),
@@ -99,7 +99,8 @@ def run_config(shape: dict, work: str, paths: dict, ds_config: str) -> str:
            "optim": {"lr": 1e-4, "warmup_steps": 2},
            "train": {"out_dir": os.path.join(work, "run"), "deepspeed_config": ds_config,
                      "micro_batch_size": shape["micro_batch"], "global_batch_size": shape["global_batch"],
-                     "log_interval": 5, "eval_interval": 10**6, "save_interval": 10**6, "progress": False}}
+                     "steps": shape["distill_steps"], "log_interval": 5, "eval_interval": 10**6,
+                     "save_interval": 10**6, "progress": False}}
     path = os.path.join(work, "run.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
@@ -152,11 +153,22 @@ def main(argv=None) -> dict:
               "teacher_params": parameters(paths["teacher"]), "student_params": parameters(paths["student"]),
               "floor_gib": floor_gib(shape, paths), "phases": log}
     save = lambda: _save(result, args.out)  # after every phase: a cut-off run still reports what it measured
-    kd = run([py, "-m", "bench", "kd", "--device", "cpu" if args.dry_run else "cuda", "--tokens",
-              str(shape["kd_tokens"]), "--vocab", str(shape["vocab"])], log, "kd bench", env)
-    if kd:
-        result.update({k: v for k, v in json.loads(kd.strip().splitlines()[-1]).items() if k.startswith("kd_")})
-    save()
+
+    def engine_bench(placement: str) -> None:
+        """The engine worker on the same batches: TED step, and (replicated) student step + teacher forward."""
+        bench_out = os.path.join(work, f"engine-{placement}.json")
+        with_lm = ["--with-lm"] if placement == "replicated" else []
+        if run([py, os.path.join(REPO, "bench", "mp_engine_bench.py"), "--config", config, "--out", bench_out,
+                *with_lm, "--warmup", "2", "--steps", str(shape["bench_steps"]), f"teacher.placement={placement}",
+                "teacher.pipeline_stages=1"], log, f"engine bench {placement}", env):
+            e = json.load(open(bench_out))[0]
+            result[f"ted_step_s_{placement}"] = e["step_s"]
+            if with_lm:
+                both = e["lm_step_s"] + e["teacher_forward_s"]
+                result.update({"student_step_s": e["lm_step_s"], "teacher_forward_s": e["teacher_forward_s"],
+                               "ted_over_student_plus_teacher": e["step_s"] / both})
+        save()
+
     ted = [py, "-m", "ted_ds"]
     filters = all([run([*ted, "learn-filters", "--config", config, "--model", side,
                         f"train.steps={shape['filter_steps']}", f"train.out_dir={work}/stage1-{side}",
@@ -170,6 +182,7 @@ def main(argv=None) -> dict:
         result.update({"tokens_per_s": trained["tokens_per_s"], "mfu": trained["mfu"], "peak_gpu_gib": peak,
                        "peak_over_floor": peak / result["floor_gib"] if peak else None})
         save()
+        engine_bench("replicated")
         export = os.path.join(work, "export")
         if run([*ted, "export", os.path.join(work, "run"), "--out", export, "--dtype", "bf16"], log, "export", env):
             out = run([*ted, "eval", export, "--data", os.path.join(work, "data"), "--max-samples", "16",
@@ -177,19 +190,13 @@ def main(argv=None) -> dict:
             if out:
                 result["eval_ppl"] = json.loads(out.strip().splitlines()[-1])["ppl"]
         save()
-    for placement in ("replicated", "zero3", "pipeline") if filters else ():
-        bench_out = os.path.join(work, f"engine-{placement}.json")
-        with_lm = ["--with-lm"] if placement == "replicated" else []
-        if run([py, os.path.join(REPO, "bench", "mp_engine_bench.py"), "--config", config, "--out", bench_out,
-                *with_lm, "--warmup", "2", "--steps", str(shape["bench_steps"]), f"teacher.placement={placement}",
-                "teacher.pipeline_stages=1"], log, f"engine bench {placement}", env):
-            e = json.load(open(bench_out))[0]
-            result[f"ted_step_s_{placement}"] = e["step_s"]
-            if with_lm:
-                both = e["lm_step_s"] + e["teacher_forward_s"]
-                result.update({"student_step_s": e["lm_step_s"], "teacher_forward_s": e["teacher_forward_s"],
-                               "ted_over_student_plus_teacher": e["step_s"] / both})
-        save()
+    for placement in ("zero3", "pipeline") if filters else ():  # each placement's step on the device
+        engine_bench(placement)
+    kd_size = ["--quick"] if args.dry_run else ["--tokens", str(shape["kd_tokens"]), "--vocab", str(shape["vocab"])]
+    kd = run([py, "-m", "bench", "kd", "--device", "cpu" if args.dry_run else "cuda", *kd_size], log, "kd bench", env)
+    if kd:
+        result.update({k: v for k, v in json.loads(kd.strip().splitlines()[-1]).items() if k.startswith("kd_")})
+    save()
     report(result)
     if any(p["rc"] for p in log):
         sys.exit(f"gpu-check: failed phases: {', '.join(p['phase'] for p in log if p['rc'])}")

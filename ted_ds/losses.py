@@ -52,7 +52,7 @@ def _chunked_mean(chunk_loss, x: torch.Tensor, others: tuple, denominator, chunk
     ``grad_rows`` is None, writes ``grad_scale`` times its gradient w.r.t. ``x_rows`` there. ``others``
     (tensors with N rows) get no gradient.
     """
-    if x.requires_grad:
+    if torch.is_grad_enabled() and x.requires_grad:
         return _ChunkedMean.apply(x, others, chunk_loss, denominator, chunk_tokens)
     return _sum_chunks(chunk_loss, x, others, None, denominator, chunk_tokens) / denominator
 

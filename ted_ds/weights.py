@@ -154,11 +154,19 @@ def trusted(config) -> bool:
     return bool(getattr(config, "auto_map", None))
 
 
+def no_init_weights():
+    """transformers' switch that skips weight initialisation (its module moved in 5.x)."""
+    try:
+        from transformers.initialization import no_init_weights as skip
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights as skip
+    return skip()
+
+
 def build_dense(config, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
     """The model with uninitialised storage in ``dtype`` on ``device`` (its weights are about to be
     read); computed buffers (rotary tables) are real."""
     from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
 
     quiet_transformers()
     with torch.device(device), no_init_weights():
@@ -170,9 +178,12 @@ def build_partitioned(config, dtype: torch.dtype, ds_config: dict) -> nn.Module:
     from the moment it is created (one module is whole, briefly, while it is built)."""
     import deepspeed
     from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
 
     quiet_transformers()
+    # Import everything the build needs first: zero.Init patches tensor construction, and modules
+    # first imported under it (torch._dynamo, through transformers' modeling code) fail to load.
+    with torch.device("meta"), no_init_weights():
+        AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trusted(config))
     with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype), no_init_weights():
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trusted(config))
 
