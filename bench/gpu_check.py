@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
         with_lm = ["--with-lm"] if placement == "replicated" else []
         if run([py, os.path.join(REPO, "bench", "mp_engine_bench.py"), "--config", config, "--out", bench_out,
                 *with_lm, "--warmup", "2", "--steps", str(shape["bench_steps"]), f"teacher.placement={placement}",
-                "teacher.pipeline_stages=1"], log, f"engine bench {placement}", env):
+                "teacher.pipeline_stages=1"], log, f"engine bench {placement}", env) is not None:
             e = json.load(open(bench_out))[0]
             result[f"ted_step_s_{placement}"] = e["step_s"]
             if with_lm:
@@ -170,13 +170,14 @@ def main(argv=None) -> dict:
         save()
 
     ted = [py, "-m", "ted_ds"]
-    filters = all([run([*ted, "learn-filters", "--config", config, "--model", side,
+    filters = all([os.path.isfile(os.path.join(work, f"filters-{side}", "filters.json")) or  # a re-run reuses them
+                   run([*ted, "learn-filters", "--config", config, "--model", side,
                         f"train.steps={shape['filter_steps']}", f"train.out_dir={work}/stage1-{side}",
-                        f"distill.filters_out={work}/filters-{side}"], log, f"learn-filters {side}", env)
+                        f"distill.filters_out={work}/filters-{side}"], log, f"learn-filters {side}", env) is not None
                    for side in ("teacher", "student")])
     save()
     if filters and run([*ted, "distill", "--config", config, f"train.steps={shape['distill_steps']}"], log,
-                       "distill ted", env):
+                       "distill ted", env) is not None:
         trained = last_metrics(os.path.join(work, "run"))
         peak = trained.get("mem/peak_gib")
         result.update({"tokens_per_s": trained["tokens_per_s"], "mfu": trained["mfu"], "peak_gpu_gib": peak,
@@ -184,7 +185,8 @@ def main(argv=None) -> dict:
         save()
         engine_bench("replicated")
         export = os.path.join(work, "export")
-        if run([*ted, "export", os.path.join(work, "run"), "--out", export, "--dtype", "bf16"], log, "export", env):
+        if run([*ted, "export", os.path.join(work, "run"), "--out", export, "--dtype", "bf16"], log, "export",
+               env) is not None:
             out = run([*ted, "eval", export, "--data", os.path.join(work, "data"), "--max-samples", "16",
                        "--seq-len", str(shape["seq_len"]), "--json"], log, "eval", env)
             if out:

@@ -2,8 +2,9 @@
 
     python -m bench scale [--quick]
 
-A random LLaMA-shaped teacher of ~1.6 B parameters (vocabulary 128k, bf16 safetensors written here
-once and cached) and a student made of two of its blocks (~0.6 B, ``student.init_from_teacher``)
+A random LLaMA-shaped teacher of 1.55 B parameters (d=1536, 46 layers, vocabulary 128k, bf16
+safetensors written here once and cached) and a student made of two of its blocks (0.44 B,
+``student.init_from_teacher``)
 are trained with KD for a few steps on 2 ranks, under a bf16 ZeRO-3 config, once per teacher
 placement.  For each rank, the peak RSS above the empty process (after imports and the process
 group, measured in the same process) is divided by the bytes that rank must hold:
@@ -32,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import REPO, deepspeed, machine, run, tiny_world  # noqa: E402
 
 SHAPES = {  # LLaMA shapes: the rehearsal, and a tiny one for the tests
-    "full": dict(vocab_size=128256, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
-                 num_attention_heads=16, num_key_value_heads=4),
+    "full": dict(vocab_size=128256, hidden_size=1536, intermediate_size=4096, num_hidden_layers=46,
+                 num_attention_heads=12, num_key_value_heads=4),
     "quick": dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2),
 }

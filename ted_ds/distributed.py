@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -111,10 +112,26 @@ def init(timeout_minutes: float) -> None:
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         acc.set_device(local_rank())
+        _numeric_arch_list()
         return
     _release_shm_workspace()
     if "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
         torch.set_num_threads(max(1, _usable_cpus() // local_world_size()))
+
+
+def numeric_arch_list(value: str) -> str:
+    """TORCH_CUDA_ARCH_LIST without arch-specific suffixes ("9.0a" -> "9.0", "+PTX" kept)."""
+    return re.sub(r"(\d+\.\d+)[a-z]+", r"\1", value)
+
+
+def _numeric_arch_list() -> None:
+    """DeepSpeed's JIT op builder (fused Adam) parses TORCH_CUDA_ARCH_LIST as numbers and fails on
+    Hopper images that set "9.0a"; the plain arch builds the same kernels for its ops."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if value and numeric_arch_list(value) != value:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = numeric_arch_list(value)
+        print(f"ted-ds: TORCH_CUDA_ARCH_LIST {value!r} -> {os.environ['TORCH_CUDA_ARCH_LIST']!r} for DeepSpeed's op "
+              "builder", file=sys.stderr)
 
 
 def _usable_cpus() -> int:

@@ -76,3 +76,13 @@ def test_runs_that_cannot_fit_are_refused_in_one_line(tiny, tmp_path, capsys, mo
                      "teacher.pipeline_stages=8"]) == 2
     err = capsys.readouterr().err.strip()
     assert "pipeline_stages 8 must divide the number of ranks 1" in err and "\n" not in err
+
+
+def test_arch_list_that_deepspeed_can_parse():
+    """Hopper images set TORCH_CUDA_ARCH_LIST=9.0a, which DeepSpeed's fused-Adam builder cannot parse
+    (seen on an H100); the rank start rewrites it to plain numbers."""
+    from ted_ds.distributed import numeric_arch_list
+
+    assert numeric_arch_list("9.0a") == "9.0"
+    assert numeric_arch_list("8.0;9.0a+PTX") == "8.0;9.0+PTX"
+    assert numeric_arch_list("7.5 8.0") == "7.5 8.0"
