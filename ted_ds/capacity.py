@@ -2,11 +2,11 @@
 
 ``rank_floor_bytes`` is a lower bound of what one rank holds under a teacher placement: its teacher
 share in the compute dtype, its ZeRO-3 shard of the student (weights, master copy, Adam moments,
-gradients), the largest student parameter gathered whole with its gradient, and the step's
-(tokens × vocabulary) logits.  ``check_fits`` refuses a run whose floor already exceeds the memory a
-rank can see, and a rank count that does not fit the GPUs or the pipeline — one line each, before
-any weights are read.  The scale rehearsal (``python -m bench scale``) divides measured peaks by
-the same floor.
+gradients), the largest student parameter gathered whole with its gradient, ZeRO-3's gradient
+bucket, and the step's (tokens × vocabulary) logits.  ``check_fits`` refuses a run whose floor
+already exceeds the memory a rank can see, and a rank count that does not fit the GPUs or the
+pipeline — one line each, before any weights are read.  The scale rehearsal (``python -m bench
+scale``) divides measured peaks by the same floor.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ def student_bytes_per_param(dtype: torch.dtype) -> int:
 
 
 def teacher_share(teacher_config, placement: str, world: int, stages: int, explicit: list[int] | None) -> int:
-    """Teacher parameters one rank holds: all (replicated), 1/W (zero3), its largest stage (pipeline)."""
+    """Teacher parameters one rank holds: all (replicated), 1/W plus the largest parameter gathered
+    for its forward (zero3), its largest stage (pipeline)."""
     model = M.meta_model(teacher_config)
     total = sum(p.numel() for p in model.parameters())
     if placement == "replicated":
         return total
-    if placement == "zero3":
-        return math.ceil(total / world)
+    if placement == "zero3":  # its slice, and each parameter gathered whole while it computes
+        return math.ceil(total / world) + max(p.numel() for p in model.parameters())
     from ted_ds.pipeline import stage_layout
 
     blocks = [sum(p.numel() for p in b.parameters()) for b in M.decoder_layers(model)]
@@ -51,15 +52,22 @@ def teacher_share(teacher_config, placement: str, world: int, stages: int, expli
                for s, (a, b) in enumerate(bounds))
 
 
+def reduce_bucket_elements(ds: dict) -> int:
+    """ZeRO-3's gradient bucket (DeepSpeed's default 5e8 elements): filled, and so held, by large models."""
+    return int(ds.get("zero_optimization", {}).get("reduce_bucket_size", 5e8))
+
+
 def rank_floor_bytes(teacher_config, student_config, placement: str, world: int, stages: int,
-                     explicit: list[int] | None, dtype: torch.dtype, tokens: int) -> float:
-    """A lower bound of one rank's memory for this run (module docstring)."""
+                     explicit: list[int] | None, dtype: torch.dtype, tokens: int, bucket_elements: int = 0) -> float:
+    """A lower bound of one rank's memory for this run (module docstring); ``bucket_elements``: the
+    ZeRO-3 gradient bucket, counted up to the student's size."""
     student = M.meta_model(student_config)
     n_student = sum(p.numel() for p in student.parameters())
     largest = max(p.numel() for p in student.parameters())
     width = torch.finfo(dtype).bits // 8
     vocab = M.vocab_size(student_config)
-    floor = student_bytes_per_param(dtype) * n_student / world + (width + 4) * largest + tokens * vocab * (width + 4)
+    floor = (student_bytes_per_param(dtype) * n_student / world + (width + 4) * largest + tokens * vocab * (width + 4)
+             + width * min(bucket_elements, n_student))
     if teacher_config is not None:
         floor += width * teacher_share(teacher_config, placement, world, stages, explicit) + tokens * vocab * width
     return floor
@@ -75,9 +83,11 @@ def visible_bytes(local_ranks: int) -> tuple[float, str]:
     return psutil.virtual_memory().available / local_ranks, "host"
 
 
-def check_fits(p, dtype: torch.dtype, world: int, local_ranks: int, with_teacher: bool) -> None:
-    """Refuse, in one line, a run that cannot fit the ranks it starts on (``with_teacher``: the
-    teacher is placed by ``teacher.placement`` in this run)."""
+def check_fits(p, ds: dict, world: int, local_ranks: int, with_teacher: bool) -> None:
+    """Refuse, in one line, a run that cannot fit the ranks it starts on (``ds``: its DeepSpeed
+    config; ``with_teacher``: the teacher is placed by ``teacher.placement`` in this run)."""
+    from ted_ds.engine import compute_dtype
+
     cfg = p.cfg
     t = cfg.teacher
     if torch.cuda.is_available() and local_ranks > torch.cuda.device_count():
@@ -88,7 +98,7 @@ def check_fits(p, dtype: torch.dtype, world: int, local_ranks: int, with_teacher
         raise ConfigError(f"teacher.pipeline_stages {t.pipeline_stages} must divide the number of ranks {world}")
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     need = rank_floor_bytes(teacher_config, p.student_config, t.placement, world, t.pipeline_stages,
-                            t.pipeline_layers, dtype, tokens)
+                            t.pipeline_layers, compute_dtype(ds), tokens, reduce_bucket_elements(ds))
     have, where = visible_bytes(local_ranks)
     if need > have:
         hint = ("use teacher.placement zero3 or pipeline, more ranks, " if teacher_config is not None

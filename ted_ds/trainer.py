@@ -22,7 +22,7 @@ from ted_ds.capacity import check_fits
 from ted_ds.checkpoint import Checkpointer
 from ted_ds.config import RunConfig, save_config, to_dict
 from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
-from ted_ds.engine import compute_dtype, resolve_ds_config
+from ted_ds.engine import resolve_ds_config
 from ted_ds.export import save_trained_outputs
 from ted_ds.metrics import MetricsLogger, device_peak_flops
 from ted_ds.stages import Plan, Stage, build_distill, build_filter_learning, plan
@@ -147,7 +147,7 @@ def run_stage(cfg: RunConfig, filters_for: str | None = None) -> tuple[Stage, Pl
     stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step
     p = plan(cfg, filters_for=filters_for)
     ds = resolve_ds_config(cfg, D.expected_world_size())  # every check happens before the process group
-    check_fits(p, compute_dtype(ds), D.expected_world_size(), D.local_world_size(),
+    check_fits(p, ds, D.expected_world_size(), D.local_world_size(),
                with_teacher=cfg.uses_teacher or filters_for == "teacher")
     D.init(cfg.train.timeout_minutes)
     seed_everything(cfg.train.seed)

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, run_launcher
+from conftest import REPO, needs, run_launcher
 from netns_hosts import ADDRS, IFNAME, TwoHosts, netns_available
 from slurm_cluster import LocalSlurm, slurm_available
 from tiny import base_config, write_config
@@ -40,7 +40,7 @@ def _latest(out_dir):
     return open(path).read().strip() if os.path.exists(path) else None
 
 
-@pytest.mark.skipif(not slurm_available(), reason="needs root and Debian's slurmctld/slurmd (scripts/setup_env.sh)")
+@needs(slurm_available(), "root and Debian's slurmctld/slurmd")
 def test_slurm_batch_job_preemption_and_time_limit_warning(tiny, tmp_path):
     env = {"PYTHON": sys.executable, "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"],
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -105,7 +105,7 @@ def test_deepspeed_hostfile_single_host(tiny, tmp_path):
         _finished(out, 4)
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI (scripts/setup_env.sh)")
+@needs(shutil.which("mpirun") is not None, "Open MPI (mpirun)")
 def test_mpirun_launch(tiny, tmp_path):
     out = str(tmp_path / "mpi")
     cfg = _config(tiny, str(tmp_path / "m.yaml"), **{"train.out_dir": out})
@@ -127,7 +127,7 @@ def test_torchrun_launch(tiny, tmp_path):
     _finished(out, 4)
 
 
-@pytest.mark.skipif(not netns_available(), reason="needs root, iproute2, openssh-server and pdsh")
+@needs(netns_available(), "root, iproute2, openssh-server and pdsh")
 def test_two_node_run_over_pdsh_ssh_between_network_namespaces(tiny, tmp_path):
     """A genuine 2-node job: the deepspeed launcher on host A starts one rank on each host through
     pdsh/ssh; the ranks talk gloo over the veth link between the two namespaces."""
