@@ -28,8 +28,9 @@ def device_peak_flops(configured_tflops: float | None) -> float:
         for key, tflops in _GPU_PEAK_TFLOPS.items():
             if key in name:
                 return tflops * 1e12
-    a = torch.randn(1024, 1024)
-    b = torch.randn(1024, 1024)
+    gen = torch.Generator().manual_seed(0)  # not the global one: training's random streams stay untouched
+    a = torch.randn(1024, 1024, generator=gen)
+    b = torch.randn(1024, 1024, generator=gen)
     a @ b
     start, reps = time.perf_counter(), 8
     for _ in range(reps):
