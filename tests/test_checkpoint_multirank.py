@@ -9,6 +9,7 @@ steps it ran; a control run that lost ``latest`` shows the difference."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -227,12 +228,47 @@ def test_export_round_trip_is_exact(reference_run, tmp_path):
     assert {"config.json", "generation_config.json", "tokenizer.json"} <= set(os.listdir(out))
     r = subprocess.run([sys.executable, "-m", "ted_ds", "export", ref, "--out", str(tmp_path / "bf16"), "--dtype",
                         "bf16"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "within bf16 tolerance" in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 0 and "rounded to torch.bfloat16" in r.stderr, r.stderr[-3000:]
     half = load_file(str(tmp_path / "bf16" / "model.safetensors"))
     assert all(v.dtype == torch.bfloat16 and torch.equal(v, live[k].to(torch.bfloat16)) for k, v in half.items())
     live_bank = load_file(os.path.join(ref, "student-filters", "filters.safetensors"))
     bank = load_file(str(tmp_path / "bank" / "filters.safetensors"))
     assert all(torch.equal(live_bank[k], bank[k]) for k in live_bank)
+
+
+def _one_ulp_up(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` rounded to ``dtype`` with its first element moved by one unit in the last place of ``dtype``."""
+    bits = t.to(dtype).clone().view({torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype])
+    bits.view(-1)[0] += 1
+    return bits.view(dtype).float()
+
+
+def _one_weight_one_ulp_off(write, config, state, out_dir, tokenizer_dir, dtype):
+    key = next(iter(state))
+    write(config, {**state, key: _one_ulp_up(state[key], dtype)}, out_dir, tokenizer_dir, dtype)
+
+
+def _norm_epsilon_off(write, config, state, out_dir, tokenizer_dir, dtype):
+    """The right weights under a wrong config: only the logits can tell."""
+    write(config, state, out_dir, tokenizer_dir, dtype)
+    path = os.path.join(out_dir, "config.json")
+    written = json.load(open(path))
+    json.dump(dict(written, rms_norm_eps=1e-2), open(path, "w"))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("corrupt, refusal", [(_one_weight_one_ulp_off, "weights are not the checkpoint's"),
+                                              (_norm_epsilon_off, "reloaded logits differ")])
+def test_an_export_that_is_not_the_checkpoint_fails_its_check(reference_run, tmp_path, monkeypatch, dtype, corrupt,
+                                                              refusal):
+    """A writer that gets the export slightly wrong: the check compares with the checkpoint itself, so
+    the directory is refused (a check against the model just written would pass)."""
+    from ted_ds import export as E
+    from ted_ds.errors import CheckpointError
+
+    monkeypatch.setattr(E, "write_hf_dir", functools.partial(corrupt, E.write_hf_dir))
+    with pytest.raises(CheckpointError, match=refusal):
+        E.export_checkpoint(reference_run[1], str(tmp_path / "bad"), dtype=dtype)
 
 
 def test_lm_eval_harness_runs_offline_on_the_export(reference_run, tmp_path):
