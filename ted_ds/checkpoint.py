@@ -4,7 +4,7 @@ Layout of ``<out_dir>/checkpoints``::
 
     step-00000100/            DeepSpeed's files (ZeRO-3 shards, optimizer, scheduler) + ours:
         trainer_state.json    step, tokens, consumed samples, world size, run config, stage
-        rng_rank{r}.pt        every RNG of rank r (torch, numpy, python), tensors only
+        rng_rank{r}.pt        every RNG of rank r (torch CPU, CUDA per local device, numpy, python), tensors only
         COMPLETE              written last: every file of the tag with its size
     latest                    the tag of the newest COMPLETE checkpoint (atomic rename)
 
@@ -81,9 +81,11 @@ def weights_only_loads():
 
 
 def rng_state() -> dict:
+    """Every generator this rank draws from (dropout masks, shuffles), as tensors only."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all(),  # one per local device; [] without CUDA
         "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
         "numpy_meta": torch.tensor([np_state[2], np_state[3]], dtype=torch.int64),
         "numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64),
@@ -94,11 +96,21 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    _set_cuda_rng_state(state.get("cuda", []))
     pos, has_gauss = state["numpy_meta"].tolist()
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
                          float(state["numpy_gauss"][0])))
     py = state["python"].tolist()
     random.setstate((int(state["python_version"][0]), tuple(py), None))
+
+
+def _set_cuda_rng_state(states: list[torch.Tensor]) -> None:
+    """Restore each local device's generator; a different device count cannot be mapped, so warn."""
+    if len(states) != torch.cuda.device_count():
+        warnings.warn(f"checkpoint saved CUDA generators of {len(states)} local devices, this process sees "
+                      f"{torch.cuda.device_count()}: CUDA random streams are not restored", stacklevel=3)
+        return
+    torch.cuda.set_rng_state_all(states)
 
 
 def _listing(tag_dir: str) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """Metrics out of the trainer: TensorBoard scalars, a JSONL file, a progress bar, and MFU.
 
 Only rank 0 writes.  ``metrics.jsonl`` holds one JSON object per logged step; on resume, lines
-past the resumed step (written by the interrupted attempt) are dropped so curves stay clean.
+past the resumed step (written by the interrupted attempt) are dropped so curves stay clean, and
+a ``{"step": N, "resumed_from": TAG}`` line marks where the relaunch took over.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ def device_peak_flops(configured_tflops: float | None) -> float:
         for key, tflops in _GPU_PEAK_TFLOPS.items():
             if key in name:
                 return tflops * 1e12
-    a = torch.randn(1024, 1024)
-    b = torch.randn(1024, 1024)
+    gen = torch.Generator().manual_seed(0)  # not the global one: training's random streams stay untouched
+    a = torch.randn(1024, 1024, generator=gen)
+    b = torch.randn(1024, 1024, generator=gen)
     a @ b
     start, reps = time.perf_counter(), 8
     for _ in range(reps):
@@ -71,6 +73,13 @@ class MetricsLogger:
             self.writer.add_scalar(key, value, step)
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self.jsonl.flush()
+
+    def resumed(self, tag: str, step: int, consumed: int) -> None:
+        """Say (and record in the JSONL) where this launch took over: the lines after it are its own."""
+        self.message(f"ted-ds: resumed from {tag} (step {step}, {consumed} samples consumed)")
+        if self.enabled:
+            self.jsonl.write(json.dumps({"step": step, "resumed_from": tag}) + "\n")
+            self.jsonl.flush()
 
     def advance(self, step: int, postfix: str) -> None:
         if self.bar is not None:

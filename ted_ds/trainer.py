@@ -80,13 +80,14 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
         sampler.load_state_dict(state["sampler"])
     log = MetricsLogger(out_dir, D.rank() == 0, p.total_steps, step, cfg.train.progress, stage.name)
     if tag is not None:
-        log.message(f"ted-ds: resumed from {tag} (step {step}, {sampler.consumed} samples consumed)")
+        log.resumed(tag, step, sampler.consumed)
     peak = device_peak_flops(cfg.train.peak_tflops) * D.world_size()
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     save = lambda: checkpointer.save(stage.engine, step, {"step": step, "tokens": tokens,
                                                           "sampler": sampler.state_dict()})
     last: dict = {}
     window_time, window_steps = 0.0, 0  # training time only: evaluation and saving excluded
+    stage.engine.train()  # dropout on from the first step (from_pretrained hands models over in eval mode)
 
     while step < p.total_steps:
         start = time.perf_counter()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import torch
 import yaml
@@ -58,6 +60,22 @@ def make_teacher(kind: str, tokenizer: str, out: str, data_dir: str | None = Non
         pretrain(model, data_dir, steps)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    return out
+
+
+DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
+
+
+def with_dropout(model_dir: str, out: str, p: float = 0.1) -> str:
+    """A copy of ``model_dir`` (same weights) whose config turns dropout on: a student built from it
+    draws random masks at every training step, so only a restored RNG resumes it exactly."""
+    shutil.copytree(model_dir, out)
+    path = os.path.join(out, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update({k: p for k in DROPOUT_KEYS if k in config})
+    with open(path, "w") as f:
+        json.dump(config, f)
     return out
 
 

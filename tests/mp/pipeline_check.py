@@ -17,7 +17,7 @@ import torch
 from ted_ds import distributed as D
 from ted_ds.errors import DistributedError
 from ted_ds.filters import load_filter_bank
-from ted_ds.models import load_config, load_model
+from ted_ds.models import decoder_layers, final_norm, load_config, load_model
 from ted_ds.pipeline import PipelineTeacher
 from ted_ds.teacher import FrozenLM
 
@@ -26,6 +26,20 @@ TAPS = [2, 4]
 
 def batch(seed: int, shape=(4, 16), vocab=500) -> torch.Tensor:
     return torch.randint(vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def stage_parameters(ref: FrozenLM, pipe: PipelineTeacher) -> int:
+    """What this rank's stage must hold, counted on the full teacher: its blocks, the embeddings on the
+    first stage, the final norm and head on the last, and the filters of its taps."""
+    start, end = pipe.layout[pipe.stage]
+    modules = list(decoder_layers(ref.model)[start:end])
+    if pipe.first:
+        modules += [m for m in ref.model.modules() if isinstance(m, torch.nn.Embedding)]
+    if pipe.last:
+        modules += [final_norm(ref.model), ref.model.get_output_embeddings()]
+    if ref.filters is not None:
+        modules += [ref.filters.filters[i] for i in pipe.local_taps]
+    return sum(p.numel() for m in modules for p in m.parameters())
 
 
 def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name):
@@ -47,12 +61,13 @@ def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name
         max_diff = max(max_diff, (got.logits - want).abs().max().item())
         if topk:
             exact &= torch.equal(got.topk_index, index)
-    flags = torch.tensor([float(exact), max_diff, float(pipe.local_parameters())])
+    flags = torch.tensor([float(exact), max_diff, float(pipe.local_parameters()), float(stage_parameters(ref, pipe))])
     gathered = [torch.zeros_like(flags) for _ in range(D.world_size())]
     torch.distributed.all_gather(gathered, flags)
     full = sum(p.numel() for p in ref.parameters())
     results[name] = {"exact": all(bool(g[0]) for g in gathered), "max_diff": max(float(g[1]) for g in gathered),
-                     "local_params": [float(g[2]) for g in gathered], "full_params": full}
+                     "local_params": [float(g[2]) for g in gathered], "stage_params": [float(g[3]) for g in gathered],
+                     "full_params": full}
 
 
 def main():

@@ -4,8 +4,9 @@
 
 spec.json: [{"name": ..., "config": path, "filters_for": null|"teacher"|"student"}, ...].
 For each scenario the real command runs (``ted_ds.trainer.run_stage``); afterwards this script
-records whether the frozen side (teacher and its filters) is bit-identical to what is on disk
-and how many frozen parameters this rank stores.
+records whether the frozen side (teacher and its filters, or the frozen student of stage 1) is
+bit-identical to what it was built from and how many frozen parameters this rank stores, and
+what a probe on the student saw during the training steps (see ``StudentProbe``).
 """
 
 import argparse
@@ -18,13 +19,59 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ted_ds import distributed as D  # noqa: E402
+from ted_ds import trainer  # noqa: E402
 from ted_ds.cli import _quiet_libraries  # noqa: E402
 from ted_ds.config import load_config  # noqa: E402
 from ted_ds.export import gathered_state_dict  # noqa: E402
 from ted_ds.filters import load_filter_bank  # noqa: E402
-from ted_ds.models import load_model  # noqa: E402
-from ted_ds.trainer import run_stage  # noqa: E402
+from ted_ds.models import decoder_layers, load_model  # noqa: E402
+from ted_ds.stages import load_student, plan  # noqa: E402
 from ted_ds.weights import WeightReader  # noqa: E402
+
+
+class StudentProbe:
+    """Watches the student during training forwards (grad enabled; evaluation is not counted): how many
+    times the first sub-module of its first block runs per forward of the whole model (2 under
+    activation checkpointing: the forward and its recomputation in the backward; transformers keeps
+    the block's own hooks outside the checkpoint, so the probe sits inside it), the dtypes of that
+    module's weights and output, and whether it was in train mode (dropout live)."""
+
+    def __init__(self, model):
+        self.forwards, self.block_calls = 0, 0
+        self.weights, self.activations, self.train_mode = set(), set(), set()
+        model.register_forward_hook(self._model_ran)
+        next(decoder_layers(model)[0].children()).register_forward_hook(self._block_ran)
+
+    def _model_ran(self, _module, _inputs, _output):
+        self.forwards += torch.is_grad_enabled()
+
+    def _block_ran(self, module, _inputs, output):
+        if torch.is_grad_enabled():
+            self.block_calls += 1
+            self.weights |= {str(p.dtype) for p in module.parameters()}
+            self.activations.add(str((output[0] if isinstance(output, tuple) else output).dtype))
+            self.train_mode.add(module.training)
+
+    def record(self) -> dict:
+        return {"block_calls_per_forward": self.block_calls / self.forwards, "weight_dtypes": sorted(self.weights),
+                "activation_dtypes": sorted(self.activations), "train_mode": sorted(self.train_mode)}
+
+
+def probe_students(probes: list) -> None:
+    """Every student the trainer builds from now on gets a ``StudentProbe``, appended to ``probes``."""
+    build = trainer.build_distill
+
+    def build_and_probe(p, ds):
+        stage = build(p, ds)
+        probes.append(StudentProbe(stage.trained_model.model))
+        return stage
+
+    trainer.build_distill = build_and_probe
+
+
+def frozen_source(cfg, filters_for):
+    """The frozen model as built from disk: the teacher, or the student in stage 1 on the student side."""
+    return load_student(plan(cfg, filters_for)) if filters_for == "student" else load_model(cfg.teacher.path)
 
 
 def frozen_matches_disk(stage, cfg, filters_for) -> bool:
@@ -35,11 +82,8 @@ def frozen_matches_disk(stage, cfg, filters_for) -> bool:
     state = gathered_state_dict(frozen)
     if D.rank() != 0:
         return True
-    path = cfg.teacher.path if filters_for != "student" else None
-    ok = True
-    if path:
-        disk = load_model(path).state_dict()
-        ok &= all(torch.equal(state[f"model.{k}"], v.to(dtype).float()) for k, v in disk.items())
+    disk = frozen_source(cfg, filters_for).state_dict()
+    ok = all(torch.equal(state[f"model.{k}"], v.to(dtype).float()) for k, v in disk.items())
     if frozen.filters is not None:
         bank = load_filter_bank(cfg.teacher.filters, frozen.filters.meta(), "teacher.filters")
         ok &= all(torch.equal(state[f"filters.{k}"], v.to(dtype).float()) for k, v in bank.state_dict().items())
@@ -82,12 +126,15 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int)
     args = parser.parse_args()
     _quiet_libraries()
-    results = {}
+    results, probes = {}, []
+    probe_students(probes)
     for scenario in json.load(open(args.spec)):
         cfg = load_config(scenario["config"], scenario.get("overrides", []))
-        read_before = WeightReader.process_total
-        stage, plan, result = run_stage(cfg, scenario.get("filters_for"))
+        probed, read_before = len(probes), WeightReader.process_total
+        stage, _, result = trainer.run_stage(cfg, scenario.get("filters_for"))
         record = {"result": {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}}
+        if len(probes) > probed:
+            record["student"] = probes[-1].record()
         read = torch.tensor([float(WeightReader.process_total - read_before)])
         torch.distributed.all_reduce(read, op=torch.distributed.ReduceOp.MAX)
         record["elements_read_max"] = float(read[0])  # what the busiest rank read from weight files
