@@ -170,7 +170,9 @@ def build_dense(config, dtype: torch.dtype, device: torch.device | str = "cpu") 
 
     quiet_transformers()
     with torch.device(device), no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trusted(config))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trusted(config))
+    model.tie_weights()  # skipped with the initialisation: a tied head would train (and load) on its own
+    return model
 
 
 def build_partitioned(config, dtype: torch.dtype, ds_config: dict) -> nn.Module:
@@ -185,7 +187,9 @@ def build_partitioned(config, dtype: torch.dtype, ds_config: dict) -> nn.Module:
     with torch.device("meta"), no_init_weights():
         AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trusted(config))
     with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype), no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trusted(config))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trusted(config))
+    model.tie_weights()
+    return model
 
 
 # ----------------------------------------------------------------------------- filling

@@ -252,3 +252,10 @@ def test_launch_prints_commands_checked_against_the_config(tiny, tmp_path, capsy
     assert "torchrun --nnodes 2 --node_rank 1" in out and "mpirun -np 4 -H a:2,b:2" in out
     assert ted_main(["launch", "--nodes", "3", "--gpus-per-node", "2", "distill", "--config", path]) == 2
     assert "not a multiple of micro_batch_size 2 × 6 ranks" in capsys.readouterr().err
+
+
+def test_loaded_models_keep_tied_heads_tied(tiny):
+    """A tied head must stay the embedding's own parameter after loading (else it trains apart from
+    it and the tied export silently differs from what was trained)."""
+    for model in (load_model(tiny["gpt2_teacher"]), load_teacher_blocks(tiny["gpt2_teacher"], [0, 2])):
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
