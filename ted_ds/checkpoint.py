@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ted_ds import distributed as D
-from ted_ds.errors import CheckpointError
+from ted_ds.errors import CheckpointError, TrainingError
 
 TAG_PREFIX = "step-"
 
@@ -150,6 +150,15 @@ def complete_tags(ckpt_dir: str) -> list[str]:
     return sorted((d for d in os.listdir(ckpt_dir) if d.startswith(TAG_PREFIX) and "." not in d), reverse=True)
 
 
+def check_finite(module: torch.nn.Module, step: int) -> None:
+    """Refuse to save non-finite weights: each rank checks what it holds (its ZeRO-3 partition,
+    ``ds_tensor``), one all-reduce agrees.  ``latest`` then never names a NaN checkpoint."""
+    bad = sum(int(not torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in module.parameters())
+    if D.all_reduce_sum(torch.tensor([float(bad)], device=D.device())).item() > 0:
+        raise TrainingError(f"step {step}: the weights hold NaN/inf; not saving them (the last good checkpoint "
+                            "stays latest)")
+
+
 class Checkpointer:
     def __init__(self, ckpt_dir: str, keep_last: int, identity: dict, run_info: dict | None = None):
         """``identity`` holds what must match on resume (model shapes, tokenizer, method, stage);
@@ -160,6 +169,7 @@ class Checkpointer:
         self.run_info = run_info or {}
 
     def save(self, engine, step: int, trainer_state: dict) -> str:
+        check_finite(engine.module, step)
         tag = tag_for(step)
         tag_dir = os.path.join(self.dir, tag)
         if D.rank() == 0 and os.path.isdir(tag_dir):

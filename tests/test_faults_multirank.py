@@ -1,0 +1,96 @@
+"""Faults a long run meets, each with an asserted outcome and no data lost: a non-finite loss
+(skipped, counted, fatal after ``train.max_bad_steps`` in a row), a NaN about to be saved."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+
+import pytest
+import torch
+from conftest import REPO, deepspeed_cmd, run_launcher
+from safetensors.torch import load_file
+from tiny import base_config, write_config
+
+from ted_ds.checkpoint import Checkpointer
+from ted_ds.errors import TrainingError
+from ted_ds.export import consolidated_state
+
+pytestmark = pytest.mark.multirank
+
+
+def _cfg(tiny, root, name, **over) -> str:
+    cfg = base_config(tiny["llama_data"], tiny["llama_teacher"], str(root / name),
+                      **{"distill.method": "lwd", **over})
+    return write_config(str(root / f"{name}.yaml"), **cfg)
+
+
+def _ckpt(out_dir) -> str:
+    return os.path.join(out_dir, "checkpoints", "distill-lwd")
+
+
+def _weights(out_dir, step) -> dict[str, torch.Tensor]:
+    return consolidated_state(_ckpt(out_dir), f"step-{step:08d}")
+
+
+def _state(out_dir, tag) -> dict:
+    return json.load(open(os.path.join(_ckpt(out_dir), tag, "trainer_state.json")))
+
+
+def test_one_nan_step_is_skipped_on_every_rank_and_counted(tiny, tmp_path):
+    """Rank 0 alone reads NaN at step 3 (its gradients finite): both ranks must skip that update."""
+    out = str(tmp_path / "nan1")
+    cfg = _cfg(tiny, tmp_path, "nan1", **{"train.steps": 5, "train.save_interval": 1, "train.keep_last": 5,
+                                          "train.inject_nan_steps": [3]})
+    r = run_launcher(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", cfg))
+    before, skipped, after = (_weights(out, s) for s in (2, 3, 4))
+    assert all(torch.equal(before[k], skipped[k]) for k in before), "the NaN step changed the weights"
+    assert any(not torch.equal(skipped[k], after[k]) for k in before), "training stopped updating after it"
+    assert "step 3: non-finite loss, optimizer step skipped (1 in a row)" in r.stderr
+    final = load_file(os.path.join(out, "hf", "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert _state(out, "step-00000005")["bad_steps"] == 1 and _state(out, "step-00000002")["bad_steps"] == 0
+    metrics = {m["step"]: m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "bad_steps" in m}
+    assert [metrics[s]["bad_steps"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
+    assert math.isnan(metrics[3]["loss/total"])  # rank 0's NaN shows in the logged mean
+
+
+def test_nan_from_step_6_on_stops_after_max_bad_steps_and_the_run_resumes(tiny, tmp_path):
+    """Steps 6, 7, 8 NaN with max_bad_steps 3: exit non-zero at step 8 with one error line, before
+    its save; step 4 stays latest, finite, and a re-run without the fault resumes from it."""
+    out = str(tmp_path / "nanrun")
+    over = {"train.steps": 10, "train.save_interval": 4, "train.max_bad_steps": 3}
+    cfg = _cfg(tiny, tmp_path, "nanrun", **over, **{"train.inject_nan_steps": list(range(6, 11))})
+    cmd = deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", cfg)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("ted-ds: error:")]
+    assert len(errors) == 1 and "3 steps in a row with a non-finite loss (train.max_bad_steps), last at step 8" \
+        in errors[0], (r.stdout + r.stderr)[-3000:]
+    assert open(os.path.join(_ckpt(out), "latest")).read().strip() == "step-00000004"
+    assert all(torch.isfinite(v).all() for v in _weights(out, 4).values())
+    assert not os.path.exists(os.path.join(out, "hf"))
+    cfg = _cfg(tiny, tmp_path, "nanrun", **over)
+    r = run_launcher(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", cfg))
+    assert "resumed from step-00000004" in r.stderr
+    assert _state(out, "step-00000010")["bad_steps"] == 0
+    assert os.path.isfile(os.path.join(out, "hf", "model.safetensors"))
+
+
+class _Engine:
+    """Just enough of a DeepSpeed engine for a save that must stop before touching it."""
+
+    def __init__(self, module):
+        self.module = module
+
+
+def test_weights_with_nan_are_never_saved(tmp_path):
+    module = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        module.weight[0, 1] = math.inf
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), keep_last=2, identity={})
+    with pytest.raises(TrainingError, match="step 7: the weights hold NaN/inf; not saving them"):
+        ckpt.save(_Engine(module), 7, {"step": 7})
+    assert not os.path.exists(tmp_path / "ckpt")
