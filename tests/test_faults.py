@@ -1,13 +1,16 @@
 """Faults a long run meets, each with an asserted outcome and no data lost: a non-finite loss
-(skipped, counted, fatal after ``train.max_bad_steps`` in a row), a NaN about to be saved."""
+(skipped, counted, fatal after ``train.max_bad_steps`` in a row), a NaN about to be saved, a shard
+damaged after its build."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import subprocess
 
+import deepspeed  # noqa: F401  imported before any test: it sets PYTORCH_NVML_BASED_CUDA_CHECK
 import pytest
 import torch
 from conftest import REPO, deepspeed_cmd, run_launcher
@@ -17,8 +20,6 @@ from tiny import base_config, write_config
 from ted_ds.checkpoint import Checkpointer
 from ted_ds.errors import TrainingError
 from ted_ds.export import consolidated_state
-
-pytestmark = pytest.mark.multirank
 
 
 def _cfg(tiny, root, name, **over) -> str:
@@ -39,6 +40,7 @@ def _state(out_dir, tag) -> dict:
     return json.load(open(os.path.join(_ckpt(out_dir), tag, "trainer_state.json")))
 
 
+@pytest.mark.multirank
 def test_one_nan_step_is_skipped_on_every_rank_and_counted(tiny, tmp_path):
     """Rank 0 alone reads NaN at step 3 (its gradients finite): both ranks must skip that update."""
     out = str(tmp_path / "nan1")
@@ -57,6 +59,7 @@ def test_one_nan_step_is_skipped_on_every_rank_and_counted(tiny, tmp_path):
     assert math.isnan(metrics[3]["loss/total"])  # rank 0's NaN shows in the logged mean
 
 
+@pytest.mark.multirank
 def test_nan_from_step_6_on_stops_after_max_bad_steps_and_the_run_resumes(tiny, tmp_path):
     """Steps 6, 7, 8 NaN with max_bad_steps 3: exit non-zero at step 8 with one error line, before
     its save; step 4 stays latest, finite, and a re-run without the fault resumes from it."""
@@ -94,3 +97,34 @@ def test_weights_with_nan_are_never_saved(tmp_path):
     with pytest.raises(TrainingError, match="step 7: the weights hold NaN/inf; not saving them"):
         ckpt.save(_Engine(module), 7, {"step": 7})
     assert not os.path.exists(tmp_path / "ckpt")
+
+
+def _damage(data: str, how: str) -> str:
+    """Damage train-00000 of a copy of ``data`` as ``how`` says; returns the damaged file."""
+    if how == "truncated .bin":
+        with open(os.path.join(data, "train-00000.bin"), "r+b") as f:
+            f.truncate(os.path.getsize(f.name) - 2)
+        return "train-00000.bin"
+    os.remove(os.path.join(data, "train-00000.idx"))
+    return "train-00000.idx"
+
+
+@pytest.mark.parametrize("how", ["truncated .bin", "missing .idx"])
+def test_a_damaged_shard_is_named_by_verify_and_by_training_before_the_process_group(tiny, tmp_path, how, capsys,
+                                                                                     monkeypatch):
+    from data_prep.cli import main as prep_main
+    from ted_ds import distributed
+    from ted_ds.cli import main as ted_main
+
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny["llama_data"], data)
+    bad = _damage(data, how)
+    capsys.readouterr()
+    assert prep_main(["verify", data]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and bad in err, err
+    monkeypatch.setattr(distributed, "init", lambda *_: pytest.fail("the process group started"))
+    cfg = base_config(data, tiny["llama_teacher"], str(tmp_path / "run"), **{"distill.method": "lwd"})
+    assert ted_main(["distill", "--config", write_config(str(tmp_path / "run.yaml"), **cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ted-ds: error:") and bad in err[-1], err
