@@ -1,19 +1,23 @@
 """Faults a long run meets, each with an asserted outcome and no data lost: a non-finite loss
 (skipped, counted, fatal after ``train.max_bad_steps`` in a row), a NaN about to be saved, a shard
-damaged after its build."""
+damaged after its build, a disk that fills up during ``ted-prep build`` or a checkpoint save (a
+small tmpfs mounted by the test: needs root)."""
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import math
 import os
 import shutil
 import subprocess
+import tempfile
 
 import deepspeed  # noqa: F401  imported before any test: it sets PYTORCH_NVML_BASED_CUDA_CHECK
 import pytest
 import torch
-from conftest import REPO, deepspeed_cmd, run_launcher
+from conftest import REPO, deepspeed_cmd, needs, run_launcher
 from safetensors.torch import load_file
 from tiny import base_config, write_config
 
@@ -128,3 +132,75 @@ def test_a_damaged_shard_is_named_by_verify_and_by_training_before_the_process_g
     assert ted_main(["distill", "--config", write_config(str(tmp_path / "run.yaml"), **cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("ted-ds: error:") and bad in err[-1], err
+
+
+def _mount_works() -> bool:
+    probe = tempfile.mkdtemp()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", probe], capture_output=True)
+        return mounted.returncode == 0 and subprocess.run(["umount", probe]).returncode == 0
+    finally:
+        os.rmdir(probe)
+
+
+needs_tmpfs = needs(_mount_works(), "root to mount a small tmpfs")
+
+
+@contextlib.contextmanager
+def small_disk(path: str, kib: int):
+    """A ``kib``-KiB tmpfs at ``path``: writes past it fail with ENOSPC, as on a full disk."""
+    os.makedirs(path)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", path], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", path], check=True)
+
+
+def _resize(path: str, kib: int) -> None:
+    """Free space the way an operator would: grow the file system, its files untouched."""
+    subprocess.run(["mount", "-o", f"remount,size={kib}k", path], check=True)
+
+
+def _kib(*paths: str) -> int:
+    """Space the files take on disk (whole blocks, as a tmpfs counts them)."""
+    return sum(os.stat(p).st_blocks // 2 for p in paths)
+
+
+def _files(path: str) -> list[str]:
+    return [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+
+
+def _shards(out: str) -> dict[str, bytes]:
+    return {os.path.basename(p): open(p, "rb").read() for p in sorted(glob.glob(os.path.join(out, "*-*.[bi][id][nx]")))}
+
+
+@needs_tmpfs
+def test_disk_full_during_build_keeps_finished_shards_and_the_rerun_completes(sp_tokenizer, corpus_file, tmp_path,
+                                                                              capsys):
+    from data_prep.cli import main as prep_main
+
+    def build(out):
+        return prep_main(["build", "--input", corpus_file, "--tokenizer", sp_tokenizer, "--out", out,
+                          "--shard-mb", "0.05", "--no-progress"])
+
+    ref = str(tmp_path / "ref")
+    assert build(ref) == 0
+    total, shards = _kib(*_files(ref)), _kib(*glob.glob(os.path.join(ref, "*-*.[bi][id][nx]")))
+    with small_disk(str(tmp_path / "disk"), total - shards // 2) as disk:  # room for about half the shards
+        out = os.path.join(disk, "ds")
+        capsys.readouterr()
+        assert build(out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("ted-prep: error:") and "No space left on device" in err[-1] \
+            and "finished shards kept" in err[-1], err
+        state = json.load(open(os.path.join(out, ".build-state.json")))
+        finished = [r["name"] for split in state["done"].values() for r in split]
+        assert finished, "the disk filled before any shard finished: the test proves nothing"
+        ref_shards, got = _shards(ref), _shards(out)
+        assert set(got) == {f"{n}.{ext}" for n in finished for ext in ("bin", "idx")}  # no partial shard
+        assert all(got[name] == ref_shards[name] for name in got)
+        _resize(disk, 2 * total)
+        assert build(out) == 0
+        assert "resuming; finished shards kept" in capsys.readouterr().err
+        assert _shards(out) == ref_shards and prep_main(["verify", out]) == 0
