@@ -175,18 +175,34 @@ class Checkpointer:
         if D.rank() == 0 and os.path.isdir(tag_dir):
             shutil.rmtree(tag_dir)  # a partial save of the same step from a crashed attempt
         D.barrier()
-        engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
-        torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{D.rank()}.pt"))
+        try:
+            engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
+            torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{D.rank()}.pt"))
+            if D.rank() == 0:
+                state = dict(trainer_state, identity=self.identity, run=self.run_info, world_size=D.world_size(),
+                             tag=tag)
+                _atomic_write(os.path.join(tag_dir, "trainer_state.json"), json.dumps(state, indent=2))
+            D.barrier()  # every rank's files are on disk
+            if D.rank() == 0:
+                _atomic_write(os.path.join(tag_dir, "COMPLETE"), json.dumps({"files": _listing(tag_dir)}, indent=1))
+                _atomic_write(os.path.join(self.dir, "latest"), tag)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            raise self._save_failed(tag, e) from None
         if D.rank() == 0:
-            state = dict(trainer_state, identity=self.identity, run=self.run_info, world_size=D.world_size(), tag=tag)
-            _atomic_write(os.path.join(tag_dir, "trainer_state.json"), json.dumps(state, indent=2))
-        D.barrier()  # every rank's files are on disk
-        if D.rank() == 0:
-            _atomic_write(os.path.join(tag_dir, "COMPLETE"), json.dumps({"files": _listing(tag_dir)}, indent=1))
-            _atomic_write(os.path.join(self.dir, "latest"), tag)
             self._prune(tag)
         D.barrier()
         return tag
+
+    def _save_failed(self, tag: str, error: Exception) -> CheckpointError:
+        """One line for a save that could not write (a full disk, most often): what failed, how much
+        room is left, and that ``latest`` still names the previous checkpoint.  A rank that wrote
+        its part waits for the failed one; the launcher then stops it."""
+        free = shutil.disk_usage(self.dir).free
+        latest = os.path.join(self.dir, "latest")
+        previous = open(latest).read().strip() if os.path.isfile(latest) else "no checkpoint yet"
+        reason = str(error).strip().splitlines()[-1][:200] if str(error).strip() else type(error).__name__
+        return CheckpointError(f"saving {os.path.join(self.dir, tag)} failed ({reason}; {free / 2**20:.1f} MiB free); "
+                               f"latest is still {previous}: free space and re-run to resume")
 
     def _prune(self, newest: str) -> None:
         tags = complete_tags(self.dir)

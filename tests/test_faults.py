@@ -10,6 +10,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -204,3 +205,34 @@ def test_disk_full_during_build_keeps_finished_shards_and_the_rerun_completes(sp
         assert build(out) == 0
         assert "resuming; finished shards kept" in capsys.readouterr().err
         assert _shards(out) == ref_shards and prep_main(["verify", out]) == 0
+
+
+@needs_tmpfs
+@pytest.mark.multirank
+def test_disk_full_during_a_checkpoint_save_keeps_latest_and_the_rerun_resumes(tiny, tmp_path):
+    """Train to a checkpoint at step 4, shrink the room left to half a checkpoint, train on: the
+    save at step 8 fails in one line, step 4 stays latest and whole; after growing the disk the
+    same command resumes from step 4 and finishes."""
+    from ted_ds.checkpoint import is_complete
+
+    with small_disk(str(tmp_path / "disk"), 64 * 1024) as disk:
+        out = os.path.join(disk, "run")
+        cmd = lambda steps: deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", _cfg(
+            tiny, tmp_path, "full", **{"train.out_dir": out, "train.steps": steps, "train.save_interval": 4}))
+        run_launcher(cmd(4))
+        used, ckpt = _kib(*_files(out)), _kib(*_files(os.path.join(_ckpt(out), "step-00000004")))
+        _resize(disk, used + ckpt // 2)
+        r = subprocess.run(cmd(8), cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert r.returncode != 0
+        # the rank(s) that could not write say so in one line each; a peer that wrote its part is
+        # stopped by the launcher while it waits
+        log = r.stdout + r.stderr
+        errors = [line for line in log.splitlines() if re.match(r"ted-ds: (rank \d+: )?error:", line)]
+        assert errors and "Traceback" not in log, log[-3000:]
+        assert all("step-00000008 failed" in e and "latest is still step-00000004" in e for e in errors), errors
+        assert open(os.path.join(_ckpt(out), "latest")).read().strip() == "step-00000004"
+        assert is_complete(os.path.join(_ckpt(out), "step-00000004")) is None
+        _resize(disk, used + 4 * ckpt)
+        r = run_launcher(cmd(8))
+        assert "resumed from step-00000004" in r.stderr
+        assert open(os.path.join(_ckpt(out), "latest")).read().strip() == "step-00000008"
