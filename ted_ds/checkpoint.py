@@ -153,8 +153,8 @@ def complete_tags(ckpt_dir: str) -> list[str]:
 def check_finite(module: torch.nn.Module, step: int) -> None:
     """Refuse to save non-finite weights: each rank checks what it holds (its ZeRO-3 partition,
     ``ds_tensor``), one all-reduce agrees.  ``latest`` then never names a NaN checkpoint."""
-    bad = sum(int(not torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in module.parameters())
-    if D.all_reduce_sum(torch.tensor([float(bad)], device=D.device())).item() > 0:
+    finite = torch.stack([torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in module.parameters()])
+    if D.all_reduce_sum((~finite).sum().float().reshape(1).to(D.device())).item() > 0:
         raise TrainingError(f"step {step}: the weights hold NaN/inf; not saving them (the last good checkpoint "
                             "stays latest)")
 
