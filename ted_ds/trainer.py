@@ -84,8 +84,8 @@ def backward_and_step(engine, loss: torch.Tensor, finite: torch.Tensor, boundary
     engine.backward(loss * math.nan if skip else loss)
     engine.step()
     if skip and engine.was_step_applied():
-        raise TrainingError("DeepSpeed applied an optimizer step with NaN gradients; stopping before "
-                            "anything is saved")
+        raise TrainingError("DeepSpeed applied an optimizer step the ranks agreed to skip (non-finite loss); "
+                            "stopping before anything is saved")
     return skip
 
 
