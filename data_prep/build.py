@@ -277,6 +277,10 @@ def build(opts: BuildOptions) -> dict:
         if fresh:
             shutil.rmtree(opts.out, ignore_errors=True)
         raise
+    except OSError as e:  # disk full, quota, I/O error: what is finished stays for the re-run
+        kept = ", ".join(f"{s} {len(state['done'][s])}" for s in SPLITS)
+        raise UserError(f"{opts.out}: cannot write ({e.strerror or e}); finished shards kept ({kept}): free "
+                        "space and re-run the same command to resume") from None
     manifest = {
         "format": FORMAT,
         "tokenizer": tok_id,

@@ -16,6 +16,7 @@ both), the deepspeed flavour uint32.
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import struct
 
@@ -79,7 +80,8 @@ class ShardWriter:
         os.replace(self.prefix + ".idx.tmp", self.prefix + ".idx")
 
     def abort(self) -> None:
-        self._bin.close()
+        with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails too
+            self._bin.close()
         for suffix in (".bin.tmp", ".idx.tmp"):
             if os.path.exists(self.prefix + suffix):
                 os.remove(self.prefix + suffix)

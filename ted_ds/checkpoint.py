@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ted_ds import distributed as D
-from ted_ds.errors import CheckpointError
+from ted_ds.errors import CheckpointError, TrainingError
 
 TAG_PREFIX = "step-"
 
@@ -150,6 +150,15 @@ def complete_tags(ckpt_dir: str) -> list[str]:
     return sorted((d for d in os.listdir(ckpt_dir) if d.startswith(TAG_PREFIX) and "." not in d), reverse=True)
 
 
+def check_finite(module: torch.nn.Module, step: int) -> None:
+    """Refuse to save non-finite weights: each rank checks what it holds (its ZeRO-3 partition,
+    ``ds_tensor``), one all-reduce agrees.  ``latest`` then never names a NaN checkpoint."""
+    finite = torch.stack([torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in module.parameters()])
+    if D.all_reduce_sum((~finite).sum().float().reshape(1).to(D.device())).item() > 0:
+        raise TrainingError(f"step {step}: the weights hold NaN/inf; not saving them (the last good checkpoint "
+                            "stays latest)")
+
+
 class Checkpointer:
     def __init__(self, ckpt_dir: str, keep_last: int, identity: dict, run_info: dict | None = None):
         """``identity`` holds what must match on resume (model shapes, tokenizer, method, stage);
@@ -160,23 +169,40 @@ class Checkpointer:
         self.run_info = run_info or {}
 
     def save(self, engine, step: int, trainer_state: dict) -> str:
+        check_finite(engine.module, step)
         tag = tag_for(step)
         tag_dir = os.path.join(self.dir, tag)
         if D.rank() == 0 and os.path.isdir(tag_dir):
             shutil.rmtree(tag_dir)  # a partial save of the same step from a crashed attempt
         D.barrier()
-        engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
-        torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{D.rank()}.pt"))
+        try:
+            engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
+            torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{D.rank()}.pt"))
+            if D.rank() == 0:
+                state = dict(trainer_state, identity=self.identity, run=self.run_info, world_size=D.world_size(),
+                             tag=tag)
+                _atomic_write(os.path.join(tag_dir, "trainer_state.json"), json.dumps(state, indent=2))
+            D.barrier()  # every rank's files are on disk
+            if D.rank() == 0:
+                _atomic_write(os.path.join(tag_dir, "COMPLETE"), json.dumps({"files": _listing(tag_dir)}, indent=1))
+                _atomic_write(os.path.join(self.dir, "latest"), tag)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            raise self._save_failed(tag, e) from None
         if D.rank() == 0:
-            state = dict(trainer_state, identity=self.identity, run=self.run_info, world_size=D.world_size(), tag=tag)
-            _atomic_write(os.path.join(tag_dir, "trainer_state.json"), json.dumps(state, indent=2))
-        D.barrier()  # every rank's files are on disk
-        if D.rank() == 0:
-            _atomic_write(os.path.join(tag_dir, "COMPLETE"), json.dumps({"files": _listing(tag_dir)}, indent=1))
-            _atomic_write(os.path.join(self.dir, "latest"), tag)
             self._prune(tag)
         D.barrier()
         return tag
+
+    def _save_failed(self, tag: str, error: Exception) -> CheckpointError:
+        """One line for a save that could not write (a full disk, most often): what failed, how much
+        room is left, and that ``latest`` still names the previous checkpoint.  A rank that wrote
+        its part waits for the failed one; the launcher then stops it."""
+        free = shutil.disk_usage(self.dir).free
+        latest = os.path.join(self.dir, "latest")
+        previous = open(latest).read().strip() if os.path.isfile(latest) else "no checkpoint yet"
+        reason = str(error).strip().splitlines()[-1][:200] if str(error).strip() else type(error).__name__
+        return CheckpointError(f"saving {os.path.join(self.dir, tag)} failed ({reason}; {free / 2**20:.1f} MiB free); "
+                               f"latest is still {previous}: free space and re-run to resume")
 
     def _prune(self, newest: str) -> None:
         tags = complete_tags(self.dir)

@@ -135,6 +135,12 @@ class TrainConfig:
     peak_tflops: float | None = None
     """Per-device peak used for MFU; default: looked up for known GPUs, measured by a matmul on CPU."""
     progress: bool = True
+    max_bad_steps: int = 5
+    """A step whose loss is NaN/inf on any rank is skipped (no optimizer update) and counted as
+    ``bad_steps``; this many in a row stop the run with an error, the last good checkpoint kept."""
+    inject_nan_steps: list[int] | None = None
+    """Test hook, not for real runs: these 1-based steps' loss reads NaN on rank 0 only (gradients
+    stay finite), so a test sees the trainer itself, agreed over ranks, skip the step."""
 
 
 @dataclass
@@ -158,6 +164,7 @@ class RunConfig:
                             ("train.global_batch_size", tr.global_batch_size), ("data.seq_len", self.data.seq_len),
                             ("train.log_interval", tr.log_interval), ("train.eval_interval", tr.eval_interval),
                             ("train.save_interval", tr.save_interval), ("train.keep_last", tr.keep_last),
+                            ("train.max_bad_steps", tr.max_bad_steps),
                             ("teacher.pipeline_stages", t.pipeline_stages),
                             ("teacher.pipeline_chunks", t.pipeline_chunks)):
             if value < 1:

@@ -13,3 +13,7 @@ class CheckpointError(UserError):
 
 class DistributedError(UserError):
     """A collective timed out or a peer rank died."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on: the loss stayed non-finite, or a step would save non-finite weights."""

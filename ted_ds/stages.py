@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from data_prep.tokenizer import TOKENIZER_FILES, load_tokenizer, vocab_fingerprint
-from data_prep.verify import read_manifest
+from data_prep.verify import verify_dataset
 from ted_ds import distributed as D
 from ted_ds import models as M
 from ted_ds.config import RunConfig
@@ -59,8 +59,9 @@ def _check_tokenizer(model_dir: str, manifest: dict, what: str) -> None:
 
 
 def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
-    """Validate a run against the files it names; ``filters_for`` is set for stage 1."""
-    manifest = read_manifest(cfg.data.path)
+    """Validate a run against the files it names; ``filters_for`` is set for stage 1.  Every shard
+    is checked against the manifest here, before any process group: a damaged one is named."""
+    manifest = verify_dataset(cfg.data.path, checksums=False)
     t, s = cfg.teacher, cfg.student
     needs_teacher = cfg.uses_teacher or s.init_from_teacher is not None or filters_for is not None
     teacher_config = M.load_config(t.path, t.trust_remote_code) if t.path and needs_teacher else None

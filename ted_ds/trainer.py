@@ -23,6 +23,7 @@ from ted_ds.checkpoint import Checkpointer
 from ted_ds.config import RunConfig, save_config, to_dict
 from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
 from ted_ds.engine import resolve_ds_config
+from ted_ds.errors import TrainingError
 from ted_ds.export import save_trained_outputs
 from ted_ds.metrics import MetricsLogger, device_peak_flops
 from ted_ds.stages import Plan, Stage, build_distill, build_filter_learning, plan
@@ -64,6 +65,30 @@ def evaluate(stage: Stage, valid: PackedShardDataset, samples: int, micro_batch:
     return float(total[0] / total[1])
 
 
+def injected_nan(loss: torch.Tensor, step: int, steps: list[int] | None) -> torch.Tensor:
+    """The test hook ``train.inject_nan_steps``: rank 0's loss of those steps reads NaN while its
+    gradients stay finite, so only the trainer's own check can keep the step from being applied."""
+    if steps and step in steps and D.rank() == 0:
+        return loss + math.nan
+    return loss
+
+
+def backward_and_step(engine, loss: torch.Tensor, finite: torch.Tensor, boundary: bool) -> bool:
+    """Backward and DeepSpeed step of one micro-batch; True when, at the accumulation boundary, the
+    optimizer step was skipped because some rank saw a non-finite loss in this step (``finite``).
+
+    The ranks agree with one all-reduce, so all skip together.  A skipped step backpropagates NaN on
+    purpose: DeepSpeed's overflow check (the same on every ZeRO-3 rank) then drops the accumulated
+    gradients and leaves weights, Adam moments and the LR schedule untouched."""
+    skip = boundary and bool(D.all_reduce_sum((~finite).float()).item() > 0)
+    engine.backward(loss * math.nan if skip else loss)
+    engine.step()
+    if skip and engine.was_step_applied():
+        raise TrainingError("DeepSpeed applied an optimizer step the ranks agreed to skip (non-finite loss); "
+                            "stopping before anything is saved")
+    return skip
+
+
 def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> dict:
     """Train ``stage`` to ``p.total_steps``; returns the last logged metrics."""
     cfg = p.cfg
@@ -72,18 +97,18 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
     valid = PackedShardDataset(cfg.data.path, "valid", cfg.data.seq_len) if p.manifest["shards"]["valid"] else None
     sampler = ConsumedSamplesSampler(len(train), cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                      D.rank(), D.world_size(), cfg.train.seed)
-    step, tokens = 0, 0
+    step, tokens, bad_steps, bad_in_a_row = 0, 0, 0, 0
     tag = checkpointer.find_resumable()
     if tag is not None:
         state = checkpointer.load(stage.engine, tag)
-        step, tokens = state["step"], state["tokens"]
+        step, tokens, bad_steps = state["step"], state["tokens"], state.get("bad_steps", 0)
         sampler.load_state_dict(state["sampler"])
     log = MetricsLogger(out_dir, D.rank() == 0, p.total_steps, step, cfg.train.progress, stage.name)
     if tag is not None:
         log.resumed(tag, step, sampler.consumed)
     peak = device_peak_flops(cfg.train.peak_tflops) * D.world_size()
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-    save = lambda: checkpointer.save(stage.engine, step, {"step": step, "tokens": tokens,
+    save = lambda: checkpointer.save(stage.engine, step, {"step": step, "tokens": tokens, "bad_steps": bad_steps,
                                                           "sampler": sampler.state_dict()})
     last: dict = {}
     window_time, window_steps = 0.0, 0  # training time only: evaluation and saving excluded
@@ -93,14 +118,24 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
         start = time.perf_counter()
         sums: dict[str, torch.Tensor] = defaultdict(float)
         micro_batches = sampler.next_batch()
-        for indices in micro_batches:
+        finite = torch.ones((), dtype=torch.bool, device=D.device())
+        for i, indices in enumerate(micro_batches):
             input_ids, labels = (t.to(D.device()) for t in collate(train, indices))
             terms = stage.loss(input_ids, labels)
-            stage.engine.backward(terms["loss"])
-            stage.engine.step()
+            terms["loss"] = injected_nan(terms["loss"], step + 1, cfg.train.inject_nan_steps)
+            finite &= torch.isfinite(terms["loss"].detach())
+            skipped = backward_and_step(stage.engine, terms["loss"], finite, i == len(micro_batches) - 1)
             for k, v in terms.items():  # no .item() here: no device sync per micro-batch
                 sums[k] = sums[k] + v.detach().float() / len(micro_batches)
         step += 1
+        bad_steps += skipped
+        bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+        if skipped:
+            log.message(f"ted-ds: step {step}: non-finite loss, optimizer step skipped ({bad_in_a_row} in a row)")
+        if bad_in_a_row >= cfg.train.max_bad_steps:
+            raise TrainingError(f"{bad_in_a_row} steps in a row with a non-finite loss (train.max_bad_steps), "
+                                f"last at step {step}; the last good checkpoint is kept: lower optim.lr or check "
+                                "the data, then re-run to resume")
         tokens += tokens_per_step
         window_steps += 1
         window_time += time.perf_counter() - start
@@ -110,7 +145,7 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
             last = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in
                     D.all_reduce_mean({k: v.item() for k, v in sums.items()}).items()}
             grad_norm = stage.engine.get_global_grad_norm()
-            last.update({"lr": stage.engine.get_lr()[0], "tokens": tokens, "tokens_per_s": tps,
+            last.update({"lr": stage.engine.get_lr()[0], "tokens": tokens, "tokens_per_s": tps, "bad_steps": bad_steps,
                          "mfu": tps * stage.flops_per_token / peak,
                          "grad_norm": float(grad_norm) if grad_norm is not None else math.nan})
             if D.device().type == "cuda":
