@@ -70,14 +70,7 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
     elif s.config:
         student_config = M.load_config(s.config, s.trust_remote_code)
     else:
-        import copy
-
-        student_config = copy.deepcopy(teacher_config)
-        student_config.num_hidden_layers = len(s.init_from_teacher)
-        n_t = M.num_layers(teacher_config)
-        if any(not 0 <= i < n_t for i in s.init_from_teacher) or not s.init_from_teacher:
-            raise ConfigError(f"student.init_from_teacher: layers must be 0-based indices < {n_t}, "
-                              f"got {s.init_from_teacher}")
+        student_config = M.teacher_blocks_config(teacher_config, s.init_from_teacher)
     for what, conf, path in (("teacher", teacher_config, t.path), ("student", student_config, s.path or s.config)):
         if conf is None:
             continue
