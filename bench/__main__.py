@@ -2,6 +2,7 @@
 
     python -m bench [--quick]          (make bench)
     python -m bench scale|kd|gpu [...] the scale rehearsal, the chunked KD loss, the GPU check
+    python -m bench faults             the "Faults survived" table from the last test run
 
 prep (ted-prep vs the HF run_clm recipe and the bare tokenizer), engine (TED step overhead, teacher
 placements), loader (data path vs training consumption), scaling (on paper, from the measured
@@ -10,9 +11,9 @@ overhead). The reproduction study is separate: python bench/repro.py (about an h
 
 import sys
 
-from bench import engine_bench, gpu_check, kd_bench, loader_bench, prep_bench, scale_bench, scaling
+from bench import engine_bench, faults, gpu_check, kd_bench, loader_bench, prep_bench, scale_bench, scaling
 
-BY_NAME = {"scale": scale_bench.main, "kd": kd_bench.main, "gpu": gpu_check.main}
+BY_NAME = {"scale": scale_bench.main, "kd": kd_bench.main, "gpu": gpu_check.main, "faults": faults.main}
 
 
 def main() -> None:

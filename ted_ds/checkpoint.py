@@ -187,6 +187,8 @@ class Checkpointer:
                 _atomic_write(os.path.join(tag_dir, "COMPLETE"), json.dumps({"files": _listing(tag_dir)}, indent=1))
                 _atomic_write(os.path.join(self.dir, "latest"), tag)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            if D.failed_collective(e):
+                raise  # a peer is gone, not the disk: ted_ds.distributed.collective_errors names it
             raise self._save_failed(tag, e) from None
         if D.rank() == 0:
             self._prune(tag)

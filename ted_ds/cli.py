@@ -113,12 +113,13 @@ def run_training(args: argparse.Namespace) -> int:
 
     trust = ["teacher.trust_remote_code=true", "student.trust_remote_code=true"] if args.trust_remote_code else []
     cfg = load_config(args.config, [*args.overrides, *trust])
-    stage, _, result = run_stage(cfg, getattr(args, "model", None))
-    if D.rank() == 0 and not result["stopped"]:
-        summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k in ("loss/total", "eval/ppl"))
-        print(f"ted-ds: {stage.name} finished at step {result['step']} ({summary}); wrote {result['output']}",
-              file=sys.stderr)
-    D.shutdown()
+    with D.collective_errors(cfg.train.timeout_minutes):
+        stage, _, result = run_stage(cfg, getattr(args, "model", None))
+        if D.rank() == 0 and not result["stopped"]:
+            summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k in ("loss/total", "eval/ppl"))
+            print(f"ted-ds: {stage.name} finished at step {result['step']} ({summary}); wrote {result['output']}",
+                  file=sys.stderr)
+        D.shutdown()
     return EXIT_RESUMABLE if result["stopped"] else 0
 
 

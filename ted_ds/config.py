@@ -23,6 +23,7 @@ METHODS = ("ted", "lwd", "kd", "lm")
 PLACEMENTS = ("replicated", "zero3", "pipeline")
 LAYER_LOSSES = ("mse", "normalized_mse", "cosine")
 FILTER_KINDS = ("linear", "mlp")
+SCHEDULES = ("cosine", "wsd", "constant")
 
 
 @dataclass
@@ -104,8 +105,13 @@ class OptimConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 100
+    warmup_start_lr: float = 0.0
+    """LR the warmup starts from; a continual run re-warms from its predecessor's final LR."""
     schedule: str = "cosine"
-    """cosine (warmup, then cosine decay to min_lr at the last step) | constant (after warmup)."""
+    """cosine (warmup, then cosine decay to min_lr at the last step) | wsd (warmup, stable at lr, linear
+    decay to min_lr over the last ``decay_fraction`` of the run) | constant (after warmup)."""
+    decay_fraction: float = 0.1
+    """wsd: the share of the run spent decaying (MiniCPM and Hägele et al. 2024 use 10–20 %)."""
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -130,6 +136,11 @@ class TrainConfig:
     save_interval: int = 500
     keep_last: int = 2
     """Checkpoints kept on disk (the newest K)."""
+    init_from: str | None = None
+    """Start a NEW run from another run's student weights: an HF directory, or a checkpoint (a run's
+    out_dir, its checkpoints/<stage> directory or one tag directory). Optimizer, schedule and data
+    position start fresh — unlike resume, which continues a run exactly. Replaces student.path /
+    config / init_from_teacher."""
     timeout_minutes: float = 10.0
     """Every collective fails with a clear error after this long instead of hanging."""
     peak_tflops: float | None = None
@@ -158,7 +169,7 @@ class RunConfig:
         _choice("teacher.placement", t.placement, PLACEMENTS)
         _choice("distill.layer_loss", d.layer_loss, LAYER_LOSSES)
         _choice("distill.filter", d.filter, FILTER_KINDS)
-        _choice("optim.schedule", o.schedule, ("cosine", "constant"))
+        _choice("optim.schedule", o.schedule, SCHEDULES)
         _choice("teacher.logits_dtype", t.logits_dtype, ("fp32", "bf16"))
         for name, value in (("train.micro_batch_size", tr.micro_batch_size),
                             ("train.global_batch_size", tr.global_batch_size), ("data.seq_len", self.data.seq_len),
@@ -179,10 +190,16 @@ class RunConfig:
             raise ConfigError("distill.alpha and distill.beta must be ≥ 0 and distill.temperature > 0")
         if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr or o.warmup_steps < 0:
             raise ConfigError("need optim.lr > 0, 0 ≤ optim.min_lr ≤ optim.lr and optim.warmup_steps ≥ 0")
+        if not 0 <= o.warmup_start_lr <= o.lr:
+            raise ConfigError(f"optim.warmup_start_lr must be in [0, optim.lr = {o.lr:g}], got {o.warmup_start_lr:g}")
+        if not 0 < o.decay_fraction <= 1:
+            raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction:g}")
         if len(o.betas) != 2:
             raise ConfigError("optim.betas must be two numbers")
-        if sum(x is not None for x in (self.student.path, self.student.config, self.student.init_from_teacher)) != 1:
-            raise ConfigError("give exactly one of student.path, student.config and student.init_from_teacher")
+        if sum(x is not None for x in (self.student.path, self.student.config, self.student.init_from_teacher,
+                                       tr.init_from)) != 1:
+            raise ConfigError("give exactly one of student.path, student.config, student.init_from_teacher and "
+                              "train.init_from")
         if self.uses_teacher and not t.path:
             raise ConfigError(f"method {d.method} needs teacher.path")
         if self.student.init_from_teacher is not None and not t.path:

@@ -20,6 +20,7 @@ import re
 import socket
 import subprocess
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -189,27 +190,59 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device())
-    _checked(dist.all_reduce, t)
+    dist.all_reduce(t)
     return {k: float(v) / world_size() for k, v in zip(keys, t.tolist())}
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
-        _checked(dist.all_reduce, t)
+        dist.all_reduce(t)
     return t
 
 
 def barrier() -> None:
     if world_size() > 1:
-        _checked(dist.barrier)
+        dist.barrier()
 
 
-def _checked(fn, *args):
+# gloo's and NCCL's words for a lost peer, for errors raised by ``Work.wait()`` outside torch.distributed
+_COMM_FAILURE = re.compile(r"gloo|nccl|Timed out waiting|Connection (closed|reset) by peer|pair closure", re.I)
+
+
+def failed_collective(error: BaseException) -> str | None:
+    """The collective an error comes from (``all_gather_into_tensor``, ``barrier``…) and the first
+    caller outside torch and DeepSpeed's comm layer; None if it is not a communication failure."""
+    frames = [(f.f_code.co_filename, f.f_code.co_name) for f, _ in traceback.walk_tb(error.__traceback__)]
+    c10d = [i for i, (path, _) in enumerate(frames) if path.endswith(os.path.join("torch", "distributed",
+                                                                                 "distributed_c10d.py"))]
+    if c10d:
+        name, frames = frames[c10d[-1]][1], frames[:c10d[0]]
+    elif isinstance(error, dist.DistError) or _COMM_FAILURE.search(str(error)):
+        name = "wait() of an asynchronous collective"
+    else:
+        return None
+    callers = [(path, fn) for path, fn in frames if os.sep + "torch" + os.sep not in path
+               and os.path.join("deepspeed", "comm") not in path and os.path.join("deepspeed", "utils") not in path]
+    if callers:
+        path, fn = callers[-1]
+        package = "ted_ds" if os.sep + "ted_ds" + os.sep in path else "deepspeed" if "deepspeed" in path else ""
+        name += f" (called by {package + '.' if package else ''}{os.path.basename(path)[:-3]}.{fn})"
+    return name
+
+
+@contextlib.contextmanager
+def collective_errors(timeout_minutes: float):
+    """A collective that times out or loses its peer (gloo and NCCL raise RuntimeError, possibly deep
+    inside DeepSpeed's ZeRO-3 gathers) becomes one ``DistributedError`` line naming the collective."""
     try:
-        return fn(*args)
-    except RuntimeError as e:  # gloo/NCCL timeouts and closed connections surface as RuntimeError
-        raise DistributedError(f"rank {rank()}: collective {fn.__name__} failed — a peer rank died or timed out "
-                               f"({str(e).splitlines()[0][:200]})") from None
+        yield
+    except RuntimeError as e:
+        name = failed_collective(e)
+        if name is None:
+            raise
+        raise DistributedError(f"collective {name} failed: a peer rank is stopped, dead or unreachable "
+                               f"(train.timeout_minutes {timeout_minutes:g}; {str(e).strip().splitlines()[0][:160]})"
+                               ) from None
 
 
 def shutdown() -> None:

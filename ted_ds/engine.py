@@ -87,15 +87,31 @@ def frozen_ds_config(ds: dict) -> dict:
 
 
 def lr_multiplier(step: int, cfg: RunConfig, total_steps: int) -> float:
-    """Linear warmup, then cosine decay to min_lr at the last step (or constant)."""
+    """LR ÷ optim.lr at 0-based ``step``: linear warmup from ``warmup_start_lr`` (0 by default; a
+    continual run re-warms from its predecessor's final LR), then ``schedule``:
+
+    cosine    decay to min_lr over the remaining steps
+    wsd       warmup-stable-decay: constant, then linear decay to min_lr over the last
+              ``decay_fraction`` of the run, reaching min_lr at the last step
+    constant  stay at lr
+    """
     o = cfg.optim
+    floor, start = o.min_lr / o.lr, o.warmup_start_lr / o.lr
     if step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
+        return start + (1.0 - start) * (step + 1) / o.warmup_steps
     if o.schedule == "constant":
         return 1.0
+    if o.schedule == "wsd":
+        decay_steps = wsd_decay_steps(cfg, total_steps)
+        into_decay = step - (total_steps - decay_steps) + 1
+        return 1.0 if into_decay <= 0 else 1.0 - (1.0 - floor) * min(1.0, into_decay / decay_steps)
     progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
-    floor = o.min_lr / o.lr
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def wsd_decay_steps(cfg: RunConfig, total_steps: int) -> int:
+    """Steps of WSD's final decay: ``optim.decay_fraction`` of the run, at least one."""
+    return max(1, round(cfg.optim.decay_fraction * total_steps))
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:

@@ -23,7 +23,7 @@ from data_prep.verify import verify_dataset
 from ted_ds import distributed as D
 from ted_ds import models as M
 from ted_ds.config import RunConfig
-from ted_ds.engine import build_frozen, build_trained_engine, compute_dtype
+from ted_ds.engine import build_frozen, build_trained_engine, compute_dtype, wsd_decay_steps
 from ted_ds.errors import ConfigError
 from ted_ds.filters import FilterBank, load_filter_bank
 from ted_ds.losses import ObjectiveWeights, distill_objective, lm_loss, tap_lm_losses
@@ -65,13 +65,16 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
     t, s = cfg.teacher, cfg.student
     needs_teacher = cfg.uses_teacher or s.init_from_teacher is not None or filters_for is not None
     teacher_config = M.load_config(t.path, t.trust_remote_code) if t.path and needs_teacher else None
-    if s.path:
+    if cfg.train.init_from:
+        student_config = init_from_config(cfg.train.init_from, s.trust_remote_code)
+    elif s.path:
         student_config = M.load_config(s.path, s.trust_remote_code)
     elif s.config:
         student_config = M.load_config(s.config, s.trust_remote_code)
     else:
         student_config = M.teacher_blocks_config(teacher_config, s.init_from_teacher)
-    for what, conf, path in (("teacher", teacher_config, t.path), ("student", student_config, s.path or s.config)):
+    for what, conf, path in (("teacher", teacher_config, t.path), ("student", student_config,
+                                                                            s.path or s.config or cfg.train.init_from)):
         if conf is None:
             continue
         if M.vocab_size(conf) < manifest["vocab_size"]:
@@ -80,7 +83,8 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
         limit = M.max_positions(conf)
         if limit is not None and cfg.data.seq_len > limit:
             raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the {what}'s {limit} positions")
-    for what, path in (("teacher", t.path if teacher_config is not None else None), ("student", s.path)):
+    hf_start = cfg.train.init_from if cfg.train.init_from and _is_hf_dir(cfg.train.init_from) else s.path
+    for what, path in (("teacher", t.path if teacher_config is not None else None), ("student", hf_start)):
         if path:
             _check_tokenizer(path, manifest, what)
     uses_teacher_geometry = cfg.uses_teacher or filters_for is not None
@@ -106,6 +110,9 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
                 raise ConfigError(f"{what}: filter bank not found: {path}")
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     total = cfg.train.steps or math.ceil(cfg.train.tokens / tokens_per_step)
+    if cfg.optim.schedule == "wsd" and cfg.optim.warmup_steps + wsd_decay_steps(cfg, total) > total:
+        raise ConfigError(f"optim.schedule wsd: {cfg.optim.warmup_steps} warmup + {wsd_decay_steps(cfg, total)} decay "
+                          f"steps (optim.decay_fraction {cfg.optim.decay_fraction:g}) exceed the run's {total} steps")
     return Plan(cfg, teacher_config, student_config, pairs, filter_dim, manifest, total)
 
 
@@ -115,12 +122,57 @@ def load_teacher(cfg: RunConfig, **placement) -> nn.Module:
     return M.load_model(cfg.teacher.path, cfg.teacher.trust_remote_code, **placement)
 
 
+def _is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def init_from_config(path: str, trust_remote_code: bool):
+    """The student's HF config for ``train.init_from``: an HF directory's, or the one a checkpoint
+    recorded (its trainer_state.json); one line if ``path`` is neither."""
+    import json
+
+    from transformers import AutoConfig
+
+    from ted_ds.export import resolve_checkpoint
+
+    if not os.path.exists(path):
+        raise ConfigError(f"train.init_from: {path} does not exist (an HF directory or a run's checkpoint)")
+    if _is_hf_dir(path):
+        return M.load_config(path, trust_remote_code)
+    ckpt_dir, tag = resolve_checkpoint(path, None)
+    with open(os.path.join(ckpt_dir, tag, "trainer_state.json")) as f:
+        run = json.load(f)["run"]
+    if not run.get("student_config") or not os.path.basename(ckpt_dir).startswith("distill-"):
+        raise ConfigError(f"train.init_from: {ckpt_dir}/{tag} is not a distill checkpoint (no student in it)")
+    return AutoConfig.for_model(**run["student_config"])
+
+
+def init_from_hf_dir(cfg: RunConfig) -> str:
+    """``train.init_from`` as an HF directory: itself, or (a checkpoint) its student exported once by
+    rank 0 into ``<out_dir>/init-from-<tag>`` with ``ted-ds export``'s own check; every rank waits."""
+    from ted_ds.export import export_checkpoint, resolve_checkpoint
+
+    if _is_hf_dir(cfg.train.init_from):
+        return cfg.train.init_from
+    ckpt_dir, tag = resolve_checkpoint(cfg.train.init_from, None)
+    target = os.path.join(cfg.train.out_dir, f"init-from-{tag}")
+    if D.rank() == 0 and not _is_hf_dir(target):
+        os.makedirs(cfg.train.out_dir, exist_ok=True)
+        for line in export_checkpoint(os.path.join(ckpt_dir, tag), target):
+            print(f"ted-ds: train.init_from: {line}", flush=True)
+    D.barrier()
+    return target
+
+
 def load_student(p: Plan, **placement) -> nn.Module:
-    """The student from its own directory, from teacher blocks (reading only those), or random.
+    """The student from another run (``train.init_from``), its own directory, teacher blocks (reading
+    only those), or random.
 
     A random student is built whole in fp32 on every rank (then cast and partitioned): only small
     students start from scratch, and so every rank and the single-process reference agree."""
     s = p.cfg.student
+    if p.cfg.train.init_from:
+        return M.load_model(init_from_hf_dir(p.cfg), s.trust_remote_code, **placement)
     if s.path:
         return M.load_model(s.path, s.trust_remote_code, **placement)
     if s.init_from_teacher is not None:

@@ -116,6 +116,7 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
 
     while step < p.total_steps:
         start = time.perf_counter()
+        lr = stage.engine.get_lr()[0]  # this step's (the scheduler moves on inside the step)
         sums: dict[str, torch.Tensor] = defaultdict(float)
         micro_batches = sampler.next_batch()
         finite = torch.ones((), dtype=torch.bool, device=D.device())
@@ -145,7 +146,7 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
             last = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in
                     D.all_reduce_mean({k: v.item() for k, v in sums.items()}).items()}
             grad_norm = stage.engine.get_global_grad_norm()
-            last.update({"lr": stage.engine.get_lr()[0], "tokens": tokens, "tokens_per_s": tps, "bad_steps": bad_steps,
+            last.update({"lr": lr, "tokens": tokens, "tokens_per_s": tps, "bad_steps": bad_steps,
                          "mfu": tps * stage.flops_per_token / peak,
                          "grad_norm": float(grad_norm) if grad_norm is not None else math.nan})
             if D.device().type == "cuda":
@@ -161,6 +162,7 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
         stopping = stop.agreed()
         if step % cfg.train.save_interval == 0 or step == p.total_steps or stopping:
             save()
+            stopping = stopping or stop.agreed()  # a signal during the save: this checkpoint is the last
         if stopping:
             log.message(f"ted-ds: {stop.received or 'a peer signal'} received; saved step {step} and exiting "
                         "(re-run the same command to resume)")

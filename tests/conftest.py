@@ -77,6 +77,24 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torc
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+FAULTS_DIR = os.path.join(REPO, ".cache", "faults")
+
+
+def record_fault(fault: str, sees: str, kept: str) -> None:
+    """One row of the "Faults survived" table (``python -m bench faults`` renders the rows into
+    BENCHMARKS.md): called by a fault test after its assertions passed, with what it observed."""
+    import hashlib
+    import json
+    import re
+
+    os.makedirs(FAULTS_DIR, exist_ok=True)
+    sees = re.sub(r"(/[^\s/`]+)+/([^\s/`]+/[^\s/`]+)", r"…/\2", sees)  # the test's temporary paths, shortened
+    row = {"fault": fault, "sees": sees, "kept": kept,
+           "test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]}
+    with open(os.path.join(FAULTS_DIR, hashlib.sha1(fault.encode()).hexdigest()[:12] + ".json"), "w") as f:
+        json.dump(row, f)
+
+
 def run_launcher(cmd: list[str], timeout: float = 600, env: dict | None = None, cwd: str | None = None):
     """Run a multi-process launch; on failure the assertion shows the end of its output.
 

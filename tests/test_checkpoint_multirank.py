@@ -21,9 +21,11 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import REPO, deepspeed_cmd, run_launcher
+from conftest import REPO, deepspeed_cmd, record_fault, run_launcher
 from safetensors.torch import load_file
 from tiny import base_config, with_dropout, write_config
+
+from ted_ds.checkpoint import is_complete
 
 pytestmark = pytest.mark.multirank
 
@@ -130,6 +132,10 @@ def test_sigkill_one_rank_mid_run_then_resume_is_bit_identical(tiny, dropout_run
     stopped_at = max(_losses(out))
     assert stopped_at < STEPS
     _relaunch_resumes_exactly(cmd, out, ref, "step-00000004")
+    record_fault("SIGKILL of one rank between saves (a node lost)",
+                 f"the job exits with status {proc.returncode}; the re-run says `resumed from step-00000004`",
+                 "`latest` = step-00000004 (the steps after it are trained again); the re-run ends bit-identical to "
+                 "an uninterrupted run")
 
 
 def test_sigterm_saves_and_exits_then_resume_on_one_rank(tiny, reference_run):
@@ -167,22 +173,43 @@ def test_sigterm_saves_and_exits_then_resume_on_one_rank(tiny, reference_run):
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
 
 
-def test_crash_during_save_leaves_latest_valid(tiny, dropout_run):
+def _fault_cmd(cfg: str, fault: str) -> list[str]:
+    return deepspeed_cmd(2, os.path.join(REPO, "tests", "mp", "fault_at.py"), "--fault", fault, "distill", "--config",
+                         cfg)
+
+
+# Where in the save at step 8 (the 2nd) a rank dies, and what that leaves of step-00000008.
+SAVE_KILLS = {
+    "save-start:2:1:KILL": ("before any file of the tag is written", lambda tag: not os.path.exists(tag)),
+    "save-shards:2:1:KILL": ("after DeepSpeed's shards, before the RNG files and COMPLETE",
+                             lambda tag: os.path.isdir(tag) and not os.path.exists(os.path.join(tag, "COMPLETE"))),
+    "save-latest:2:0:KILL": ("after COMPLETE, before `latest` moves",
+                             lambda tag: is_complete(tag) is None),
+}
+
+
+@pytest.mark.parametrize("fault", SAVE_KILLS)
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(tiny, dropout_run, fault):
     root, ref, teacher = dropout_run
-    cfg = _cfg(tiny, root, "crashsave", teacher)
-    out = str(root / "crashsave")
-    script = os.path.join(REPO, "tests", "mp", "crash_during_save.py")
-    proc = subprocess.run(deepspeed_cmd(2, script, "--crash-at", "2", "distill", "--config", cfg), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    name = "kill-" + fault.split(":")[0]
+    cfg = _cfg(tiny, root, name, teacher)
+    out = str(root / name)
+    proc = subprocess.run(_fault_cmd(cfg, fault), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
-    ckpt = os.path.join(out, "checkpoints", "distill-lwd")
-    assert _latest(out) == "step-00000004"  # the 2nd save (step 8) died: latest still names step 4
-    assert os.path.isdir(os.path.join(ckpt, "step-00000008"))  # half written ...
-    assert not os.path.exists(os.path.join(ckpt, "step-00000008", "COMPLETE"))  # ... and never marked complete
-    control = str(root / "control")
-    shutil.copytree(out, control)
+    when, left = SAVE_KILLS[fault]
+    tag8 = os.path.join(out, "checkpoints", "distill-lwd", "step-00000008")
+    assert _latest(out) == "step-00000004" and left(tag8), os.listdir(os.path.dirname(tag8))
+    assert is_complete(os.path.join(out, "checkpoints", "distill-lwd", "step-00000004")) is None
+    if fault.startswith("save-shards"):
+        control = str(root / "control")
+        shutil.copytree(out, control)
     _relaunch_resumes_exactly(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", cfg), out, ref,
                               "step-00000004")
+    record_fault(f"SIGKILL of rank {fault.split(':')[2]} during a checkpoint save, {when}",
+                 f"the job exits with status {proc.returncode}; the re-run says `resumed from step-00000004`",
+                 "`latest` = step-00000004, complete; the re-run ends bit-identical to an uninterrupted run")
+    if not fault.startswith("save-shards"):
+        return
     # control: the same relaunch without `latest` starts over and ALSO ends with the reference's weights;
     # only its record tells it apart, so the record is what the resume checks above rest on
     os.remove(os.path.join(control, "checkpoints", "distill-lwd", "latest"))
@@ -192,6 +219,89 @@ def test_crash_during_save_leaves_latest_valid(tiny, dropout_run):
     assert _last_launch(control) == (None, list(range(1, STEPS + 1)))
     a, b = _weights(ref), _weights(control)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fault", ["eval:2:all:TERM", "save-start:1:1:TERM"])
+def test_sigterm_during_evaluation_or_a_save_finishes_it_saves_and_exits_75(tiny, dropout_run, fault):
+    """Every rank gets SIGTERM during the evaluation at step 8, or rank 1 alone at the start of the
+    save at step 4: the evaluation or save finishes, that step's checkpoint is complete and latest,
+    the job exits 75 at once, and the re-run resumes bit-exactly."""
+    root, ref, teacher = dropout_run
+    name = "term-" + fault.split(":")[0]
+    cfg = _cfg(tiny, root, name, teacher, **{"train.eval_interval": 4})  # evaluation changes no training bits
+    out = str(root / name)
+    proc = subprocess.run(_fault_cmd(cfg, fault), cwd=REPO, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert "exits with return code = 75" in log and "Traceback" not in log, log[-3000:]
+    tag = "step-00000008" if fault.startswith("eval") else "step-00000004"
+    assert _latest(out) == tag and is_complete(os.path.join(out, "checkpoints", "distill-lwd", tag)) is None
+    assert f"SIGTERM received; saved step {int(tag[5:])}" in log or f"a peer signal received; saved step " \
+        f"{int(tag[5:])}" in log, log[-3000:]
+    if fault.startswith("eval"):
+        evals = [m["step"] for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "eval/loss" in m]
+        assert evals == [4, 8]  # the interrupted evaluation finished and was logged
+    _relaunch_resumes_exactly(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", cfg), out, ref, tag)
+    record_fault("SIGTERM (SLURM's warning) " + ("to every rank during an evaluation" if fault.startswith("eval")
+                                                  else "to one rank at the start of a checkpoint save"),
+                 "`... received; saved step N and exiting`, exit status 75 (EX_TEMPFAIL: run again)",
+                 f"the {'evaluation and its ' if fault.startswith('eval') else ''}save finish; `latest` = {tag}; the "
+                 "re-run ends bit-identical to an uninterrupted run")
+
+
+def test_a_stopped_rank_ends_the_job_with_one_error_naming_the_collective(tiny, reference_run):
+    """SIGSTOP rank 1 after step 4's save: rank 0 waits in its next collective for
+    train.timeout_minutes, then fails with one line naming it; the launcher stops the whole job
+    (the stopped rank included) and no process of it is left."""
+    root, _ = reference_run
+    timeout_s = 30
+    cfg = _cfg(tiny, root, "sigstop", **{"train.timeout_minutes": timeout_s / 60})
+    out = str(root / "sigstop")
+    stopped = {}
+
+    def stop(ranks):
+        stopped.update(ranks, at=time.time())
+        ranks[1].suspend()
+
+    proc = _launch_and_interrupt(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", cfg), out,
+                                 "step-00000004", stop)
+    elapsed = time.time() - stopped.pop("at")
+    log = proc.stdout.read()
+    assert proc.returncode != 0 and "Traceback" not in log, log[-3000:]
+    errors = [line for line in log.splitlines() if "ted-ds: " in line and "error: collective " in line]
+    assert len(errors) == 1 and "a peer rank is stopped, dead or unreachable" in errors[0], log[-3000:]
+    # the error within the timeout (+ start of the next step); the launcher then waits 30 s for the
+    # stopped rank to take its SIGTERM before it SIGKILLs it
+    assert timeout_s <= elapsed < timeout_s + 30 + 30, elapsed
+    left = [p for p in stopped.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, left
+    assert _latest(out) == "step-00000004" and is_complete(os.path.join(out, "checkpoints", "distill-lwd",
+                                                                        "step-00000004")) is None
+    record_fault("a rank stopped (SIGSTOP) in the middle of training",
+                 "one line on the waiting rank: `" + errors[0].split("error: ", 1)[1].split(" (train.")[0] + "`; "
+                 "the job ends non-zero within train.timeout_minutes (+30 s for the launcher), no process left",
+                 "`latest` = step-00000004, complete (a re-run resumes from it)")
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights_with_fresh_state(tiny, reference_run, tmp_path):
+    """A new run (one process) from the reference run's checkpoint: step 1 is its first step, with a
+    fresh schedule, optimizer and data position; at a negligible LR its weights stay the source's
+    (a run that ignored init_from would end with teacher blocks 0 and 2, far from them)."""
+    _, ref = reference_run
+    out = str(tmp_path / "next")
+    cfg = _cfg(tiny, tmp_path, "next", **{"train.init_from": ref, "student.init_from_teacher": None,
+                                          "train.steps": 2, "optim.lr": 1e-30, "optim.min_lr": 0.0,
+                                          "optim.warmup_steps": 2, "optim.warmup_start_lr": 0.0})
+    r = subprocess.run([sys.executable, "-m", "ted_ds", "distill", "--config", cfg], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "train.init_from: wrote" in r.stdout and "identical to the checkpoint's" in r.stdout
+    assert _last_launch(out) == (None, [1, 2])
+    lrs = [m["lr"] for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "lr" in m]
+    assert lrs == pytest.approx([0.5e-30, 1e-30], rel=1e-6)  # the schedule starts again from its warmup
+    state = json.load(open(os.path.join(out, "checkpoints", "distill-lwd", "step-00000002", "trainer_state.json")))
+    assert state["sampler"]["consumed_samples"] == 2 * 8  # the data position starts again too
+    a, b = _weights(ref), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_corrupted_latest_falls_back_with_a_warning(tiny, reference_run, tmp_path):
@@ -208,6 +318,10 @@ def test_corrupted_latest_falls_back_with_a_warning(tiny, reference_run, tmp_pat
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "checkpoint step-00000016 is unusable" in r.stderr and "resumed from step-00000012" in r.stderr
+    warning = next(line for line in r.stderr.splitlines() if "is unusable" in line)
+    record_fault("the newest checkpoint damaged on disk (a truncated optimizer shard)",
+                 "a warning: `" + warning[warning.index("checkpoint step-"):].strip() + "`",
+                 "the run resumes from the previous complete checkpoint, step-00000012")
     # a checkpoint from another run shape is refused with one clear line
     bad = _cfg(tiny, tmp_path, "corrupt", **{"data.seq_len": 16})
     r = subprocess.run([sys.executable, "-m", "ted_ds", "distill", "--config", bad], cwd=REPO, capture_output=True,

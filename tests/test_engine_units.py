@@ -151,6 +151,34 @@ def test_lr_schedule_warmup_then_cosine(tiny, tmp_path):
     assert all(a >= b for a, b in zip(m[10:], m[11:]))
 
 
+def test_wsd_and_rewarming_follow_the_hand_computed_curve(tiny, tmp_path):
+    """lr 1, min_lr 0.1, 4 warmup steps re-warming from 0.5, 20 steps, the last 25 % decaying."""
+    cfg = load_config(write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"], tiny["llama_teacher"],
+                                                                           str(tmp_path / "o"))),
+                      ["optim.schedule=wsd", "optim.lr=1.0", "optim.min_lr=0.1", "optim.warmup_steps=4",
+                       "optim.warmup_start_lr=0.5", "optim.decay_fraction=0.25"])
+    by_hand = [0.625, 0.75, 0.875, 1.0] + [1.0] * 11 + [0.82, 0.64, 0.46, 0.28, 0.1]
+    assert [lr_multiplier(s, cfg, 20) for s in range(20)] == pytest.approx(by_hand, abs=1e-12)
+    cfg.optim.schedule = "constant"
+    assert [lr_multiplier(s, cfg, 20) for s in range(20)] == pytest.approx(by_hand[:4] + [1.0] * 16, abs=1e-12)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.warmup_start_lr=2.0", "optim.warmup_start_lr must be in [0, optim.lr"),
+    ("optim.decay_fraction=0", "optim.decay_fraction must be in (0, 1]"),
+    ("optim.schedule=linear", "optim.schedule must be one of cosine, wsd, constant"),
+    ("optim.decay_fraction=0.9", "optim.schedule wsd: 1 warmup + 4 decay steps (optim.decay_fraction 0.9) exceed"),
+])
+def test_bad_schedules_are_one_line_before_any_process_group(tiny, tmp_path, override, message, capsys):
+    from ted_ds.cli import main
+
+    cfg = write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"], tiny["llama_teacher"],
+                                                                str(tmp_path / "o")))
+    assert main(["distill", "--config", cfg, "distill.method=lwd", "optim.schedule=wsd", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ted-ds: error: ") and message in err[0], err
+
+
 # ----------------------------------------------------------------------------- checkpointed RNG
 def _draws() -> tuple:
     """One draw from every generator a training step may use (dropout masks, shuffles)."""
@@ -259,3 +287,34 @@ def test_loaded_models_keep_tied_heads_tied(tiny):
     it and the tied export silently differs from what was trained)."""
     for model in (load_model(tiny["gpt2_teacher"]), load_teacher_blocks(tiny["gpt2_teacher"], [0, 2])):
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_a_communication_failure_is_named_by_its_collective_and_caller():
+    from ted_ds.distributed import failed_collective
+
+    c10d = "/site-packages/torch/distributed/distributed_c10d.py"
+    namespace: dict = {}
+    exec(compile("def all_gather_into_tensor():\n    raise RuntimeError('Timed out waiting 30000ms for recv')\n",
+                 c10d, "exec"), namespace)
+
+    def gather_params():  # a caller, as DeepSpeed's or ours would be
+        namespace["all_gather_into_tensor"]()
+
+    def raised(fn):
+        try:
+            fn()
+        except RuntimeError as e:
+            return e
+
+    name = failed_collective(raised(gather_params))
+    assert name.startswith("all_gather_into_tensor (called by ") and name.endswith(".gather_params)"), name
+
+    def wait_on_handle():
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
+
+    assert failed_collective(raised(wait_on_handle)).startswith("wait() of an asynchronous collective (called by ")
+
+    def not_comm():
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    assert failed_collective(raised(not_comm)) is None

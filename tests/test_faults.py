@@ -18,7 +18,7 @@ import tempfile
 import deepspeed  # noqa: F401  imported before any test: it sets PYTORCH_NVML_BASED_CUDA_CHECK
 import pytest
 import torch
-from conftest import REPO, deepspeed_cmd, needs, run_launcher
+from conftest import REPO, deepspeed_cmd, needs, record_fault, run_launcher
 from safetensors.torch import load_file
 from tiny import base_config, write_config
 
@@ -62,6 +62,9 @@ def test_one_nan_step_is_skipped_on_every_rank_and_counted(tiny, tmp_path):
     metrics = {m["step"]: m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "bad_steps" in m}
     assert [metrics[s]["bad_steps"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
     assert math.isnan(metrics[3]["loss/total"])  # rank 0's NaN shows in the logged mean
+    record_fault("a non-finite loss on one rank at one step",
+                 "`step 3: non-finite loss, optimizer step skipped (1 in a row)`; `bad_steps` counts it",
+                 "weights, Adam moments and LR schedule of step 2 (no update on any rank); training goes on")
 
 
 @pytest.mark.multirank
@@ -85,6 +88,9 @@ def test_nan_from_step_6_on_stops_after_max_bad_steps_and_the_run_resumes(tiny, 
     assert "resumed from step-00000004" in r.stderr
     assert _state(out, "step-00000010")["bad_steps"] == 0
     assert os.path.isfile(os.path.join(out, "hf", "model.safetensors"))
+    record_fault(f"a non-finite loss at {over['train.max_bad_steps']} steps in a row",
+                 "`" + errors[0].split("error: ", 1)[1].split(";")[0] + "`, non-zero exit",
+                 "`latest` = step-00000004, finite; no checkpoint with NaN is written; the re-run resumes")
 
 
 class _Engine:
@@ -133,6 +139,9 @@ def test_a_damaged_shard_is_named_by_verify_and_by_training_before_the_process_g
     assert ted_main(["distill", "--config", write_config(str(tmp_path / "run.yaml"), **cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("ted-ds: error:") and bad in err[-1], err
+    record_fault(f"a shard damaged after its build ({how})",
+                 f"`ted-prep verify` and training, before any process group, name `{bad}` in one line",
+                 "nothing is read from the damaged dataset; the other shards are untouched")
 
 
 def _mount_works() -> bool:
@@ -205,6 +214,9 @@ def test_disk_full_during_build_keeps_finished_shards_and_the_rerun_completes(sp
         assert build(out) == 0
         assert "resuming; finished shards kept" in capsys.readouterr().err
         assert _shards(out) == ref_shards and prep_main(["verify", out]) == 0
+    record_fault("the disk fills up during `ted-prep build`", "`" + err[-1].split(": free")[0] + "`",
+                 f"{len(finished)} finished shards, byte-identical; the re-run after freeing space resumes and "
+                 "completes")
 
 
 @needs_tmpfs
@@ -236,3 +248,5 @@ def test_disk_full_during_a_checkpoint_save_keeps_latest_and_the_rerun_resumes(t
         r = run_launcher(cmd(8))
         assert "resumed from step-00000004" in r.stderr
         assert open(os.path.join(_ckpt(out), "latest")).read().strip() == "step-00000008"
+    record_fault("the disk fills up during a checkpoint save (2 ranks)", "`" + errors[0].split(": free space")[0] + "`",
+                 "`latest` = step-00000004, complete; the re-run after freeing space resumes from it")
