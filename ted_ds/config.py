@@ -71,6 +71,11 @@ class DataConfig:
     seq_len: int = 256
     eval_samples: int = 64
     """Validation windows used for the perplexity printed every ``train.eval_interval`` steps."""
+    document_attention: bool = False
+    """Packed documents stay apart: position ids restart after every EOS (and at the window's start)
+    and no token attends across a document boundary — in the student and the teacher, in training,
+    stage 1 and evaluation. Targets are unchanged (the token after an EOS is predicted from the EOS).
+    Costs a dense (B, 1, T, T) mask under sdpa/eager; see ted_ds.documents."""
 
 
 @dataclass

@@ -20,6 +20,7 @@ from torch import nn
 from ted_ds import distributed as D
 from ted_ds import models as M
 from ted_ds.config import RunConfig
+from ted_ds.documents import for_model
 from ted_ds.errors import ConfigError
 from ted_ds.teacher import FrozenLM, ReplicatedTeacher, Zero3Teacher
 
@@ -137,27 +138,31 @@ def build_trained_engine(cfg: RunConfig, module: nn.Module, ds: dict, total_step
     return engine
 
 
-def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_logits: bool, ds: dict):
+def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_logits: bool, ds: dict,
+                 document_eos: int | None = None):
     """Place a frozen model by ``teacher.placement``; ``load_model(dtype=, device=, zero_config=)``
     reads its weights straight into the rank's share: a whole copy on the device (replicated), this
-    rank's ZeRO-3 slices (zero3); the pipeline reads its stage alone."""
+    rank's ZeRO-3 slices (zero3); the pipeline reads its stage alone.  ``document_eos``: packed
+    documents stay apart (``data.document_attention``, see ted_ds.documents)."""
     placement = cfg.teacher.placement
     dtype, device = compute_dtype(ds), D.device()
     if filters is not None:
         filters = filters.to(device, dtype)
     if placement == "replicated":
         model = load_model(dtype=dtype, device=device)
-        return ReplicatedTeacher(FrozenLM(model, layers, filters, need_logits, cfg.teacher.logits_topk), device)
+        return ReplicatedTeacher(FrozenLM(model, layers, filters, need_logits, cfg.teacher.logits_topk,
+                                          for_model(model, document_eos, dtype)), device)
     if placement == "zero3":
         import deepspeed
 
         fds = frozen_ds_config(ds)
-        frozen = FrozenLM(load_model(dtype=dtype, zero_config=fds), layers, filters, need_logits,
-                          cfg.teacher.logits_topk)
+        model = load_model(dtype=dtype, zero_config=fds)
+        frozen = FrozenLM(model, layers, filters, need_logits, cfg.teacher.logits_topk,
+                          for_model(model, document_eos, dtype))
         engine, *_ = deepspeed.initialize(model=frozen, config=fds)
         return Zero3Teacher(engine)
     if placement == "pipeline":
         from ted_ds.pipeline import build_pipeline_teacher
 
-        return build_pipeline_teacher(cfg, layers, filters, need_logits, dtype)
+        return build_pipeline_teacher(cfg, layers, filters, need_logits, dtype, document_eos)
     raise ConfigError(f"unknown teacher.placement {placement!r}")

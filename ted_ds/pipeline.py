@@ -35,6 +35,7 @@ from torch import nn
 from ted_ds import distributed as D
 from ted_ds import models as M
 from ted_ds import weights as W
+from ted_ds.documents import for_model, forward_kwargs
 from ted_ds.errors import ConfigError, DistributedError
 from ted_ds.filters import FilterBank
 from ted_ds.teacher import TeacherOutput, topk_logits
@@ -188,7 +189,8 @@ class PipelineTeacher:
 
     def __init__(self, path: str, config, tap_layers: list[int], filters: FilterBank | None, need_logits: bool,
                  stages: int, explicit_layers: list[int] | None, chunks: int, logits_dtype: torch.dtype,
-                 logits_topk: int, timeout_minutes: float, dtype: torch.dtype = torch.float32):
+                 logits_topk: int, timeout_minutes: float, dtype: torch.dtype = torch.float32,
+                 document_eos: int | None = None):
         world, rank = D.world_size(), D.rank()
         if world % stages:
             raise ConfigError(f"teacher.pipeline_stages {stages} must divide the number of ranks {world}")
@@ -207,6 +209,8 @@ class PipelineTeacher:
         self.model, self.injected = build_stage_model(path, config, start, end, self.first, self.last, dtype,
                                                       self.device)
         self.hidden_size, self.vocab, self.dtype = M.hidden_size(config), M.vocab_size(config), dtype
+        # every stage recomputes the positions and mask from the chunk's token ids, which it holds
+        self.documents = for_model(self.model, document_eos, dtype)
         # taps: global order, which stage holds each, and the local filters
         self.tap_layers = list(tap_layers)
         self.tap_stage = [self._stage_of_layer(layer) for layer in self.tap_layers]
@@ -233,7 +237,7 @@ class PipelineTeacher:
     def _check_group_agrees(self) -> None:
         """Every member must have built the same pipeline, or the schedule would hang."""
         fingerprint = repr((self.P, self.layout, self.tap_layers, self.filter_dim, self.vocab, self.topk,
-                            str(self.logits_dtype), self.chunks, self.need_logits)).encode()
+                            str(self.logits_dtype), self.chunks, self.need_logits, self.documents)).encode()
         mine = torch.tensor(list(hashlib.sha256(fingerprint).digest()[:8]), dtype=torch.int64, device=self.device)
         gathered = [torch.zeros_like(mine) for _ in self.members]
         self._wait(dist.all_gather(gathered, mine, group=self.group, async_op=True), "layout handshake")
@@ -330,7 +334,7 @@ class PipelineTeacher:
         logits = None
         busy = time.perf_counter()
         try:
-            logits = self.model(input_ids=ids, use_cache=False).logits
+            logits = self.model(input_ids=ids, use_cache=False, **forward_kwargs(self.documents, ids)).logits
             out = None
         except _StageDone as done:
             out = done.hidden
@@ -363,9 +367,11 @@ class PipelineTeacher:
         return TeacherOutput(taps or None, logits, index)
 
 
-def build_pipeline_teacher(cfg, tap_layers: list[int], filters, need_logits: bool, dtype: torch.dtype):
+def build_pipeline_teacher(cfg, tap_layers: list[int], filters, need_logits: bool, dtype: torch.dtype,
+                           document_eos: int | None = None):
     t = cfg.teacher
     config = M.load_config(t.path, t.trust_remote_code)
     logits_dtype = torch.bfloat16 if t.logits_dtype == "bf16" else torch.float32
     return PipelineTeacher(t.path, config, tap_layers, filters, need_logits, t.pipeline_stages, t.pipeline_layers,
-                           t.pipeline_chunks, logits_dtype, t.logits_topk, cfg.train.timeout_minutes, dtype)
+                           t.pipeline_chunks, logits_dtype, t.logits_topk, cfg.train.timeout_minutes, dtype,
+                           document_eos)

@@ -23,6 +23,7 @@ from data_prep.verify import verify_dataset
 from ted_ds import distributed as D
 from ted_ds import models as M
 from ted_ds.config import RunConfig
+from ted_ds.documents import DocumentAttention, check_document_attention, for_model, forward_kwargs
 from ted_ds.engine import build_frozen, build_trained_engine, compute_dtype, wsd_decay_steps
 from ted_ds.errors import ConfigError
 from ted_ds.filters import FilterBank, load_filter_bank
@@ -40,6 +41,7 @@ class Plan:
     filter_dim: int | None
     manifest: dict
     total_steps: int
+    document_eos: int | None = None  # data.document_attention: the data's EOS id, else None
 
     @property
     def teacher_layers(self) -> list[int]:
@@ -113,7 +115,21 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
     if cfg.optim.schedule == "wsd" and cfg.optim.warmup_steps + wsd_decay_steps(cfg, total) > total:
         raise ConfigError(f"optim.schedule wsd: {cfg.optim.warmup_steps} warmup + {wsd_decay_steps(cfg, total)} decay "
                           f"steps (optim.decay_fraction {cfg.optim.decay_fraction:g}) exceed the run's {total} steps")
-    return Plan(cfg, teacher_config, student_config, pairs, filter_dim, manifest, total)
+    document_eos = _document_eos(cfg, manifest, teacher_config, student_config)
+    return Plan(cfg, teacher_config, student_config, pairs, filter_dim, manifest, total, document_eos)
+
+
+def _document_eos(cfg: RunConfig, manifest: dict, teacher_config, student_config) -> int | None:
+    """data.document_attention: the data's EOS id, once every model that runs can take packed documents."""
+    if not cfg.data.document_attention:
+        return None
+    if manifest.get("eos_token_id") is None:
+        raise ConfigError(f"data.document_attention: {cfg.data.path} records no EOS token id, so documents cannot "
+                          "be told apart")
+    for what, conf in (("teacher", teacher_config), ("student", student_config)):
+        if conf is not None:
+            check_document_attention(M.meta_model(conf), what)
+    return int(manifest["eos_token_id"])
 
 
 # ----------------------------------------------------------------------------- models
@@ -185,14 +201,17 @@ def load_student(p: Plan, **placement) -> nn.Module:
 class StudentWithFilters(nn.Module):
     """The trained module of stage 2: the HF student and the filters on its tapped layers."""
 
-    def __init__(self, model: nn.Module, layers: list[int], filters: FilterBank | None):
+    def __init__(self, model: nn.Module, layers: list[int], filters: FilterBank | None,
+                 documents: DocumentAttention | None = None):
         super().__init__()
         self.model = model
         self.filters = filters
+        self.documents = documents  # data.document_attention (None: off)
         self.recorder = M.TapRecorder(model, layers) if layers else None
 
     def forward(self, input_ids: torch.Tensor):
-        logits = self.model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+        logits = self.model(input_ids=input_ids, use_cache=False,
+                            **forward_kwargs(self.documents, input_ids)).logits  # (B, T, V)
         taps = self.recorder.take() if self.recorder else None
         if taps is not None and self.filters is not None:
             taps = self.filters(taps)  # (B, T, D_filter) each
@@ -237,13 +256,14 @@ def build_distill(p: Plan, ds: dict) -> Stage:
                                      seed=cfg.train.seed)
     if student_filters is not None:  # DeepSpeed casts no module whose student is already partitioned
         student_filters = student_filters.to(compute_dtype(ds))
-    trained = StudentWithFilters(student, p.student_layers if cfg.uses_layers else [], student_filters)
+    trained = StudentWithFilters(student, p.student_layers if cfg.uses_layers else [], student_filters,
+                                 for_model(student, p.document_eos, compute_dtype(ds)))
     flops = _flops_per_token(M.matmul_parameters(student), p.student_config, cfg.data.seq_len, True)
     engine = build_trained_engine(cfg, trained, ds, p.total_steps)
     frozen = None
     if cfg.uses_teacher:
         frozen = build_frozen(cfg, functools.partial(load_teacher, cfg), p.teacher_layers if cfg.uses_layers else [],
-                              teacher_filters, cfg.uses_logits, ds)
+                              teacher_filters, cfg.uses_logits, ds, p.document_eos)
         flops += _flops_per_token(M.matmul_parameters(M.meta_model(p.teacher_config)), p.teacher_config,
                                   cfg.data.seq_len, False)
     weights = ObjectiveWeights(cfg.distill.alpha, cfg.distill.beta, cfg.distill.temperature, cfg.distill.layer_loss)
@@ -272,7 +292,7 @@ def build_filter_learning(p: Plan, ds: dict, which: str) -> Stage:
     engine = build_trained_engine(cfg, bank, ds, p.total_steps)
     if which == "student" and cfg.teacher.placement == "pipeline":  # a pipeline is for the teacher's size
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, placement="zero3"))
-    frozen = build_frozen(cfg, load, layers, None, False, ds)
+    frozen = build_frozen(cfg, load, layers, None, False, ds, p.document_eos)
     head = M.TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code, compute_dtype(ds), D.device())
     n_filter = sum(p_.numel() for p_ in bank.parameters() if p_.ndim >= 2)
     head_mm = M.hidden_size(p.teacher_config) * M.vocab_size(p.teacher_config)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ted_ds.documents import DocumentAttention, forward_kwargs
 from ted_ds.filters import FilterBank
 from ted_ds.models import TapRecorder, count_parameters
 
@@ -43,9 +44,10 @@ class FrozenLM(nn.Module):
     """
 
     def __init__(self, model: nn.Module, layers: list[int], filters: FilterBank | None, need_logits: bool,
-                 logits_topk: int = 0):
+                 logits_topk: int = 0, documents: DocumentAttention | None = None):
         super().__init__()
         self.model = model
+        self.documents = documents  # data.document_attention (None: off)
         self.filters = filters
         self.need_logits = need_logits
         self.logits_topk = logits_topk
@@ -54,7 +56,7 @@ class FrozenLM(nn.Module):
         self.eval()
 
     def forward(self, input_ids: torch.Tensor):
-        out = self.model(input_ids=input_ids, use_cache=False)
+        out = self.model(input_ids=input_ids, use_cache=False, **forward_kwargs(self.documents, input_ids))
         taps = self.recorder.take() if self.recorder else None
         if taps is not None and self.filters is not None:
             taps = self.filters(taps)

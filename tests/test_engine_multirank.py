@@ -64,6 +64,12 @@ def runs(tiny, tmp_path_factory):
         "gpt2_filters_teacher": (base_config(gp, gt, o("gft"), **{"train.steps": 2}), "teacher"),
         "gpt2_filters_student": (base_config(gp, gt, o("gfs"), **{"train.steps": 2}), "student"),
         "gpt2_ted": (base_config(gp, gt, o("gted"), **gfilters, **{"train.steps": 2}), None),
+        # 128-token windows: the first batch holds EOS tokens (32-token ones happen to hold none)
+        "filters_teacher_documents": (base_config(ll, lt, o("ftd"), **{
+            "train.steps": 1, "data.seq_len": 128, "data.document_attention": True}), "teacher"),
+        "ted_pipeline_documents": (base_config(ll, lt, o("ted_ppd"), **filters, **{
+            "teacher.placement": "pipeline", "teacher.pipeline_stages": 2, "train.steps": 2, "train.eval_interval": 1,
+            "data.seq_len": 128, "data.document_attention": True}), None),
     }
     spec = []
     for name, (cfg, which) in configs.items():
@@ -93,6 +99,7 @@ def _reference(config_path: str, steps: int):
     With ``teacher.logits_topk`` KD runs on the teacher's top-k ids, picked here with torch.topk."""
     from ted_ds.config import load_config
     from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
+    from ted_ds.documents import for_model
     from ted_ds.engine import lr_multiplier, param_groups
     from ted_ds.filters import load_filter_bank
     from ted_ds.losses import ObjectiveWeights, distill_objective
@@ -105,8 +112,10 @@ def _reference(config_path: str, steps: int):
     p = plan(cfg)
     seed_everything(cfg.train.seed)
     bank = lambda path: load_filter_bank(path, load_json(path), path) if path else None
-    student = StudentWithFilters(load_student(p), p.student_layers, bank(cfg.student.filters))
-    teacher = FrozenLM(load_model(cfg.teacher.path), p.teacher_layers, bank(cfg.teacher.filters), True)
+    student, teacher = load_student(p), load_model(cfg.teacher.path)
+    documents = lambda model: for_model(model, p.document_eos, torch.float32)  # data.document_attention
+    student = StudentWithFilters(student, p.student_layers, bank(cfg.student.filters), documents(student))
+    teacher = FrozenLM(teacher, p.teacher_layers, bank(cfg.teacher.filters), True, 0, documents(teacher))
     opt = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg, p.total_steps))
@@ -217,6 +226,64 @@ def test_kd_on_the_teachers_top_k_matches_a_reference_on_that_support(runs):
     assert got == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
     full = losses(runs["dirs"]["kd"], "loss/kd")
     assert all(a != pytest.approx(b, rel=1e-3) for a, b in zip(losses(runs["dirs"]["kd_top8"], "loss/kd"), full))
+
+
+def _without_documents(config_path: str, out: str) -> str:
+    import yaml
+
+    cfg = yaml.safe_load(open(config_path))
+    cfg["data"]["document_attention"] = False
+    return write_config(out, **cfg)
+
+
+def _stage1_first_loss(config_path: str) -> float:
+    """The first step's stage-1 loss (teacher side) in one process: fresh filters on the frozen teacher's
+    taps, read through its head, over the whole first global batch."""
+    from ted_ds.config import load_config
+    from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
+    from ted_ds.documents import for_model
+    from ted_ds.filters import FilterBank
+    from ted_ds.losses import tap_lm_losses
+    from ted_ds.models import TaskHead, hidden_size, load_model
+    from ted_ds.stages import plan
+    from ted_ds.teacher import FrozenLM
+
+    cfg = load_config(config_path)
+    p = plan(cfg, "teacher")
+    bank = FilterBank(cfg.distill.filter, hidden_size(p.teacher_config), p.filter_dim, p.teacher_layers,
+                      seed=cfg.train.seed)
+    model = load_model(cfg.teacher.path)
+    frozen = FrozenLM(model, p.teacher_layers, None, False, 0, for_model(model, p.document_eos, torch.float32))
+    head = TaskHead(cfg.teacher.path)
+    data = PackedShardDataset(cfg.data.path, "train", cfg.data.seq_len)
+    micro = ConsumedSamplesSampler(len(data), cfg.train.global_batch_size, cfg.train.micro_batch_size, 0, 1,
+                                   cfg.train.seed).next_batch()
+    total = 0.0
+    with torch.no_grad():
+        for idx in micro:
+            x, y = collate(data, idx)
+            total += torch.stack(tap_lm_losses(head, bank(frozen(x)[0]), y)).mean().item() / len(micro)
+    return total
+
+
+def test_document_attention_in_stage1_and_in_pipeline_ted_training(runs, tmp_path):
+    """data.document_attention in real runs: TED with a pipeline teacher equals a single-process
+    reference whose student and teacher keep documents apart (and differs from one that does not);
+    evaluation runs with it; stage 1's first loss is that of filters on a document-aware teacher."""
+    config = runs["configs"]["ted_pipeline_documents"]
+    ref_losses, _ = _reference(config, 2)
+    got = losses(runs["dirs"]["ted_pipeline_documents"])
+    assert got == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+    plain, _ = _reference(_without_documents(config, str(tmp_path / "plain.yaml")), 2)
+    print("documents", got, "reference", ref_losses, "without", plain)
+    assert max(abs(a - b) for a, b in zip(got, plain)) > 5e-4, (got, plain)
+    assert len(losses(runs["dirs"]["ted_pipeline_documents"], "eval/loss")) == 2
+    config = runs["configs"]["filters_teacher_documents"]
+    stage1 = losses(runs["dirs"]["filters_teacher_documents"])
+    on, off = _stage1_first_loss(config), _stage1_first_loss(_without_documents(config, str(tmp_path / "s1.yaml")))
+    print("stage 1", stage1, "reference", on, "without", off)
+    assert stage1 == pytest.approx([on], rel=1e-6), (stage1, on, off)
+    assert abs(stage1[0] - off) > 1e-4, (stage1, on, off)
 
 
 def test_baselines_log_their_own_terms(runs):

@@ -25,11 +25,23 @@ def bank(tiny, tmp_path_factory) -> str:
     return out
 
 
+def _launch(tiny, bank, out_dir, ranks: int, *extra: str) -> dict:
+    out = os.path.join(out_dir, "r.json")
+    run_launcher(deepspeed_cmd(ranks, SCRIPT, "--teacher", tiny["llama_teacher"], "--bank", bank, "--out", out,
+                               *extra))
+    return json.load(open(out))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny, bank, tmp_path_factory) -> dict:
+    """One 2-rank launch: the pipeline checks, and document attention in ZeRO-3 and pipeline teachers."""
+    return _launch(tiny, bank, str(tmp_path_factory.mktemp("two")), 2, "--documents", tiny["llama_teacher"],
+                   tiny["gpt2_teacher"])
+
+
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_pipeline_outputs_equal_a_single_process_teacher(tiny, bank, tmp_path, ranks):
-    out = str(tmp_path / "r.json")
-    run_launcher(deepspeed_cmd(ranks, SCRIPT, "--teacher", tiny["llama_teacher"], "--bank", bank, "--out", out))
-    r = json.load(open(out))
+def test_pipeline_outputs_equal_a_single_process_teacher(tiny, bank, tmp_path, ranks, request):
+    r = request.getfixturevalue("two_ranks") if ranks == 2 else _launch(tiny, bank, str(tmp_path), ranks)
     for name in [f"P{p}" for p in sorted({2, ranks})]:
         assert r[name]["exact"], (name, r[name]["max_diff"])  # bit-identical in fp32
         stages = int(name[1:])
@@ -40,6 +52,14 @@ def test_pipeline_outputs_equal_a_single_process_teacher(tiny, bank, tmp_path, r
         assert group_total == pytest.approx(r[name]["full_params"], rel=0.01)
     assert r["P2_chunks2"]["max_diff"] < 1e-5  # chunking only changes matmul batch shapes
     assert r["P2_top8_bf16"]["exact"]  # bf16 logits = the teacher's logits rounded to bf16; top-k ids equal
+
+
+def test_documents_stay_apart_in_zero3_and_pipeline_teachers(two_ranks):
+    """data.document_attention: each document of a packed window (one cut by the window's start, one
+    whole, each with its EOS) gives the logits and tapped hidden states of the document run alone."""
+    for kind in ("llama", "gpt2"):
+        for placement in ("zero3", "pipeline"):
+            assert two_ranks[f"documents_{kind}_{placement}"]["max_diff"] < 1e-5, (kind, placement, two_ranks)
 
 
 def _spawn(tiny, bank, fault: str, ranks: int = 2):

@@ -103,3 +103,28 @@ def base_config(data: str, teacher: str, out_dir: str, **overrides) -> dict:
         section, field = key.split(".")
         cfg[section][field] = value
     return cfg
+
+
+def packed_documents(eos: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """Two packed windows of 24 tokens, as ``collate`` cuts them from the stream: the tail of a document
+    (the window starts mid-document), EOS, a whole document, EOS, the start of a third.  Returns
+    (input_ids (2, 24), spans): (row, start, end) of the first two documents, each with its EOS."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, spans = [], []
+    for b, (tail, whole) in enumerate(((5, 9), (9, 6))):
+        ids = torch.randint(vocab - 1, (24,), generator=gen)
+        ids = ids + (ids >= eos).long()  # anything but EOS
+        ids[tail] = ids[tail + 1 + whole] = eos
+        rows.append(ids)
+        spans += [(b, 0, tail + 1), (b, tail + 1, tail + 2 + whole)]
+    return torch.stack(rows), spans
+
+
+def span_difference(packed: list[torch.Tensor], alone, ids: torch.Tensor, spans) -> float:
+    """Largest |packed − alone| over the spans: ``packed`` are (B, T, ...) outputs (logits, taps) of the
+    packed ``ids``; ``alone(ids)`` gives the same outputs for one document run by itself."""
+    worst = 0.0
+    for b, start, end in spans:
+        for got, want in zip(packed, alone(ids[b:b + 1, start:end])):
+            worst = max(worst, (got[b, start:end].float() - want[0].float()).abs().max().item())
+    return worst

@@ -4,22 +4,31 @@
     python tests/mp/pipeline_check.py ... --fault die|shape        (ranks started by the test itself)
 
 Each rank feeds its own micro-batch; the pipeline's filtered taps and logits must equal those of
-the full teacher (``FrozenLM``) evaluated on that micro-batch in this process.
+the full teacher (``FrozenLM``) evaluated on that micro-batch in this process.  With
+``--documents DIR ...`` the same launch also checks document attention: each rank's packed
+windows go through a ZeRO-3 and a pipeline teacher built as training builds them, and every
+document's logits and raw taps must equal those of the plain teacher on the document alone.
 """
 
 import argparse
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 
-from ted_ds import distributed as D
-from ted_ds.errors import DistributedError
-from ted_ds.filters import load_filter_bank
-from ted_ds.models import decoder_layers, final_norm, load_config, load_model
-from ted_ds.pipeline import PipelineTeacher
-from ted_ds.teacher import FrozenLM
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for tiny
+
+from tiny import packed_documents, span_difference  # noqa: E402
+
+from ted_ds import distributed as D  # noqa: E402
+from ted_ds.engine import build_frozen  # noqa: E402
+from ted_ds.errors import DistributedError  # noqa: E402
+from ted_ds.filters import load_filter_bank  # noqa: E402
+from ted_ds.models import decoder_layers, final_norm, load_config, load_model  # noqa: E402
+from ted_ds.pipeline import PipelineTeacher  # noqa: E402
+from ted_ds.teacher import FrozenLM  # noqa: E402
 
 TAPS = [2, 4]
 
@@ -70,12 +79,37 @@ def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name
                      "full_params": full}
 
 
+def compare_documents(teacher_dir, results):
+    """Document attention in the ZeRO-3 and the pipeline (2 stages, 2 chunks) teacher, fp32."""
+    config = load_config(teacher_dir)
+    eos = config.eos_token_id
+    ids, spans = packed_documents(eos, config.vocab_size, seed=D.rank())  # every rank its own windows
+    reference = FrozenLM(load_model(teacher_dir), TAPS, None, True)
+    with torch.no_grad():
+        alone = lambda x: (lambda out: [out[1], *out[0]])(reference(x))
+    kind = config.model_type
+    teacher = SimpleNamespace(path=teacher_dir, trust_remote_code=False, logits_topk=0, logits_dtype="fp32",
+                              pipeline_stages=2, pipeline_layers=None, pipeline_chunks=2)
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+          "train_batch_size": 2 * D.world_size(), "zero_optimization": {"stage": 3}}
+    loader = lambda **placement: load_model(teacher_dir, **placement)
+    for placement in ("zero3", "pipeline"):
+        cfg = SimpleNamespace(teacher=SimpleNamespace(**vars(teacher), placement=placement),
+                              train=SimpleNamespace(timeout_minutes=1.0))
+        frozen = build_frozen(cfg, loader, TAPS, None, True, ds, eos)
+        out = frozen(ids)
+        diff = torch.tensor([span_difference([out.logits, *out.taps], alone, ids, spans)])
+        torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
+        results[f"documents_{kind}_{placement}"] = {"max_diff": float(diff[0])}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--teacher", required=True)
     p.add_argument("--bank", required=True)
     p.add_argument("--out")
     p.add_argument("--fault", choices=("die", "shape"))
+    p.add_argument("--documents", nargs="*", default=[], help="teacher dirs for the document-attention checks")
     p.add_argument("--local_rank", type=int)
     args = p.parse_args()
     D.init(timeout_minutes=0.25 if args.fault else 5)
@@ -100,6 +134,8 @@ def main():
         compare(args.teacher, bank, stages, 1, 0, torch.float32, results, f"P{stages}")
     compare(args.teacher, bank, 2, 2, 0, torch.float32, results, "P2_chunks2")
     compare(args.teacher, bank, 2, 1, 8, torch.bfloat16, results, "P2_top8_bf16")
+    for teacher_dir in args.documents:
+        compare_documents(teacher_dir, results)
     if D.rank() == 0:
         json.dump(results, open(args.out, "w"), indent=1)
     D.shutdown()
