@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--filters", metavar="DIR", help="also write the student's filter bank here")
-    p.add_argument("--tokenizer", help="tokenizer to copy (default: the dataset's copy recorded in the checkpoint)")
+    p.add_argument("--tokenizer", help="tokenizer to copy: a directory or a cached hub id (default: the dataset's "
+                                       "copy recorded in the checkpoint)")
 
     p = sub.add_parser("launch", help="print the launch commands for a cluster shape (starts nothing)",
                        description="Check that the config fits nodes × GPUs ranks and print the exact command of "
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the ted-ds command to launch, e.g. distill --config run.yaml train.steps=1000")
 
     p = sub.add_parser("eval", help="perplexity and bits per byte of an HF model on a ted-prep split")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", metavar="MODEL", help="HF directory, or a hub id (org/name) in the local HF cache")
+    p.add_argument("--revision", help="with a hub id: branch, tag or commit of the cached snapshot (default: main)")
     p.add_argument("--data", required=True, help="ted-prep build directory")
     p.add_argument("--split", default="valid", choices=("train", "valid"))
     p.add_argument("--seq-len", type=int, help="window length (default: the model's positions, at most 1024)")
@@ -126,10 +128,12 @@ def run_training(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from ted_ds.export import export_checkpoint
+    from ted_ds.hub import resolve
 
     if args.out is None and args.filters is None:
         raise UserError("nothing to do: give --out HF_DIR and/or --filters DIR")
-    for line in export_checkpoint(args.checkpoint, args.out, args.tag, args.dtype, args.filters, args.tokenizer):
+    tokenizer = resolve(args.tokenizer, what="--tokenizer") if args.tokenizer else None
+    for line in export_checkpoint(args.checkpoint, args.out, args.tag, args.dtype, args.filters, tokenizer):
         print(f"ted-ds: {line}", file=sys.stderr)
     return 0
 
@@ -163,12 +167,14 @@ def run_eval(args: argparse.Namespace) -> int:
     import json
 
     from ted_ds.evaluate import evaluate_hf
+    from ted_ds.hub import resolve
     from ted_ds.weights import quiet_transformers
 
     quiet_transformers()
-    if not os.path.isdir(args.model_dir):
-        raise UserError(f"model directory not found: {args.model_dir}")
-    r = evaluate_hf(args.model_dir, args.data, args.split, args.seq_len, args.batch_size, args.max_samples,
+    model_dir = resolve(args.model_dir, args.revision)
+    if not os.path.isdir(model_dir):
+        raise UserError(f"not a model directory: {model_dir}")
+    r = evaluate_hf(model_dir, args.data, args.split, args.seq_len, args.batch_size, args.max_samples,
                     args.device, trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps(r))

@@ -29,7 +29,11 @@ SCHEDULES = ("cosine", "wsd", "constant")
 @dataclass
 class TeacherConfig:
     path: str | None = None
-    """HF directory of the frozen teacher (weights, config, tokenizer). Unused by ``method: lm``."""
+    """HF directory of the frozen teacher (weights, config, tokenizer), or a hub id (``org/name``)
+    found in the local Hugging Face cache (HF_HOME / HF_HUB_CACHE; nothing is downloaded). Unused by
+    ``method: lm``."""
+    revision: str | None = None
+    """With a hub id: the branch, tag or commit of the cached snapshot (default: main)."""
     placement: str = "replicated"
     """replicated: a full copy per rank; zero3: parameters sharded over all ranks (ZeRO-3 inference);
     pipeline: layers split over ``pipeline_stages`` ranks of each pipeline group."""
@@ -52,7 +56,9 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     path: str | None = None
-    """HF directory to start from (continual pre-training)."""
+    """HF directory (or cached hub id, as teacher.path) to start from (continual pre-training)."""
+    revision: str | None = None
+    """With a hub id: the branch, tag or commit of the cached snapshot (default: main)."""
     config: str | None = None
     """HF config (directory or config.json) for a randomly initialised student."""
     init_from_teacher: list[int] | None = None

@@ -27,6 +27,7 @@ from ted_ds.documents import DocumentAttention, check_document_attention, for_mo
 from ted_ds.engine import build_frozen, build_trained_engine, compute_dtype, wsd_decay_steps
 from ted_ds.errors import ConfigError
 from ted_ds.filters import FilterBank, load_filter_bank
+from ted_ds.hub import with_local_models
 from ted_ds.losses import ObjectiveWeights, distill_objective, lm_loss, tap_lm_losses
 
 
@@ -64,6 +65,7 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
     """Validate a run against the files it names; ``filters_for`` is set for stage 1.  Every shard
     is checked against the manifest here, before any process group: a damaged one is named."""
     manifest = verify_dataset(cfg.data.path, checksums=False)
+    cfg = with_local_models(cfg)  # hub ids → directories of the local HF cache
     t, s = cfg.teacher, cfg.student
     needs_teacher = cfg.uses_teacher or s.init_from_teacher is not None or filters_for is not None
     teacher_config = M.load_config(t.path, t.trust_remote_code) if t.path and needs_teacher else None
