@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import platform
 import shutil
@@ -42,11 +43,11 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> str:
     return proc.stdout + proc.stderr
 
 
-def deepspeed(nproc: int, *args: str) -> list[str]:
-    from ted_ds.distributed import free_port
-
-    return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), *args]
+def _world_key(corpus: str, *shape) -> str:
+    """Names a world by what it is built from, so a re-run (another checkout, a changed corpus or
+    shape) reuses a matching world or builds a fresh one beside it, never a clash in one directory."""
+    st = os.stat(corpus)
+    return hashlib.sha256(repr((os.path.abspath(corpus), st.st_size, st.st_mtime_ns, shape)).encode()).hexdigest()[:12]
 
 
 def tiny_world(workdir: str, vocab: int = 8000, teacher_layers: int = 8, hidden: int = 256) -> dict:
@@ -58,8 +59,10 @@ def tiny_world(workdir: str, vocab: int = 8000, teacher_layers: int = 8, hidden:
     from ted_ds.filters import FilterBank, save_filter_bank
 
     os.makedirs(workdir, exist_ok=True)
-    tok, data = os.path.join(workdir, "tok"), os.path.join(workdir, "data")
     corpus = corpus_path(workdir)
+    workdir = os.path.join(workdir, "world-" + _world_key(corpus, vocab, teacher_layers, hidden))
+    os.makedirs(workdir, exist_ok=True)
+    tok, data = os.path.join(workdir, "tok"), os.path.join(workdir, "data")
     if not os.path.isdir(tok):
         run([sys.executable, "-m", "data_prep", "tokenizer", "--input", corpus, "--vocab-size", str(vocab), "--out",
              tok])

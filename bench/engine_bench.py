@@ -24,7 +24,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO, deepspeed, machine, run, tiny_world  # noqa: E402
+from bench.common import REPO, machine, run, tiny_world  # noqa: E402
+from ted_ds.launch import local_deepspeed_command as deepspeed  # noqa: E402
 
 
 def _config(world: dict, out: str, ranks: int, **over) -> dict:

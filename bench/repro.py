@@ -30,7 +30,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO, corpus_path, deepspeed, machine, run  # noqa: E402
+from bench.common import REPO, corpus_path, machine, run  # noqa: E402
+from ted_ds.launch import local_deepspeed_command as deepspeed  # noqa: E402
 
 METHODS = ("lm", "kd", "lwd", "ted")
 

@@ -34,7 +34,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import kd_bench  # noqa: E402
-from bench.common import REPO, deepspeed, machine, run, tiny_world  # noqa: E402
+from bench.common import REPO, machine, run, tiny_world  # noqa: E402
+from ted_ds.launch import local_deepspeed_command as deepspeed  # noqa: E402
 
 SHAPES = {  # LLaMA shapes: the rehearsal, and a tiny one for the tests
     "full": dict(vocab_size=128256, hidden_size=1536, intermediate_size=4096, num_hidden_layers=46,

@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
+
+from ted_ds.launch import local_deepspeed_command
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -34,11 +35,7 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def _deepspeed(nproc: int, *args: str) -> list[str]:
-    from ted_ds.distributed import free_port
-
-    launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    return [launcher, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            "--module", "ted_ds", *args]
+    return local_deepspeed_command(nproc, "--module", "ted_ds", *args)
 
 
 def _final(out_dir: str, key: str = "eval/ppl") -> float:

@@ -7,7 +7,10 @@ stages).  Nothing is started.
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
+import sys
 
 from ted_ds.config import RunConfig
 from ted_ds.errors import ConfigError
@@ -59,3 +62,14 @@ def launch_commands(launcher: str, nodes: int, gpus: int, hosts: list[str], comm
         return [f"sbatch --nodes {nodes} --ntasks-per-node {gpus} --gpus-per-node {gpus} --output logs/%x-%j.out "
                 f"--export {shlex.quote(export)} slurm/ted_ds.sbatch"]
     raise ConfigError(f"unknown launcher {launcher!r} (choose from {', '.join(LAUNCHERS)})")
+
+
+def local_deepspeed_command(nproc: int, *args: str) -> list[str]:
+    """``deepspeed`` with ``nproc`` ranks on this host and a free port (the demo's, the tests' and the
+    benches' launch); ``args`` follow the launcher's options (``--module ted_ds ...`` or a script)."""
+    from ted_ds.distributed import free_port
+
+    beside = os.path.join(os.path.dirname(sys.executable), "deepspeed")  # this venv's launcher first
+    launcher = beside if os.path.isfile(beside) else shutil.which("deepspeed") or "deepspeed"
+    return [launcher, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            *args]

@@ -10,6 +10,7 @@ import pytest
 
 from data_prep.cli import SAMPLE_CORPUS
 from ted_ds.distributed import SHM_WORKSPACE_PREFIX
+from ted_ds.launch import local_deepspeed_command
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -72,6 +73,7 @@ def _fail_missing_requirement(request):
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+deepspeed_cmd = local_deepspeed_command  # every multi-rank launch of the tests
 # DeepSpeed's JIT ops (shm comm on CPU) are compiled once per machine into this cache.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -139,16 +141,6 @@ def _no_stale_shared_memory():
         if name.startswith(SHM_WORKSPACE_PREFIX) and name not in mapped:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join("/dev/shm", name))
-
-
-def deepspeed_cmd(nproc: int, *args: str) -> list[str]:
-    import sys
-
-    from ted_ds.distributed import free_port
-
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    return [launcher, "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            *args]
 
 
 @pytest.fixture(scope="session")
