@@ -14,6 +14,8 @@ walks its own seeded epochs, so the same one-number state resumes a mixture exac
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -102,9 +104,9 @@ class Blend:
         return np.divide(w, tail, out=np.zeros_like(w), where=tail > 0)
 
     @cached_property
-    def offsets(self) -> np.ndarray:
+    def offsets(self) -> tuple[int, ...]:
         """Where each source's samples start in the concatenated index space (``BlendedDataset``)."""
-        return np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        return tuple(itertools.accumulate(self.sizes[:-1], initial=0))
 
     def counts(self, positions) -> np.ndarray:
         """Samples each source holds among the first ``positions`` of the stream: (sources, *shape)."""
@@ -134,14 +136,17 @@ class BlendedDataset:
 
     def __init__(self, parts: list[PackedShardDataset]):
         self.parts = parts
-        self.starts = np.concatenate([[0], np.cumsum([len(d) for d in parts])])
+        self.starts = list(itertools.accumulate((len(d) for d in parts), initial=0))
 
     def __len__(self) -> int:
-        return int(self.starts[-1])
+        return self.starts[-1]
 
     def __getitem__(self, i: int) -> np.ndarray:
-        k = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return self.parts[k][i - int(self.starts[k])]
+        k = bisect.bisect_right(self.starts, i) - 1
+        return self.parts[k][i - self.starts[k]]
+
+
+LOCATE_BLOCK = 4096
 
 
 class ConsumedSamplesSampler:
@@ -163,17 +168,28 @@ class ConsumedSamplesSampler:
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.consumed = consumed
         self._orders: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its order)
+        self._block, self._located = -1, []  # (source, n) of each position of one block of the stream
 
     @property
     def accumulation_steps(self) -> int:
         return self.global_batch // (self.micro_batch * self.dp_size)
 
-    def _sample_at(self, source: int, n: int) -> int:
+    def _locate(self, position: int) -> tuple[int, int]:
+        """``Blend.locate`` of one position, computed a block of positions at a time (numpy per block,
+        not per sample)."""
+        block, i = divmod(position, LOCATE_BLOCK)
+        if block != self._block:
+            sources, ns = self.blend.locate(np.arange(block * LOCATE_BLOCK, (block + 1) * LOCATE_BLOCK))
+            self._block, self._located = block, list(zip(sources.tolist(), ns.tolist()))
+        return self._located[i]
+
+    def _sample_at(self, position: int) -> int:
+        source, n = self._locate(position)
         size = self.blend.sizes[source]
         epoch, offset = divmod(n, size)
         if self._orders.get(source, (-1,))[0] != epoch:
             self._orders[source] = epoch, epoch_order(size, self.seed, epoch, source)
-        return int(self.blend.offsets[source] + self._orders[source][1][offset])
+        return self.blend.offsets[source] + int(self._orders[source][1][offset])
 
     def rank_positions(self) -> range:
         per_rank = self.global_batch // self.dp_size
@@ -182,8 +198,7 @@ class ConsumedSamplesSampler:
 
     def next_batch(self) -> list[list[int]]:
         """This rank's micro-batches (lists of sample indices) for the next global batch."""
-        sources, ns = self.blend.locate(np.asarray(self.rank_positions()))
-        idx = [self._sample_at(int(s), int(n)) for s, n in zip(sources, ns)]
+        idx = [self._sample_at(p) for p in self.rank_positions()]
         self.consumed += self.global_batch
         mb = self.micro_batch
         return [idx[i: i + mb] for i in range(0, len(idx), mb)]

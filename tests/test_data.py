@@ -119,8 +119,14 @@ def test_blend_shares_stay_within_one_point_of_the_weights(weights):
         window = sources[start:start + 1000]
         shares = np.bincount(window, minlength=len(weights)) / 1000
         assert np.abs(shares - weights).max() <= 0.01, (start, shares)
-    # the closed-form counts agree with what the stream dealt
+    # the closed-form counts agree with what the stream dealt, and need no scan from 0 far into a run
     assert blend.counts(len(sources)).tolist() == np.bincount(sources, minlength=len(weights)).tolist()
+    far = 10**12 + 12345
+    assert blend.counts(far).sum() == far and np.abs(blend.counts(far) / far - weights).max() < 1e-9
+    far_sampler = ConsumedSamplesSampler(blend, 8, 8, 0, 1, seed=7, consumed=far)
+    source, n = blend.locate(np.arange(far, far + 8))
+    assert far_sampler.next_batch()[0] == [blend.offsets[s] + epoch_order(blend.sizes[s], 7, k // blend.sizes[s], s)[
+        k % blend.sizes[s]] for s, k in zip(source, n)]
 
 
 @pytest.mark.parametrize("weights", [(0.75, 0.25), (0.5, 0.3, 0.2), (3.0, 0.0, 1.0)])
