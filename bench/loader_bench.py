@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO, tiny_world  # noqa: E402
+from bench.common import REPO, machine, tiny_world  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -48,8 +48,8 @@ def main(argv=None) -> dict:
     if os.path.isfile(engine_path):
         replicated = json.load(open(engine_path))["placements"]["replicated@2"]
         train_tps, step_s = replicated["tokens_per_s"] / 2, replicated["step_s"]
-    result = {"loader_tokens_per_s_per_rank": loader_tps, "training_tokens_per_s_per_rank": train_tps,
-              "ratio": loader_tps / train_tps if train_tps else None}
+    result = {"machine": machine(), "loader_tokens_per_s_per_rank": loader_tps,
+              "training_tokens_per_s_per_rank": train_tps, "ratio": loader_tps / train_tps if train_tps else None}
     print(f"loader: {loader_tps:,.0f} tokens/s per rank; training consumes "
           f"{train_tps:,.0f} tokens/s per rank -> loader {result['ratio']:,.0f}x faster" if train_tps else
           f"loader: {loader_tps:,.0f} tokens/s per rank (run engine_bench.py for the comparison)")
