@@ -1,7 +1,7 @@
 """Every benchmark of the project, then one table of ratios; or one benchmark by name.
 
     python -m bench [--quick]          (make bench)
-    python -m bench scale|kd|gpu [...] the scale rehearsal, the chunked KD loss, the GPU check
+    python -m bench scale|kd|gpu|loader [...] the scale rehearsal, the chunked KD loss, the GPU check, the loader
     python -m bench faults             the "Faults survived" table from the last test run
 
 prep (ted-prep vs the HF run_clm recipe and the bare tokenizer), engine (TED step overhead, teacher
@@ -13,7 +13,8 @@ import sys
 
 from bench import engine_bench, faults, gpu_check, kd_bench, loader_bench, prep_bench, scale_bench, scaling
 
-BY_NAME = {"scale": scale_bench.main, "kd": kd_bench.main, "gpu": gpu_check.main, "faults": faults.main}
+BY_NAME = {"scale": scale_bench.main, "kd": kd_bench.main, "gpu": gpu_check.main, "loader": loader_bench.main,
+           "faults": faults.main}
 
 
 def main() -> None:
@@ -35,7 +36,9 @@ def main() -> None:
              p["pipeline@2"]["teacher_params_per_rank_max"] / p["replicated@2"]["teacher_params_per_rank_max"],
              "<= 0.6"),
             ("pipeline / replicated step time @2", p["pipeline@2"]["step_s"] / p["replicated@2"]["step_s"], "<= 1.5"),
-            ("loader / training tokens/s per rank", loader["ratio"], ">> 1")]
+            ("loader / training tokens/s per rank", loader["ratio"], ">> 1"),
+            ("3-source blend / one source loader samples/s", loader["blend"]["blend_vs_one_source"], ">= 0.9"),
+            ("blend data time per step / engine step", loader["blend"]["data_vs_step"], "<= 0.02")]
     print(f"\n{'ratio':<52}{'measured':>10}   goal")
     for name, value, goal in rows:
         print(f"{name:<52}{value:>10.2f}   {goal}")

@@ -51,6 +51,7 @@ class BuildOptions:
     hf_split: str = "train"
     shard_mb: float = 256.0
     index_codes: str = "megatron"
+    add_bos: bool = False
     overwrite: bool = False
     progress: bool = True
 
@@ -208,6 +209,7 @@ def _spec(opts: BuildOptions, sources, tok_id: dict) -> dict:
         "hf_split": opts.hf_split,
         "shard_bytes": int(opts.shard_mb * (1 << 20)),
         "index_codes": opts.index_codes,
+        **({"add_bos": True} if opts.add_bos else {}),  # absent when off: builds from before it still resume
     }
 
 
@@ -245,6 +247,8 @@ def build(opts: BuildOptions) -> dict:
     opts.validate()
     sources = resolve_sources(opts.inputs)
     tok = load_tokenizer_for_build(opts.tokenizer)
+    if opts.add_bos and tok.bos_token_id is None:
+        raise UserError(f"--add-bos: tokenizer {opts.tokenizer} has no BOS token")
     tok_id = dict(tokenizer_identity(opts.tokenizer, tok), path=os.path.abspath(opts.tokenizer))
     dtype = token_dtype(tok_id["vocab_size"], opts.index_codes)
     spec = _spec(opts, sources, tok_id)
@@ -272,7 +276,8 @@ def build(opts: BuildOptions) -> dict:
 
     start = time.time()
     try:
-        stats = _tokenize_into_shards(opts, sources, BatchEncoder(tok, dtype), spec["shard_bytes"], state)
+        encoder = BatchEncoder(tok, dtype, opts.add_bos)
+        stats = _tokenize_into_shards(opts, sources, encoder, spec["shard_bytes"], state)
     except UserError:
         if fresh:
             shutil.rmtree(opts.out, ignore_errors=True)
@@ -288,6 +293,7 @@ def build(opts: BuildOptions) -> dict:
         "dtype": np.dtype(dtype).name,
         "index_codes": opts.index_codes,
         "eos_token_id": tok_id["eos_token_id"],
+        "add_bos": opts.add_bos,
         "split": {"method": "blake2b-64(key=seed, utf-8 text) / 2^64 < valid_fraction",
                   "valid_fraction": opts.valid_fraction, "seed": opts.seed},
         "sources": [dict(src, documents=stats.per_source.get(s.path, 0)) for src, s in zip(spec["sources"], sources)],

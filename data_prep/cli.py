@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-codes", choices=("megatron", "deepspeed"), default="megatron",
                    help="dtype code table of the .idx header: megatron (Megatron-LM, GPT-NeoX) or deepspeed "
                         "(deepspeed.runtime.data_pipeline MMapIndexedDataset); they disagree for uint16")
+    p.add_argument("--add-bos", action="store_true",
+                   help="prepend the tokenizer's BOS to every document (LLaMA convention); recorded in the manifest")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing ted-prep build in --out that was made from other inputs/options")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             inputs=_expand_inputs(args.input), tokenizer=args.tokenizer, out=args.out, workers=args.workers,
             valid_fraction=args.valid_fraction, seed=args.seed, text_field=args.text_field,
             blank_line_docs=args.blank_line_docs, strict=args.strict, hf_split=args.hf_split,
-            shard_mb=args.shard_mb, index_codes=args.index_codes, overwrite=args.overwrite,
+            shard_mb=args.shard_mb, index_codes=args.index_codes, add_bos=args.add_bos, overwrite=args.overwrite,
             progress=not args.no_progress,
         ))
     elif args.command == "verify":

@@ -152,12 +152,14 @@ class BatchEncoder:
     """Turns a batch of texts into (concatenated token ids with EOS after each document, lengths).
 
     Uses the Rust backend directly when the tokenizer has one (no offsets, no Python objects per
-    token); the result equals ``tok(text, add_special_tokens=False).input_ids + [eos]``.
+    token); the result equals ``tok(text, add_special_tokens=False).input_ids + [eos]``, after
+    ``[bos]`` when ``add_bos`` (the LLaMA convention: every document starts with BOS).
     """
 
-    def __init__(self, tok, dtype: np.dtype):
+    def __init__(self, tok, dtype: np.dtype, add_bos: bool = False):
         self.tok = tok
         self.eos = tok.eos_token_id
+        self.bos = [tok.bos_token_id] if add_bos else []
         self.dtype = np.dtype(dtype)
         backend = getattr(tok, "backend_tokenizer", None)
         self._fast = getattr(backend, "encode_batch_fast", None) if backend is not None else None
@@ -171,9 +173,10 @@ class BatchEncoder:
         flat: list[int] = []
         lengths = np.empty(len(texts), dtype=np.int64)
         for i, ids in enumerate(self.ids(texts)):
+            flat.extend(self.bos)
             flat.extend(ids)
             flat.append(self.eos)
-            lengths[i] = len(ids) + 1
+            lengths[i] = len(self.bos) + len(ids) + 1
         return np.array(flat, dtype=self.dtype), lengths
 
 

@@ -10,6 +10,7 @@ accumulation, clipping and learning rate live here; the DeepSpeed JSON is filled
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -71,17 +72,34 @@ class StudentConfig:
 
 
 @dataclass
-class DataConfig:
+class SourceConfig:
+    name: str = ""
+    """Names the source in metrics (``eval/<name>/loss``, ``data/<name>/samples``) and in the data state."""
     path: str = ""
     """A ``ted-prep build`` output directory."""
+    weight: float = 1.0
+    """Share of the training samples, relative to the other sources' weights."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """A ``ted-prep build`` output directory: shorthand for one source (give this or ``sources``)."""
+    sources: list[SourceConfig] | None = None
+    """Several builds blended by weight: ``[{name, path, weight}, …]``, all with one tokenizer."""
     seq_len: int = 256
     eval_samples: int = 64
-    """Validation windows used for the perplexity printed every ``train.eval_interval`` steps."""
+    """Validation windows (per source) used for the perplexity printed every ``train.eval_interval`` steps."""
     document_attention: bool = False
     """Packed documents stay apart: position ids restart after every EOS (and at the window's start)
     and no token attends across a document boundary — in the student and the teacher, in training,
     stage 1 and evaluation. Targets are unchanged (the token after an EOS is predicted from the EOS).
     Costs a dense (B, 1, T, T) mask under sdpa/eager; see ted_ds.documents."""
+
+    @property
+    def blend(self) -> list[SourceConfig]:
+        """The sources to train on: ``sources``, or ``path`` as one source named "data"."""
+        return self.sources if self.sources is not None else [SourceConfig("data", self.path, 1.0)]
 
 
 @dataclass
@@ -217,8 +235,7 @@ class RunConfig:
             raise ConfigError("student.init_from_teacher needs teacher.path")
         if d.pairs is not None and (d.teacher_every or d.student_every):
             raise ConfigError("give distill.pairs or distill.teacher_every/student_every, not both")
-        if not self.data.path:
-            raise ConfigError("data.path is required (a ted-prep build directory)")
+        _check_data(self.data)
 
     @property
     def uses_teacher(self) -> bool:
@@ -231,6 +248,30 @@ class RunConfig:
     @property
     def uses_logits(self) -> bool:
         return self.distill.method != "lm" and self.distill.alpha > 0
+
+
+def _check_data(data: DataConfig) -> None:
+    """Exactly one of data.path and data.sources; sources named, located and weighted sensibly."""
+    if data.path and data.sources is not None:
+        raise ConfigError("give data.path (one source) or data.sources, not both")
+    if data.sources is None:
+        if not data.path:
+            raise ConfigError("data.path is required (a ted-prep build directory), or data.sources")
+        return
+    if not data.sources:
+        raise ConfigError("data.sources is empty")
+    seen = set()
+    for i, src in enumerate(data.sources):
+        for key in ("name", "path"):
+            if not getattr(src, key):
+                raise ConfigError(f"data.sources[{i}]: {key} is required")
+        if src.name in seen:
+            raise ConfigError(f"data.sources: duplicate name {src.name!r}")
+        seen.add(src.name)
+        if not math.isfinite(src.weight) or src.weight < 0:
+            raise ConfigError(f"data.sources[{i}] ({src.name}): weight must be a number ≥ 0, got {src.weight}")
+    if not any(src.weight for src in data.sources):
+        raise ConfigError("data.sources: all weights are 0")
 
 
 def _choice(name: str, value, allowed) -> None:

@@ -6,11 +6,19 @@ so no token is dropped as a target).  The order of samples in epoch ``e`` is a p
 by ``(seed, e)``.  The sampler's whole state is one number, the samples consumed so far, and the
 ``k``-th global batch is positions ``[k·G, (k+1)·G)`` of that endless stream whatever the number
 of ranks — so a resumed run continues exactly, also on another rank count.
+
+Several sources (``data.sources``) are blended by weight: blend position ``p`` maps to (source,
+``n``-th sample of that source) by a closed-form function of ``p`` (``Blend``), and each source
+walks its own seeded epochs, so the same one-number state resumes a mixture exactly too.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -64,9 +72,81 @@ class PackedShardDataset:
         return self.tokens(i * self.seq_len, (i + 1) * self.seq_len + 1)
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The sample order of one epoch: a permutation seeded by (seed, epoch) alone."""
-    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(num_samples)
+def epoch_order(num_samples: int, seed: int, epoch: int, source: int = 0) -> np.ndarray:
+    """The sample order of one epoch of one source: a permutation seeded by (seed, epoch, source)
+    alone.  Source 0 keeps the one-source key (seed, epoch), so a one-source run is unchanged."""
+    key = [seed, epoch] if source == 0 else [seed, epoch, source]
+    return np.random.Generator(np.random.PCG64(key)).permutation(num_samples)
+
+
+@dataclass(frozen=True)
+class Blend:
+    """Sources mixed by weight into one endless stream of (source, sample-of-source) positions.
+
+    Source ``i`` takes a share ``f_i = w_i / (w_i + … + w_last)`` of the positions the sources
+    before it leave, Bresenham-style: of the first ``q`` positions it sees it holds ``round(f_i·q)``.
+    So every source is within a sample or two of its share over any window, and what each source
+    holds at position ``p`` comes in closed form: O(sources) per position, never a scan from 0.
+    """
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    weights: tuple[float, ...]
+
+    @classmethod
+    def single(cls, num_samples: int) -> Blend:
+        return cls(("data",), (num_samples,), (1.0,))
+
+    @cached_property
+    def fractions(self) -> np.ndarray:
+        w = np.asarray(self.weights, dtype=np.float64)
+        tail = np.cumsum(w[::-1])[::-1]
+        return np.divide(w, tail, out=np.zeros_like(w), where=tail > 0)
+
+    @cached_property
+    def offsets(self) -> tuple[int, ...]:
+        """Where each source's samples start in the concatenated index space (``BlendedDataset``)."""
+        return tuple(itertools.accumulate(self.sizes[:-1], initial=0))
+
+    def counts(self, positions) -> np.ndarray:
+        """Samples each source holds among the first ``positions`` of the stream: (sources, *shape)."""
+        left = np.asarray(positions, dtype=np.int64)
+        out = []
+        for f in self.fractions[:-1]:
+            mine = np.floor(f * left + 0.5).astype(np.int64)
+            out.append(mine)
+            left = left - mine
+        out.append(left)
+        return np.stack(out)
+
+    def locate(self, positions) -> tuple[np.ndarray, np.ndarray]:
+        """(source, n) of each stream position: the source whose count grows there, and its count before."""
+        before = self.counts(positions)
+        source = np.argmax(self.counts(np.asarray(positions) + 1) - before, axis=0)
+        return source, np.take_along_axis(before, source[None], axis=0)[0]
+
+    def report(self, consumed: int) -> dict[str, dict]:
+        """Samples and epochs (fractional) consumed per source after ``consumed`` stream positions."""
+        return {name: {"samples": int(n), "epochs": int(n) / size, "weight": w}
+                for name, n, size, w in zip(self.names, self.counts(consumed), self.sizes, self.weights)}
+
+
+class BlendedDataset:
+    """The sources' windows in one index space: source ``i``'s sample ``j`` is ``offsets[i] + j``."""
+
+    def __init__(self, parts: list[PackedShardDataset]):
+        self.parts = parts
+        self.starts = list(itertools.accumulate((len(d) for d in parts), initial=0))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        k = bisect.bisect_right(self.starts, i) - 1
+        return self.parts[k][i - self.starts[k]]
+
+
+LOCATE_BLOCK = 4096
 
 
 class ConsumedSamplesSampler:
@@ -74,28 +154,42 @@ class ConsumedSamplesSampler:
 
     Global batch ``k`` covers stream positions ``[consumed, consumed + global_batch)``; rank ``r``
     of ``R`` takes the ``r``-th contiguous slice of ``global_batch / R`` positions and cuts it into
-    micro-batches.  Slices of different ranks are disjoint; together they cover the batch.
+    micro-batches.  Slices of different ranks are disjoint; together they cover the batch.  With a
+    ``Blend`` the indices are into the sources' ``BlendedDataset``.
     """
 
-    def __init__(self, num_samples: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+    def __init__(self, data: int | Blend, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
                  seed: int, consumed: int = 0):
         if global_batch % (micro_batch * dp_size):
             raise UserError(f"global batch {global_batch} is not a multiple of micro batch {micro_batch} × "
                             f"{dp_size} data-parallel ranks")
-        self.num_samples, self.global_batch, self.micro_batch = num_samples, global_batch, micro_batch
+        self.blend = data if isinstance(data, Blend) else Blend.single(data)
+        self.global_batch, self.micro_batch = global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.consumed = consumed
-        self._order_epoch, self._order = -1, None
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its order)
+        self._block, self._located = -1, []  # (source, n) of each position of one block of the stream
 
     @property
     def accumulation_steps(self) -> int:
         return self.global_batch // (self.micro_batch * self.dp_size)
 
+    def _locate(self, position: int) -> tuple[int, int]:
+        """``Blend.locate`` of one position, computed a block of positions at a time (numpy per block,
+        not per sample)."""
+        block, i = divmod(position, LOCATE_BLOCK)
+        if block != self._block:
+            sources, ns = self.blend.locate(np.arange(block * LOCATE_BLOCK, (block + 1) * LOCATE_BLOCK))
+            self._block, self._located = block, list(zip(sources.tolist(), ns.tolist()))
+        return self._located[i]
+
     def _sample_at(self, position: int) -> int:
-        epoch, offset = divmod(position, self.num_samples)
-        if epoch != self._order_epoch:
-            self._order_epoch, self._order = epoch, epoch_order(self.num_samples, self.seed, epoch)
-        return int(self._order[offset])
+        source, n = self._locate(position)
+        size = self.blend.sizes[source]
+        epoch, offset = divmod(n, size)
+        if self._orders.get(source, (-1,))[0] != epoch:
+            self._orders[source] = epoch, epoch_order(size, self.seed, epoch, source)
+        return self.blend.offsets[source] + int(self._orders[source][1][offset])
 
     def rank_positions(self) -> range:
         per_rank = self.global_batch // self.dp_size
@@ -110,16 +204,22 @@ class ConsumedSamplesSampler:
         return [idx[i: i + mb] for i in range(0, len(idx), mb)]
 
     def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed, "seed": self.seed, "global_batch": self.global_batch}
+        """The counter (the whole state) plus, for the record, what each source has given so far."""
+        return {"consumed_samples": self.consumed, "seed": self.seed, "global_batch": self.global_batch,
+                "sources": self.blend.report(self.consumed)}
 
     def load_state_dict(self, state: dict) -> None:
         if state["global_batch"] != self.global_batch or state["seed"] != self.seed:
             raise UserError(f"data state was saved with global batch {state['global_batch']} and seed "
                             f"{state['seed']}; this run has {self.global_batch} and {self.seed}")
+        saved = {k: v["weight"] for k, v in state.get("sources", {}).items()}
+        if saved and saved != dict(zip(self.blend.names, self.blend.weights)):
+            raise UserError(f"data state was saved with source weights {saved}; this run has "
+                            f"{dict(zip(self.blend.names, self.blend.weights))}")
         self.consumed = int(state["consumed_samples"])
 
 
-def collate(dataset: PackedShardDataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def collate(dataset: PackedShardDataset | BlendedDataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels), each (B, seq_len) int64."""
     window = torch.from_numpy(np.stack([dataset[i] for i in indices]))  # (B, L + 1)
     return window[:, :-1].contiguous(), window[:, 1:].contiguous()

@@ -71,7 +71,7 @@ def save_trained_outputs(stage, p, out_dir: str) -> str:
     target = os.path.join(out_dir, "hf")
     state = gathered_state_dict(trained.model)
     if D.rank() == 0:
-        write_hf_dir(p.student_config, state, target, os.path.join(p.cfg.data.path, "tokenizer"))
+        write_hf_dir(p.student_config, state, target, os.path.join(p.cfg.data.blend[0].path, "tokenizer"))
     if trained.filters is not None:
         _save_bank(trained.filters, os.path.join(out_dir, "student-filters"))
     D.barrier()
@@ -204,7 +204,8 @@ def export_checkpoint(path: str, out: str | None, tag: str | None = None, dtype:
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         student = _split(state, "model.")
         write_hf_dir(config, student, out, tokenizer or run.get("tokenizer"), torch_dtype)
-        batch = sample_batch(run["config"]["data"]["path"], run["config"]["data"]["seq_len"], config.vocab_size)
+        data = run["config"]["data"]
+        batch = sample_batch(data["path"] or data["sources"][0]["path"], data["seq_len"], config.vocab_size)
         done.append(f"wrote {out} from {tag} ({verify_export(out, student, config, batch, torch_dtype)})")
     if filters_out is not None:
         bank_state = state if is_bank else _split(state, "filters.")

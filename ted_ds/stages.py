@@ -22,7 +22,7 @@ from data_prep.tokenizer import TOKENIZER_FILES, load_tokenizer, vocab_fingerpri
 from data_prep.verify import verify_dataset
 from ted_ds import distributed as D
 from ted_ds import models as M
-from ted_ds.config import RunConfig
+from ted_ds.config import DataConfig, RunConfig
 from ted_ds.documents import DocumentAttention, check_document_attention, for_model, forward_kwargs
 from ted_ds.engine import build_frozen, build_trained_engine, compute_dtype, wsd_decay_steps
 from ted_ds.errors import ConfigError
@@ -41,7 +41,10 @@ class Plan:
     pairs: list[tuple[int, int]]
     filter_dim: int | None
     manifest: dict
+    """The first source's manifest (every source shares its tokenizer)."""
     total_steps: int
+    manifests: list[dict]
+    """One per source of ``cfg.data.blend``."""
     document_eos: int | None = None  # data.document_attention: the data's EOS id, else None
 
     @property
@@ -61,10 +64,35 @@ def _check_tokenizer(model_dir: str, manifest: dict, what: str) -> None:
                           f"({manifest['tokenizer']['name']}); teacher, student and shards must share one vocabulary")
 
 
+def check_sources(data: DataConfig) -> list[dict]:
+    """Every source's manifest, once the sources are known to mix: one tokenizer, one BOS setting,
+    and a validation split in each or in none (evaluation covers every source or is off)."""
+    sources = data.blend
+    manifests = [verify_dataset(s.path, checksums=False) for s in sources]
+    first, m0 = sources[0], manifests[0]
+    for src, m in zip(sources[1:], manifests[1:]):
+        if m["tokenizer"]["vocab_sha256"] != m0["tokenizer"]["vocab_sha256"]:
+            raise ConfigError(f"data sources {first.name} and {src.name} were built with different tokenizers "
+                              f"({m0['tokenizer']['name']} vs {m['tokenizer']['name']}); rebuild one with the other's")
+        if m.get("add_bos", False) != m0.get("add_bos", False):
+            with_bos, without = (first, src) if m0.get("add_bos", False) else (src, first)
+            raise ConfigError(f"data sources {with_bos.name} and {without.name} differ in BOS: {with_bos.name} "
+                              "was built with --add-bos and the other without; rebuild one to match")
+    if any(m["shards"]["valid"] for m in manifests):
+        for src, m in zip(sources, manifests):
+            tokens = m["totals"]["valid"]["tokens"]
+            if tokens < data.seq_len + 1:
+                raise ConfigError(f"data source {src.name} ({src.path}): valid split has {tokens} tokens, too few "
+                                  f"for one window of data.seq_len {data.seq_len} + 1; every source needs one "
+                                  "for evaluation (rebuild with ted-prep build --valid-fraction > 0)")
+    return manifests
+
+
 def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
     """Validate a run against the files it names; ``filters_for`` is set for stage 1.  Every shard
     is checked against the manifest here, before any process group: a damaged one is named."""
-    manifest = verify_dataset(cfg.data.path, checksums=False)
+    manifests = check_sources(cfg.data)
+    manifest = manifests[0]
     cfg = with_local_models(cfg)  # hub ids → directories of the local HF cache
     t, s = cfg.teacher, cfg.student
     needs_teacher = cfg.uses_teacher or s.init_from_teacher is not None or filters_for is not None
@@ -118,7 +146,8 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
         raise ConfigError(f"optim.schedule wsd: {cfg.optim.warmup_steps} warmup + {wsd_decay_steps(cfg, total)} decay "
                           f"steps (optim.decay_fraction {cfg.optim.decay_fraction:g}) exceed the run's {total} steps")
     document_eos = _document_eos(cfg, manifest, teacher_config, student_config)
-    return Plan(cfg, teacher_config, student_config, pairs, filter_dim, manifest, total, document_eos)
+    return Plan(cfg, teacher_config, student_config, pairs, filter_dim, manifest, total, manifests,
+                document_eos)
 
 
 def _document_eos(cfg: RunConfig, manifest: dict, teacher_config, student_config) -> int | None:
@@ -126,8 +155,8 @@ def _document_eos(cfg: RunConfig, manifest: dict, teacher_config, student_config
     if not cfg.data.document_attention:
         return None
     if manifest.get("eos_token_id") is None:
-        raise ConfigError(f"data.document_attention: {cfg.data.path} records no EOS token id, so documents cannot "
-                          "be told apart")
+        raise ConfigError(f"data.document_attention: {cfg.data.blend[0].path} records no EOS token id, so "
+                          "documents cannot be told apart")
     for what, conf in (("teacher", teacher_config), ("student", student_config)):
         if conf is not None:
             check_document_attention(M.meta_model(conf), what)

@@ -21,7 +21,7 @@ from ted_ds import distributed as D
 from ted_ds.capacity import check_fits
 from ted_ds.checkpoint import Checkpointer
 from ted_ds.config import RunConfig, save_config, to_dict
-from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
+from ted_ds.data import Blend, BlendedDataset, ConsumedSamplesSampler, PackedShardDataset, collate
 from ted_ds.engine import resolve_ds_config
 from ted_ds.errors import TrainingError
 from ted_ds.export import save_trained_outputs
@@ -65,6 +65,25 @@ def evaluate(stage: Stage, valid: PackedShardDataset, samples: int, micro_batch:
     return float(total[0] / total[1])
 
 
+def evaluate_sources(stage: Stage, valid: dict[str, PackedShardDataset], weights: dict[str, float], samples: int,
+                     micro_batch: int, per_source: bool) -> dict[str, float]:
+    """``eval/loss`` and ``eval/ppl``: the weighted mean over the sources' validation losses (with one
+    source, its loss); ``per_source`` adds ``eval/<name>/loss`` and ``eval/<name>/ppl``."""
+    losses = {name: evaluate(stage, data, samples, micro_batch) for name, data in valid.items()}
+    total = sum(weights[n] * loss for n, loss in losses.items()) / sum(weights[n] for n in losses)
+    out = {"eval/loss": total, "eval/ppl": math.exp(min(total, 50.0))}
+    if per_source:
+        for name, loss in losses.items():
+            out.update({f"eval/{name}/loss": loss, f"eval/{name}/ppl": math.exp(min(loss, 50.0))})
+    return out
+
+
+def source_counts(sampler: ConsumedSamplesSampler) -> dict[str, float]:
+    """``data/<name>/samples`` and ``data/<name>/epochs`` consumed so far, per source."""
+    return {f"data/{name}/{k}": v[k] for name, v in sampler.blend.report(sampler.consumed).items()
+            for k in ("samples", "epochs")}
+
+
 def injected_nan(loss: torch.Tensor, step: int, steps: list[int] | None) -> torch.Tensor:
     """The test hook ``train.inject_nan_steps``: rank 0's loss of those steps reads NaN while its
     gradients stay finite, so only the trainer's own check can keep the step from being applied."""
@@ -93,9 +112,13 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
     """Train ``stage`` to ``p.total_steps``; returns the last logged metrics."""
     cfg = p.cfg
     out_dir = cfg.train.out_dir
-    train = PackedShardDataset(cfg.data.path, "train", cfg.data.seq_len)
-    valid = PackedShardDataset(cfg.data.path, "valid", cfg.data.seq_len) if p.manifest["shards"]["valid"] else None
-    sampler = ConsumedSamplesSampler(len(train), cfg.train.global_batch_size, cfg.train.micro_batch_size,
+    sources = cfg.data.blend
+    per_source = cfg.data.sources is not None  # data.path alone logs what it always did
+    train = BlendedDataset([PackedShardDataset(s.path, "train", cfg.data.seq_len) for s in sources])
+    valid = {s.name: PackedShardDataset(s.path, "valid", cfg.data.seq_len)
+             for s, m in zip(sources, p.manifests) if m["shards"]["valid"]}  # every source or none (plan)
+    blend = Blend(tuple(s.name for s in sources), tuple(len(d) for d in train.parts), tuple(s.weight for s in sources))
+    sampler = ConsumedSamplesSampler(blend, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                      D.rank(), D.world_size(), cfg.train.seed)
     step, tokens, bad_steps, bad_in_a_row = 0, 0, 0, 0
     tag = checkpointer.find_resumable()
@@ -151,13 +174,16 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
                          "grad_norm": float(grad_norm) if grad_norm is not None else math.nan})
             if D.device().type == "cuda":
                 last["mem/peak_gib"] = torch.cuda.max_memory_allocated(D.device()) / 2**30
+            if per_source:
+                last.update(source_counts(sampler))
             log.log(step, last)
             window_time, window_steps = 0.0, 0
-        if valid is not None and (step % cfg.train.eval_interval == 0 or step == p.total_steps):
-            eval_loss = evaluate(stage, valid, cfg.data.eval_samples, cfg.train.micro_batch_size)
-            last.update({"eval/loss": eval_loss, "eval/ppl": math.exp(min(eval_loss, 50.0))})
-            log.log(step, {k: last[k] for k in ("eval/loss", "eval/ppl")})
-            log.message(f"step {step}: eval loss {eval_loss:.4f}, ppl {last['eval/ppl']:.2f}")
+        if valid and (step % cfg.train.eval_interval == 0 or step == p.total_steps):
+            scores = evaluate_sources(stage, valid, dict(zip(blend.names, blend.weights)), cfg.data.eval_samples,
+                                      cfg.train.micro_batch_size, per_source)
+            last.update(scores)
+            log.log(step, scores)
+            log.message(f"step {step}: eval loss {scores['eval/loss']:.4f}, ppl {scores['eval/ppl']:.2f}")
         log.advance(step, f"loss {float(sums['loss']):.4f} (rank 0)")
         stopping = stop.agreed()
         if step % cfg.train.save_interval == 0 or step == p.total_steps or stopping:
@@ -200,7 +226,7 @@ def run_stage(cfg: RunConfig, filters_for: str | None = None) -> tuple[Stage, Pl
     bank = stage.trained_model if filters_for else stage.trained_model.filters
     run_info = {"config": to_dict(cfg), "student_config": p.student_config.to_dict(),
                 "filters": bank.meta() if bank is not None else None,
-                "tokenizer": os.path.abspath(os.path.join(cfg.data.path, "tokenizer"))}
+                "tokenizer": os.path.abspath(os.path.join(cfg.data.blend[0].path, "tokenizer"))}
     ckpt = Checkpointer(os.path.join(cfg.train.out_dir, "checkpoints", stage.name), cfg.train.keep_last, identity,
                         run_info)
     result = fit(stage, p, ckpt, stop)
