@@ -47,13 +47,13 @@ def resolve(path: str, revision: str | None = None, what: str = "model") -> str:
                           f"[{type(e).__name__}]") from None
 
 
-def with_local_models(cfg):
-    """``cfg`` with ``teacher.path`` / ``student.path`` resolved to local directories (hub ids looked
-    up in the cache at their ``revision``)."""
+def with_local_models(cfg, teacher: bool = True):
+    """``cfg`` with ``teacher.path`` (if the run reads the teacher) and ``student.path`` resolved to
+    local directories (hub ids looked up in the cache at their ``revision``)."""
     import dataclasses
 
     t, s = cfg.teacher, cfg.student
-    if t.path:
+    if t.path and teacher:
         t = dataclasses.replace(t, path=resolve(t.path, t.revision, "teacher.path"), revision=None)
     if s.path:
         s = dataclasses.replace(s, path=resolve(s.path, s.revision, "student.path"), revision=None)

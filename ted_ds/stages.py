@@ -93,9 +93,9 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
     is checked against the manifest here, before any process group: a damaged one is named."""
     manifests = check_sources(cfg.data)
     manifest = manifests[0]
-    cfg = with_local_models(cfg)  # hub ids → directories of the local HF cache
+    needs_teacher = cfg.uses_teacher or cfg.student.init_from_teacher is not None or filters_for is not None
+    cfg = with_local_models(cfg, teacher=needs_teacher)  # hub ids → directories of the local HF cache
     t, s = cfg.teacher, cfg.student
-    needs_teacher = cfg.uses_teacher or s.init_from_teacher is not None or filters_for is not None
     teacher_config = M.load_config(t.path, t.trust_remote_code) if t.path and needs_teacher else None
     if cfg.train.init_from:
         student_config = init_from_config(cfg.train.init_from, s.trust_remote_code)

@@ -161,6 +161,16 @@ def tiny(sp_tokenizer, gpt2_tokenizer, corpus_file, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(autouse=True)
+def _commands_never_end_the_test_process(monkeypatch):
+    """A command run in-process (``ted_ds.cli.main``) that got as far as a process group ends with
+    ``os._exit`` — it would take pytest with it, silently and with status 0. Make it a failure."""
+    from ted_ds import distributed
+
+    monkeypatch.setattr(distributed, "leave", lambda rc: pytest.fail(
+        f"an in-process command started a process group and would have ended the test process (os._exit({rc}))"))
+
+
+@pytest.fixture(autouse=True)
 def _environment_is_left_as_found():
     """A test must not leak variables (RANK, MASTER_PORT, ...) into the launches of later tests."""
     before = dict(os.environ)
