@@ -7,7 +7,7 @@ STAMP := $(VENV)/.ted-ds-installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test check bench gpu-wheels gpu-check
+.PHONY: demo test test-lowest check bench gpu-wheels gpu-check
 
 $(STAMP): setup.py constraints-cpu.txt scripts/setup_env.sh
 	bash scripts/setup_env.sh
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
+
+# The unit and export tests against the lowest transformers and DeepSpeed setup.py declares (.venv-lowest).
+test-lowest:
+	bash scripts/lowest_versions.sh
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check ted_ds data_prep tests bench

@@ -15,8 +15,8 @@ setup(
     install_requires=[
         # A range: GPU users bring their own CUDA build. CPU machines pin it with constraints-cpu.txt.
         "torch>=2.4",
-        "deepspeed>=0.16",
-        "transformers>=4.46",
+        "deepspeed>=0.17",
+        "transformers>=5.0",
         "datasets>=3.0",
         "sentencepiece>=0.2",
         "tokenizers>=0.21",

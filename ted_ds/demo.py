@@ -7,6 +7,10 @@
 3. TED stage 1: learn the teacher's and the student's filters (student = teacher layers 0 and 2).
 4. TED stage 2: distill; then the same-budget kd and lm students.
 5. Print validation perplexity of every student next to the teacher's.
+6. Continual pre-training: the TED student goes on (``train.init_from``) on a new domain, the
+   bundled public-domain books, blended with 25 % replay of the Wikipedia data (``data.sources``),
+   re-warmed with a WSD schedule; per-source perplexity before and after shows what it learnt and
+   what it kept.
 
 Each step is the real command; re-running skips finished steps (and resumes unfinished ones).
 """
@@ -24,6 +28,7 @@ from ted_ds.launch import local_deepspeed_command
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+BOOKS = os.path.join(REPO, "data_prep", "sample", "books_sample.txt.gz")  # public domain, see its README
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -36,6 +41,14 @@ def _run(cmd: list[str], what: str) -> None:
 
 def _deepspeed(nproc: int, *args: str) -> list[str]:
     return local_deepspeed_command(nproc, "--module", "ted_ds", *args)
+
+
+def _eval_ppl(model_dir: str, data: str, seq_len: int, samples: int) -> float:
+    r = subprocess.run([sys.executable, "-m", "ted_ds", "eval", model_dir, "--data", data, "--seq-len", str(seq_len),
+                        "--max-samples", str(samples), "--device", "cpu", "--json"], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"demo: evaluating {model_dir} on {data} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout)["ppl"]
 
 
 def _final(out_dir: str, key: str = "eval/ppl") -> float:
@@ -62,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     _run([py, "-m", "data_prep", "build", "--input", "sample", "--tokenizer", tok, "--out", data, "--workers", "2",
           "--valid-fraction", "0.02", "--no-progress"], "build packed token shards")
 
-    steps = {"teacher": 400, "filters": 40, "student": 150} if not args.quick else {"teacher": 6, "filters": 3,
-                                                                                    "student": 4}
+    steps = {"teacher": 400, "filters": 40, "student": 150, "continual": 100}
+    if args.quick:
+        steps = {"teacher": 6, "filters": 3, "student": 4, "continual": 4}
     base = os.path.join(HERE, "configs", "demo.yaml")
     paths = [f"data.path={data}", f"teacher.path={out}/teacher/hf",
              f"teacher.filters={out}/filters-teacher/filters-teacher",
@@ -87,10 +101,29 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [("teacher (4 layers, lm)", _final(f"{out}/teacher"))]
     rows += [(f"student (2 layers) {m}", _final(f"{out}/{m}")) for m in ("ted", "kd", "lm")]
+
+    books = os.path.join(out, "data-books")
+    _run([py, "-m", "data_prep", "build", "--input", BOOKS, "--tokenizer", tok, "--out", books, "--workers", "2",
+          "--valid-fraction", "0.05", "--no-progress"], "build the new domain's shards (books, the same tokenizer)")
+    sources = {"books": books, "wiki": data}
+    eval_samples = 8 if args.quick else 64
+    before = {name: _eval_ppl(f"{out}/ted/hf", path, 128, eval_samples) for name, path in sources.items()}
+    train("continual pre-training of the TED student: books + 25 % Wikipedia replay, WSD re-warmed", "continual",
+          steps["continual"], ["distill"], "distill.method=lm", f"train.init_from={out}/ted/hf",
+          "student.init_from_teacher=null", "data.path=''",
+          f"data.sources=[{{name: books, path: {books}, weight: 0.75}}, {{name: wiki, path: {data}, weight: 0.25}}]",
+          "optim.schedule=wsd", "optim.decay_fraction=0.2", f"optim.warmup_steps={1 if args.quick else 10}",
+          "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_start_lr=2e-4")
+    after = {name: _final(f"{out}/continual", f"eval/{name}/ppl") for name in sources}
+
     print(f"\nvalidation perplexity on {data} (same token budget for every student):")
     for name, ppl in rows:
         print(f"  {name:<28} {ppl:10.2f}")
-    print(f"demo finished in {time.time() - start:.0f} s; students in {out}/{{ted,kd,lm}}/hf")
+    print("\ncontinual pre-training of the TED student (75 % books, 25 % Wikipedia replay), validation perplexity:")
+    print(f"  {'source':<10} {'before':>10} {'after':>10}")
+    for name in sources:
+        print(f"  {name:<10} {before[name]:10.2f} {after[name]:10.2f}")
+    print(f"demo finished in {time.time() - start:.0f} s; students in {out}/{{ted,kd,lm,continual}}/hf")
     return 0
 
 

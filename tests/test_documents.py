@@ -83,12 +83,16 @@ def test_document_attention_refused_for_a_model_that_cannot_take_it(tiny, tmp_pa
     import torch.distributed as dist
 
     from ted_ds.cli import main as ted_main
+    from ted_ds.models import load_config
 
     teacher = tmp_path / "flex-teacher"
     shutil.copytree(tiny["llama_teacher"], teacher)
     config = json.load(open(teacher / "config.json"))
     config["attn_implementation"] = "flex_attention"
     json.dump(config, open(teacher / "config.json", "w"))
+    if getattr(load_config(str(teacher)), "_attn_implementation", None) != "flex_attention":
+        pytest.skip("this transformers ignores attn_implementation in config.json (the model runs sdpa): "
+                    "no config can ask for an attention that document attention must refuse")
     cfg = base_config(tiny["llama_data"], str(teacher), str(tmp_path / "o"),
                       **{"distill.method": "kd", "data.document_attention": True})
     path = write_config(str(tmp_path / "bad.yaml"), **cfg)

@@ -233,7 +233,8 @@ def test_bad_configs_fail_before_any_process_group(tiny, gpt2_tokenizer, tmp_pat
     _fails(capsys, tmp_path, good(**{"distill.method": "kd", "data.seq_len": 4096}), "seq_len 4096 exceeds")
     _fails(capsys, tmp_path, good(**{"distill.method": "lwd", "distill.teacher_every": 4}), "tap mismatch")
     _fails(capsys, tmp_path, good(**{"data.path": str(tmp_path / "nodata")}), "not a ted-prep dataset")
-    _fails(capsys, tmp_path, good(**{"teacher.path": str(tmp_path / "noteacher")}), "model path not found")
+    _fails(capsys, tmp_path, good(**{"teacher.path": str(tmp_path / "noteacher")}), "teacher.path not found",
+           "noteacher")
     _fails(capsys, tmp_path, good(**{"distill.method": "kd", "train.deepspeed_config": "nope.json"}),
            "DeepSpeed config not found")
     # a teacher whose tokenizer is not the data's
