@@ -33,7 +33,7 @@ setup(
     extras_require={
         "mpi": ["mpi4py>=3.1"],
         "eval": ["lm-eval[hf]>=0.4"],
-        "bench": ["matplotlib>=3.8"],
+        "bench": ["matplotlib>=3.8", "scipy>=1.10"],
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["ted-prep=data_prep.cli:main", "ted-ds=ted_ds.cli:main"]},

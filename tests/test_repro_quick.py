@@ -31,3 +31,21 @@ def test_repro_quick_produces_every_student_and_the_report(tmp_path):
         assert f"| student {method} |" in table
     assert "Ranking by held-out perplexity" in table
     assert (out / "loss_curves.png").stat().st_size > 1000 and (out / "perplexity.png").stat().st_size > 1000
+
+
+def test_the_verdict_holds_only_when_the_paired_interval_excludes_zero():
+    from scipy import stats
+
+    from bench.repro import paired_comparison
+
+    ted, kd = [10.0, 10.2, 9.8, 10.1, 9.9], [11.0, 11.4, 10.6, 11.2, 10.8]  # differences −1 ± 0.158
+    c = paired_comparison(ted, kd)
+    # by hand: mean −1, se = 0.1581/√5 = 0.0707, t(0.975, 4) = 2.776
+    assert c["verdict"] == "holds" and c["n"] == 5 and c["favourable"] == 5
+    assert (c["low"], c["high"]) == pytest.approx((-1.1963, -0.8037), abs=1e-3)
+    assert c["p"] == pytest.approx(stats.ttest_rel(ted, kd).pvalue)
+    assert c["detectable"] == pytest.approx((2.776 + 0.941) * 0.0707, abs=1e-3)
+    # 0.4 σ in favour: a negative mean that is NOT a win
+    c = paired_comparison([10.0, 10.3, 9.6, 10.1, 9.9], [10.1, 10.0, 10.0, 10.0, 10.0])
+    assert c["mean"] < 0 and c["low"] < 0 < c["high"] and c["verdict"] == "no detectable difference"
+    assert paired_comparison(kd, ted)["verdict"] == "reversed"
