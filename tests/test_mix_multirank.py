@@ -1,14 +1,18 @@
 """A weighted mixture of two sources in one real 2-rank run: each source evaluated on its own, the
-weighted total, and the samples and epochs each source gave, in metrics.jsonl and trainer_state.json."""
+weighted total, and the samples and epochs each source gave, in metrics.jsonl and trainer_state.json;
+then the same run killed mid-save and resumed gives the same batches, losses and weights."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
 
 import pytest
-from conftest import corpus_lines, deepspeed_cmd, run_launcher
+import torch
+from conftest import REPO, corpus_lines, deepspeed_cmd, run_launcher
+from safetensors.torch import load_file
 from tiny import base_config, write_config
 
 from data_prep.build import BuildOptions, build
@@ -25,10 +29,11 @@ def test_two_source_mixture_reports_per_source_eval_and_counts(tiny, tmp_path):
                        progress=False))
     out = str(tmp_path / "mix")
     sources = [{"name": "wiki", "path": wiki, "weight": 0.75}, {"name": "more", "path": more, "weight": 0.25}]
-    cfg = base_config(wiki, tiny["llama_teacher"], out, **{"distill.method": "lm", "train.eval_interval": 2,
-                                                           "data.path": "", "data.sources": sources})
+    over = {"distill.method": "lm", "train.eval_interval": 2, "train.save_interval": 2, "data.path": "",
+            "data.sources": sources}
     run_launcher(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config",
-                               write_config(str(tmp_path / "mix.yaml"), **cfg)))
+                               write_config(str(tmp_path / "mix.yaml"), **base_config(wiki, tiny["llama_teacher"], out,
+                                                                                      **over))))
 
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     evals = {m["step"]: m for m in metrics if "eval/loss" in m}
@@ -50,3 +55,21 @@ def test_two_source_mixture_reports_per_source_eval_and_counts(tiny, tmp_path):
     assert state["sampler"]["consumed_samples"] == 32
     assert state["sampler"]["sources"] == {"wiki": {"samples": 24, "epochs": 24 / sizes["wiki"], "weight": 0.75},
                                            "more": {"samples": 8, "epochs": 8 / sizes["more"], "weight": 0.25}}
+
+    # killed (rank 1, in the middle of the save at step 4) and resumed from step 2: the same batches
+    # from both sources, so the same losses and weights as the run above, and the same counts
+    killed = str(tmp_path / "killed")
+    cfg = write_config(str(tmp_path / "killed.yaml"), **base_config(wiki, tiny["llama_teacher"], killed, **over))
+    r = subprocess.run(deepspeed_cmd(2, os.path.join(REPO, "tests", "mp", "fault_at.py"), "--fault",
+                                     "save-shards:2:1:KILL", "distill", "--config", cfg), cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    r = run_launcher(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", cfg))
+    assert "resumed from step-00000002" in r.stderr
+    losses = lambda d: {m["step"]: m["loss/total"] for m in map(json.loads, open(os.path.join(d, "metrics.jsonl")))
+                        if "loss/total" in m}
+    assert losses(killed) == losses(out)
+    a, b = (load_file(os.path.join(d, "hf", "model.safetensors")) for d in (out, killed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = json.load(open(os.path.join(killed, "checkpoints", "distill-lm", "step-00000004", "trainer_state.json")))
+    assert resumed["sampler"] == state["sampler"]
