@@ -274,6 +274,17 @@ def _check_data(data: DataConfig) -> None:
         raise ConfigError("data.sources: all weights are 0")
 
 
+def accumulation_steps(global_batch: int, micro_batch: int, ranks: int) -> int:
+    """Micro-batches each data-parallel rank runs per optimizer step; one line (with a global batch
+    that would split) when ``global_batch`` is not a multiple of ``micro_batch × ranks``."""
+    unit = micro_batch * ranks
+    if global_batch % unit:
+        nearest = unit * max(1, round(global_batch / unit))
+        raise ConfigError(f"train.global_batch_size {global_batch} is not a multiple of micro_batch_size "
+                          f"{micro_batch} × {ranks} ranks; try global_batch_size={nearest}")
+    return global_batch // unit
+
+
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

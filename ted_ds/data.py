@@ -26,6 +26,7 @@ import torch
 from data_prep.errors import UserError
 from data_prep.indexed import IndexedShard
 from data_prep.verify import read_manifest
+from ted_ds import config
 
 
 class PackedShardDataset:
@@ -160,9 +161,7 @@ class ConsumedSamplesSampler:
 
     def __init__(self, data: int | Blend, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
                  seed: int, consumed: int = 0):
-        if global_batch % (micro_batch * dp_size):
-            raise UserError(f"global batch {global_batch} is not a multiple of micro batch {micro_batch} × "
-                            f"{dp_size} data-parallel ranks")
+        config.accumulation_steps(global_batch, micro_batch, dp_size)  # the batch splits over the ranks
         self.blend = data if isinstance(data, Blend) else Blend.single(data)
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
@@ -172,7 +171,7 @@ class ConsumedSamplesSampler:
 
     @property
     def accumulation_steps(self) -> int:
-        return self.global_batch // (self.micro_batch * self.dp_size)
+        return config.accumulation_steps(self.global_batch, self.micro_batch, self.dp_size)
 
     def _locate(self, position: int) -> tuple[int, int]:
         """``Blend.locate`` of one position, computed a block of positions at a time (numpy per block,

@@ -19,7 +19,7 @@ from torch import nn
 
 from ted_ds import distributed as D
 from ted_ds import models as M
-from ted_ds.config import RunConfig
+from ted_ds.config import RunConfig, accumulation_steps
 from ted_ds.documents import for_model
 from ted_ds.errors import ConfigError
 from ted_ds.teacher import FrozenLM, ReplicatedTeacher, Zero3Teacher
@@ -47,11 +47,8 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     mb, gb = cfg.train.micro_batch_size, cfg.train.global_batch_size
-    if gb % (mb * world_size):
-        raise ConfigError(f"train.global_batch_size {gb} is not a multiple of micro_batch_size {mb} × "
-                          f"{world_size} ranks")
     _fill(ds, "train_micro_batch_size_per_gpu", mb, path)
-    _fill(ds, "gradient_accumulation_steps", gb // (mb * world_size), path)
+    _fill(ds, "gradient_accumulation_steps", accumulation_steps(gb, mb, world_size), path)
     _fill(ds, "train_batch_size", gb, path)
     _fill(ds, "gradient_clipping", cfg.optim.grad_clip, path)
     if "optimizer" in ds:
