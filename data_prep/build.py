@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from data_prep.errors import UserError
+from data_prep.fileio import atomically, write_text
 from data_prep.indexed import ShardWriter, token_dtype
 from data_prep.sources import Chunk, ReadOptions, ReadStats, decode_chunk, iter_chunks, resolve_sources
 from data_prep.tokenizer import BatchEncoder, load_tokenizer_for_build, tokenizer_identity
@@ -92,12 +93,7 @@ def file_sha256(path: str) -> str:
 
 
 def _atomic_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -271,8 +267,8 @@ def build(opts: BuildOptions) -> dict:
             os.remove(os.path.join(opts.out, name))
     tok_dir = os.path.join(opts.out, "tokenizer")
     if not os.path.isdir(tok_dir):
-        tok.save_pretrained(tok_dir + ".tmp")
-        os.replace(tok_dir + ".tmp", tok_dir)
+        with atomically(tok_dir) as tmp:
+            tok.save_pretrained(tmp)
 
     start = time.time()
     try:

@@ -18,7 +18,8 @@ def run_cli(prog: str, command, interrupted: str) -> int:
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         where = "" if rank == "0" else f"rank {rank}: "
-        print(f"{prog}: {where}error: {e}", file=sys.stderr)
+        sys.stderr.write(f"{prog}: {where}error: {e}\n")  # one write: ranks sharing a pipe never split a line
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)

@@ -27,6 +27,7 @@ import warnings
 import numpy as np
 import torch
 
+from data_prep.fileio import atomically, write_text
 from ted_ds import distributed as D
 from ted_ds.errors import CheckpointError, TrainingError
 
@@ -35,14 +36,6 @@ TAG_PREFIX = "step-"
 
 def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
-
-
-def _atomic_write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
 
 
 def _deepspeed_safe_globals() -> list:
@@ -181,11 +174,11 @@ class Checkpointer:
             if D.rank() == 0:
                 state = dict(trainer_state, identity=self.identity, run=self.run_info, world_size=D.world_size(),
                              tag=tag)
-                _atomic_write(os.path.join(tag_dir, "trainer_state.json"), json.dumps(state, indent=2))
+                write_text(os.path.join(tag_dir, "trainer_state.json"), json.dumps(state, indent=2))
             D.barrier()  # every rank's files are on disk
             if D.rank() == 0:
-                _atomic_write(os.path.join(tag_dir, "COMPLETE"), json.dumps({"files": _listing(tag_dir)}, indent=1))
-                _atomic_write(os.path.join(self.dir, "latest"), tag)
+                write_text(os.path.join(tag_dir, "COMPLETE"), json.dumps({"files": _listing(tag_dir)}, indent=1))
+                write_text(os.path.join(self.dir, "latest"), tag)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             if D.failed_collective(e):
                 raise  # a peer is gone, not the disk: ted_ds.distributed.collective_errors names it
@@ -285,12 +278,9 @@ class Checkpointer:
 
             from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-            tmp = target + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            args = Namespace(input_folder=os.path.join(self.dir, tag), output_folder=tmp, num_extract_workers=1,
-                             num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
-            with weights_only_loads():
-                ds_to_universal(args)
-            os.replace(tmp, target)
+            with atomically(target) as tmp, weights_only_loads():
+                ds_to_universal(Namespace(input_folder=os.path.join(self.dir, tag), output_folder=tmp,
+                                          num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                          strict=True, inject_missing_state=False))
         D.barrier()
         return universal

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from data_prep.fileio import atomically, write_text
 from ted_ds.errors import ConfigError
 
 
@@ -55,12 +56,9 @@ class FilterBank(nn.Module):
 def save_filter_bank(state: dict[str, torch.Tensor], meta: dict, out_dir: str) -> None:
     """Write a bank atomically (tensors first, then the json that marks it complete)."""
     os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-              os.path.join(out_dir, "filters.safetensors.tmp"))
-    os.replace(os.path.join(out_dir, "filters.safetensors.tmp"), os.path.join(out_dir, "filters.safetensors"))
-    with open(os.path.join(out_dir, "filters.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(os.path.join(out_dir, "filters.json.tmp"), os.path.join(out_dir, "filters.json"))
+    with atomically(os.path.join(out_dir, "filters.safetensors")) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
+    write_text(os.path.join(out_dir, "filters.json"), json.dumps(meta, indent=2))
 
 
 def load_filter_bank(path: str, expect: dict, what: str) -> FilterBank:

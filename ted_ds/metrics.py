@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from data_prep.fileio import write_text
+
 # Dense bf16 peak TFLOPs per device of common GPUs (vendor datasheets, no sparsity).
 _GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0,
                     "V100": 125.0, "MI300X": 1307.0, "B200": 2250.0}
@@ -53,9 +55,7 @@ class MetricsLogger:
         if os.path.exists(path):
             with open(path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        write_text(path, "".join(kept))
         self.jsonl = open(path, "a")
         from torch.utils.tensorboard import SummaryWriter
 

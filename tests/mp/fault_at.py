@@ -53,6 +53,6 @@ def after(where: str, fn):
 
 checkpoint.check_finite = after("save-start", checkpoint.check_finite)  # save's first act; nothing written yet
 checkpoint.rng_state = before("save-shards", checkpoint.rng_state)
-checkpoint._atomic_write = before("save-latest", checkpoint._atomic_write, lambda path, _: path.endswith("latest"))
+checkpoint.write_text = before("save-latest", checkpoint.write_text, lambda path, _: path.endswith("latest"))
 trainer.evaluate = before("eval", trainer.evaluate)
 sys.exit(main(argv))
