@@ -124,6 +124,8 @@ def teacher_blocks_config(teacher_config, layers: list[int]):
         raise ConfigError(f"student.init_from_teacher: layers must be non-empty 0-based indices < {n}, got {layers}")
     config = copy.deepcopy(teacher_config)
     config.num_hidden_layers = len(layers)
+    if isinstance(getattr(config, "layer_types", None), list):  # per-block attention (Gemma 2's sliding/full)
+        config.layer_types = [teacher_config.layer_types[i] for i in layers]
     return config
 
 

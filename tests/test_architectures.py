@@ -76,6 +76,20 @@ def test_task_head_is_the_models_own_norm_head_and_soft_cap(arch_teachers, tiny)
         torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-8)
 
 
+def test_student_from_teacher_blocks_keeps_their_attention_kinds(arch_teachers):
+    """Gemma 2 alternates sliding-window and full attention: student block i is teacher block layers[i],
+    with that block's kind, and the config stays loadable."""
+    from transformers import AutoConfig
+
+    from ted_ds.models import load_config, teacher_blocks_config
+
+    teacher = load_config(arch_teachers["gemma2"])
+    assert teacher.layer_types == ["sliding_attention", "full_attention"] * 2
+    student = teacher_blocks_config(teacher, [1, 2, 3])
+    assert student.layer_types == ["full_attention", "sliding_attention", "full_attention"]
+    assert AutoConfig.for_model(**student.to_dict()).layer_types == student.layer_types
+
+
 def test_unknown_layout_names_the_model_class_and_the_table():
     from torch import nn
 
