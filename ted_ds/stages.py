@@ -66,8 +66,12 @@ def _check_tokenizer(model_dir: str, manifest: dict, what: str, data_dir: str) -
     tok = load_tokenizer(model_dir)
     if vocab_fingerprint(tok) == manifest["tokenizer"]["vocab_sha256"]:
         return
-    data_tok = load_tokenizer(os.path.join(data_dir, "tokenizer"))
     size = manifest["vocab_size"]
+    data_tok_dir = os.path.join(data_dir, "tokenizer")
+    if not os.path.isdir(data_tok_dir):  # nothing to compare id by id with
+        raise ConfigError(f"{what} {model_dir} has a different tokenizer than the data "
+                          f"({manifest['tokenizer']['name']}) and {data_tok_dir} is missing to compare them id by id")
+    data_tok = load_tokenizer(data_tok_dir)
     conflict = _first_conflict(data_tok.get_vocab(), tok.get_vocab(), size)
     if conflict is not None:
         i, want, got = conflict
