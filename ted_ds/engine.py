@@ -136,11 +136,12 @@ def build_trained_engine(cfg: RunConfig, module: nn.Module, ds: dict, total_step
 
 
 def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_logits: bool, ds: dict,
-                 document_eos: int | None = None):
+                 document_eos: int | None = None, vocab: int | None = None):
     """Place a frozen model by ``teacher.placement``; ``load_model(dtype=, device=, zero_config=)``
     reads its weights straight into the rank's share: a whole copy on the device (replicated), this
     rank's ZeRO-3 slices (zero3); the pipeline reads its stage alone.  ``document_eos``: packed
-    documents stay apart (``data.document_attention``, see ted_ds.documents)."""
+    documents stay apart (``data.document_attention``, see ted_ds.documents).  ``vocab``: logits keep
+    only the tokenizer's ids (a head padded past them drops its extra rows before KD and top-k)."""
     placement = cfg.teacher.placement
     dtype, device = compute_dtype(ds), D.device()
     if filters is not None:
@@ -148,18 +149,18 @@ def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_lo
     if placement == "replicated":
         model = load_model(dtype=dtype, device=device)
         return ReplicatedTeacher(FrozenLM(model, layers, filters, need_logits, cfg.teacher.logits_topk,
-                                          for_model(model, document_eos, dtype)), device)
+                                          for_model(model, document_eos, dtype), vocab), device)
     if placement == "zero3":
         import deepspeed
 
         fds = frozen_ds_config(ds)
         model = load_model(dtype=dtype, zero_config=fds)
         frozen = FrozenLM(model, layers, filters, need_logits, cfg.teacher.logits_topk,
-                          for_model(model, document_eos, dtype))
+                          for_model(model, document_eos, dtype), vocab)
         engine, *_ = deepspeed.initialize(model=frozen, config=fds)
         return Zero3Teacher(engine)
     if placement == "pipeline":
         from ted_ds.pipeline import build_pipeline_teacher
 
-        return build_pipeline_teacher(cfg, layers, filters, need_logits, dtype, document_eos)
+        return build_pipeline_teacher(cfg, layers, filters, need_logits, dtype, document_eos, vocab)
     raise ConfigError(f"unknown teacher.placement {placement!r}")

@@ -137,6 +137,7 @@ class ObjectiveWeights:
     beta: float
     temperature: float
     layer_loss: str
+    vocab: int | None = None  # KD compares the first ``vocab`` logits (the tokenizer's ids); None: all
 
 
 def distill_objective(student_logits, student_taps, labels, teacher_logits, teacher_taps, w: ObjectiveWeights,
@@ -145,7 +146,7 @@ def distill_objective(student_logits, student_taps, labels, teacher_logits, teac
     terms = {"lm": lm_loss(student_logits, labels)}
     total = terms["lm"]
     if teacher_logits is not None and w.alpha > 0:
-        terms["kd"] = kd_loss(student_logits, teacher_logits, w.temperature, teacher_topk_index)
+        terms["kd"] = kd_loss(student_logits[..., :w.vocab], teacher_logits, w.temperature, teacher_topk_index)
         total = total + w.alpha * terms["kd"]
     if teacher_taps is not None and w.beta > 0:
         per_tap = [layer_loss(s, t, w.layer_loss) for s, t in zip(student_taps, teacher_taps)]

@@ -1,9 +1,10 @@
 """Adapters over Hugging Face causal LMs: where the blocks are, how to tap them, how to load them.
 
 HF models stay HF models.  This module only knows how to find the decoder blocks, final norm,
-embeddings and head of GPT-2-style (``transformer.h``) and LLaMA-style (``model.layers``)
-models, record the outputs of chosen blocks, build a student from teacher layers, and read only
-some of a checkpoint's tensors (for task heads and pipeline stages).
+embeddings and head of GPT-2-style (``transformer.h``), LLaMA-style (``model.layers``: LLaMA,
+Qwen2, Mistral, Gemma 2, Phi-3, OLMo 2) and GPT-NeoX models, record the outputs of chosen blocks,
+build a student from teacher layers, and read only some of a checkpoint's tensors (for task heads
+and pipeline stages).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def layout(model: nn.Module) -> tuple[str, str]:
     for blocks, norm in _LAYOUTS:
         if isinstance(_get(model, blocks), nn.ModuleList) and _get(model, norm) is not None:
             return blocks, norm
-    raise ConfigError(f"{type(model).__name__}: cannot find its decoder blocks; supported layouts are "
-                      "GPT-2 (transformer.h) and LLaMA-family (model.layers)")
+    known = ", ".join(f"{blocks} + {norm}" for blocks, norm in _LAYOUTS)
+    raise ConfigError(f"{type(model).__name__}: cannot find its decoder blocks (known layouts: {known}); add its "
+                      "(blocks, final norm) attribute paths to _LAYOUTS in ted_ds/models.py")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -61,6 +63,11 @@ def max_positions(config) -> int | None:
 
 def vocab_size(config) -> int:
     return int(config.vocab_size)
+
+
+def logit_softcap(config) -> float | None:
+    """Gemma 2's final logit soft-capping (cap·tanh(logits / cap) after the head), if the model has it."""
+    return getattr(config, "final_logit_softcapping", None) or None
 
 
 def ndim(p: torch.Tensor) -> int:
@@ -117,6 +124,8 @@ def teacher_blocks_config(teacher_config, layers: list[int]):
         raise ConfigError(f"student.init_from_teacher: layers must be non-empty 0-based indices < {n}, got {layers}")
     config = copy.deepcopy(teacher_config)
     config.num_hidden_layers = len(layers)
+    if isinstance(getattr(config, "layer_types", None), list):  # per-block attention (Gemma 2's sliding/full)
+        config.layer_types = [teacher_config.layer_types[i] for i in layers]
     return config
 
 
@@ -234,13 +243,19 @@ class TaskHead(nn.Module):
     """
 
     def __init__(self, teacher_path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", vocab: int | None = None):
         super().__init__()
-        model = meta_model(load_config(teacher_path, trust_remote_code))
+        config = load_config(teacher_path, trust_remote_code)
+        model = meta_model(config)
         self.norm, self.head = final_norm(model), model.get_output_embeddings()
+        self.softcap = logit_softcap(config)
+        self.vocab = vocab  # the tokenizer's ids: rows past them (padding of the embedding) are dropped
         W.fill_modules(model, {module_name(model, self.norm): self.norm, module_name(model, self.head): self.head},
                        W.WeightReader(teacher_path), dtype, device)
         self.requires_grad_(False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(h))  # (B, T, D_teacher) -> (B, T, V)
+        logits = self.head(self.norm(h))  # (B, T, D_teacher) -> (B, T, V_teacher)
+        if self.softcap:  # as the model's own forward does (Gemma 2): cap·tanh(logits / cap)
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits[..., :self.vocab]  # (B, T, V)

@@ -190,7 +190,7 @@ class PipelineTeacher:
     def __init__(self, path: str, config, tap_layers: list[int], filters: FilterBank | None, need_logits: bool,
                  stages: int, explicit_layers: list[int] | None, chunks: int, logits_dtype: torch.dtype,
                  logits_topk: int, timeout_minutes: float, dtype: torch.dtype = torch.float32,
-                 document_eos: int | None = None):
+                 document_eos: int | None = None, vocab: int | None = None):
         world, rank = D.world_size(), D.rank()
         if world % stages:
             raise ConfigError(f"teacher.pipeline_stages {stages} must divide the number of ranks {world}")
@@ -208,7 +208,9 @@ class PipelineTeacher:
         self.device = D.device()
         self.model, self.injected = build_stage_model(path, config, start, end, self.first, self.last, dtype,
                                                       self.device)
-        self.hidden_size, self.vocab, self.dtype = M.hidden_size(config), M.vocab_size(config), dtype
+        # logits keep the tokenizer's ids only: a head padded past them drops its extra rows
+        self.hidden_size, self.dtype = M.hidden_size(config), dtype
+        self.vocab = min(vocab, M.vocab_size(config)) if vocab else M.vocab_size(config)
         # every stage recomputes the positions and mask from the chunk's token ids, which it holds
         self.documents = for_model(self.model, document_eos, dtype)
         # taps: global order, which stage holds each, and the local filters
@@ -350,7 +352,7 @@ class PipelineTeacher:
             pending.append((dist.isend(out.contiguous(), self.members[self.stage + 1], tag=self._tag(owner, c, 0)),
                             f"sending activations to stage {self.stage + 1}"))
         elif self.need_logits:
-            values, index = topk_logits(logits, self.topk)
+            values, index = topk_logits(logits[..., :self.vocab], self.topk)
             self._deliver(owner, ("logits", c), values.to(self.logits_dtype), self._tag(owner, c, 1), received,
                           pending, "sending logits")
             if index is not None:
@@ -368,10 +370,10 @@ class PipelineTeacher:
 
 
 def build_pipeline_teacher(cfg, tap_layers: list[int], filters, need_logits: bool, dtype: torch.dtype,
-                           document_eos: int | None = None):
+                           document_eos: int | None = None, vocab: int | None = None):
     t = cfg.teacher
     config = M.load_config(t.path, t.trust_remote_code)
     logits_dtype = torch.bfloat16 if t.logits_dtype == "bf16" else torch.float32
     return PipelineTeacher(t.path, config, tap_layers, filters, need_logits, t.pipeline_stages, t.pipeline_layers,
                            t.pipeline_chunks, logits_dtype, t.logits_topk, cfg.train.timeout_minutes, dtype,
-                           document_eos)
+                           document_eos, vocab)

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ class Plan:
     manifests: list[dict]
     """One per source of ``cfg.data.blend``."""
     document_eos: int | None = None  # data.document_attention: the data's EOS id, else None
+    vocabularies: str = ""  # one line: the vocabulary sizes compared (check_vocabularies)
 
     @property
     def teacher_layers(self) -> list[int]:
@@ -56,12 +58,60 @@ class Plan:
         return [s for _, s in self.pairs]
 
 
-def _check_tokenizer(model_dir: str, manifest: dict, what: str) -> None:
+SPECIAL_ROLES = ("eos", "bos", "pad", "unk")
+
+
+def _check_tokenizer(model_dir: str, manifest: dict, what: str, data_dir: str) -> None:
+    """A model's tokenizer fits the data's when both map every id below the data's vocabulary size to the
+    same token (ids past it, the padding of an embedding, are never used); special-token roles that
+    differ (EOS, BOS, PAD, UNK) are a one-line warning, any other difference a one-line error."""
     if not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
         return
-    if vocab_fingerprint(load_tokenizer(model_dir)) != manifest["tokenizer"]["vocab_sha256"]:
+    tok = load_tokenizer(model_dir)
+    if vocab_fingerprint(tok) == manifest["tokenizer"]["vocab_sha256"]:
+        return
+    size = manifest["vocab_size"]
+    data_tok_dir = os.path.join(data_dir, "tokenizer")
+    if not os.path.isdir(data_tok_dir):  # nothing to compare id by id with
         raise ConfigError(f"{what} {model_dir} has a different tokenizer than the data "
-                          f"({manifest['tokenizer']['name']}); teacher, student and shards must share one vocabulary")
+                          f"({manifest['tokenizer']['name']}) and {data_tok_dir} is missing to compare them id by id")
+    data_tok = load_tokenizer(data_tok_dir)
+    conflict = _first_conflict(data_tok.get_vocab(), tok.get_vocab(), size)
+    if conflict is not None:
+        i, want, got = conflict
+        raise ConfigError(f"{what} {model_dir} has a different tokenizer than the data "
+                          f"({manifest['tokenizer']['name']}): id {i} is {got!r} there but {want!r} in the data's; "
+                          f"teacher, student and shards must map the {size} ids below the data's vocabulary size "
+                          "alike")
+    roles = [f"{r} {getattr(data_tok, f'{r}_token')!r} vs {getattr(tok, f'{r}_token')!r}" for r in SPECIAL_ROLES
+             if getattr(data_tok, f"{r}_token_id") != getattr(tok, f"{r}_token_id")]
+    if roles:
+        warnings.warn(f"{what} {model_dir}: same {size} token ids as the data's tokenizer, but special-token roles "
+                      f"differ (data vs {what}: {'; '.join(roles)})", stacklevel=2)
+
+
+def _first_conflict(data_vocab: dict[str, int], vocab: dict[str, int], size: int):
+    """(id, data's token, model's token) of the first id below ``size`` the two maps disagree on, or None."""
+    by_id = lambda v: {i: t for t, i in v.items() if i < size}
+    want, got = by_id(data_vocab), by_id(vocab)
+    for i in range(size):
+        if want.get(i) != got.get(i):
+            return i, want.get(i), got.get(i)
+    return None
+
+
+def check_vocabularies(manifest: dict, models: dict[str, tuple]) -> str:
+    """Every model's embedding has a row for each of the data tokenizer's ids (more rows are fine:
+    KD, top-k and the stage-1 head read logits sliced to the tokenizer's ids). ``models``: what ->
+    (config or None, path). Returns, or raises with, one line naming the sizes compared."""
+    size = manifest["vocab_size"]
+    rows = {what: (M.vocab_size(conf), path) for what, (conf, path) in models.items() if conf is not None}
+    line = (f"vocabularies: data tokenizer {size} ids; "
+            + ", ".join(f"{what} {n} embedding rows" for what, (n, _) in rows.items()))
+    for what, (n, path) in rows.items():
+        if n < size:
+            raise ConfigError(f"{what} {path}: {n} embedding rows cannot hold the data tokenizer's {size} ids ({line})")
+    return line
 
 
 def check_sources(data: DataConfig) -> list[dict]:
@@ -105,26 +155,21 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
         student_config = M.load_config(s.config, s.trust_remote_code)
     else:
         student_config = M.teacher_blocks_config(teacher_config, s.init_from_teacher)
-    for what, conf, path in (("teacher", teacher_config, t.path), ("student", student_config,
-                                                                            s.path or s.config or cfg.train.init_from)):
+    for what, conf in (("teacher", teacher_config), ("student", student_config)):
         if conf is None:
             continue
-        if M.vocab_size(conf) < manifest["vocab_size"]:
-            raise ConfigError(f"{what} {path}: vocab_size {M.vocab_size(conf)} is smaller than the data's "
-                              f"tokenizer ({manifest['vocab_size']})")
         limit = M.max_positions(conf)
         if limit is not None and cfg.data.seq_len > limit:
             raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the {what}'s {limit} positions")
+    vocab_line = check_vocabularies(manifest, {"teacher": (teacher_config, t.path),
+                                               "student": (student_config, s.path or s.config or cfg.train.init_from)})
     hf_start = cfg.train.init_from if cfg.train.init_from and _is_hf_dir(cfg.train.init_from) else s.path
     for what, path in (("teacher", t.path if teacher_config is not None else None), ("student", hf_start)):
         if path:
-            _check_tokenizer(path, manifest, what)
+            _check_tokenizer(path, manifest, what, cfg.data.path)
     uses_teacher_geometry = cfg.uses_teacher or filters_for is not None
     if uses_teacher_geometry and teacher_config is None:
         raise ConfigError("this command needs teacher.path")
-    if teacher_config is not None and M.vocab_size(teacher_config) != M.vocab_size(student_config):
-        raise ConfigError(f"teacher and student vocabularies differ ({M.vocab_size(teacher_config)} vs "
-                          f"{M.vocab_size(student_config)}); KD and the shared task head need the same one")
     pairs: list[tuple[int, int]] = []
     if cfg.uses_layers or filters_for is not None:
         pairs = M.tap_pairs(cfg.distill, M.num_layers(teacher_config), M.num_layers(student_config))
@@ -147,7 +192,7 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
                           f"steps (optim.decay_fraction {cfg.optim.decay_fraction:g}) exceed the run's {total} steps")
     document_eos = _document_eos(cfg, manifest, teacher_config, student_config)
     return Plan(cfg, teacher_config, student_config, pairs, filter_dim, manifest, total, manifests,
-                document_eos)
+                document_eos, vocab_line)
 
 
 def _document_eos(cfg: RunConfig, manifest: dict, teacher_config, student_config) -> int | None:
@@ -294,10 +339,11 @@ def build_distill(p: Plan, ds: dict) -> Stage:
     frozen = None
     if cfg.uses_teacher:
         frozen = build_frozen(cfg, functools.partial(load_teacher, cfg), p.teacher_layers if cfg.uses_layers else [],
-                              teacher_filters, cfg.uses_logits, ds, p.document_eos)
+                              teacher_filters, cfg.uses_logits, ds, p.document_eos, p.manifest["vocab_size"])
         flops += _flops_per_token(M.matmul_parameters(M.meta_model(p.teacher_config)), p.teacher_config,
                                   cfg.data.seq_len, False)
-    weights = ObjectiveWeights(cfg.distill.alpha, cfg.distill.beta, cfg.distill.temperature, cfg.distill.layer_loss)
+    weights = ObjectiveWeights(cfg.distill.alpha, cfg.distill.beta, cfg.distill.temperature, cfg.distill.layer_loss,
+                               p.manifest["vocab_size"])
 
     def loss(input_ids, labels):
         t = frozen(input_ids) if frozen is not None else None
@@ -324,7 +370,8 @@ def build_filter_learning(p: Plan, ds: dict, which: str) -> Stage:
     if which == "student" and cfg.teacher.placement == "pipeline":  # a pipeline is for the teacher's size
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, placement="zero3"))
     frozen = build_frozen(cfg, load, layers, None, False, ds, p.document_eos)
-    head = M.TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code, compute_dtype(ds), D.device())
+    head = M.TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code, compute_dtype(ds), D.device(),
+                      p.manifest["vocab_size"])
     n_filter = sum(p_.numel() for p_ in bank.parameters() if p_.ndim >= 2)
     head_mm = M.hidden_size(p.teacher_config) * M.vocab_size(p.teacher_config)
     flops = (_flops_per_token(M.matmul_parameters(M.meta_model(conf)), conf, cfg.data.seq_len, False)

@@ -44,8 +44,9 @@ class FrozenLM(nn.Module):
     """
 
     def __init__(self, model: nn.Module, layers: list[int], filters: FilterBank | None, need_logits: bool,
-                 logits_topk: int = 0, documents: DocumentAttention | None = None):
+                 logits_topk: int = 0, documents: DocumentAttention | None = None, vocab: int | None = None):
         super().__init__()
+        self.vocab = vocab  # logits keep the tokenizer's ids only (None: every row of the head)
         self.model = model
         self.documents = documents  # data.document_attention (None: off)
         self.filters = filters
@@ -62,7 +63,7 @@ class FrozenLM(nn.Module):
             taps = self.filters(taps)
         if not self.need_logits:
             return taps, None, None
-        values, index = topk_logits(out.logits, self.logits_topk)
+        values, index = topk_logits(out.logits[..., :self.vocab], self.logits_topk)
         return taps, values, index
 
 

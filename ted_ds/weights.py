@@ -20,6 +20,7 @@ than its share.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -220,14 +221,50 @@ def fill_partitions(model: nn.Module, reader: WeightReader, rename: Rename = ide
         buf.copy_(reader.read(rename(name)))
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get meta-device parameters (no storage) but real buffers."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def computed_buffers(config) -> dict[str, torch.Tensor]:
+    """The non-persistent buffers a model computes when it is built (Gemma's embedding scale
+    sqrt(d), rotary tables), real on the CPU, without storage for any parameter."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    with _parameters_on_meta(), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trusted(config))
+    saved = model.state_dict()
+    return {name: b for name, b in model.named_buffers() if name not in saved}
+
+
 def fill_modules(model: nn.Module, modules: dict[str, nn.Module], reader: WeightReader, dtype: torch.dtype,
                  device: torch.device | str) -> None:
     """Give the named meta-device submodules real storage (``dtype`` on ``device``) and read their
-    tensors; a tied output head reads the input embedding's tensor."""
+    tensors; a tied output head reads the input embedding's tensor.  Buffers the model computes
+    rather than saves (Gemma's embedding scale) are computed, not left uninitialised."""
     head = model.get_output_embeddings()
+    computed = None
     for prefix, module in modules.items():
         module.to_empty(device=device)
         module.to(dtype)
+        saved = module.state_dict()
+        for key, buf in module.named_buffers():
+            if key not in saved:
+                computed = computed_buffers(model.config) if computed is None else computed
+                buf.copy_(computed[f"{prefix}.{key}"])
         with torch.no_grad():
             for key, tensor in [*module.named_parameters(), *persistent_buffers(module).items()]:
                 name = f"{prefix}.{key}"

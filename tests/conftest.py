@@ -160,6 +160,16 @@ def tiny(sp_tokenizer, gpt2_tokenizer, corpus_file, tmp_path_factory) -> dict:
     }
 
 
+@pytest.fixture(scope="session")
+def arch_teachers(tiny) -> dict:
+    """Tiny Qwen2 (padded embedding), Mistral, Gemma 2 and Phi-3 teachers on the LLaMA data's tokenizer."""
+    from tiny import ARCHITECTURES, make_arch_teacher
+
+    tok = os.path.join(tiny["llama_data"], "tokenizer")
+    return {kind: make_arch_teacher(kind, tok, os.path.join(tiny["root"], f"teacher-{kind}"), tiny["llama_data"])
+            for kind in ARCHITECTURES}
+
+
 @pytest.fixture(autouse=True)
 def _commands_never_end_the_test_process(monkeypatch):
     """A command run in-process (``ted_ds.cli.main``) that got as far as a process group ends with

@@ -115,14 +115,16 @@ def _reference(config_path: str, steps: int):
     student, teacher = load_student(p), load_model(cfg.teacher.path)
     documents = lambda model: for_model(model, p.document_eos, torch.float32)  # data.document_attention
     student = StudentWithFilters(student, p.student_layers, bank(cfg.student.filters), documents(student))
-    teacher = FrozenLM(teacher, p.teacher_layers, bank(cfg.teacher.filters), True, 0, documents(teacher))
+    teacher = FrozenLM(teacher, p.teacher_layers, bank(cfg.teacher.filters), True, 0, documents(teacher),
+                       p.manifest["vocab_size"])
     opt = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg, p.total_steps))
     data = PackedShardDataset(cfg.data.path, "train", cfg.data.seq_len)
     sampler = ConsumedSamplesSampler(len(data), cfg.train.global_batch_size, cfg.train.micro_batch_size, 0, 1,
                                      cfg.train.seed)
-    w = ObjectiveWeights(cfg.distill.alpha, cfg.distill.beta, cfg.distill.temperature, cfg.distill.layer_loss)
+    w = ObjectiveWeights(cfg.distill.alpha, cfg.distill.beta, cfg.distill.temperature, cfg.distill.layer_loss,
+                         p.manifest["vocab_size"])
     per_step = []
     for _ in range(steps):
         micro = sampler.next_batch()

@@ -33,10 +33,12 @@ def _launch(tiny, bank, out_dir, ranks: int, *extra: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny, bank, tmp_path_factory) -> dict:
-    """One 2-rank launch: the pipeline checks, and document attention in ZeRO-3 and pipeline teachers."""
+def two_ranks(tiny, arch_teachers, bank, tmp_path_factory) -> dict:
+    """One 2-rank launch: the pipeline checks (also on Qwen2, Mistral, Gemma 2, Phi-3 teachers), and
+    document attention in ZeRO-3 and pipeline teachers."""
     return _launch(tiny, bank, str(tmp_path_factory.mktemp("two")), 2, "--documents", tiny["llama_teacher"],
-                   tiny["gpt2_teacher"])
+                   tiny["gpt2_teacher"], "--archs", *arch_teachers.values(), "--vocab",
+                   str(load_tokenizer_size(tiny["llama_data"])))
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
@@ -52,6 +54,23 @@ def test_pipeline_outputs_equal_a_single_process_teacher(tiny, bank, tmp_path, r
         assert group_total == pytest.approx(r[name]["full_params"], rel=0.01)
     assert r["P2_chunks2"]["max_diff"] < 1e-5  # chunking only changes matmul batch shapes
     assert r["P2_top8_bf16"]["exact"]  # bf16 logits = the teacher's logits rounded to bf16; top-k ids equal
+
+
+def load_tokenizer_size(data_dir: str) -> int:
+    return json.load(open(os.path.join(data_dir, "manifest.json")))["vocab_size"]
+
+
+def test_other_architectures_pipeline_equals_a_single_process_teacher(two_ranks):
+    """Qwen2 (embedding padded past the tokenizer), Mistral (sliding window), Gemma 2 (sqrt(d)-scaled
+    embedding, final logit soft-cap, sliding window), Phi-3: the 2-stage pipeline's filtered taps and
+    logits, cut to the tokenizer's ids, are bit-identical to the whole teacher's; bf16 top-8 logits and
+    ids too (never an id past the tokenizer's)."""
+    from tiny import ARCHITECTURES
+
+    for kind in ARCHITECTURES:
+        for name in (f"{kind}_P2_chunks2", f"{kind}_P2_top8_bf16"):
+            assert two_ranks[name]["exact"], (name, two_ranks[name]["max_diff"])
+            assert two_ranks[name]["local_params"] == two_ranks[name]["stage_params"], name
 
 
 def test_documents_stay_apart_in_zero3_and_pipeline_teachers(two_ranks):

@@ -63,6 +63,45 @@ def make_teacher(kind: str, tokenizer: str, out: str, data_dir: str | None = Non
     return out
 
 
+ARCHITECTURES = ("qwen2", "mistral", "gemma2", "phi3")
+PADDED_ROWS = 24  # Qwen-style: the embedding has rows past the tokenizer's ids (152064 for 151646)
+
+
+def arch_config(kind: str, vocab: int, layers: int = 4, hidden: int = 64, **extra):
+    """A tiny config of another architecture (no download): Qwen2 with a padded embedding, Mistral with a
+    sliding window, Gemma 2 with a strong final logit soft-cap (2.0, so capping visibly changes random
+    logits), sliding window and its sqrt(d)-scaled embedding, Phi-3 with fused projections."""
+    from transformers import Gemma2Config, MistralConfig, Phi3Config, Qwen2Config
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False, **extra)
+    if kind == "qwen2":
+        return Qwen2Config(**{**common, "vocab_size": vocab + PADDED_ROWS})
+    if kind == "mistral":
+        return MistralConfig(**common, sliding_window=16)
+    if kind == "gemma2":
+        return Gemma2Config(**{**common, "tie_word_embeddings": True}, head_dim=16, sliding_window=16,
+                            final_logit_softcapping=2.0, query_pre_attn_scalar=16, pad_token_id=0)
+    if kind == "phi3":
+        return Phi3Config(**common, pad_token_id=0)
+    raise ValueError(kind)
+
+
+def make_arch_teacher(kind: str, tokenizer: str, out: str, data_dir: str, steps: int = 40) -> str:
+    """A tiny ``kind`` teacher (see arch_config) on ``tokenizer``, pre-trained briefly, saved with it."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(tokenizer)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(arch_config(kind, len(tok), bos_token_id=tok.bos_token_id,
+                                                         eos_token_id=tok.eos_token_id))
+    pretrain(model, data_dir, steps)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
 
 

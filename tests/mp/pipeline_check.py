@@ -5,7 +5,9 @@
 
 Each rank feeds its own micro-batch; the pipeline's filtered taps and logits must equal those of
 the full teacher (``FrozenLM``) evaluated on that micro-batch in this process.  With
-``--documents DIR ...`` the same launch also checks document attention: each rank's packed
+``--archs DIR ...`` (Qwen2, Mistral, Gemma 2, Phi-3 teachers) the same checks run on each of them,
+logits cut to the data tokenizer's ids (``--vocab``); with ``--documents DIR ...`` the same launch
+also checks document attention: each rank's packed
 windows go through a ZeRO-3 and a pipeline teacher built as training builds them, and every
 document's logits and raw taps must equal those of the plain teacher on the document alone.
 """
@@ -51,10 +53,11 @@ def stage_parameters(ref: FrozenLM, pipe: PipelineTeacher) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
-def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name):
+def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name, vocab=None):
     config = load_config(teacher_dir)
-    pipe = PipelineTeacher(teacher_dir, config, TAPS, bank, True, stages, None, chunks, logits_dtype, topk, 1.0)
-    ref = FrozenLM(load_model(teacher_dir), TAPS, bank, True, topk)
+    pipe = PipelineTeacher(teacher_dir, config, TAPS, bank, True, stages, None, chunks, logits_dtype, topk, 1.0,
+                           vocab=vocab)
+    ref = FrozenLM(load_model(teacher_dir), TAPS, bank, True, topk, vocab=vocab)
     exact = True
     max_diff = 0.0
     for step in range(2):
@@ -66,7 +69,7 @@ def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name
             exact &= torch.equal(a, b)
             max_diff = max(max_diff, (a - b).abs().max().item())
         want = logits.to(logits_dtype).float()
-        exact &= torch.equal(got.logits, want)
+        exact &= got.logits.shape == want.shape and torch.equal(got.logits, want)
         max_diff = max(max_diff, (got.logits - want).abs().max().item())
         if topk:
             exact &= torch.equal(got.topk_index, index)
@@ -110,6 +113,8 @@ def main():
     p.add_argument("--out")
     p.add_argument("--fault", choices=("die", "shape"))
     p.add_argument("--documents", nargs="*", default=[], help="teacher dirs for the document-attention checks")
+    p.add_argument("--archs", nargs="*", default=[], help="teacher dirs of other architectures")
+    p.add_argument("--vocab", type=int, help="the data tokenizer's size, for --archs")
     p.add_argument("--local_rank", type=int)
     args = p.parse_args()
     D.init(timeout_minutes=0.25 if args.fault else 5)
@@ -134,6 +139,10 @@ def main():
         compare(args.teacher, bank, stages, 1, 0, torch.float32, results, f"P{stages}")
     compare(args.teacher, bank, 2, 2, 0, torch.float32, results, "P2_chunks2")
     compare(args.teacher, bank, 2, 1, 8, torch.bfloat16, results, "P2_top8_bf16")
+    for teacher_dir in args.archs:
+        kind = load_config(teacher_dir).model_type
+        compare(teacher_dir, bank, 2, 2, 0, torch.float32, results, f"{kind}_P2_chunks2", args.vocab)
+        compare(teacher_dir, bank, 2, 1, 8, torch.bfloat16, results, f"{kind}_P2_top8_bf16", args.vocab)
     for teacher_dir in args.documents:
         compare_documents(teacher_dir, results)
     if D.rank() == 0:

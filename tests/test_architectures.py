@@ -1,0 +1,309 @@
+"""Qwen2, Mistral, Gemma 2 and Phi-3; embeddings padded past the tokenizer; tokenizers that differ only
+in special-token roles.  Unit checks here in one process; training on 2 ranks in ONE launch for every
+architecture (stage 1 on both sides, TED with a pipeline teacher, KD with a replicated one, export)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+from conftest import deepspeed_cmd, run_launcher
+from tiny import ARCHITECTURES, PADDED_ROWS, arch_config, base_config, write_config
+
+from ted_ds.errors import ConfigError
+
+IDS = torch.randint(1000, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _manifest(data_dir: str) -> dict:
+    return json.load(open(os.path.join(data_dir, "manifest.json")))
+
+
+def _norm_input(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(state entering the final norm, the model's own logits) of one forward."""
+    from ted_ds.models import final_norm
+
+    seen = []
+    hook = final_norm(model).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    hook.remove()
+    return seen[0], logits
+
+
+def test_stage_surgery_keeps_each_architecture_whole(arch_teachers):
+    """A pipeline stage holding every block, embeddings and head is the model itself, bit for bit: Gemma 2's
+    embedding computes sqrt(d) into a buffer that is not in the weight files and must not be left empty."""
+    from ted_ds.models import load_config, load_model
+    from ted_ds.pipeline import build_stage_model
+
+    for kind, path in arch_teachers.items():
+        model = load_model(path).eval()
+        stage, _ = build_stage_model(path, load_config(path), 0, 4, True, True, torch.float32, torch.device("cpu"))
+        with torch.no_grad():
+            assert torch.equal(stage(input_ids=IDS, use_cache=False).logits, model(input_ids=IDS).logits), kind
+
+
+def test_task_head_is_the_models_own_norm_head_and_soft_cap(arch_teachers, tiny):
+    """Stage 1's frozen head reads a state as the model's own final norm, head and (Gemma 2) logit
+    soft-cap do, cut to the tokenizer's ids; the fused head + cross-entropy gives the same loss and
+    gradient as autograd through the model's own modules."""
+    import torch.nn.functional as F
+
+    from ted_ds.losses import tap_lm_losses
+    from ted_ds.models import TaskHead, load_model
+
+    vocab = _manifest(tiny["llama_data"])["vocab_size"]
+    labels = torch.randint(vocab, IDS.shape, generator=torch.Generator().manual_seed(1))
+    for kind, path in arch_teachers.items():
+        model = load_model(path).eval()
+        h, logits = _norm_input(model, IDS)
+        head = TaskHead(path, vocab=vocab)
+        assert torch.equal(head(h), logits[..., :vocab]), kind
+        h = h.clone().requires_grad_()
+        (fused,) = tap_lm_losses(head, [h], labels, chunk_tokens=16)
+        fused.backward()
+        h2 = h.detach().clone().requires_grad_()
+        hook = model.model.norm.register_forward_pre_hook(lambda _m, _a, s=h2: (s,))
+        want = F.cross_entropy(model(input_ids=IDS).logits[..., :vocab].flatten(0, 1), labels.flatten())
+        hook.remove()
+        want.backward()
+        torch.testing.assert_close(fused, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_student_from_teacher_blocks_keeps_their_attention_kinds(arch_teachers):
+    """Gemma 2 alternates sliding-window and full attention: student block i is teacher block layers[i],
+    with that block's kind, and the config stays loadable."""
+    from transformers import AutoConfig
+
+    from ted_ds.models import load_config, teacher_blocks_config
+
+    teacher = load_config(arch_teachers["gemma2"])
+    assert teacher.layer_types == ["sliding_attention", "full_attention"] * 2
+    student = teacher_blocks_config(teacher, [1, 2, 3])
+    assert student.layer_types == ["full_attention", "sliding_attention", "full_attention"]
+    assert AutoConfig.for_model(**student.to_dict()).layer_types == student.layer_types
+
+
+def test_unknown_layout_names_the_model_class_and_the_table():
+    from torch import nn
+
+    from ted_ds.models import layout
+
+    class OddLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stack = nn.ModuleList([nn.Linear(2, 2)])
+
+    with pytest.raises(ConfigError) as e:
+        layout(OddLM())
+    assert "OddLM: cannot find its decoder blocks" in str(e.value) and "_LAYOUTS in ted_ds/models.py" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_kd_and_top_k_see_only_the_tokenizers_ids(arch_teachers, tiny):
+    """Rows past the tokenizer's ids (a padded embedding) get no probability from the teacher: the
+    teacher's top-k never picks them, KD ignores the student's, and they get no KD gradient."""
+    from ted_ds.losses import ObjectiveWeights, distill_objective, kd_loss
+    from ted_ds.models import load_model
+    from ted_ds.teacher import FrozenLM
+
+    vocab = _manifest(tiny["llama_data"])["vocab_size"]
+    model = load_model(arch_teachers["qwen2"])
+    with torch.no_grad():  # make the padding rows the teacher's favourites
+        model.lm_head.weight[vocab:] = 50 * model.lm_head.weight[:PADDED_ROWS]
+    _, _, index = FrozenLM(model, [], None, True, 8, vocab=vocab)(IDS)
+    assert index.max() < vocab
+    _, _, unsliced = FrozenLM(model, [], None, True, 8)(IDS)
+    assert unsliced.max() >= vocab  # the check above is not vacuous
+    _, t_logits, _ = FrozenLM(model, [], None, True, 0, vocab=vocab)(IDS)
+    assert t_logits.shape[-1] == vocab
+    student = torch.randn(*IDS.shape, vocab + 8, requires_grad=True)
+    labels = torch.randint(vocab, IDS.shape)
+    w = ObjectiveWeights(1.0, 0.0, 2.0, "mse", vocab)
+    kd = distill_objective(student, None, labels, t_logits, None, w)["kd"]
+    assert kd.item() == pytest.approx(kd_loss(student[..., :vocab], t_logits, 2.0).item(), rel=1e-6)
+    kd.backward()
+    assert student.grad[..., vocab:].abs().max() == 0 and student.grad[..., :vocab].abs().max() > 0
+
+
+def _student_config(tmp_path, rows: int) -> str:
+    config = arch_config("qwen2", 1000, layers=2).to_dict()
+    config["vocab_size"] = rows
+    path = str(tmp_path / f"student-{rows}.json")
+    json.dump(config, open(path, "w"))
+    return path
+
+
+def test_plan_takes_different_embedding_rows_and_names_the_sizes(tiny, arch_teachers, tmp_path):
+    from ted_ds.config import load_config
+    from ted_ds.stages import plan
+
+    cfg = lambda rows: load_config(write_config(str(tmp_path / f"c{rows}.yaml"), **base_config(
+        tiny["llama_data"], arch_teachers["qwen2"], str(tmp_path / "o"),
+        **{"distill.method": "kd", "student.init_from_teacher": None,
+           "student.config": _student_config(tmp_path, rows)})))
+    assert plan(cfg(1008)).vocabularies == ("vocabularies: data tokenizer 1000 ids; teacher 1024 embedding rows, "
+                                            "student 1008 embedding rows")
+    with pytest.raises(ConfigError) as e:
+        plan(cfg(900))
+    assert str(e.value).startswith("student ") and "900 embedding rows cannot hold the data tokenizer's 1000 ids" \
+        in str(e.value) and "teacher 1024 embedding rows" in str(e.value)
+
+
+def test_tokenizers_must_agree_below_the_data_size_only(tiny, tmp_path):
+    """Extra tokens past the data's ids are fine; a different EOS/BOS/PAD role is one warning naming it;
+    a token at another id is an error naming the first id where they differ."""
+    from data_prep.tokenizer import load_tokenizer
+    from ted_ds.stages import _check_tokenizer
+
+    data = tiny["llama_data"]
+    manifest = _manifest(data)
+
+    def variant(name, change):
+        tok = load_tokenizer(os.path.join(data, "tokenizer"))
+        change(tok)
+        out = str(tmp_path / name)
+        tok.save_pretrained(out)
+        return out
+
+    extra = variant("extra", lambda tok: tok.add_tokens(["<extra_0>", "<extra_1>"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_tokenizer(extra, manifest, "teacher", data)
+    eos = variant("eos", lambda tok: setattr(tok, "eos_token", tok.convert_ids_to_tokens(5)))
+    data_eos = load_tokenizer(os.path.join(data, "tokenizer")).eos_token
+    other = load_tokenizer(eos).eos_token
+    with pytest.warns(UserWarning) as seen:
+        _check_tokenizer(eos, manifest, "student", data)
+    (w,) = seen
+    assert f"special-token roles differ (data vs student: eos {data_eos!r} vs {other!r})" in str(w.message)
+    assert "\n" not in str(w.message)
+    swapped = str(tmp_path / "swapped")
+    shutil.copytree(os.path.join(data, "tokenizer"), swapped)
+    spec = json.load(open(os.path.join(swapped, "tokenizer.json")))
+    v = spec["model"]["vocab"]
+    a, b = [t for t, i in v.items() if i in (500, 501)]
+    v[a], v[b] = v[b], v[a]
+    json.dump(spec, open(os.path.join(swapped, "tokenizer.json"), "w"))
+    for f in os.listdir(swapped):
+        if f.endswith(".model"):
+            os.remove(os.path.join(swapped, f))
+    with pytest.raises(ConfigError) as e:
+        _check_tokenizer(swapped, manifest, "teacher", data)
+    first = min((v[a], a), (v[b], b))
+    assert f"id {first[0]} is {first[1]!r} there" in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- 2 ranks, one launch
+@pytest.fixture(scope="module")
+def arch_runs(tiny, arch_teachers, tmp_path_factory):
+    root = tmp_path_factory.mktemp("arch_runs")
+    o = lambda name: str(root / name)
+    data = tiny["llama_data"]
+    configs = {}
+    for kind, teacher in arch_teachers.items():
+        filters = {"teacher.filters": o(f"{kind}_ft/filters-teacher"),
+                   "student.filters": o(f"{kind}_fs/filters-student")}
+        short = {"train.steps": 2, "optim.lr": 5e-2}
+        configs[f"{kind}_filters_teacher"] = (base_config(data, teacher, o(f"{kind}_ft"), **short), "teacher")
+        configs[f"{kind}_filters_student"] = (base_config(data, teacher, o(f"{kind}_fs"), **short), "student")
+        configs[f"{kind}_ted_pipeline"] = (base_config(data, teacher, o(f"{kind}_ted"), **filters, **{
+            "train.steps": 2, "teacher.placement": "pipeline", "teacher.pipeline_stages": 2}), None)
+        configs[f"{kind}_kd"] = (base_config(data, teacher, o(f"{kind}_kd"), **{
+            "distill.method": "kd", "train.steps": 2}), None)
+    # a student whose embedding has other rows than the teacher's (1008 vs 1024, tokenizer 1000); top-8 KD
+    configs["qwen2_kd_rows"] = (base_config(data, arch_teachers["qwen2"], o("qwen2_kd_rows"), **{
+        "distill.method": "kd", "train.steps": 2, "teacher.logits_topk": 8, "teacher.placement": "pipeline",
+        "teacher.pipeline_stages": 2, "student.init_from_teacher": None,
+        "student.config": _student_config(root, 1008)}), None)
+    spec = [{"name": n, "config": write_config(o(f"{n}.yaml"), **c), "filters_for": w} for n, (c, w) in configs.items()]
+    json.dump(spec, open(o("spec.json"), "w"))
+    run_launcher(deepspeed_cmd(2, "tests/mp/run_scenarios.py", "--spec", o("spec.json"), "--out", o("results.json")),
+                 timeout=900)
+    return {"dirs": {n: c[0]["train"]["out_dir"] for n, c in configs.items()},
+            "configs": {n: o(f"{n}.yaml") for n in configs}, "results": json.load(open(o("results.json")))}
+
+
+def _losses(out_dir: str, key: str = "loss/total") -> list[float]:
+    return [m[key] for m in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl"))) if key in m]
+
+
+def _stage1_first_loss(config_path: str) -> float:
+    """Stage 1's first loss in one process, through each model's own forward: fresh filters' outputs are
+    put in front of the model's final norm, so its norm, head and soft-cap make the logits."""
+    import torch.nn.functional as F
+
+    from ted_ds.config import load_config
+    from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
+    from ted_ds.filters import FilterBank
+    from ted_ds.models import TapRecorder, final_norm, hidden_size, load_model
+    from ted_ds.stages import plan
+
+    cfg = load_config(config_path)
+    p = plan(cfg, "teacher")
+    vocab = p.manifest["vocab_size"]
+    bank = FilterBank(cfg.distill.filter, hidden_size(p.teacher_config), p.filter_dim, p.teacher_layers,
+                      seed=cfg.train.seed)
+    model = load_model(cfg.teacher.path).eval()
+    recorder = TapRecorder(model, p.teacher_layers)
+    data = PackedShardDataset(cfg.data.path, "train", cfg.data.seq_len)
+    micro = ConsumedSamplesSampler(len(data), cfg.train.global_batch_size, cfg.train.micro_batch_size, 0, 1,
+                                   cfg.train.seed).next_batch()
+    total = 0.0
+    with torch.no_grad():
+        for idx in micro:
+            x, y = collate(data, idx)
+            model(input_ids=x)
+            per_tap = []
+            for state in bank(recorder.take()):
+                hook = final_norm(model).register_forward_pre_hook(lambda _m, _a, s=state: (s,))
+                logits = model(input_ids=x).logits[..., :vocab]
+                recorder.take()
+                hook.remove()
+                per_tap.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+            total += torch.stack(per_tap).mean().item() / len(micro)
+    return total
+
+
+@pytest.mark.multirank
+def test_architectures_learn_filters_through_their_own_head(arch_runs):
+    for kind in ARCHITECTURES:
+        for side in ("teacher", "student"):
+            got = _losses(arch_runs["dirs"][f"{kind}_filters_{side}"])
+            assert len(got) == 2 and got[1] < got[0], (kind, side, got)
+        want = _stage1_first_loss(arch_runs["configs"][f"{kind}_filters_teacher"])
+        assert _losses(arch_runs["dirs"][f"{kind}_filters_teacher"])[0] == pytest.approx(want, rel=1e-5), kind
+
+
+@pytest.mark.multirank
+def test_architectures_distil_like_a_single_process_reference(arch_runs):
+    """TED with a 2-stage pipeline teacher and KD with a replicated one, the student under ZeRO-3, equal
+    the same steps in one plain-PyTorch process; every frozen teacher stays as it was on disk."""
+    from test_engine_multirank import _reference
+
+    names = [f"{kind}_{run}" for kind in ARCHITECTURES for run in ("ted_pipeline", "kd")] + ["qwen2_kd_rows"]
+    for name in names:
+        want, _ = _reference(arch_runs["configs"][name], 2)
+        got = _losses(arch_runs["dirs"][name])
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (name, got, want)
+    for name, record in arch_runs["results"].items():
+        assert record["frozen_matches_disk"], name
+
+
+@pytest.mark.multirank
+def test_architectures_export_exactly_with_their_own_rows(arch_runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from ted_ds.export import export_checkpoint
+
+    for name in [f"{kind}_kd" for kind in ARCHITECTURES] + ["qwen2_kd_rows"]:
+        (line,) = export_checkpoint(arch_runs["dirs"][name], str(tmp_path / name))
+        assert "weights and logits" in line and "identical to the checkpoint's" in line, (name, line)
+    rows = lambda d: load_file(os.path.join(d, "model.safetensors"))["model.embed_tokens.weight"].shape[0]
+    assert rows(str(tmp_path / "qwen2_kd_rows")) == 1008 and rows(str(tmp_path / "qwen2_kd")) == 1000 + PADDED_ROWS
