@@ -171,13 +171,17 @@ def arch_teachers(tiny) -> dict:
 
 
 @pytest.fixture(autouse=True)
-def _commands_never_end_the_test_process(monkeypatch):
+def _commands_never_end_the_test_process():
     """A command run in-process (``ted_ds.cli.main``) that got as far as a process group ends with
-    ``os._exit`` — it would take pytest with it, silently and with status 0. Make it a failure."""
+    ``os._exit`` — it would take pytest with it, silently and with status 0. Make it a failure.
+    (Not through ``monkeypatch``: that would undo the tests' own environment changes too late.)"""
     from ted_ds import distributed
 
-    monkeypatch.setattr(distributed, "leave", lambda rc: pytest.fail(
-        f"an in-process command started a process group and would have ended the test process (os._exit({rc}))"))
+    leave = distributed.leave
+    distributed.leave = lambda rc: pytest.fail(
+        f"an in-process command started a process group and would have ended the test process (os._exit({rc}))")
+    yield
+    distributed.leave = leave
 
 
 @pytest.fixture(autouse=True)
