@@ -203,7 +203,12 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int, mod
         )
     except RuntimeError as e:
         raise UserError(f"sentencepiece training failed: {str(e).strip().splitlines()[-1]}") from None
-    tmp = tempfile.mkdtemp(prefix=".tok-", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    try:
+        os.makedirs(parent, exist_ok=True)  # --out a/b/tok makes a/b, as `build --out` does
+    except OSError as e:
+        raise UserError(f"--out {out_dir}: cannot create {parent} ({e.strerror})") from None
+    tmp = tempfile.mkdtemp(prefix=".tok-", dir=parent)
     try:
         with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
             f.write(buf.getvalue())

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from collections import defaultdict
 
@@ -214,6 +215,8 @@ def run_stage(cfg: RunConfig, filters_for: str | None = None) -> tuple[Stage, Pl
     check_fits(p, ds, D.expected_world_size(), D.local_world_size(),
                with_teacher=cfg.uses_teacher or filters_for == "teacher")
     D.init(cfg.train.timeout_minutes)
+    if D.rank() == 0 and p.vocabularies:
+        print(f"ted-ds: {p.vocabularies}", file=sys.stderr)  # the sizes the checks compared
     seed_everything(cfg.train.seed)
     stage = build_filter_learning(p, ds, filters_for) if filters_for else build_distill(p, ds)
     if D.rank() == 0:
