@@ -244,8 +244,8 @@ def test_sigterm_during_evaluation_or_a_save_finishes_it_saves_and_exits_75(tiny
     record_fault("SIGTERM (SLURM's warning) " + ("to every rank during an evaluation" if fault.startswith("eval")
                                                   else "to one rank at the start of a checkpoint save"),
                  "`... received; saved step N and exiting`, exit status 75 (EX_TEMPFAIL: run again)",
-                 f"the {'evaluation and its ' if fault.startswith('eval') else ''}save finish; `latest` = {tag}; the "
-                 "re-run ends bit-identical to an uninterrupted run")
+                 ("the evaluation and its save finish" if fault.startswith("eval") else "the save finishes")
+                 + f"; `latest` = {tag}; the re-run ends bit-identical to an uninterrupted run")
 
 
 def test_a_stopped_rank_ends_the_job_with_one_error_naming_the_collective(tiny, reference_run):
