@@ -166,7 +166,7 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
     hf_start = cfg.train.init_from if cfg.train.init_from and _is_hf_dir(cfg.train.init_from) else s.path
     for what, path in (("teacher", t.path if teacher_config is not None else None), ("student", hf_start)):
         if path:
-            _check_tokenizer(path, manifest, what, cfg.data.path)
+            _check_tokenizer(path, manifest, what, cfg.data.blend[0].path)  # sources share one tokenizer
     uses_teacher_geometry = cfg.uses_teacher or filters_for is not None
     if uses_teacher_geometry and teacher_config is None:
         raise ConfigError("this command needs teacher.path")

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from conftest import deepspeed_cmd, run_launcher
-from tiny import ARCHITECTURES, PADDED_ROWS, arch_config, base_config, write_config
+from tiny import ARCHITECTURES, PADDED_ROWS, arch_config, base_config, stage1_first_batch, write_config
 
 from ted_ds.errors import ConfigError
 
@@ -198,6 +198,17 @@ def test_tokenizers_must_agree_below_the_data_size_only(tiny, tmp_path):
         _check_tokenizer(swapped, manifest, "teacher", data)
     first = min((v[a], a), (v[b], b))
     assert f"id {first[0]} is {first[1]!r} there" in str(e.value) and "\n" not in str(e.value)
+    # through plan with a data mixture (data.path empty): the sources' tokenizer is the one compared
+    from ted_ds.config import load_config
+    from ted_ds.stages import plan
+
+    teacher = str(tmp_path / "teacher-eos")
+    shutil.copytree(tiny["llama_teacher"], teacher)
+    load_tokenizer(eos).save_pretrained(teacher)
+    cfg = base_config(data, teacher, str(tmp_path / "o"), **{"distill.method": "kd", "data.path": "",
+                                                             "data.sources": [{"name": "a", "path": data}]})
+    with pytest.warns(UserWarning, match="special-token roles differ"):
+        plan(load_config(write_config(str(tmp_path / "mix.yaml"), **cfg)))
 
 
 # ----------------------------------------------------------------------------- 2 ranks, one launch
@@ -239,22 +250,13 @@ def _stage1_first_loss(config_path: str) -> float:
     put in front of the model's final norm, so its norm, head and soft-cap make the logits."""
     import torch.nn.functional as F
 
-    from ted_ds.config import load_config
-    from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
-    from ted_ds.filters import FilterBank
-    from ted_ds.models import TapRecorder, final_norm, hidden_size, load_model
-    from ted_ds.stages import plan
+    from ted_ds.data import collate
+    from ted_ds.models import TapRecorder, final_norm, load_model
 
-    cfg = load_config(config_path)
-    p = plan(cfg, "teacher")
+    cfg, p, bank, data, micro = stage1_first_batch(config_path)
     vocab = p.manifest["vocab_size"]
-    bank = FilterBank(cfg.distill.filter, hidden_size(p.teacher_config), p.filter_dim, p.teacher_layers,
-                      seed=cfg.train.seed)
     model = load_model(cfg.teacher.path).eval()
     recorder = TapRecorder(model, p.teacher_layers)
-    data = PackedShardDataset(cfg.data.path, "train", cfg.data.seq_len)
-    micro = ConsumedSamplesSampler(len(data), cfg.train.global_batch_size, cfg.train.micro_batch_size, 0, 1,
-                                   cfg.train.seed).next_batch()
     total = 0.0
     with torch.no_grad():
         for idx in micro:

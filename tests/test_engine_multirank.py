@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import deepspeed_cmd, run_launcher
 from safetensors.torch import load_file
-from tiny import base_config, write_config
+from tiny import base_config, stage1_first_batch, write_config
 
 pytestmark = pytest.mark.multirank
 
@@ -241,25 +241,16 @@ def _without_documents(config_path: str, out: str) -> str:
 def _stage1_first_loss(config_path: str) -> float:
     """The first step's stage-1 loss (teacher side) in one process: fresh filters on the frozen teacher's
     taps, read through its head, over the whole first global batch."""
-    from ted_ds.config import load_config
-    from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
+    from ted_ds.data import collate
     from ted_ds.documents import for_model
-    from ted_ds.filters import FilterBank
     from ted_ds.losses import tap_lm_losses
-    from ted_ds.models import TaskHead, hidden_size, load_model
-    from ted_ds.stages import plan
+    from ted_ds.models import TaskHead, load_model
     from ted_ds.teacher import FrozenLM
 
-    cfg = load_config(config_path)
-    p = plan(cfg, "teacher")
-    bank = FilterBank(cfg.distill.filter, hidden_size(p.teacher_config), p.filter_dim, p.teacher_layers,
-                      seed=cfg.train.seed)
+    cfg, p, bank, data, micro = stage1_first_batch(config_path)
     model = load_model(cfg.teacher.path)
     frozen = FrozenLM(model, p.teacher_layers, None, False, 0, for_model(model, p.document_eos, torch.float32))
     head = TaskHead(cfg.teacher.path)
-    data = PackedShardDataset(cfg.data.path, "train", cfg.data.seq_len)
-    micro = ConsumedSamplesSampler(len(data), cfg.train.global_batch_size, cfg.train.micro_batch_size, 0, 1,
-                                   cfg.train.seed).next_batch()
     total = 0.0
     with torch.no_grad():
         for idx in micro:

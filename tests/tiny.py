@@ -105,6 +105,26 @@ def make_arch_teacher(kind: str, tokenizer: str, out: str, data_dir: str, steps:
 DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
 
 
+def stage1_first_batch(config_path: str):
+    """What a one-process reference of stage 1 (teacher side) needs: the run's config and plan, a fresh
+    filter bank seeded as the trainer seeds it, the train split, and the first global batch as the
+    trainer deals it to one rank: (cfg, plan, bank, dataset, micro-batches of sample indices)."""
+    from ted_ds.config import load_config
+    from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset
+    from ted_ds.filters import FilterBank
+    from ted_ds.models import hidden_size
+    from ted_ds.stages import plan
+
+    cfg = load_config(config_path)
+    p = plan(cfg, "teacher")
+    bank = FilterBank(cfg.distill.filter, hidden_size(p.teacher_config), p.filter_dim, p.teacher_layers,
+                      seed=cfg.train.seed)
+    data = PackedShardDataset(cfg.data.path, "train", cfg.data.seq_len)
+    micro = ConsumedSamplesSampler(len(data), cfg.train.global_batch_size, cfg.train.micro_batch_size, 0, 1,
+                                   cfg.train.seed).next_batch()
+    return cfg, p, bank, data, micro
+
+
 def with_dropout(model_dir: str, out: str, p: float = 0.1) -> str:
     """A copy of ``model_dir`` (same weights) whose config turns dropout on: a student built from it
     draws random masks at every training step, so only a restored RNG resumes it exactly."""
