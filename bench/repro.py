@@ -1,52 +1,68 @@
-"""A small-scale reproduction of TED's claim on real English text, end to end.
+"""A small-scale study of TED's claim on real English text, end to end, tuned and paired.
 
-    python bench/repro.py [--quick] [--seeds 3] [--out bench/results/repro]
+    python bench/repro.py [--quick] [--seeds 5] [--jobs 2] [--out bench/results/repro]
 
 The claim (Liang et al., 2023): a TED student beats KD and layer-wise distillation (LWD), which beat
 plain LM training of the same student under the same budget. Here, on CPU:
 
 1. data: the Wikipedia sample (../shared/data/enwiki_sample.txt when present, else the bundled copy)
-   plus any --extra-corpus files; an 8k SentencePiece tokenizer trained by `ted-prep tokenizer`;
-   shards with 2 % of documents held out;
-2. a LLaMA-style teacher (8 layers, d=256) pre-trained with `distill.method=lm`;
-3. per seed: TED stage 1 on both sides, then four students (4 layers, initialised from teacher layers
-   0, 2, 4, 6) trained on the same tokens with `lm`, `kd`, `lwd` and `ted`;
-4. every student exported to HF and scored on the held-out split (`ted-ds eval`: perplexity) and by
-   lm-evaluation-harness (`loglikelihood_rolling` on held-out documents: word perplexity, bits/byte);
-5. results.md (mean ± std over seeds), results.json, loss_curves.png and perplexity.png.
+   for training and the valid split (2 % of documents, used for tuning); the **test split** is the
+   bundled public-domain books sample (~270k tokens), a corpus the teacher never trained on;
+2. a LLaMA-style teacher (6 layers, d=192, 4k vocabulary) pre-trained with `distill.method=lm`;
+3. two student geometries, each distilled from the same teacher:
+   * ``same-width``: 3 layers, d=192, initialised from teacher blocks 2, 4, 6 (1-based) — the
+     blocks student blocks 1–3 are matched to (taps: every 2nd teacher layer ↔ every student layer);
+   * ``narrow``: the paper's shape, d=96 = d_t/2 and half the depth, pre-trained on its own with
+     `lm` first, then continued with each method (filters map 96 → 192);
+4. stage 1 once per model and head kind (``distill.filter_head`` teacher | trainable); stage 2 per seed;
+5. tuning on the valid split at seed 1: β ∈ BETAS for TED and LWD, α ∈ ALPHAS for KD; the chosen
+   values then run on every seed (same data order per seed across methods, so comparisons pair);
+   ``ted-trainable`` (TED with its own stage-1 heads) reuses TED's β;
+6. every student exported to HF and scored on the test split (`ted-ds eval` perplexity) and by
+   lm-evaluation-harness (`loglikelihood_rolling` on test documents at max_length = training length);
+7. results.md (mean ± std, paired intervals and verdicts, tuning and stage-1 tables), results.json,
+   loss_curves.png and perplexity.png.
 
---quick shrinks everything (tiny models, a corpus slice, one seed, a few steps) to check the pipeline.
+--quick shrinks everything (tiny models, a corpus slice, two seeds, a few steps) to check the pipeline.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import REPO, corpus_path, machine, run  # noqa: E402
 from ted_ds.launch import local_deepspeed_command as deepspeed  # noqa: E402
 
-METHODS = ("lm", "kd", "lwd", "ted")
+METHODS = ("lm", "kd", "lwd", "ted", "ted-trainable")
+GEOMETRIES = ("same-width", "narrow")
+TUNED = {"kd": "alpha", "lwd": "beta", "ted": "beta"}  # the weight tuned per method; its grid is size["grid"]
+BETAS, ALPHAS = (0.1, 0.3, 1.0, 3.0, 10.0), (0.5, 1.0, 2.0)
+BOOKS = os.path.join(REPO, "data_prep", "sample", "books_sample.txt.gz")
 
-FULL = {"vocab": 8000, "teacher_layers": 8, "hidden": 256, "heads": 4, "seq_len": 128, "micro": 8, "global": 16,
-        "teacher_steps": 800, "filter_steps": 40, "student_steps": 100, "student_layers": [0, 2, 4, 6],
-        "corpus_lines": None, "eval_samples": 256, "heldout_docs": 150}
+FULL = {"vocab": 4096, "teacher_layers": 6, "hidden": 192, "heads": 4, "seq_len": 128, "micro": 8, "global": 16,
+        "teacher_steps": 600, "base_steps": 300, "filter_steps": 40, "student_steps": 40, "student_layers": 3,
+        "corpus_lines": None, "eval_samples": 256, "test_tokens": 200_000, "heldout_docs": 100,
+        "grid": {"kd": ALPHAS, "lwd": BETAS, "ted": BETAS}}
 QUICK = {"vocab": 1000, "teacher_layers": 4, "hidden": 64, "heads": 4, "seq_len": 32, "micro": 2, "global": 8,
-         "teacher_steps": 20, "filter_steps": 3, "student_steps": 4, "student_layers": [0, 2],
-         "corpus_lines": 1500, "eval_samples": 16, "heldout_docs": 8}
+         "teacher_steps": 20, "base_steps": 4, "filter_steps": 3, "student_steps": 4, "student_layers": 2,
+         "corpus_lines": 1500, "eval_samples": 16, "test_tokens": 2_000, "heldout_docs": 8,
+         "grid": {"kd": (1.0,), "lwd": (1.0,), "ted": (1.0, 3.0)}}
 
 
-def prepare_data(out: str, size: dict, corpus: str | None, extra: list[str]) -> tuple[str, str, str]:
-    """Tokenizer, shards, and a JSONL of held-out documents (the valid split's own documents)."""
-    from data_prep.build import split_of
-
+# ----------------------------------------------------------------------------- data and models
+def prepare_data(out: str, size: dict, corpus: str | None) -> dict:
+    """Tokenizer and shards of the training corpus; the books test set as shards and as documents."""
     corpus = corpus or corpus_path(out)
     if size["corpus_lines"]:
         sliced = os.path.join(out, "corpus-slice.txt")
@@ -54,47 +70,42 @@ def prepare_data(out: str, size: dict, corpus: str | None, extra: list[str]) -> 
             for _, line in zip(range(size["corpus_lines"]), f):
                 g.write(line)
         corpus = sliced
-    inputs = [corpus, *extra]
-    tok, data = os.path.join(out, "tokenizer"), os.path.join(out, "data")
+    tok, data, test = (os.path.join(out, d) for d in ("tokenizer", "data", "test"))
     if not os.path.isdir(tok):
-        run([sys.executable, "-m", "data_prep", "tokenizer", "--input", *inputs, "--vocab-size", str(size["vocab"]),
+        run([sys.executable, "-m", "data_prep", "tokenizer", "--input", corpus, "--vocab-size", str(size["vocab"]),
              "--out", tok])
-    run([sys.executable, "-m", "data_prep", "build", "--input", *inputs, "--tokenizer", tok, "--out", data,
-         "--valid-fraction", "0.02", "--workers", "2", "--no-progress"])
-    heldout = os.path.join(out, "heldout.jsonl")
-    with open(corpus, encoding="utf-8") as f, open(heldout, "w") as g:
-        kept = 0
-        for line in f:
-            text = line.rstrip("\n")
-            if text.strip() and split_of(text.encode(), 1234, 0.02) == "valid" and kept < size["heldout_docs"]:
-                g.write(json.dumps({"text": text}) + "\n")
-                kept += 1
-    return tok, data, heldout
+    build = [sys.executable, "-m", "data_prep", "build", "--tokenizer", tok, "--workers", "2", "--no-progress"]
+    run([*build, "--input", corpus, "--out", data, "--valid-fraction", "0.02"])
+    run([*build, "--input", BOOKS, "--out", test, "--valid-fraction", "0"])  # all of it: split "train"
+    heldout = os.path.join(out, "test-docs.jsonl")
+    with gzip.open(BOOKS, "rt", encoding="utf-8") as f, open(heldout, "w") as g:
+        docs = [line.rstrip("\n") for line in f if line.strip()]
+        for text in docs[:: max(1, len(docs) // size["heldout_docs"])][: size["heldout_docs"]]:
+            g.write(json.dumps({"text": text}) + "\n")
+    return {"tokenizer": tok, "data": data, "test": test, "test_docs": heldout}
 
 
-def teacher_config(out: str, tok: str, size: dict) -> str:
+def llama_config(out: str, name: str, tok: str, hidden: int, layers: int, heads: int) -> str:
     from data_prep.tokenizer import load_tokenizer
 
-    vocab = len(load_tokenizer(tok))
-    path = os.path.join(out, "teacher_config.json")
+    path = os.path.join(out, f"{name}_config.json")
     with open(path, "w") as f:
-        json.dump({"model_type": "llama", "vocab_size": vocab, "hidden_size": size["hidden"],
-                   "intermediate_size": size["hidden"] * 8 // 3 // 8 * 8, "num_hidden_layers": size["teacher_layers"],
-                   "num_attention_heads": size["heads"], "num_key_value_heads": size["heads"],
-                   "max_position_embeddings": 512, "tie_word_embeddings": False, "bos_token_id": 1,
-                   "eos_token_id": 2}, f)
+        json.dump({"model_type": "llama", "vocab_size": len(load_tokenizer(tok)), "hidden_size": hidden,
+                   "intermediate_size": hidden * 8 // 3 // 8 * 8, "num_hidden_layers": layers,
+                   "num_attention_heads": heads, "num_key_value_heads": heads, "max_position_embeddings": 512,
+                   "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}, f)
     return path
 
 
 def write_run_config(out: str, data: str, size: dict) -> str:
     import yaml
 
-    k_t = size["teacher_layers"] // len(size["student_layers"])
     cfg = {"teacher": {"path": f"{out}/teacher/hf"},
-           "student": {"init_from_teacher": size["student_layers"]},
+           "student": {"init_from_teacher": aligned_blocks(size)},
            "data": {"path": data, "seq_len": size["seq_len"], "eval_samples": size["eval_samples"]},
-           "distill": {"method": "ted", "alpha": 1.0, "beta": 1.0, "temperature": 2.0, "teacher_every": k_t,
-                       "student_every": 1, "layer_loss": "normalized_mse"},
+           "distill": {"method": "ted", "alpha": 1.0, "beta": 1.0, "temperature": 2.0,
+                       "teacher_every": size["teacher_layers"] // size["student_layers"], "student_every": 1,
+                       "layer_loss": "normalized_mse"},
            "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": max(1, size["student_steps"] // 10)},
            "train": {"micro_batch_size": size["micro"], "global_batch_size": size["global"], "steps": 1,
                      "log_interval": 1, "eval_interval": 10**6, "save_interval": 10**6, "progress": False,
@@ -105,19 +116,126 @@ def write_run_config(out: str, data: str, size: dict) -> str:
     return path
 
 
-def train(ranks: int, command: list[str], config: str, *overrides: str) -> None:
-    run(deepspeed(ranks, "--module", "ted_ds", *command, "--config", config, *overrides),
-        env={"DS_ACCELERATOR": "cpu"}, timeout=7200)
+def aligned_blocks(size: dict) -> list[int]:
+    """0-based teacher blocks whose outputs student blocks 1..n are matched to: k-1, 2k-1, … (k = interval)."""
+    k = size["teacher_layers"] // size["student_layers"]
+    return [k * (i + 1) - 1 for i in range(size["student_layers"])]
 
 
-def curve(out_dir: str) -> list[tuple[int, float]]:
+class Launcher:
+    """Runs training commands, ``jobs`` at a time, each with ``ranks`` processes sharing the cores."""
+
+    def __init__(self, config: str, ranks: int, jobs: int):
+        self.config, self.ranks, self.jobs = config, ranks, jobs
+
+    def one(self, command: list[str], overrides: list[str], jobs: int = 1) -> None:
+        out_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("train.out_dir="))
+        if os.path.isfile(os.path.join(out_dir, "DONE")):  # a re-run after an interruption resumes the study
+            return
+        shutil.rmtree(out_dir, ignore_errors=True)
+        threads = max(1, (os.cpu_count() or 1) // (self.ranks * jobs))
+        run(deepspeed(self.ranks, "--module", "ted_ds", *command, "--config", self.config, *overrides),
+            env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads)}, timeout=7200)
+        open(os.path.join(out_dir, "DONE"), "w").close()
+
+    def many(self, runs: list[tuple[list[str], list[str]]]) -> None:
+        with ThreadPoolExecutor(self.jobs) as pool:
+            for f in [pool.submit(self.one, command, overrides, jobs=self.jobs) for command, overrides in runs]:
+                f.result()
+
+
+# ----------------------------------------------------------------------------- the study
+def student_overrides(work: str, geometry: str) -> list[str]:
+    if geometry == "same-width":
+        return []
+    return ["student.init_from_teacher=null", f"train.init_from={work}/narrow-base/hf"]
+
+
+def filters(work: str, geometry: str, head: str) -> list[str]:
+    return [f"teacher.filters={work}/filters/teacher-{head}", f"student.filters={work}/filters/{geometry}-{head}",
+            f"distill.filter_head={head}"]
+
+
+def method_overrides(work: str, geometry: str, method: str, value: float | None) -> list[str]:
+    """The overrides of one stage-2 run: method, tuned weight, filters."""
+    base, head = ("ted", "trainable") if method == "ted-trainable" else (method, "teacher")
+    o = [f"distill.method={base}", *student_overrides(work, geometry)]
+    if base == "ted":
+        o += filters(work, geometry, head)
+    if value is not None:
+        o.append(f"distill.{TUNED[base]}={value}")
+    return o
+
+
+def run_dir(work: str, geometry: str, method: str, seed: int, value: float | None) -> str:
+    return f"{work}/{geometry}/{method}" + (f"-{value:g}" if value is not None else "") + f"/seed{seed}"
+
+
+def lm_run(work: str, tok: str, size: dict, name: str, hidden: int, layers: int, steps: int):
+    """A model pre-trained from scratch with ``method: lm`` (the teacher; the narrow student's start)."""
+    config = llama_config(work, name, tok, hidden, layers, size["heads"])
+    return (["distill"], [f"student.config={config}", "student.init_from_teacher=null", "distill.method=lm",
+                          "optim.lr=3e-3", "optim.min_lr=3e-4", f"train.out_dir={work}/{name}", f"train.steps={steps}",
+                          f"optim.warmup_steps={max(1, steps // 20)}"])
+
+
+def stage1_run(work: str, size: dict, geometry: str, head: str, which: str):
+    out = f"{work}/filters/" + (f"teacher-{head}" if which == "teacher" else f"{geometry}-{head}")
+    return (["learn-filters", "--model", which],
+            [*student_overrides(work, geometry), *filters(work, geometry, head), f"distill.filters_out={out}",
+             f"train.out_dir={out}-run", f"train.steps={size['filter_steps']}", "optim.lr=1e-2", "train.seed=1"])
+
+
+def prepare_models(launch: Launcher, work: str, tok: str, size: dict) -> None:
+    """The teacher (alone: it is the longest run), then the narrow student's pre-training next to stage 1,
+    once per frozen model and head kind (stage 2's seeds share the banks)."""
+    launch.one(*lm_run(work, tok, size, "teacher", size["hidden"], size["teacher_layers"], size["teacher_steps"]))
+    narrow = lm_run(work, tok, size, "narrow-base", size["hidden"] // 2, size["student_layers"], size["base_steps"])
+    launch.many([narrow, *(stage1_run(work, size, "same-width", head, which) for head in ("teacher", "trainable")
+                           for which in ("teacher", "student"))])
+    launch.many([stage1_run(work, size, "narrow", head, "student") for head in ("teacher", "trainable")])
+
+
+def distill(launch: Launcher, work: str, size: dict, plan: list[tuple[str, str, int, float | None]]) -> None:
+    launch.many([(["distill"], [*method_overrides(work, g, m, v), f"train.seed={seed}", f"train.steps="
+                                f"{size['student_steps']}", f"train.out_dir={run_dir(work, g, m, seed, v)}"])
+                 for g, m, seed, v in plan])
+
+
+def tuning_plan(size: dict) -> list[tuple[str, str, int, float | None]]:
+    return [(g, m, 1, v) for g in GEOMETRIES for m in TUNED for v in size["grid"][m]]
+
+
+def final_plan(chosen: dict, seeds: list[int]) -> list[tuple[str, str, int, float | None]]:
+    """Every method at its chosen weight on every seed (seed 1 of a tuned method is already done)."""
+    plan = []
+    for g in GEOMETRIES:
+        for m in METHODS:
+            v = chosen[g].get("ted" if m == "ted-trainable" else m)
+            plan += [(g, m, seed, v) for seed in seeds if not (m in TUNED and seed == 1)]
+    return plan
+
+
+def curve(out_dir: str, key: str = "loss/lm") -> list[tuple[int, float]]:
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return [(r["step"], r["loss/lm"]) for r in rows if "loss/lm" in r]
+    return [(r["step"], r[key]) for r in rows if key in r]
 
 
-def lm_eval_scores(models: dict[str, str], heldout: str, workdir: str) -> dict[str, dict]:
-    """loglikelihood_rolling on the held-out documents, in-process, offline."""
+def stage1_taps(work: str) -> dict:
+    """Per tap, the next-token loss of the filtered states: the mean of the last 5 logged steps."""
+    out = {}
+    for name in sorted(os.listdir(f"{work}/filters")):
+        if name.endswith("-run"):
+            rows = [json.loads(line) for line in open(f"{work}/filters/{name}/metrics.jsonl")]
+            rows = [r for r in rows if "loss/total" in r]  # training steps, not evaluations
+            keys = sorted((k for k in rows[-1] if k.startswith("loss/tap_lm/")), key=lambda k: int(k.split("L")[-1]))
+            out[name[:-4]] = {k.split("/")[-1]: statistics.mean(r[k] for r in rows[-5:]) for k in keys}
+    return out
+
+
+def lm_eval_scores(models: dict[str, str], heldout: str, workdir: str, max_length: int) -> dict[str, dict]:
+    """loglikelihood_rolling on the test documents at ``max_length`` positions, in-process, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import lm_eval
@@ -126,61 +244,69 @@ def lm_eval_scores(models: dict[str, str], heldout: str, workdir: str) -> dict[s
     from ted_ds.evaluate import write_rolling_task
 
     task_dir = os.path.join(workdir, "lm_eval_tasks")
-    write_rolling_task(task_dir, "ted_heldout", heldout)
+    write_rolling_task(task_dir, "ted_books", heldout)
     manager = TaskManager(include_path=task_dir, include_defaults=False)
     scores = {}
     for name, path in models.items():
-        result = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path},dtype=float32",
-                                         tasks=["ted_heldout"], device="cpu", batch_size=8, task_manager=manager)
-        r = result["results"]["ted_heldout"]
+        result = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path},dtype=float32,"
+                                         f"max_length={max_length}", tasks=["ted_books"], device="cpu",
+                                         batch_size=8, task_manager=manager)
+        r = result["results"]["ted_books"]
         scores[name] = {"word_perplexity": r["word_perplexity,none"], "bits_per_byte": r["bits_per_byte,none"]}
     return scores
 
 
+def choose(valid: dict) -> dict:
+    """Per geometry and tuned method, the weight with the lowest valid perplexity at seed 1."""
+    return {g: {m: float(min(valid[g][m], key=valid[g][m].get)) for m in TUNED} for g in GEOMETRIES}
+
+
+def evaluate_all(work: str, paths: dict, size: dict) -> dict:
+    """Test-split (books) and valid-split (Wikipedia) perplexity of every model, one process."""
+    from ted_ds.evaluate import evaluate_hf
+
+    test_samples = size["test_tokens"] // size["seq_len"]
+    out = {}
+    for name, path in paths.items():
+        out[name] = {"test": evaluate_hf(path, f"{work}/test", "train", size["seq_len"], 8, test_samples, "cpu",
+                                         progress=False),
+                     "valid": evaluate_hf(path, f"{work}/data", "valid", size["seq_len"], 8, None, "cpu",
+                                          progress=False)}
+    return out
+
+
+def collect(work: str, size: dict, seeds: list[int], chosen: dict, data: dict) -> dict:
+    """Scores of the teacher, the narrow student's starting point and every final student."""
+    finals = {(g, m, seed): run_dir(work, g, m, seed, chosen[g].get("ted" if m == "ted-trainable" else m))
+              for g in GEOMETRIES for m in METHODS for seed in seeds}
+    paths = {"teacher": f"{work}/teacher/hf", "narrow-base": f"{work}/narrow-base/hf"}
+    paths.update({"/".join(map(str, k)): f"{d}/hf" for k, d in finals.items()})
+    scores = evaluate_all(work, paths, size)
+    harness = lm_eval_scores(paths, data["test_docs"], work, size["seq_len"])
+    model = lambda name: {**scores[name], "lm_eval": harness[name]}
+    return {"teacher": model("teacher"), "narrow-base": model("narrow-base"),
+            "students": {g: {m: [{"seed": seed, **model(f"{g}/{m}/{seed}"), "curve": curve(finals[g, m, seed])}
+                                 for seed in seeds] for m in METHODS} for g in GEOMETRIES}}
+
+
+def valid_tuning(work: str, size: dict) -> dict:
+    from ted_ds.evaluate import evaluate_hf
+
+    valid = {g: {m: {} for m in TUNED} for g in GEOMETRIES}
+    for g, m, seed, v in tuning_plan(size):
+        path = f"{run_dir(work, g, m, seed, v)}/hf"
+        valid[g][m][str(v)] = evaluate_hf(path, f"{work}/data", "valid", size["seq_len"], 8, None, "cpu",
+                                          progress=False)["ppl"]
+    return valid
+
+
+# ----------------------------------------------------------------------------- report
+COMPARISONS = (("ted", "kd"), ("ted", "lwd"), ("ted-trainable", "ted"), ("ted-trainable", "kd"), ("kd", "lm"),
+               ("lwd", "lm"))
+
+
 def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def write_report(out: str, results: dict, size: dict, seeds: list[int]) -> str:
-    rows = []
-    t = results["teacher"]
-    lines = ["# TED reproduction (small scale, CPU)", "",
-             f"{results['machine']['date']}, commit {results['machine']['commit']}, "
-             f"{results['machine']['cpus']} CPUs; seeds {seeds}; produced by `bench/repro.py`.", "",
-             f"Teacher: LLaMA-style, {size['teacher_layers']} layers, d={size['hidden']}, "
-             f"{t['steps']} steps ({t['tokens']:,} tokens). Students: {len(size['student_layers'])} layers "
-             f"initialised from teacher layers {size['student_layers']}, {size['student_steps']} steps "
-             f"({results['student_tokens']:,} tokens) each, same data order per seed. KD/LWD/TED: α=1, T=2; "
-             "LWD/TED: β=1, normalized MSE, taps every "
-             f"{size['teacher_layers'] // len(size['student_layers'])} teacher layers ↔ every student layer.", "",
-             "| model | held-out perplexity (ted-ds eval) | lm-eval word perplexity | lm-eval bits/byte |",
-             "|---|---|---|---|",
-             f"| teacher | {t['eval']['ppl']:.2f} | {t['lm_eval']['word_perplexity']:.1f} | "
-             f"{t['lm_eval']['bits_per_byte']:.4f} |"]
-    for m in METHODS:
-        runs = results["students"][m]
-        ppl = mean_std([r["eval"]["ppl"] for r in runs])
-        wp = mean_std([r["lm_eval"]["word_perplexity"] for r in runs])
-        bpb = mean_std([r["lm_eval"]["bits_per_byte"] for r in runs])
-        rows.append((m, ppl))
-        lines.append(f"| student {m} | {ppl[0]:.2f} ± {ppl[1]:.2f} | {wp[0]:.1f} ± {wp[1]:.1f} | "
-                     f"{bpb[0]:.4f} ± {bpb[1]:.4f} |")
-    order = [m for m, _ in sorted(rows, key=lambda r: r[1][0])]
-    lines += ["", f"Ranking by held-out perplexity (best first): {' < '.join(order)}.", "",
-              "The paper's claim, pair by pair (paired per seed: both students saw the same batches in the same "
-              "order):", ""]
-    ppl_of = lambda m: [r["eval"]["ppl"] for r in results["students"][m]]
-    for better, worse in (("ted", "kd"), ("ted", "lwd"), ("kd", "lm"), ("lwd", "lm")):
-        c = paired_comparison(ppl_of(better), ppl_of(worse))
-        lines.append(f"* {better} < {worse}: **{c['verdict']}** (paired Δ = {c['mean']:+.2f} ppl, 95 % t interval "
-                     f"[{c['low']:+.2f}, {c['high']:+.2f}], p = {c['p']:.3f}; {better} better in "
-                     f"{c['favourable']} of {c['n']} seeds; the smallest difference this study detects with 80 % "
-                     f"power: {c['detectable']:.2f} ppl)")
-    lines += ["", "![loss curves](loss_curves.png) ![perplexity](perplexity.png)"]
-    path = os.path.join(out, "results.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
 
 
 def paired_comparison(better: list[float], worse: list[float], confidence: float = 0.95,
@@ -207,33 +333,108 @@ def paired_comparison(better: list[float], worse: list[float], confidence: float
             "detectable": (t_crit + stats.t.ppf(power, n - 1)) * se, "verdict": verdict}
 
 
+def _model_row(name: str, runs: list[dict]) -> str:
+    cells = [mean_std([r["test"]["ppl"] for r in runs]), mean_std([r["valid"]["ppl"] for r in runs]),
+             mean_std([r["lm_eval"]["word_perplexity"] for r in runs]),
+             mean_std([r["lm_eval"]["bits_per_byte"] for r in runs])]
+    fmt = lambda m, s, p: f"{m:.{p}f} ± {s:.{p}f}" if len(runs) > 1 else f"{m:.{p}f}"
+    return f"| {name} | " + " | ".join(fmt(*c, p) for c, p in zip(cells, (2, 2, 1, 4))) + " |"
+
+
+def _geometry_section(results: dict, g: str) -> list[str]:
+    students, size = results["students"][g], results["size"]
+    what = {"same-width": f"{size['student_layers']} layers, d={size['hidden']}, initialised from teacher blocks "
+                          f"{[b + 1 for b in aligned_blocks(size)]} (1-based: the blocks they are matched to)",
+            "narrow": f"{size['student_layers']} layers, d={size['hidden'] // 2} (d_t/2), pre-trained with lm for "
+                      f"{size['base_steps']} steps, then each method"}[g]
+    lines = [f"## Geometry `{g}`: {what}", "",
+             "| model | test perplexity (books) | valid perplexity (Wikipedia) | lm-eval word perplexity (books) | "
+             "lm-eval bits/byte |", "|---|---|---|---|---|", _model_row("teacher", [results["teacher"]])]
+    if g == "narrow":
+        lines.append(_model_row("narrow student before distillation", [results["narrow-base"]]))
+    weights = results["chosen"][g]
+    for m in METHODS:
+        w = weights.get("ted" if m == "ted-trainable" else m)
+        label = f"{m} ({TUNED['ted' if m == 'ted-trainable' else m]}={w:g})" if w is not None else m
+        lines.append(_model_row(f"student {label}", students[m]))
+    lines += ["", "Tuning (seed 1, valid perplexity; chosen in bold):", ""]
+    for m, name in TUNED.items():
+        ppl = results["valid_tuning"][g][m]
+        cells = [(f"**{v}: {p:.2f}**" if float(v) == weights[m] else f"{v}: {p:.2f}") for v, p in ppl.items()]
+        lines.append(f"* {m}, {name}: " + ", ".join(cells))
+    lines += ["", "Paired per seed on the test split (both students saw the same batches in the same order):", ""]
+    ppl_of = lambda m: [r["test"]["ppl"] for r in students[m]]
+    for better, worse in COMPARISONS:
+        c = paired_comparison(ppl_of(better), ppl_of(worse))
+        lines.append(f"* {better} < {worse}: **{c['verdict']}** (Δ = {c['mean']:+.2f} ppl, 95 % t interval "
+                     f"[{c['low']:+.2f}, {c['high']:+.2f}], p = {c['p']:.3f}; {better} better in {c['favourable']} of "
+                     f"{c['n']} seeds; smallest difference detectable at 80 % power: {c['detectable']:.2f} ppl)")
+    return lines + [""]
+
+
+def _stage1_section(stage1: dict) -> list[str]:
+    lines = ["## Stage 1: next-token loss of the filtered states per tap (mean of the last 5 steps)", "",
+             "`teacher` head: the teacher's frozen final norm + unembedding, shared by all taps; `trainable`: a "
+             "head per tap initialised from it and trained with the filter.", "",
+             "| bank | " + " | ".join(f"tap {i + 1}" for i in range(max(len(v) for v in stage1.values()))) + " |",
+             "|---|" + "---|" * max(len(v) for v in stage1.values())]
+    for name, taps in stage1.items():
+        lines.append(f"| {name} | " + " | ".join(f"{layer}: {loss:.3f}" for layer, loss in taps.items()) + " |")
+    return lines + [""]
+
+
+def report(out: str, results: dict) -> None:
+    size, m = results["size"], results["machine"]
+    tokens = size["student_steps"] * size["global"] * size["seq_len"]
+    lines = ["# TED study (small scale, CPU)", "",
+             f"{m['date']}, commit {m['commit']}, {m['cpus']} CPUs, {results['elapsed_s'] / 60:.0f} min; seeds "
+             f"{results['seeds']}; produced by `bench/repro.py` ({results['jobs']} runs at a time, "
+             f"{results['ranks']} rank(s) each).", "",
+             f"Teacher: LLaMA-style, {size['teacher_layers']} layers, d={size['hidden']}, {size['teacher_steps']} "
+             f"steps ({size['teacher_steps'] * size['global'] * size['seq_len']:,} Wikipedia tokens). Every "
+             f"student: {size['student_steps']} steps ({tokens:,} tokens), same data order per seed. KD/LWD/TED: "
+             f"T=2; LWD/TED: normalized MSE, taps every {size['teacher_layers'] // size['student_layers']} teacher "
+             f"layers ↔ every student layer; stage 1: {size['filter_steps']} steps per bank, seed 1, shared by "
+             "all stage-2 seeds. Test split: the bundled public-domain books sample "
+             f"({size['test_tokens']:,} tokens scored by `ted-ds eval`; lm-eval on {size['heldout_docs']} of its "
+             f"documents at max_length {size['seq_len']}), which the teacher never saw.", ""]
+    for g in GEOMETRIES:
+        lines += _geometry_section(results, g)
+    lines += _stage1_section(results["stage1"])
+    lines += ["![loss curves](loss_curves.png) ![perplexity](perplexity.png)"]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot(out, results)
+    print("\n".join(lines))
+
+
 def plot(out: str, results: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for m in METHODS:
-        curves = [dict(r["curve"]) for r in results["students"][m]]
-        steps = sorted(curves[0])
-        mean = [statistics.mean(c[s] for c in curves) for s in steps]
-        window = max(1, len(steps) // 10)  # a moving average: per-batch losses are noisy
-        smooth = [statistics.mean(mean[max(0, i - window + 1): i + 1]) for i in range(len(mean))]
-        ax.plot(steps, smooth, label=m)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train LM loss")
-    ax.set_title(f"Students: next-token loss (mean of seeds, {max(1, len(steps) // 10)}-step moving average)")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(GEOMETRIES), figsize=(12, 4))
+    for ax, g in zip(axes, GEOMETRIES):
+        for m in METHODS:
+            curves = [dict(r["curve"]) for r in results["students"][g][m]]
+            steps = sorted(curves[0])
+            mean = [statistics.mean(c[s] for c in curves) for s in steps]
+            window = max(1, len(steps) // 10)  # a moving average: per-batch losses are noisy
+            ax.plot(steps, [statistics.mean(mean[max(0, i - window + 1): i + 1]) for i in range(len(mean))], label=m)
+        ax.set_xlabel("step")
+        ax.set_ylabel("train LM loss (mean of seeds, moving average)")
+        ax.set_title(f"{g} students")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    stats = [mean_std([r["eval"]["ppl"] for r in results["students"][m]]) for m in METHODS]
-    ax.bar(METHODS, [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=6, color="#4c72b0")
-    lo = min(s[0] - s[1] for s in stats)
-    ax.set_ylim(lo * 0.97, max(s[0] + s[1] for s in stats) * 1.01)
-    ax.set_ylabel("held-out perplexity (lower is better)")
-    ax.set_title("Students after the same token budget")
+    fig, axes = plt.subplots(1, len(GEOMETRIES), figsize=(12, 4))
+    for ax, g in zip(axes, GEOMETRIES):
+        stats = [mean_std([r["test"]["ppl"] for r in results["students"][g][m]]) for m in METHODS]
+        ax.bar(METHODS, [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=6, color="#4c72b0")
+        ax.set_ylim(min(s[0] - s[1] for s in stats) * 0.97, max(s[0] + s[1] for s in stats) * 1.01)
+        ax.set_ylabel("test perplexity (books; lower is better)")
+        ax.set_title(f"{g}: after the same token budget")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "perplexity.png"), dpi=110)
 
@@ -241,66 +442,49 @@ def plot(out: str, results: dict) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny models and budget: checks the pipeline only")
-    ap.add_argument("--seeds", type=int, help="seeds per method (default 3, quick 1)")
-    ap.add_argument("--ranks", type=int, default=2, help="processes per training command")
+    ap.add_argument("--seeds", type=int, help="seeds per method (default 5, quick 2)")
+    ap.add_argument("--ranks", type=int, default=1, help="processes per training command (default 1)")
+    ap.add_argument("--jobs", type=int, default=2, help="training commands at once (default 2: one per core)")
     ap.add_argument("--out", help="results directory (default bench/results/repro[-quick])")
-    ap.add_argument("--corpus", help="main corpus, one document per line (default: ../shared/data/enwiki_sample.txt "
-                                     "if present, else the bundled sample)")
-    ap.add_argument("--extra-corpus", nargs="*", default=[], help="more real text files for training")
+    ap.add_argument("--corpus", help="training corpus, one document per line (default: ../shared/data/"
+                                     "enwiki_sample.txt if present, else the bundled sample)")
     ap.add_argument("--report-only", action="store_true", help="rebuild results.md and the plots from results.json")
     args = ap.parse_args(argv)
     size = QUICK if args.quick else FULL
-    seeds = list(range(1, 1 + (args.seeds or (1 if args.quick else 3))))
+    seeds = list(range(1, 1 + (args.seeds or (2 if args.quick else 5))))
+    if len(seeds) < 2:
+        ap.error("--seeds must be ≥ 2 (the comparisons are paired intervals)")
     out = os.path.abspath(args.out or os.path.join(REPO, "bench", "results", "repro-quick" if args.quick else "repro"))
     if args.report_only:
         results = json.load(open(os.path.join(out, "results.json")))
-        print(open(write_report(out, results, results["size"], results["seeds"])).read())
-        plot(out, results)
+        report(out, results)
         return results
     work = os.path.join(out, "work")
     os.makedirs(work, exist_ok=True)
-    start = time.time()
+    start, phases = time.time(), {}
 
-    tok, data, heldout = prepare_data(work, size, args.corpus, args.extra_corpus)
-    config = write_run_config(work, data, size)
-    common = [f"train.steps={size['student_steps']}"]
-    train(args.ranks, ["distill"], config, f"student.config={teacher_config(work, tok, size)}",
-          "student.init_from_teacher=null", "distill.method=lm", f"train.out_dir={work}/teacher",
-          f"train.steps={size['teacher_steps']}", "optim.lr=3e-3", "optim.min_lr=3e-4",
-          f"optim.warmup_steps={max(1, size['teacher_steps'] // 20)}")
-    for seed in seeds:
-        s = f"{work}/seed{seed}"
-        filters = [f"teacher.filters={s}/filters-teacher/filters-teacher",
-                   f"student.filters={s}/filters-student/filters-student"]
-        for side in ("teacher", "student"):
-            train(args.ranks, ["learn-filters", "--model", side], config, *filters, f"train.seed={seed}",
-                  f"train.out_dir={s}/filters-{side}", f"train.steps={size['filter_steps']}", "optim.lr=1e-2")
-        for m in METHODS:
-            train(args.ranks, ["distill"], config, *filters, *common, f"train.seed={seed}",
-                  f"distill.method={m}", f"train.out_dir={s}/{m}")
+    def phase(name: str, fn, *a):
+        t = time.time()
+        print(f"repro: {name} …", flush=True)
+        result = fn(*a)
+        phases[name] = round(time.time() - t)
+        return result
 
-    from ted_ds.evaluate import evaluate_hf
-
-    evaluate = lambda path: evaluate_hf(path, data, "valid", size["seq_len"], 8, None, "cpu", progress=False)
-    models = {"teacher": f"{work}/teacher/hf"}
-    models.update({f"{m}/{seed}": f"{work}/seed{seed}/{m}/hf" for m in METHODS for seed in seeds})
-    harness = lm_eval_scores(models, heldout, work)
-    results = {"machine": machine(), "size": size, "seeds": seeds,
-               "student_tokens": size["student_steps"] * size["global"] * size["seq_len"],
-               "teacher": {"steps": size["teacher_steps"],
-                           "tokens": size["teacher_steps"] * size["global"] * size["seq_len"],
-                           "eval": evaluate(models["teacher"]), "lm_eval": harness["teacher"]},
-               "students": {m: [{"seed": seed, "eval": evaluate(models[f"{m}/{seed}"]),
-                                 "lm_eval": harness[f"{m}/{seed}"], "curve": curve(f"{work}/seed{seed}/{m}")}
-                                for seed in seeds] for m in METHODS}}
-    results["elapsed_s"] = time.time() - start
+    data = phase("data", prepare_data, work, size, args.corpus)
+    launch = Launcher(write_run_config(work, data["data"], size), args.ranks, args.jobs)
+    phase("teacher, narrow student and stage 1", prepare_models, launch, work, data["tokenizer"], size)
+    phase("tuning", distill, launch, work, size, tuning_plan(size))
+    valid = phase("tuning evaluation", valid_tuning, work, size)
+    chosen = choose(valid)
+    phase("final runs", distill, launch, work, size, final_plan(chosen, seeds))
+    results = {"machine": machine(), "size": size, "seeds": seeds, "valid_tuning": valid, "chosen": chosen,
+               "stage1": stage1_taps(work), "ranks": args.ranks, "jobs": args.jobs}
+    results.update(phase("evaluation", collect, work, size, seeds, chosen, data))
+    results["phases_s"], results["elapsed_s"] = phases, time.time() - start
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    report = write_report(out, results, size, seeds)
-    plot(out, results)
-    print(open(report).read())
+    report(out, results)
     print(f"repro: {results['elapsed_s'] / 60:.1f} min; results in {out}")
-    assert all(math.isfinite(r["eval"]["ppl"]) for m in METHODS for r in results["students"][m])
     return results
 
 

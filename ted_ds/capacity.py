@@ -83,9 +83,10 @@ def visible_bytes(local_ranks: int) -> tuple[float, str]:
     return psutil.virtual_memory().available / local_ranks, "host"
 
 
-def check_fits(p, ds: dict, world: int, local_ranks: int, with_teacher: bool) -> None:
+def check_fits(p, ds: dict, world: int, local_ranks: int, with_teacher: bool, trained_heads: int = 0) -> None:
     """Refuse, in one line, a run that cannot fit the ranks it starts on (``ds``: its DeepSpeed
-    config; ``with_teacher``: the teacher is placed by ``teacher.placement`` in this run)."""
+    config; ``with_teacher``: the teacher is placed by ``teacher.placement`` in this run;
+    ``trained_heads``: stage 1's trainable heads, one norm + unembedding each, trained under ZeRO-3)."""
     from ted_ds.engine import compute_dtype
 
     cfg = p.cfg
@@ -99,6 +100,9 @@ def check_fits(p, ds: dict, world: int, local_ranks: int, with_teacher: bool) ->
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     need = rank_floor_bytes(teacher_config, p.student_config, t.placement, world, t.pipeline_stages,
                             t.pipeline_layers, compute_dtype(ds), tokens, reduce_bucket_elements(ds))
+    if trained_heads and p.teacher_config is not None:
+        head = M.vocab_size(p.teacher_config) * M.hidden_size(p.teacher_config)
+        need += student_bytes_per_param(compute_dtype(ds)) * trained_heads * head / world
     have, where = visible_bytes(local_ranks)
     if need > have:
         hint = ("use teacher.placement zero3 or pipeline, more ranks, " if teacher_config is not None

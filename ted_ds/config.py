@@ -24,6 +24,7 @@ METHODS = ("ted", "lwd", "kd", "lm")
 PLACEMENTS = ("replicated", "zero3", "pipeline")
 LAYER_LOSSES = ("mse", "normalized_mse", "cosine")
 FILTER_KINDS = ("linear", "mlp")
+FILTER_HEADS = ("teacher", "trainable")
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
@@ -122,6 +123,12 @@ class DistillConfig:
     """linear: Linear(d_model → d_filter); mlp: Linear → GELU → Linear."""
     filter_dim: int | None = None
     """d_filter; defaults to the teacher's hidden size so the teacher's head can read filtered states."""
+    filter_head: str = "teacher"
+    """Stage 1 reads each filtered state as next-token logits through — teacher: the teacher's frozen final
+    norm + unembedding, one head shared by every tap of both models (a tuned-lens-like probe: the filters
+    must land in the teacher's own output coordinates; the default); trainable: a head per tap,
+    initialised from that same norm + unembedding, trained with its filter and discarded after (as the
+    official TED code trains a task head per filter). Stage 2 is the same either way."""
     layer_loss: str = "normalized_mse"
     """mse (the paper) | normalized_mse (MSE ÷ variance of the teacher target, per tap; default, so one β
     works across model pairs) | cosine (1 − cosine similarity per token)."""
@@ -198,6 +205,7 @@ class RunConfig:
         _choice("teacher.placement", t.placement, PLACEMENTS)
         _choice("distill.layer_loss", d.layer_loss, LAYER_LOSSES)
         _choice("distill.filter", d.filter, FILTER_KINDS)
+        _choice("distill.filter_head", d.filter_head, FILTER_HEADS)
         _choice("optim.schedule", o.schedule, SCHEDULES)
         _choice("teacher.logits_dtype", t.logits_dtype, ("fp32", "bf16"))
         for name, value in (("train.micro_batch_size", tr.micro_batch_size),

@@ -4,9 +4,11 @@
 
 1. ted-prep: train a 4k SentencePiece tokenizer on the bundled Wikipedia sample, build shards.
 2. Pre-train a tiny LLaMA-style teacher (method: lm).
-3. TED stage 1: learn the teacher's and the student's filters (student = teacher layers 0 and 2).
+3. TED stage 1: learn the teacher's and the student's filters (student = teacher blocks 2 and 4,
+   the blocks its two blocks are matched to).
 4. TED stage 2: distill; then the same-budget kd and lm students.
-5. Print validation perplexity of every student next to the teacher's.
+5. Print validation perplexity of every student next to the teacher's, and for each pair whether
+   the difference is outside the evaluation's noise (paired over the same validation windows).
 6. Continual pre-training: the TED student goes on (``train.init_from``) on a new domain, the
    bundled public-domain books, blended with 25 % replay of the Wikipedia data (``data.sources``),
    re-warmed with a WSD schedule; per-source perplexity before and after shows what it learnt and
@@ -51,10 +53,29 @@ def _eval_ppl(model_dir: str, data: str, seq_len: int, samples: int) -> float:
     return json.loads(r.stdout)["ppl"]
 
 
-def _final(out_dir: str, key: str = "eval/ppl") -> float:
+def _final(out_dir: str, key: str) -> float:
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         values = [json.loads(line).get(key) for line in f]
     return [v for v in values if v is not None][-1]
+
+
+def _compare(models: dict[str, str], data: str, seq_len: int) -> list[str]:
+    """Validation perplexity of each model and, for each pair, the paired difference in loss over the
+    same windows with its 95 % interval: 'within noise' when that interval holds 0."""
+    from ted_ds.evaluate import evaluate_hf, paired_difference
+
+    scores = {name: evaluate_hf(path, data, "valid", seq_len, 8, None, "cpu", progress=False, per_window=True)
+              for name, path in models.items()}
+    lines = [f"  {name:<28} {s['ppl']:10.2f}" for name, s in scores.items()]
+    lines.append(f"paired over the same {scores['teacher']['samples']} validation windows (loss difference, 95 % "
+                 "interval; one training seed, so this is the evaluation's noise only):")
+    names = list(models)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            d = paired_difference(scores[a]["window_loss"], scores[b]["window_loss"])
+            verdict = "within noise" if d["within_noise"] else (f"{a} better" if d["mean"] < 0 else f"{b} better")
+            lines.append(f"  {a} − {b}: {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]  {verdict}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     _run([py, "-m", "data_prep", "build", "--input", "sample", "--tokenizer", tok, "--out", data, "--workers", "2",
           "--valid-fraction", "0.02", "--no-progress"], "build packed token shards")
 
-    steps = {"teacher": 400, "filters": 40, "student": 150, "continual": 100}
+    steps = {"teacher": 800, "filters": 40, "student": 100, "continual": 100}
     if args.quick:
         steps = {"teacher": 6, "filters": 3, "student": 4, "continual": 4}
     base = os.path.join(HERE, "configs", "demo.yaml")
@@ -99,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     for method in ("ted", "kd", "lm"):
         train(f"student by {method}", method, steps["student"], ["distill"], f"distill.method={method}")
 
-    rows = [("teacher (4 layers, lm)", _final(f"{out}/teacher"))]
-    rows += [(f"student (2 layers) {m}", _final(f"{out}/{m}")) for m in ("ted", "kd", "lm")]
+    models = {"teacher": f"{out}/teacher/hf", **{m: f"{out}/{m}/hf" for m in ("ted", "kd", "lm")}}
+    table = _compare(models, data, 128)
 
     books = os.path.join(out, "data-books")
     _run([py, "-m", "data_prep", "build", "--input", BOOKS, "--tokenizer", tok, "--out", books, "--workers", "2",
@@ -116,9 +137,8 @@ def main(argv: list[str] | None = None) -> int:
           "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_start_lr=2e-4")
     after = {name: _final(f"{out}/continual", f"eval/{name}/ppl") for name in sources}
 
-    print(f"\nvalidation perplexity on {data} (same token budget for every student):")
-    for name, ppl in rows:
-        print(f"  {name:<28} {ppl:10.2f}")
+    print(f"\nvalidation perplexity on {data}: teacher (4 layers, lm) and 2-layer students, same token budget:")
+    print("\n".join(table))
     print("\ncontinual pre-training of the TED student (75 % books, 25 % Wikipedia replay), validation perplexity:")
     print(f"  {'source':<10} {'before':>10} {'after':>10}")
     for name in sources:

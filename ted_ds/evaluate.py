@@ -21,7 +21,9 @@ from ted_ds.errors import ConfigError
 @torch.inference_mode()
 def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: int | None = None,
                 batch_size: int = 8, max_samples: int | None = None, device: str = "auto",
-                progress: bool = True, trust_remote_code: bool = False) -> dict:
+                progress: bool = True, trust_remote_code: bool = False, per_window: bool = False) -> dict:
+    """Perplexity, bits per byte and counts; with ``per_window`` also each window's mean NLL
+    (``window_loss``), for paired comparisons of models on the same windows."""
     from ted_ds import models as M
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -41,7 +43,7 @@ def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: in
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = M.load_model(model_dir, trust_remote_code, dtype=dtype, device=dev).eval()
     n = len(data) if max_samples is None else min(max_samples, len(data))
-    nll, tokens, nbytes = 0.0, 0, 0
+    nll, tokens, nbytes, windows = 0.0, 0, 0, []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -50,7 +52,9 @@ def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: in
     for start in range(0, n, batch_size):
         x, y = collate(data, list(range(start, min(n, start + batch_size))))
         logits = model(input_ids=x.to(dev)).logits.float()
-        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.to(dev).flatten(), reduction="sum").item()
+        token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y.to(dev), reduction="none")  # (B, T)
+        nll += token_nll.sum().item()
+        windows += token_nll.mean(1).tolist()
         tokens += y.numel()
         nbytes += sum(len(tok.decode(row.tolist()).encode("utf-8")) for row in y)
         if bar is not None:
@@ -58,9 +62,20 @@ def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: in
     if bar is not None:
         bar.close()
     loss = nll / tokens
-    return {"model": model_dir, "data": data_dir, "split": split, "samples": n, "seq_len": seq_len,
-            "tokens": tokens, "bytes": nbytes, "loss": loss, "ppl": math.exp(loss),
-            "bits_per_byte": nll / (math.log(2) * nbytes)}
+    result = {"model": model_dir, "data": data_dir, "split": split, "samples": n, "seq_len": seq_len,
+              "tokens": tokens, "bytes": nbytes, "loss": loss, "ppl": math.exp(loss),
+              "bits_per_byte": nll / (math.log(2) * nbytes)}
+    return {**result, "window_loss": windows} if per_window else result
+
+
+def paired_difference(a: list[float], b: list[float], z: float = 1.96) -> dict:
+    """Mean of ``a − b`` over the same evaluation windows with its normal 95 % interval; ``within_noise``
+    when the interval holds 0. This is the evaluation sample's noise only, not a training seed's."""
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else float("inf")
+    return {"mean": mean, "low": mean - z * se, "high": mean + z * se, "within_noise": abs(mean) <= z * se}
 
 
 def write_rolling_task(task_dir: str, name: str, jsonl: str) -> str:

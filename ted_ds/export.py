@@ -208,7 +208,7 @@ def export_checkpoint(path: str, out: str | None, tag: str | None = None, dtype:
         batch = sample_batch(data["path"] or data["sources"][0]["path"], data["seq_len"], config.vocab_size)
         done.append(f"wrote {out} from {tag} ({verify_export(out, student, config, batch, torch_dtype)})")
     if filters_out is not None:
-        bank_state = state if is_bank else _split(state, "filters.")
+        bank_state = (_split(state, "bank.") or state) if is_bank else _split(state, "filters.")  # bank. : own heads
         if not bank_state or run.get("filters") is None:
             raise CheckpointError(f"{ckpt_dir}/{tag} holds no filter bank (method without filters)")
         save_filter_bank(bank_state, run["filters"], filters_out)

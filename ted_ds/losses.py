@@ -180,3 +180,21 @@ def _head_ce_chunk(head, grad_scale, grad_rows, h: torch.Tensor, labels: torch.T
         loss_sum = _ce_chunk(grad_scale, grad_logits, logits.detach(), labels)
         grad_rows.copy_(torch.autograd.grad(logits, h, grad_logits)[0])
     return loss_sum
+
+
+def trained_head_lm_loss(head, h: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Stage 1 with a trainable head: mean next-token CE of ``head(h)`` for one tap, h (B, T, D).
+
+    The head is learned, so its parameters need gradients and the closed-form path of
+    ``tap_lm_losses`` (input gradient only) does not apply; instead each chunk runs under activation
+    checkpointing: only a chunk's input is kept and its logits are recomputed in the backward pass,
+    so at most one chunk's (chunk × V) logits exist at a time here too.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    h, labels = h.flatten(0, 1), labels.flatten()
+    kept = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    chunk_sum = lambda x, y: F.cross_entropy(head(x).float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
+    total = sum(checkpoint(chunk_sum, h[i:i + chunk_tokens], labels[i:i + chunk_tokens], use_reentrant=False)
+                for i in range(0, h.shape[0], chunk_tokens))
+    return total / kept.float()

@@ -8,6 +8,7 @@ loss of one micro-batch.  The trainer only ever sees a ``Stage``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -29,7 +30,7 @@ from ted_ds.engine import build_frozen, build_trained_engine, compute_dtype, wsd
 from ted_ds.errors import ConfigError
 from ted_ds.filters import FilterBank, load_filter_bank
 from ted_ds.hub import with_local_models
-from ted_ds.losses import ObjectiveWeights, distill_objective, lm_loss, tap_lm_losses
+from ted_ds.losses import ObjectiveWeights, distill_objective, lm_loss, tap_lm_losses, trained_head_lm_loss
 
 
 @dataclass
@@ -357,29 +358,44 @@ def build_distill(p: Plan, ds: dict) -> Stage:
     return Stage(f"distill-{method}", engine, frozen, loss, eval_loss, flops, trained)
 
 
+class FiltersWithHeads(nn.Module):
+    """The trained module of stage 1 with ``distill.filter_head: trainable``: the bank and one
+    next-token head per tap (copies of the teacher's final norm + unembedding). Only the bank is
+    kept after stage 1; the heads exist to train it."""
+
+    def __init__(self, bank: FilterBank, head: nn.Module):
+        super().__init__()
+        self.bank = bank
+        self.heads = nn.ModuleList(copy.deepcopy(head).requires_grad_(True) for _ in bank.layers)
+
+    def forward(self, states: list[torch.Tensor], labels: torch.Tensor) -> list[torch.Tensor]:
+        return [trained_head_lm_loss(head, h, labels) for head, h in zip(self.heads, self.bank(states))]
+
+
 def build_filter_learning(p: Plan, ds: dict, which: str) -> Stage:
-    """Stage 1: filters on the frozen ``which`` model learn to predict the next token through the
-    teacher's frozen head, at every tap."""
+    """Stage 1: filters on the frozen ``which`` model learn to predict the next token at every tap,
+    through the teacher's frozen head or through a head of their own (``distill.filter_head``)."""
     cfg = p.cfg
     if which == "teacher":
         layers, conf, load = p.teacher_layers, p.teacher_config, functools.partial(load_teacher, cfg)
     else:
         layers, conf, load = p.student_layers, p.student_config, functools.partial(load_student, p)
     bank = FilterBank(cfg.distill.filter, M.hidden_size(conf), p.filter_dim, layers, seed=cfg.train.seed)
-    engine = build_trained_engine(cfg, bank, ds, p.total_steps)
+    head = M.TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code, compute_dtype(ds), D.device(),
+                      p.manifest["vocab_size"])
+    trainable = cfg.distill.filter_head == "trainable"
+    engine = build_trained_engine(cfg, FiltersWithHeads(bank, head) if trainable else bank, ds, p.total_steps)
     if which == "student" and cfg.teacher.placement == "pipeline":  # a pipeline is for the teacher's size
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, placement="zero3"))
     frozen = build_frozen(cfg, load, layers, None, False, ds, p.document_eos)
-    head = M.TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code, compute_dtype(ds), D.device(),
-                      p.manifest["vocab_size"])
     n_filter = sum(p_.numel() for p_ in bank.parameters() if p_.ndim >= 2)
     head_mm = M.hidden_size(p.teacher_config) * M.vocab_size(p.teacher_config)
     flops = (_flops_per_token(M.matmul_parameters(M.meta_model(conf)), conf, cfg.data.seq_len, False)
-             + 6 * n_filter + 4 * head_mm * len(layers))  # head: forward + backward to its input
+             + 6 * n_filter + (8 if trainable else 4) * head_mm * len(layers))  # head: forward + backward(s)
 
     def loss(input_ids, labels):
-        filtered = engine([h.to(engine.device) for h in frozen(input_ids).taps])
-        per_tap = tap_lm_losses(head, filtered, labels.to(engine.device))
+        taps, labels = [h.to(engine.device) for h in frozen(input_ids).taps], labels.to(engine.device)
+        per_tap = engine(taps, labels) if trainable else tap_lm_losses(head, engine(taps), labels)
         terms = {f"tap_lm/L{layer}": v for layer, v in zip(layers, per_tap)}
         terms["loss"] = torch.stack(per_tap).mean()
         return terms

@@ -213,7 +213,8 @@ def run_stage(cfg: RunConfig, filters_for: str | None = None) -> tuple[Stage, Pl
     p = plan(cfg, filters_for=filters_for)
     ds = resolve_ds_config(cfg, D.expected_world_size())  # every check happens before the process group
     check_fits(p, ds, D.expected_world_size(), D.local_world_size(),
-               with_teacher=cfg.uses_teacher or filters_for == "teacher")
+               with_teacher=cfg.uses_teacher or filters_for == "teacher",
+               trained_heads=len(p.pairs) if filters_for and cfg.distill.filter_head == "trainable" else 0)
     D.init(cfg.train.timeout_minutes)
     if D.rank() == 0 and p.vocabularies:
         print(f"ted-ds: {p.vocabularies}", file=sys.stderr)  # the sizes the checks compared

@@ -406,6 +406,24 @@ def test_lm_eval_harness_runs_offline_on_the_export(reference_run, tmp_path):
     assert results["word_perplexity,none"] > 1.0 and 0 < results["bits_per_byte,none"] < 20
 
 
+def test_per_window_losses_make_the_loss_and_pair_models_on_the_same_windows(reference_run, tiny):
+    """What the demo's "within noise" column stands on: each window's mean NLL averages to the loss,
+    and the paired interval is a hand computation (sd 0.1414 over 5 windows: ±1.96·0.0632)."""
+    from ted_ds.evaluate import evaluate_hf, paired_difference
+
+    r = evaluate_hf(f"{reference_run[1]}/hf", tiny["llama_data"], "valid", 32, 4, 12, "cpu", progress=False,
+                    per_window=True)
+    assert len(r["window_loss"]) == 12 and sum(r["window_loss"]) / 12 == pytest.approx(r["loss"], rel=1e-6)
+    assert "window_loss" not in evaluate_hf(f"{reference_run[1]}/hf", tiny["llama_data"], "valid", 32, 4, 2, "cpu",
+                                            progress=False)
+    same = paired_difference(r["window_loss"], r["window_loss"])
+    assert same["mean"] == 0 and same["within_noise"]
+    d = paired_difference([0.0, -0.2, 0.2, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0])
+    assert (d["mean"], d["low"], d["high"]) == pytest.approx((-1.0, -1.124, -0.876), abs=1e-3)
+    assert not d["within_noise"]
+    assert paired_difference([0.1, -0.1, 0.2, -0.2], [0.0] * 4)["within_noise"]
+
+
 def test_export_of_a_tied_gpt2_student_and_bad_checkpoint_paths(tiny, tmp_path, capsys):
     from ted_ds.cli import main as ted_main
 

@@ -50,6 +50,9 @@ def runs(tiny, tmp_path_factory):
                                                             "optim.lr": 5e-2}), "teacher"),
         "filters_student": (base_config(ll, lt, o("fs"), **{"train.steps": 10, "train.eval_interval": 1,
                                                             "optim.lr": 5e-2}), "student"),
+        "filters_student_trainable": (base_config(ll, lt, o("fst"), **{
+            "train.steps": 3, "train.eval_interval": 1, "optim.lr": 5e-2, "distill.filter_head": "trainable",
+            "train.save_interval": 3}), "student"),
         "ted_replicated": (base_config(ll, lt, o("ted_rep"), **filters), None),
         "ted_zero3": (base_config(ll, lt, o("ted_z3"), **filters, **{"teacher.placement": "zero3"}), None),
         "ted_pipeline": (base_config(ll, lt, o("ted_pp"), **filters, **{"teacher.placement": "pipeline",
@@ -92,6 +95,27 @@ def test_stage1_lowers_the_tap_lm_loss(runs):
         per_tap = [k for k in metrics(runs["dirs"][name])[0] if k.startswith("loss/tap_lm/")]
         assert len(per_tap) == 2  # two taps, each logged
         assert os.path.isfile(os.path.join(runs["dirs"][name], f"filters-{name.split('_')[1]}", "filters.json"))
+
+
+def test_trainable_heads_start_from_the_teachers_head_then_learn_and_only_the_bank_is_kept(runs, tmp_path):
+    """distill.filter_head: trainable — step 1 equals the shared frozen head's run (same filters, heads
+    initialised from the teacher's norm + unembedding); afterwards the heads learn, so the runs part;
+    the saved bank holds filters only, loads for stage 2, and matches the offline export."""
+    from ted_ds.export import export_checkpoint
+    from ted_ds.filters import load_filter_bank
+
+    shared, own = losses(runs["dirs"]["filters_student"]), losses(runs["dirs"]["filters_student_trainable"])
+    assert own[0] == pytest.approx(shared[0], rel=1e-6), (own, shared)
+    assert all(abs(a - b) > 1e-4 for a, b in zip(own[1:], shared[1:3])), (own, shared)
+    assert len([k for k in metrics(runs["dirs"]["filters_student_trainable"])[0] if k.startswith("loss/tap_lm/")]) == 2
+    bank_dir = os.path.join(runs["dirs"]["filters_student_trainable"], "filters-student")
+    saved = load_file(os.path.join(bank_dir, "filters.safetensors"))
+    assert saved and all(k.startswith("filters.") for k in saved), sorted(saved)
+    meta = json.load(open(os.path.join(bank_dir, "filters.json")))
+    load_filter_bank(bank_dir, meta, "student.filters")
+    export_checkpoint(runs["dirs"]["filters_student_trainable"], None, filters_out=str(tmp_path / "offline"))
+    offline = load_file(str(tmp_path / "offline" / "filters.safetensors"))
+    assert offline.keys() == saved.keys() and all(torch.equal(offline[k], saved[k]) for k in saved)
 
 
 def _reference(config_path: str, steps: int):

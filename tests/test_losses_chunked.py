@@ -6,6 +6,7 @@ short last chunk; the memory checks would fail if the full (tokens × vocab) fp3
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import pytest
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ted_ds.losses import IGNORE_INDEX, kd_loss, lm_loss, tap_lm_losses
+from ted_ds.losses import IGNORE_INDEX, kd_loss, lm_loss, tap_lm_losses, trained_head_lm_loss
 
 B, T, V, D, K = 3, 101, 50, 16, 5
 CHUNK = 64
@@ -112,6 +113,28 @@ def test_tap_losses_match_autograd():
         assert rel_err(loss.detach(), ref_loss.detach()) <= 1e-6
         assert rel_err(h.grad, ref_h.grad) <= 1e-6
     assert all(p.grad is None for p in head.parameters())
+
+
+def test_a_trainable_head_gets_the_gradients_of_autograd():
+    """distill.filter_head: trainable — value and gradients (tap and head) equal plain autograd."""
+    head, labels = frozen_head().requires_grad_(True), inputs()["labels"]
+    ref_head = copy.deepcopy(head)
+    h = torch.randn(B, T, D, requires_grad=True)
+    ref_h = h.detach().clone().requires_grad_()
+    loss, ref_loss = trained_head_lm_loss(head, h, labels, chunk_tokens=CHUNK), reference_ce(ref_head(ref_h), labels)
+    (GRAD_OUTPUT * loss).backward()
+    (GRAD_OUTPUT * ref_loss).backward()
+    assert rel_err(loss.detach(), ref_loss.detach()) <= 1e-6 and rel_err(h.grad, ref_h.grad) <= 1e-6
+    for p, ref_p in zip(head.parameters(), ref_head.parameters()):
+        assert rel_err(p.grad, ref_p.grad) <= 1e-6
+
+
+def test_a_trainable_head_keeps_one_chunk_of_logits():
+    head, labels = frozen_head().requires_grad_(True), inputs()["labels"]
+    saved, largest = saved_bytes_and_largest_fp32(lambda h: trained_head_lm_loss(head, h, labels, CHUNK),
+                                                  torch.randn(B, T, D))
+    assert largest <= CHUNK * V
+    assert saved <= B * T * D * 4 + B * T * 8 + 16  # the chunks' inputs, their labels and a count: no logits
 
 
 # ----------------------------------------------------------------------------- memory

@@ -21,15 +21,23 @@ def test_repro_quick_produces_every_student_and_the_report(tmp_path):
                         "--corpus", str(big)], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     results = json.load(open(out / "results.json"))
-    assert set(results["students"]) == {"lm", "kd", "lwd", "ted"}
-    for method, runs in results["students"].items():
-        assert len(runs) == 1 and os.path.isfile(out / "work" / "seed1" / method / "hf" / "model.safetensors")
-        assert runs[0]["eval"]["ppl"] > 1 and runs[0]["lm_eval"]["bits_per_byte"] > 0
-        assert len(runs[0]["curve"]) == 4
+    methods = {"lm", "kd", "lwd", "ted", "ted-trainable"}
+    for geometry in ("same-width", "narrow"):
+        assert set(results["students"][geometry]) == methods
+        assert set(results["chosen"][geometry]) == {"kd", "lwd", "ted"}
+        assert set(results["valid_tuning"][geometry]["ted"]) == {"1.0", "3.0"}
+        for runs in results["students"][geometry].values():
+            assert [r["seed"] for r in runs] == [1, 2]
+            assert all(r["test"]["ppl"] > 1 and r["lm_eval"]["bits_per_byte"] > 0 for r in runs)
+            assert len(runs[0]["curve"]) == 4
+    narrow = json.load(open(out / "work" / "narrow" / "lm" / "seed1" / "hf" / "config.json"))
+    assert narrow["hidden_size"] == results["size"]["hidden"] // 2
+    assert set(results["stage1"]) == {f"{m}-{h}" for m in ("teacher", "same-width", "narrow")
+                                      for h in ("teacher", "trainable")}
     table = (out / "results.md").read_text()
-    for method in ("lm", "kd", "lwd", "ted"):
-        assert f"| student {method} |" in table
-    assert "Ranking by held-out perplexity" in table
+    for method in methods:
+        assert f"| student {method}" in table
+    assert table.count("ted < kd: **") == 2 and "Stage 1" in table
     assert (out / "loss_curves.png").stat().st_size > 1000 and (out / "perplexity.png").stat().st_size > 1000
 
 

@@ -79,6 +79,28 @@ def test_runs_that_cannot_fit_are_refused_in_one_line(tiny, tmp_path, capsys, mo
     assert "pipeline_stages 8 must divide the number of ranks 1" in err and "\n" not in err
 
 
+def test_trainable_stage1_heads_count_in_the_floor(tiny, tmp_path, monkeypatch):
+    """Stage 1 with ``filter_head: trainable`` trains a norm + unembedding per tap under ZeRO-3: a rank
+    that holds the floor without them is refused with them."""
+    from ted_ds import capacity
+    from ted_ds.config import load_config
+    from ted_ds.errors import ConfigError
+    from ted_ds.models import hidden_size, vocab_size
+    from ted_ds.stages import plan
+
+    cfg = base_config(tiny["llama_data"], tiny["llama_teacher"], str(tmp_path / "o"))
+    p = plan(load_config(write_config(str(tmp_path / "c.yaml"), **cfg)), "student")
+    ds = {"zero_optimization": {"reduce_bucket_size": 0}}
+    floor = capacity.rank_floor_bytes(None, p.student_config, "replicated", 1, 1, None, torch.float32,
+                                      p.cfg.train.micro_batch_size * p.cfg.data.seq_len)
+    heads = 16 * len(p.pairs) * vocab_size(p.teacher_config) * hidden_size(p.teacher_config)
+    monkeypatch.setattr(capacity, "visible_bytes", lambda local_ranks: (floor + heads / 2, "host"))
+    capacity.check_fits(p, ds, 1, 1, with_teacher=False)
+    capacity.check_fits(p, ds, 1, 1, with_teacher=False, trained_heads=0)
+    with pytest.raises(ConfigError, match="needs at least"):
+        capacity.check_fits(p, ds, 1, 1, with_teacher=False, trained_heads=len(p.pairs))
+
+
 def test_arch_list_that_deepspeed_can_parse():
     """Hopper images set TORCH_CUDA_ARCH_LIST=9.0a, which DeepSpeed's fused-Adam builder cannot parse
     (seen on an H100); the rank start rewrites it to plain numbers."""
