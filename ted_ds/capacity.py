@@ -37,7 +37,7 @@ def teacher_share(teacher_config, placement: str, world: int, stages: int, expli
         return total
     if placement == "zero3":  # its slice, and each parameter gathered whole while it computes
         return math.ceil(total / world) + max(p.numel() for p in model.parameters())
-    from ted_ds.pipeline import stage_layout
+    from ted_ds.pipeline.layout import stage_blocks
 
     blocks = [sum(p.numel() for p in b.parameters()) for b in M.decoder_layers(model)]
     inside = {id(p) for b in M.decoder_layers(model) for p in b.parameters()}
@@ -47,7 +47,7 @@ def teacher_share(teacher_config, placement: str, world: int, stages: int, expli
     head = model.get_output_embeddings()
     if head is not None and id(head.weight) in embeddings:  # tied: the last stage holds its own copy
         last += head.weight.numel()
-    bounds = stage_layout(teacher_config, stages, explicit)
+    bounds = stage_blocks(teacher_config, stages, explicit)
     return max(sum(blocks[a:b]) + first * (s == 0) + last * (s == len(bounds) - 1)
                for s, (a, b) in enumerate(bounds))
 

@@ -160,7 +160,7 @@ def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_lo
         engine, *_ = deepspeed.initialize(model=frozen, config=fds)
         return Zero3Teacher(engine)
     if placement == "pipeline":
-        from ted_ds.pipeline import build_pipeline_teacher
+        from ted_ds.pipeline.schedule import build_pipeline_teacher
 
         return build_pipeline_teacher(cfg, layers, filters, need_logits, dtype, document_eos, vocab)
     raise ConfigError(f"unknown teacher.placement {placement!r}")

@@ -4,7 +4,7 @@ Every placement implements the same call, ``teacher(input_ids) -> TeacherOutput`
 
 * ``ReplicatedTeacher``: a full copy on each rank.
 * ``Zero3Teacher``: parameters sharded over all ranks by a ZeRO-3 inference engine.
-* ``PipelineTeacher`` (``ted_ds.pipeline``): layers split over the ranks of a pipeline group.
+* ``PipelineTeacher`` (``ted_ds.pipeline.schedule``): layers split over the ranks of a pipeline group.
 
 The same frozen wrapper serves stage 1 (raw states of teacher or student, no logits) and stage 2
 (teacher states through its frozen filters, plus logits).

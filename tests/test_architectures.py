@@ -39,7 +39,7 @@ def test_stage_surgery_keeps_each_architecture_whole(arch_teachers):
     """A pipeline stage holding every block, embeddings and head is the model itself, bit for bit: Gemma 2's
     embedding computes sqrt(d) into a buffer that is not in the weight files and must not be left empty."""
     from ted_ds.models import load_config, load_model
-    from ted_ds.pipeline import build_stage_model
+    from ted_ds.pipeline.stage import build_stage_model
 
     for kind, path in arch_teachers.items():
         model = load_model(path).eval()

@@ -29,7 +29,8 @@ from ted_ds.engine import build_frozen  # noqa: E402
 from ted_ds.errors import DistributedError  # noqa: E402
 from ted_ds.filters import load_filter_bank  # noqa: E402
 from ted_ds.models import decoder_layers, final_norm, load_config, load_model  # noqa: E402
-from ted_ds.pipeline import PipelineTeacher  # noqa: E402
+from ted_ds.pipeline.layout import PipelineLayout  # noqa: E402
+from ted_ds.pipeline.schedule import PipelineTeacher  # noqa: E402
 from ted_ds.teacher import FrozenLM  # noqa: E402
 
 TAPS = [2, 4]
@@ -42,7 +43,7 @@ def batch(seed: int, shape=(4, 16), vocab=500) -> torch.Tensor:
 def stage_parameters(ref: FrozenLM, pipe: PipelineTeacher) -> int:
     """What this rank's stage must hold, counted on the full teacher: its blocks, the embeddings on the
     first stage, the final norm and head on the last, and the filters of its taps."""
-    start, end = pipe.layout[pipe.stage]
+    start, end = pipe.layout.blocks[pipe.stage]
     modules = list(decoder_layers(ref.model)[start:end])
     if pipe.first:
         modules += [m for m in ref.model.modules() if isinstance(m, torch.nn.Embedding)]
@@ -55,8 +56,9 @@ def stage_parameters(ref: FrozenLM, pipe: PipelineTeacher) -> int:
 
 def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name, vocab=None):
     config = load_config(teacher_dir)
-    pipe = PipelineTeacher(teacher_dir, config, TAPS, bank, True, stages, None, chunks, logits_dtype, topk, 1.0,
-                           vocab=vocab)
+    layout = PipelineLayout.resolve(config, TAPS, bank, stages=stages, chunks=chunks, logits_topk=topk,
+                                    logits_dtype=logits_dtype, vocab=vocab)
+    pipe = PipelineTeacher(layout, teacher_dir, config, bank, 1.0)
     ref = FrozenLM(load_model(teacher_dir), TAPS, bank, True, topk, vocab=vocab)
     exact = True
     max_diff = 0.0
@@ -122,8 +124,8 @@ def main():
     expect = {"kind": "linear", "in_dim": config.hidden_size, "out_dim": config.hidden_size, "layers": TAPS}
     bank = load_filter_bank(args.bank, expect, "bank")
     if args.fault:
-        pipe = PipelineTeacher(args.teacher, config, TAPS, bank, True, D.world_size(), None, 1, torch.float32, 0,
-                               0.25)
+        layout = PipelineLayout.resolve(config, TAPS, bank, stages=D.world_size())
+        pipe = PipelineTeacher(layout, args.teacher, config, bank, 0.25)
         try:
             if args.fault == "die" and D.rank() == D.world_size() - 1:
                 os._exit(17)  # the last stage dies before sending anything

@@ -95,8 +95,9 @@ def pipeline_matches_disk(pipe, cfg) -> bool:
     disk = load_model(cfg.teacher.path).state_dict()
     ok = all(torch.equal(v, disk[k]) for k, v in pipe.model.state_dict().items() if not v.is_meta and k in disk)
     if pipe.filters is not None:
-        bank = load_filter_bank(cfg.teacher.filters, {"kind": cfg.distill.filter, "in_dim": pipe.hidden_size,
-                                                      "out_dim": pipe.filter_dim, "layers": pipe.tap_layers}, "t")
+        bank = load_filter_bank(cfg.teacher.filters, {"kind": cfg.distill.filter, "in_dim": pipe.layout.hidden_size,
+                                                      "out_dim": pipe.layout.filter_dim,
+                                                      "layers": list(pipe.layout.tap_layers)}, "t")
         ok &= all(torch.equal(a, b) for i, f in zip(pipe.local_taps, pipe.filters)
                   for a, b in zip(f.state_dict().values(), bank.filters[i].state_dict().values()))
     flag = torch.tensor([1.0 if ok else 0.0])
