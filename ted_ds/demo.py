@@ -78,39 +78,36 @@ def _compare(models: dict[str, str], data: str, seq_len: int) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ted_ds.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="where everything goes (default runs/demo)")
-    parser.add_argument("--ranks", type=int, default=2, help="processes per training command (default 2)")
-    parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
-    args = parser.parse_args(argv)
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    py = sys.executable
-    start = time.time()
+def _prepare_data(out: str) -> tuple[str, str]:
+    """Tokenizer and shards of the bundled Wikipedia sample."""
     tok, data = os.path.join(out, "tokenizer"), os.path.join(out, "data")
     if not os.path.isdir(tok):
-        _run([py, "-m", "data_prep", "tokenizer", "--input", "sample", "--vocab-size", "4000", "--out", tok],
-             "train a SentencePiece tokenizer on the bundled corpus")
-    _run([py, "-m", "data_prep", "build", "--input", "sample", "--tokenizer", tok, "--out", data, "--workers", "2",
-          "--valid-fraction", "0.02", "--no-progress"], "build packed token shards")
+        _run([sys.executable, "-m", "data_prep", "tokenizer", "--input", "sample", "--vocab-size", "4000", "--out",
+              tok], "train a SentencePiece tokenizer on the bundled corpus")
+    _run([sys.executable, "-m", "data_prep", "build", "--input", "sample", "--tokenizer", tok, "--out", data,
+          "--workers", "2", "--valid-fraction", "0.02", "--no-progress"], "build packed token shards")
+    return tok, data
 
-    steps = {"teacher": 800, "filters": 40, "student": 100, "continual": 100}
-    if args.quick:
-        steps = {"teacher": 6, "filters": 3, "student": 4, "continual": 4}
+
+def _trainer(out: str, data: str, ranks: int, quick: bool):
+    """``train(what, name, steps, command, *overrides)``: one real command on demo.yaml with the demo's paths."""
     base = os.path.join(HERE, "configs", "demo.yaml")
     paths = [f"data.path={data}", f"teacher.path={out}/teacher/hf",
              f"teacher.filters={out}/filters-teacher/filters-teacher",
              f"student.filters={out}/filters-student/filters-student",
              f"train.deepspeed_config={os.path.join(REPO, 'ds_configs', 'zero3_cpu.json')}"]
-    if args.quick:
+    if quick:
         paths += ["train.eval_interval=2", "train.log_interval=1", "train.save_interval=2", "data.eval_samples=8"]
 
     def train(what: str, name: str, n_steps: int, command: list[str], *overrides: str) -> None:
-        _run(_deepspeed(args.ranks, *command, "--config", base, *paths, f"train.out_dir={out}/{name}",
+        _run(_deepspeed(ranks, *command, "--config", base, *paths, f"train.out_dir={out}/{name}",
                         f"train.steps={n_steps}", *overrides), what)
 
+    return train
+
+
+def _distil(train, steps: dict) -> None:
+    """Steps 2–4: the teacher, stage 1 on both sides, and the ted, kd and lm students."""
     train("pre-train the teacher (method: lm)", "teacher", steps["teacher"], ["distill"],
           f"student.config={os.path.join(HERE, 'configs', 'demo_teacher.json')}", "student.init_from_teacher=null",
           "distill.method=lm", "optim.lr=3e-3")
@@ -120,32 +117,50 @@ def main(argv: list[str] | None = None) -> int:
     for method in ("ted", "kd", "lm"):
         train(f"student by {method}", method, steps["student"], ["distill"], f"distill.method={method}")
 
-    models = {"teacher": f"{out}/teacher/hf", **{m: f"{out}/{m}/hf" for m in ("ted", "kd", "lm")}}
-    table = _compare(models, data, 128)
 
+def _continual(train, out: str, tok: str, data: str, steps: int, quick: bool) -> list[str]:
+    """Step 6: the TED student on books with 25 % Wikipedia replay; per-source perplexity before and after."""
     books = os.path.join(out, "data-books")
-    _run([py, "-m", "data_prep", "build", "--input", BOOKS, "--tokenizer", tok, "--out", books, "--workers", "2",
-          "--valid-fraction", "0.05", "--no-progress"], "build the new domain's shards (books, the same tokenizer)")
+    _run([sys.executable, "-m", "data_prep", "build", "--input", BOOKS, "--tokenizer", tok, "--out", books,
+          "--workers", "2", "--valid-fraction", "0.05", "--no-progress"],
+         "build the new domain's shards (books, the same tokenizer)")
     sources = {"books": books, "wiki": data}
-    eval_samples = 8 if args.quick else 64
-    before = {name: _eval_ppl(f"{out}/ted/hf", path, 128, eval_samples) for name, path in sources.items()}
+    before = {name: _eval_ppl(f"{out}/ted/hf", path, 128, 8 if quick else 64) for name, path in sources.items()}
     train("continual pre-training of the TED student: books + 25 % Wikipedia replay, WSD re-warmed", "continual",
-          steps["continual"], ["distill"], "distill.method=lm", f"train.init_from={out}/ted/hf",
-          "student.init_from_teacher=null", "data.path=''",
+          steps, ["distill"], "distill.method=lm", f"train.init_from={out}/ted/hf", "student.init_from_teacher=null",
+          "data.path=''",
           f"data.sources=[{{name: books, path: {books}, weight: 0.75}}, {{name: wiki, path: {data}, weight: 0.25}}]",
-          "optim.schedule=wsd", "optim.decay_fraction=0.2", f"optim.warmup_steps={1 if args.quick else 10}",
+          "optim.schedule=wsd", "optim.decay_fraction=0.2", f"optim.warmup_steps={1 if quick else 10}",
           "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_start_lr=2e-4")
     after = {name: _final(f"{out}/continual", f"eval/{name}/ppl") for name in sources}
+    return [f"  {'source':<10} {'before':>10} {'after':>10}",
+            *(f"  {name:<10} {before[name]:10.2f} {after[name]:10.2f}" for name in sources)]
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ted_ds.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo", help="where everything goes (default runs/demo)")
+    parser.add_argument("--ranks", type=int, default=2, help="processes per training command (default 2)")
+    parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
+    args = parser.parse_args(argv)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    start = time.time()
+    tok, data = _prepare_data(out)
+    steps = {"teacher": 800, "filters": 40, "student": 100, "continual": 100}
+    if args.quick:
+        steps = {"teacher": 6, "filters": 3, "student": 4, "continual": 4}
+    train = _trainer(out, data, args.ranks, args.quick)
+    _distil(train, steps)
+    table = _compare({"teacher": f"{out}/teacher/hf", **{m: f"{out}/{m}/hf" for m in ("ted", "kd", "lm")}}, data, 128)
+    continual = _continual(train, out, tok, data, steps["continual"], args.quick)
     print(f"\nvalidation perplexity on {data}: teacher (4 layers, lm) and 2-layer students, same token budget:")
     print("\n".join(table))
     print("\ncontinual pre-training of the TED student (75 % books, 25 % Wikipedia replay), validation perplexity:")
-    print(f"  {'source':<10} {'before':>10} {'after':>10}")
-    for name in sources:
-        print(f"  {name:<10} {before[name]:10.2f} {after[name]:10.2f}")
+    print("\n".join(continual))
     print(f"demo finished in {time.time() - start:.0f} s; students in {out}/{{ted,kd,lm,continual}}/hf")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
