@@ -45,7 +45,7 @@ QUICK = {"vocab": 1000, "teacher_layers": 4, "hidden": 64, "heads": 4, "seq_len"
 
 def prepare_data(out: str, size: dict, corpus: str | None, extra: list[str]) -> tuple[str, str, str]:
     """Tokenizer, shards, and a JSONL of held-out documents (the valid split's own documents)."""
-    from data_prep.build import split_of
+    from data_prep.format import split_of
 
     corpus = corpus or corpus_path(out)
     if size["corpus_lines"]:

@@ -179,7 +179,7 @@ def verify_export(hf_dir: str, state: dict[str, torch.Tensor], config, batch: to
 
 
 def _has_split(data_path: str, split: str) -> bool:
-    from data_prep.verify import read_manifest
+    from data_prep.format import read_manifest
 
     return bool(read_manifest(data_path)["shards"].get(split))
 

@@ -257,7 +257,7 @@ def test_sources_must_share_tokenizer_bos_and_evaluation(sources):
 
 def test_add_bos_starts_every_document_with_bos(sources, sp_tokenizer, tmp_path, capsys):
     from data_prep.cli import main
-    from data_prep.verify import read_manifest
+    from data_prep.format import read_manifest
 
     plain, bos = read_manifest(sources["sp"]), read_manifest(sources["bos"])
     assert bos["add_bos"] is True and plain["add_bos"] is False
