@@ -349,7 +349,7 @@ def apply_override(data: dict, override: str) -> None:
         raise ConfigError(f"override {key}: cannot parse value {raw!r} ({e})") from None
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     data: dict = {}
     if path is not None:
         if not os.path.isfile(path):

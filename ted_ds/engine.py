@@ -17,8 +17,8 @@ import os
 import torch
 from torch import nn
 
-from ted_ds import distributed as D
-from ted_ds import models as M
+from ted_ds import distributed
+from ted_ds.architectures import ndim
 from ted_ds.config import RunConfig, accumulation_steps
 from ted_ds.documents import for_model
 from ted_ds.errors import ConfigError
@@ -117,7 +117,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
-            (decay if M.ndim(p) >= 2 else no_decay).append(p)
+            (decay if ndim(p) >= 2 else no_decay).append(p)
     return [g for g in ({"params": decay, "weight_decay": weight_decay},
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
@@ -143,7 +143,7 @@ def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_lo
     documents stay apart (``data.document_attention``, see ted_ds.documents).  ``vocab``: logits keep
     only the tokenizer's ids (a head padded past them drops its extra rows before KD and top-k)."""
     placement = cfg.teacher.placement
-    dtype, device = compute_dtype(ds), D.device()
+    dtype, device = compute_dtype(ds), distributed.device()
     if filters is not None:
         filters = filters.to(device, dtype)
     if placement == "replicated":

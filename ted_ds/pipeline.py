@@ -32,13 +32,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ted_ds import distributed as D
-from ted_ds import models as M
-from ted_ds import weights as W
+from ted_ds import distributed
+from ted_ds.architectures import (
+    decoder_layers,
+    final_norm,
+    hidden_size,
+    layout,
+    load_hf_config,
+    meta_model,
+    module_name,
+    num_layers,
+    vocab_size,
+)
 from ted_ds.documents import for_model, forward_kwargs
 from ted_ds.errors import ConfigError, DistributedError
 from ted_ds.filters import FilterBank
+from ted_ds.taps import TapRecorder
 from ted_ds.teacher import TeacherOutput, topk_logits
+from ted_ds.weights import WeightReader, fill_modules
 
 
 # ----------------------------------------------------------------------------- partitioning
@@ -71,16 +82,16 @@ def balanced_partition(costs: list[int], parts: int) -> list[int]:
 def stage_layout(config, stages: int, explicit: list[int] | None) -> list[tuple[int, int]]:
     """[start, end) block ranges per stage: explicit sizes, or balanced by parameter count with the
     embeddings counted on stage 0 and the head on the last stage."""
-    n = M.num_layers(config)
+    n = num_layers(config)
     if explicit is not None:
         if len(explicit) != stages or sum(explicit) != n or min(explicit) < 1:
             raise ConfigError(f"teacher.pipeline_layers {explicit} must be {stages} positive counts summing to "
                               f"the teacher's {n} layers")
         sizes = explicit
     else:
-        meta = M.meta_model(config)
-        blocks = [sum(p.numel() for p in b.parameters()) for b in M.decoder_layers(meta)]
-        embed = M.vocab_size(config) * M.hidden_size(config)
+        meta = meta_model(config)
+        blocks = [sum(p.numel() for p in b.parameters()) for b in decoder_layers(meta)]
+        embed = vocab_size(config) * hidden_size(config)
         # stage 0 also embeds and the last stage also projects to the vocabulary: weigh them in
         costs = list(blocks)
         costs[0] += embed
@@ -138,10 +149,10 @@ def build_stage_model(path: str, config, start: int, end: int, first: bool, last
     """The teacher's module tree with only blocks [start, end) (and embeddings / norm + head where
     this stage needs them) given storage and weights in ``dtype`` on ``device``; everything else is
     a stand-in or stays on the meta device, never executed."""
-    model = M.meta_model(config)
-    blocks_path, norm_path = M.layout(model)
-    blocks = M.decoder_layers(model)
-    embed_name = M.module_name(model, model.get_input_embeddings())
+    model = meta_model(config)
+    blocks_path, norm_path = layout(model)
+    blocks = decoder_layers(model)
+    embed_name = module_name(model, model.get_input_embeddings())
     local = {f"{blocks_path}.{i}": blocks[i] for i in range(start, end)}
     extra_embeddings = {name: m for name, m in model.named_modules()
                         if isinstance(m, nn.Embedding) and name != embed_name and not name.startswith(blocks_path)}
@@ -149,9 +160,9 @@ def build_stage_model(path: str, config, start: int, end: int, first: bool, last
         local[embed_name] = model.get_input_embeddings()
         local.update(extra_embeddings)
     if last:
-        local[norm_path] = M.final_norm(model)
-        local[M.module_name(model, model.get_output_embeddings())] = model.get_output_embeddings()
-    W.fill_modules(model, local, W.WeightReader(path), dtype, device)
+        local[norm_path] = final_norm(model)
+        local[module_name(model, model.get_output_embeddings())] = model.get_output_embeddings()
+    fill_modules(model, local, WeightReader(path), dtype, device)
     for i in list(range(0, start)) + list(range(end, len(blocks))):
         blocks[i] = PassThrough()
     injected = Injected()
@@ -191,7 +202,7 @@ class PipelineTeacher:
                  stages: int, explicit_layers: list[int] | None, chunks: int, logits_dtype: torch.dtype,
                  logits_topk: int, timeout_minutes: float, dtype: torch.dtype = torch.float32,
                  document_eos: int | None = None, vocab: int | None = None):
-        world, rank = D.world_size(), D.rank()
+        world, rank = distributed.world_size(), distributed.rank()
         if world % stages:
             raise ConfigError(f"teacher.pipeline_stages {stages} must divide the number of ranks {world}")
         self.P, self.chunks, self.need_logits, self.topk = stages, chunks, need_logits, logits_topk
@@ -205,22 +216,22 @@ class PipelineTeacher:
         self.layout = stage_layout(config, stages, explicit_layers)
         start, end = self.layout[self.stage]
         self.first, self.last = self.stage == 0, self.stage == stages - 1
-        self.device = D.device()
+        self.device = distributed.device()
         self.model, self.injected = build_stage_model(path, config, start, end, self.first, self.last, dtype,
                                                       self.device)
         # logits keep the tokenizer's ids only: a head padded past them drops its extra rows
-        self.hidden_size, self.dtype = M.hidden_size(config), dtype
-        self.vocab = min(vocab, M.vocab_size(config)) if vocab else M.vocab_size(config)
+        self.hidden_size, self.dtype = hidden_size(config), dtype
+        self.vocab = min(vocab, vocab_size(config)) if vocab else vocab_size(config)
         # every stage recomputes the positions and mask from the chunk's token ids, which it holds
         self.documents = for_model(self.model, document_eos, dtype)
         # taps: global order, which stage holds each, and the local filters
         self.tap_layers = list(tap_layers)
         self.tap_stage = [self._stage_of_layer(layer) for layer in self.tap_layers]
         self.local_taps = [i for i, s in enumerate(self.tap_stage) if s == self.stage]
-        self.recorder = M.TapRecorder(self.model, [self.tap_layers[i] for i in self.local_taps]) \
+        self.recorder = TapRecorder(self.model, [self.tap_layers[i] for i in self.local_taps]) \
             if self.local_taps else None
         if not self.last:
-            _stop_after(M.decoder_layers(self.model)[end - 1])
+            _stop_after(decoder_layers(self.model)[end - 1])
         self.filters = None
         self.filter_dim = self.hidden_size
         if filters is not None:
@@ -258,8 +269,8 @@ class PipelineTeacher:
             if not work.wait(self.timeout):
                 raise RuntimeError("timed out")
         except RuntimeError as e:
-            raise DistributedError(f"pipeline teacher, stage {self.stage} (rank {D.rank()}): {what} failed — a "
-                                   f"peer stage died, timed out or disagreed on shapes "
+            raise DistributedError(f"pipeline teacher, stage {self.stage} (rank {distributed.rank()}): {what} "
+                                   f"failed — a peer stage died, timed out or disagreed on shapes "
                                    f"({str(e).splitlines()[0][:160]})") from None
 
     def _tag(self, owner: int, chunk: int, kind: int) -> int:
@@ -372,7 +383,7 @@ class PipelineTeacher:
 def build_pipeline_teacher(cfg, tap_layers: list[int], filters, need_logits: bool, dtype: torch.dtype,
                            document_eos: int | None = None, vocab: int | None = None):
     t = cfg.teacher
-    config = M.load_config(t.path, t.trust_remote_code)
+    config = load_hf_config(t.path, t.trust_remote_code)
     logits_dtype = torch.bfloat16 if t.logits_dtype == "bf16" else torch.float32
     return PipelineTeacher(t.path, config, tap_layers, filters, need_logits, t.pipeline_stages, t.pipeline_layers,
                            t.pipeline_chunks, logits_dtype, t.logits_topk, cfg.train.timeout_minutes, dtype,

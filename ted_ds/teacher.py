@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ted_ds.architectures import count_parameters
 from ted_ds.documents import DocumentAttention, forward_kwargs
 from ted_ds.filters import FilterBank
-from ted_ds.models import TapRecorder, count_parameters
+from ted_ds.taps import TapRecorder
 
 
 @dataclass

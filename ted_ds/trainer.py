@@ -18,7 +18,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from ted_ds import distributed as D
+from ted_ds import distributed
 from ted_ds.capacity import check_fits
 from ted_ds.checkpoint import Checkpointer
 from ted_ds.config import RunConfig, save_config, to_dict
@@ -43,26 +43,27 @@ class StopSignal:
 
     def agreed(self) -> bool:
         """True on every rank if any rank got a signal (one collective)."""
-        flag = torch.tensor([1.0 if self.received else 0.0], device=D.device())
-        return bool(D.all_reduce_sum(flag).item() > 0)
+        flag = torch.tensor([1.0 if self.received else 0.0], device=distributed.device())
+        return bool(distributed.all_reduce_sum(flag).item() > 0)
 
 
 @torch.no_grad()
 def evaluate(stage: Stage, valid: PackedShardDataset, samples: int, micro_batch: int) -> float:
     """Mean eval loss over the first ``samples`` validation windows, split evenly over ranks
     (every rank runs the same number of forwards, as ZeRO-3 needs)."""
-    world = D.world_size()
+    world = distributed.world_size()
     n = max(world, min(samples, len(valid)) // world * world)
-    mine = list(range(D.rank(), n, world))
+    mine = list(range(distributed.rank(), n, world))
     stage.engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=D.device())
+    total = torch.zeros(2, dtype=torch.float64, device=distributed.device())
     for i in range(0, len(mine), micro_batch):
         window = [j % len(valid) for j in mine[i:i + micro_batch]]
-        input_ids, labels = (t.to(D.device()) for t in collate(valid, window))
+        input_ids, labels = (t.to(distributed.device()) for t in collate(valid, window))
         loss = stage.eval_loss(input_ids, labels)
-        total += torch.tensor([loss.item() * len(input_ids), len(input_ids)], dtype=torch.float64, device=D.device())
+        total += torch.tensor([loss.item() * len(input_ids), len(input_ids)], dtype=torch.float64,
+                              device=distributed.device())
     stage.engine.train()
-    total = D.all_reduce_sum(total)
+    total = distributed.all_reduce_sum(total)
     return float(total[0] / total[1])
 
 
@@ -88,7 +89,7 @@ def source_counts(sampler: ConsumedSamplesSampler) -> dict[str, float]:
 def injected_nan(loss: torch.Tensor, step: int, steps: list[int] | None) -> torch.Tensor:
     """The test hook ``train.inject_nan_steps``: rank 0's loss of those steps reads NaN while its
     gradients stay finite, so only the trainer's own check can keep the step from being applied."""
-    if steps and step in steps and D.rank() == 0:
+    if steps and step in steps and distributed.rank() == 0:
         return loss + math.nan
     return loss
 
@@ -100,7 +101,7 @@ def backward_and_step(engine, loss: torch.Tensor, finite: torch.Tensor, boundary
     The ranks agree with one all-reduce, so all skip together.  A skipped step backpropagates NaN on
     purpose: DeepSpeed's overflow check (the same on every ZeRO-3 rank) then drops the accumulated
     gradients and leaves weights, Adam moments and the LR schedule untouched."""
-    skip = boundary and bool(D.all_reduce_sum((~finite).float()).item() > 0)
+    skip = boundary and bool(distributed.all_reduce_sum((~finite).float()).item() > 0)
     engine.backward(loss * math.nan if skip else loss)
     engine.step()
     if skip and engine.was_step_applied():
@@ -120,17 +121,17 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
              for s, m in zip(sources, p.manifests) if m["shards"]["valid"]}  # every source or none (plan)
     blend = Blend(tuple(s.name for s in sources), tuple(len(d) for d in train.parts), tuple(s.weight for s in sources))
     sampler = ConsumedSamplesSampler(blend, cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                                     D.rank(), D.world_size(), cfg.train.seed)
+                                     distributed.rank(), distributed.world_size(), cfg.train.seed)
     step, tokens, bad_steps, bad_in_a_row = 0, 0, 0, 0
     tag = checkpointer.find_resumable()
     if tag is not None:
         state = checkpointer.load(stage.engine, tag)
         step, tokens, bad_steps = state["step"], state["tokens"], state.get("bad_steps", 0)
         sampler.load_state_dict(state["sampler"])
-    log = MetricsLogger(out_dir, D.rank() == 0, p.total_steps, step, cfg.train.progress, stage.name)
+    log = MetricsLogger(out_dir, distributed.rank() == 0, p.total_steps, step, cfg.train.progress, stage.name)
     if tag is not None:
         log.resumed(tag, step, sampler.consumed)
-    peak = device_peak_flops(cfg.train.peak_tflops) * D.world_size()
+    peak = device_peak_flops(cfg.train.peak_tflops) * distributed.world_size()
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     save = lambda: checkpointer.save(stage.engine, step, {"step": step, "tokens": tokens, "bad_steps": bad_steps,
                                                           "sampler": sampler.state_dict()})
@@ -143,9 +144,9 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
         lr = stage.engine.get_lr()[0]  # this step's (the scheduler moves on inside the step)
         sums: dict[str, torch.Tensor] = defaultdict(float)
         micro_batches = sampler.next_batch()
-        finite = torch.ones((), dtype=torch.bool, device=D.device())
+        finite = torch.ones((), dtype=torch.bool, device=distributed.device())
         for i, indices in enumerate(micro_batches):
-            input_ids, labels = (t.to(D.device()) for t in collate(train, indices))
+            input_ids, labels = (t.to(distributed.device()) for t in collate(train, indices))
             terms = stage.loss(input_ids, labels)
             terms["loss"] = injected_nan(terms["loss"], step + 1, cfg.train.inject_nan_steps)
             finite &= torch.isfinite(terms["loss"].detach())
@@ -168,13 +169,13 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
         if step % cfg.train.log_interval == 0 or step == p.total_steps:
             tps = window_steps * tokens_per_step / window_time
             last = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in
-                    D.all_reduce_mean({k: v.item() for k, v in sums.items()}).items()}
+                    distributed.all_reduce_mean({k: v.item() for k, v in sums.items()}).items()}
             grad_norm = stage.engine.get_global_grad_norm()
             last.update({"lr": lr, "tokens": tokens, "tokens_per_s": tps, "bad_steps": bad_steps,
                          "mfu": tps * stage.flops_per_token / peak,
                          "grad_norm": float(grad_norm) if grad_norm is not None else math.nan})
-            if D.device().type == "cuda":
-                last["mem/peak_gib"] = torch.cuda.max_memory_allocated(D.device()) / 2**30
+            if distributed.device().type == "cuda":
+                last["mem/peak_gib"] = torch.cuda.max_memory_allocated(distributed.device()) / 2**30
             if per_source:
                 last.update(source_counts(sampler))
             log.log(step, last)
@@ -211,15 +212,15 @@ def run_stage(cfg: RunConfig, filters_for: str | None = None) -> tuple[Stage, Pl
     """
     stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step
     p = plan(cfg, filters_for=filters_for)
-    ds = resolve_ds_config(cfg, D.expected_world_size())  # every check happens before the process group
-    check_fits(p, ds, D.expected_world_size(), D.local_world_size(),
+    ds = resolve_ds_config(cfg, distributed.expected_world_size())  # every check happens before the process group
+    check_fits(p, ds, distributed.expected_world_size(), distributed.local_world_size(),
                with_teacher=cfg.uses_teacher or filters_for == "teacher")
-    D.init(cfg.train.timeout_minutes)
-    if D.rank() == 0 and p.vocabularies:
+    distributed.init(cfg.train.timeout_minutes)
+    if distributed.rank() == 0 and p.vocabularies:
         print(f"ted-ds: {p.vocabularies}", file=sys.stderr)  # the sizes the checks compared
     seed_everything(cfg.train.seed)
     stage = build_filter_learning(p, ds, filters_for) if filters_for else build_distill(p, ds)
-    if D.rank() == 0:
+    if distributed.rank() == 0:
         os.makedirs(cfg.train.out_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.train.out_dir, "config.yaml"))
     identity = {"stage": stage.name, "vocab_sha256": p.manifest["tokenizer"]["vocab_sha256"],

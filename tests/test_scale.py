@@ -48,10 +48,10 @@ def test_scale_rehearsal_quick_reports_every_placement(tmp_path):
 
 def test_floor_follows_the_placement(tiny):
     """Sharded placements must hold less teacher than a replicated one, and the floor says how much."""
+    from ted_ds.architectures import load_hf_config, meta_model, teacher_blocks_config
     from ted_ds.capacity import rank_floor_bytes, teacher_share
-    from ted_ds.models import load_config, meta_model, teacher_blocks_config
 
-    t = load_config(tiny["llama_teacher"])
+    t = load_hf_config(tiny["llama_teacher"])
     total = teacher_share(t, "replicated", 2, 2, None)
     largest = max(p.numel() for p in meta_model(t).parameters())
     assert teacher_share(t, "zero3", 2, 2, None) == (total + 1) // 2 + largest
