@@ -22,7 +22,7 @@ from ted_ds.architectures import ndim
 from ted_ds.config import RunConfig, accumulation_steps
 from ted_ds.documents import for_model
 from ted_ds.errors import ConfigError
-from ted_ds.teacher import FrozenLM, ReplicatedTeacher, Zero3Teacher
+from ted_ds.teacher import FrozenLM, ReplicatedTeacher, Teacher, Zero3Teacher
 
 _DERIVED_OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay")
 
@@ -136,7 +136,7 @@ def build_trained_engine(cfg: RunConfig, module: nn.Module, ds: dict, total_step
 
 
 def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_logits: bool, ds: dict,
-                 document_eos: int | None = None, vocab: int | None = None):
+                 document_eos: int | None = None, vocab: int | None = None) -> Teacher:
     """Place a frozen model by ``teacher.placement``; ``load_model(dtype=, device=, zero_config=)``
     reads its weights straight into the rank's share: a whole copy on the device (replicated), this
     rank's ZeRO-3 slices (zero3); the pipeline reads its stage alone.  ``document_eos``: packed

@@ -42,6 +42,7 @@ from ted_ds.hub import with_local_models
 from ted_ds.losses import ObjectiveWeights, distill_objective, lm_loss, tap_lm_losses
 from ted_ds.metrics import flops_per_token, matmul_parameters
 from ted_ds.taps import TapRecorder, tap_pairs
+from ted_ds.teacher import Teacher
 from ted_ds.weights import load_model, load_teacher_blocks
 
 
@@ -311,7 +312,7 @@ class StudentWithFilters(nn.Module):
 class Stage:
     name: str
     engine: object  # DeepSpeedEngine of the trained module
-    frozen: object | None  # a teacher placement (ted_ds.teacher), or None
+    frozen: Teacher | None  # a teacher placement (ted_ds.teacher), or None
     loss: Callable  # (input_ids, labels) -> dict of terms with "loss"
     eval_loss: Callable  # (input_ids, labels) -> scalar tensor
     flops_per_token: float  # trained forward+backward + frozen forward, for MFU

@@ -183,6 +183,16 @@ def test_bad_schedules_are_one_line_before_any_process_group(tiny, tmp_path, ove
     assert len(err) == 1 and err[0].startswith("ted-ds: error: ") and message in err[0], err
 
 
+def test_every_teacher_placement_offers_the_teacher_protocol():
+    from ted_ds.pipeline import PipelineTeacher
+    from ted_ds.teacher import ReplicatedTeacher, Zero3Teacher
+
+    placements = {cls.placement for cls in (ReplicatedTeacher, Zero3Teacher, PipelineTeacher)}
+    assert placements == {"replicated", "zero3", "pipeline"}
+    assert all(callable(getattr(cls, "local_parameters", None)) and "__call__" in vars(cls)
+               for cls in (ReplicatedTeacher, Zero3Teacher, PipelineTeacher))
+
+
 # ----------------------------------------------------------------------------- checkpointed RNG
 def _draws() -> tuple:
     """One draw from every generator a training step may use (dropout masks, shuffles)."""
