@@ -183,6 +183,17 @@ def test_bad_schedules_are_one_line_before_any_process_group(tiny, tmp_path, ove
     assert len(err) == 1 and err[0].startswith("ted-ds: error: ") and message in err[0], err
 
 
+@pytest.mark.parametrize("key, allowed", [
+    ("distill.method", "ted, lwd, kd, lm"), ("teacher.placement", "replicated, zero3, pipeline"),
+    ("distill.layer_loss", "mse, normalized_mse, cosine"), ("distill.filter", "linear, mlp"),
+    ("optim.schedule", "cosine, wsd, constant"), ("teacher.logits_dtype", "fp32, bf16"),
+])
+def test_fixed_choices_are_one_line_naming_every_choice(key, allowed):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, [f"{key}=other"])
+    assert str(e.value) == f"{key} must be one of {allowed}; got 'other'"
+
+
 def test_every_teacher_placement_offers_the_teacher_protocol():
     from ted_ds.pipeline import PipelineTeacher
     from ted_ds.teacher import ReplicatedTeacher, Zero3Teacher
