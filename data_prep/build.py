@@ -306,12 +306,7 @@ def _tokenize_into_shards(opts: BuildOptions, sources, encoder: BatchEncoder, sh
     try:
         for chunk in iter_chunks(sources, read):
             if resuming:  # count the finished shards' documents without tokenizing them
-                counted = work(chunk, tokenize=False)
-                n = {s: int((counted.split == (s == "valid")).sum()) for s in SPLITS}
-                if all(seen[s] + n[s] <= skip[s] for s in SPLITS):
-                    stats.add(counted.stats)
-                    for s in SPLITS:
-                        seen[s] += n[s]
+                if _in_finished_shards(work(chunk, tokenize=False), seen, skip, stats):
                     continue
                 resuming = False  # from here on `place` drops whatever finished documents remain
             pending.append(pool.apply_async(work, (chunk,), {"tokenize": True}) if pool else work(chunk, tokenize=True))
@@ -330,6 +325,18 @@ def _tokenize_into_shards(opts: BuildOptions, sources, encoder: BatchEncoder, sh
             pool.terminate()
         progress.close()
     return stats
+
+
+def _in_finished_shards(counted: _Documents, seen: dict, skip: dict, stats: ReadStats) -> bool:
+    """On resume: a chunk whose documents all belong to finished shards is only counted (per split),
+    so the re-run never tokenizes them; False for the first chunk that reaches past them."""
+    n = {s: int((counted.split == (s == "valid")).sum()) for s in SPLITS}
+    if not all(seen[s] + n[s] <= skip[s] for s in SPLITS):
+        return False
+    stats.add(counted.stats)
+    for s in SPLITS:
+        seen[s] += n[s]
+    return True
 
 
 class _Progress:
