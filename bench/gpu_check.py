@@ -209,13 +209,13 @@ def floor_gib(shape: dict, paths: dict) -> float:
     """What the distillation run must hold on its one GPU (ted_ds.capacity's floor, replicated teacher)."""
     import torch
 
+    from ted_ds.architectures import load_hf_config
     from ted_ds.capacity import rank_floor_bytes, reduce_bucket_elements
-    from ted_ds.models import load_config
 
     with open(os.path.join(REPO, "ds_configs", "zero3_bf16.json")) as f:
         bucket = reduce_bucket_elements(json.load(f))
-    floor = rank_floor_bytes(load_config(paths["teacher"]), load_config(paths["student"]), "replicated", 1, 1, None,
-                             torch.bfloat16, shape["micro_batch"] * shape["seq_len"], bucket)
+    floor = rank_floor_bytes(load_hf_config(paths["teacher"]), load_hf_config(paths["student"]), "replicated", 1, 1,
+                             None, torch.bfloat16, shape["micro_batch"] * shape["seq_len"], bucket)
     return floor / 2**30
 
 

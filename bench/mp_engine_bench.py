@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from ted_ds import distributed as D
+from ted_ds import distributed
 from ted_ds.cli import _quiet_libraries
-from ted_ds.config import load_config
+from ted_ds.config import load_run_config
 from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
 from ted_ds.engine import resolve_ds_config
 from ted_ds.stages import build_distill, plan
@@ -47,10 +47,10 @@ def main():
     ap.add_argument("--local_rank", type=int)
     args, overrides = ap.parse_known_args()
     _quiet_libraries()
-    cfg = load_config(args.config, overrides)
+    cfg = load_run_config(args.config, overrides)
     p = plan(cfg)
-    ds = resolve_ds_config(cfg, D.expected_world_size())
-    D.init(cfg.train.timeout_minutes)
+    ds = resolve_ds_config(cfg, distributed.expected_world_size())
+    distributed.init(cfg.train.timeout_minutes)
     seed_everything(cfg.train.seed)
     rss_before = rss_mb()
     stage = build_distill(p, ds)
@@ -60,8 +60,8 @@ def main():
         lm_cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method="lm"))
         baseline = build_distill(plan(lm_cfg), ds)
     data = PackedShardDataset(cfg.data.path, "train", cfg.data.seq_len)
-    sampler = ConsumedSamplesSampler(len(data), cfg.train.global_batch_size, cfg.train.micro_batch_size, D.rank(),
-                                     D.world_size(), cfg.train.seed)
+    sampler = ConsumedSamplesSampler(len(data), cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                     distributed.rank(), distributed.world_size(), cfg.train.seed)
     jobs = {"step": lambda micro: train_step(stage, micro)}
     if stage.frozen is not None:
         jobs["teacher"] = lambda micro: [stage.frozen(x) for x, _ in micro]
@@ -70,30 +70,31 @@ def main():
     names = list(jobs)
     times = {name: [] for name in names}
     for i in range(args.warmup + args.steps):
-        micro = [tuple(t.to(D.device()) for t in collate(data, idx)) for idx in sampler.next_batch()]
+        micro = [tuple(t.to(distributed.device()) for t in collate(data, idx)) for idx in sampler.next_batch()]
         for name in names[i % len(names):] + names[:i % len(names)]:  # rotate: no fixed order advantage
-            D.barrier()
+            distributed.barrier()
             start = time.perf_counter()
             jobs[name](micro)
-            D.barrier()
+            distributed.barrier()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     stats = getattr(stage.frozen, "stats", None)
     median = lambda xs: sorted(xs)[len(xs) // 2] if xs else 0.0
-    mine = {"rank": D.rank(), "step_s": median(times["step"]), "teacher_forward_s": median(times.get("teacher", [])),
+    mine = {"rank": distributed.rank(), "step_s": median(times["step"]),
+            "teacher_forward_s": median(times.get("teacher", [])),
             "lm_step_s": median(times["lm"]) if "lm" in times else None,
             "peak_rss_mb": rss_mb(),
             "rss_before_build_mb": rss_before, "rss_after_build_mb": rss_built,
             "teacher_local_params": stage.frozen.local_parameters() if stage.frozen is not None else 0,
             "bubble": 1 - stats["busy_s"] / stats["wall_s"] if stats else None,
             "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len}
-    gathered = [None] * D.world_size()
+    gathered = [None] * distributed.world_size()
     torch.distributed.all_gather_object(gathered, mine)
-    if D.rank() == 0:
+    if distributed.rank() == 0:
         with open(args.out, "w") as f:
             json.dump(gathered, f)
-    D.shutdown()
-    D.leave(0)
+    distributed.shutdown()
+    distributed.leave(0)
 
 
 if __name__ == "__main__":

@@ -87,10 +87,10 @@ def floor_bytes(placement: str, teacher: str) -> float:
     """What one rank must hold (module docstring): ted_ds.capacity's floor, which runs are checked against."""
     import torch
 
+    from ted_ds.architectures import load_hf_config, teacher_blocks_config
     from ted_ds.capacity import rank_floor_bytes
-    from ted_ds.models import load_config, teacher_blocks_config
 
-    t_config = load_config(teacher)
+    t_config = load_hf_config(teacher)
     return rank_floor_bytes(t_config, teacher_blocks_config(t_config, STUDENT_BLOCKS), placement, WORLD, 2, None,
                             torch.bfloat16, SEQ_LEN * MICRO_BATCH, REDUCE_BUCKET)
 

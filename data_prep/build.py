@@ -16,7 +16,6 @@ tokenizing them (decode and hash only) and starts writing where they end.  Memor
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -30,12 +29,10 @@ import numpy as np
 
 from data_prep.errors import UserError
 from data_prep.fileio import atomically, write_text
+from data_prep.format import BUILD_SPEC, FORMAT, MANIFEST, SPLITS, make_manifest, shard_name, shard_record, split_of
 from data_prep.indexed import ShardWriter, token_dtype
 from data_prep.sources import Chunk, ReadOptions, ReadStats, decode_chunk, iter_chunks, resolve_sources
 from data_prep.tokenizer import BatchEncoder, load_tokenizer_for_build, tokenizer_identity
-
-FORMAT = "ted-prep/1"
-SPLITS = ("train", "valid")
 
 
 @dataclass
@@ -65,31 +62,6 @@ class BuildOptions:
             raise UserError(f"--shard-mb must be > 0, got {self.shard_mb}")
         if self.index_codes not in ("megatron", "deepspeed"):
             raise UserError(f"--index-codes must be megatron or deepspeed, not {self.index_codes!r}")
-
-
-def split_of(text_bytes: bytes, seed: int, valid_fraction: float) -> str:
-    """Deterministic train/valid assignment from a keyed hash of the document's own bytes."""
-    if valid_fraction <= 0.0:
-        return "train"
-    digest = hashlib.blake2b(text_bytes, digest_size=8, key=_split_key(seed)).digest()
-    return "valid" if int.from_bytes(digest, "little") < valid_fraction * 2.0**64 else "train"
-
-
-@functools.lru_cache(maxsize=8)
-def _split_key(seed: int) -> bytes:
-    return seed.to_bytes(8, "little", signed=True)
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:05d}"
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_json(path: str, obj) -> None:
@@ -162,16 +134,8 @@ class _ShardSink:
     def _finish(self, split: str) -> None:
         shard, writer = self.open.pop(split)
         writer.finish()
-        prefix = os.path.join(self.out, shard_name(split, shard))
-        record = {
-            "name": shard_name(split, shard),
-            "documents": len(writer.sizes),
-            "tokens": int(np.frombuffer(writer.sizes, dtype=np.int64).sum()) if writer.sizes else 0,
-            "bin_bytes": os.path.getsize(prefix + ".bin"),
-            "idx_bytes": os.path.getsize(prefix + ".idx"),
-            "bin_sha256": file_sha256(prefix + ".bin"),
-            "idx_sha256": file_sha256(prefix + ".idx"),
-        }
+        tokens = int(np.frombuffer(writer.sizes, dtype=np.int64).sum()) if writer.sizes else 0
+        record = shard_record(self.out, shard_name(split, shard), len(writer.sizes), tokens)
         assert len(self.done[split]) == shard, "shards must finish in order"
         self.done[split].append(record)
         self.on_shard()
@@ -211,7 +175,7 @@ def _spec(opts: BuildOptions, sources, tok_id: dict) -> dict:
 
 def _check_out_dir(out: str, spec: dict, overwrite: bool) -> dict | None:
     """Return the resume state if ``out`` holds an unfinished build of this same spec."""
-    spec_path = os.path.join(out, "build.json")
+    spec_path = os.path.join(out, BUILD_SPEC)
     if not os.path.isdir(out) or not os.listdir(out):
         return None
     if not os.path.isfile(spec_path):
@@ -234,6 +198,19 @@ def _check_out_dir(out: str, spec: dict, overwrite: bool) -> dict | None:
     return {"done": {s: [] for s in SPLITS}}
 
 
+def _prepare_out_dir(out: str, spec: dict, tok) -> None:
+    """Record the spec (what a re-run must match), drop an interrupted shard, save the tokenizer."""
+    os.makedirs(out, exist_ok=True)
+    _atomic_json(os.path.join(out, BUILD_SPEC), spec)
+    for name in os.listdir(out):  # leftovers of an interrupted shard
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(out, name))
+    tok_dir = os.path.join(out, "tokenizer")
+    if not os.path.isdir(tok_dir):
+        with atomically(tok_dir) as tmp:
+            tok.save_pretrained(tmp)
+
+
 def build(opts: BuildOptions) -> dict:
     """Run (or finish) a build and return the manifest.
 
@@ -248,7 +225,7 @@ def build(opts: BuildOptions) -> dict:
     tok_id = dict(tokenizer_identity(opts.tokenizer, tok), path=os.path.abspath(opts.tokenizer))
     dtype = token_dtype(tok_id["vocab_size"], opts.index_codes)
     spec = _spec(opts, sources, tok_id)
-    manifest_path = os.path.join(opts.out, "manifest.json")
+    manifest_path = os.path.join(opts.out, MANIFEST)
 
     state = _check_out_dir(opts.out, spec, opts.overwrite)
     if state is not None and os.path.isfile(manifest_path):
@@ -260,15 +237,7 @@ def build(opts: BuildOptions) -> dict:
     if any(state["done"][s] for s in SPLITS):
         print("ted-prep: resuming; finished shards kept: "
               + ", ".join(f"{s} {len(state['done'][s])}" for s in SPLITS), file=sys.stderr)
-    os.makedirs(opts.out, exist_ok=True)
-    _atomic_json(os.path.join(opts.out, "build.json"), spec)
-    for name in os.listdir(opts.out):  # leftovers of an interrupted shard
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(opts.out, name))
-    tok_dir = os.path.join(opts.out, "tokenizer")
-    if not os.path.isdir(tok_dir):
-        with atomically(tok_dir) as tmp:
-            tok.save_pretrained(tmp)
+    _prepare_out_dir(opts.out, spec, tok)
 
     start = time.time()
     try:
@@ -282,30 +251,19 @@ def build(opts: BuildOptions) -> dict:
         kept = ", ".join(f"{s} {len(state['done'][s])}" for s in SPLITS)
         raise UserError(f"{opts.out}: cannot write ({e.strerror or e}); finished shards kept ({kept}): free "
                         "space and re-run the same command to resume") from None
-    manifest = {
-        "format": FORMAT,
-        "tokenizer": tok_id,
-        "vocab_size": tok_id["vocab_size"],
-        "dtype": np.dtype(dtype).name,
-        "index_codes": opts.index_codes,
-        "eos_token_id": tok_id["eos_token_id"],
-        "add_bos": opts.add_bos,
-        "split": {"method": "blake2b-64(key=seed, utf-8 text) / 2^64 < valid_fraction",
-                  "valid_fraction": opts.valid_fraction, "seed": opts.seed},
-        "sources": [dict(src, documents=stats.per_source.get(s.path, 0)) for src, s in zip(spec["sources"], sources)],
-        "shards": state["done"],
-        "totals": {s: {"documents": sum(r["documents"] for r in state["done"][s]),
-                       "tokens": sum(r["tokens"] for r in state["done"][s])} for s in SPLITS},
-        "stats": {"documents": stats.documents, "empty_skipped": stats.empty_skipped,
-                  "utf8_replaced": stats.utf8_replaced},
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("progress", "workers", "out", "overwrite")},
-    }
-    _atomic_json(manifest_path, manifest)
+    result = make_manifest(
+        tok_id, np.dtype(dtype).name, opts.index_codes, opts.add_bos, opts.valid_fraction, opts.seed,
+        sources=[dict(src, documents=stats.per_source.get(s.path, 0)) for src, s in zip(spec["sources"], sources)],
+        shards=state["done"],
+        stats={"documents": stats.documents, "empty_skipped": stats.empty_skipped,
+               "utf8_replaced": stats.utf8_replaced},
+        options={k: v for k, v in asdict(opts).items() if k not in ("progress", "workers", "out", "overwrite")})
+    _atomic_json(manifest_path, result)
     state_path = os.path.join(opts.out, ".build-state.json")
     if os.path.exists(state_path):
         os.remove(state_path)
-    _summary(manifest, time.time() - start)
-    return manifest
+    _summary(result, time.time() - start)
+    return result
 
 
 def _tokenize_into_shards(opts: BuildOptions, sources, encoder: BatchEncoder, shard_bytes: int,
@@ -348,12 +306,7 @@ def _tokenize_into_shards(opts: BuildOptions, sources, encoder: BatchEncoder, sh
     try:
         for chunk in iter_chunks(sources, read):
             if resuming:  # count the finished shards' documents without tokenizing them
-                counted = work(chunk, tokenize=False)
-                n = {s: int((counted.split == (s == "valid")).sum()) for s in SPLITS}
-                if all(seen[s] + n[s] <= skip[s] for s in SPLITS):
-                    stats.add(counted.stats)
-                    for s in SPLITS:
-                        seen[s] += n[s]
+                if _in_finished_shards(work(chunk, tokenize=False), seen, skip, stats):
                     continue
                 resuming = False  # from here on `place` drops whatever finished documents remain
             pending.append(pool.apply_async(work, (chunk,), {"tokenize": True}) if pool else work(chunk, tokenize=True))
@@ -372,6 +325,18 @@ def _tokenize_into_shards(opts: BuildOptions, sources, encoder: BatchEncoder, sh
             pool.terminate()
         progress.close()
     return stats
+
+
+def _in_finished_shards(counted: _Documents, seen: dict, skip: dict, stats: ReadStats) -> bool:
+    """On resume: a chunk whose documents all belong to finished shards is only counted (per split),
+    so the re-run never tokenizes them; False for the first chunk that reaches past them."""
+    n = {s: int((counted.split == (s == "valid")).sum()) for s in SPLITS}
+    if not all(seen[s] + n[s] <= skip[s] for s in SPLITS):
+        return False
+    stats.add(counted.stats)
+    for s in SPLITS:
+        seen[s] += n[s]
+    return True
 
 
 class _Progress:

@@ -1,4 +1,13 @@
-"""The one exception type that command-line entry points turn into a single clear line."""
+"""What both command lines share: the one exception type they print as a single clear line, and
+the runner that does it.
+
+``ted-prep`` (``data_prep.cli``) and ``ted-ds`` (``ted_ds.cli``) both import this module; it lives
+in ``data_prep`` because that is the lower package (training reads its files, never the reverse).
+``ted_ds.errors`` only adds training's subclasses of ``UserError``.
+"""
+
+import os
+import sys
 
 
 class UserError(Exception):
@@ -10,9 +19,6 @@ class UserError(Exception):
 
 def run_cli(prog: str, command, interrupted: str) -> int:
     """Run ``command()``; a ``UserError`` becomes one line on stderr and status 2."""
-    import os
-    import sys
-
     try:
         return command()
     except UserError as e:

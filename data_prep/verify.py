@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 
-from data_prep.build import SPLITS, file_sha256
-from data_prep.errors import UserError
+from data_prep.format import SPLITS, file_sha256, read_manifest
 from data_prep.indexed import IndexedShard, ShardError
-
-
-def read_manifest(data_dir: str) -> dict:
-    path = os.path.join(data_dir, "manifest.json")
-    if not os.path.isfile(path):
-        hint = " (an unfinished build: re-run ted-prep build to finish it)" if os.path.isfile(
-            os.path.join(data_dir, "build.json")) else ""
-        raise UserError(f"{data_dir} is not a ted-prep dataset: no manifest.json{hint}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: corrupt manifest ({e.msg})") from None
 
 
 def verify_dataset(data_dir: str, checksums: bool = True) -> dict:

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from ted_ds import models as M
+from ted_ds.architectures import decoder_layers, hidden_size, meta_model, vocab_size
 from ted_ds.errors import ConfigError
 
 GIB = 2**30
@@ -31,7 +31,7 @@ def student_bytes_per_param(dtype: torch.dtype) -> int:
 def teacher_share(teacher_config, placement: str, world: int, stages: int, explicit: list[int] | None) -> int:
     """Teacher parameters one rank holds: all (replicated), 1/W plus the largest parameter gathered
     for its forward (zero3), its largest stage (pipeline)."""
-    model = M.meta_model(teacher_config)
+    model = meta_model(teacher_config)
     total = sum(p.numel() for p in model.parameters())
     if placement == "replicated":
         return total
@@ -39,8 +39,8 @@ def teacher_share(teacher_config, placement: str, world: int, stages: int, expli
         return math.ceil(total / world) + max(p.numel() for p in model.parameters())
     from ted_ds.pipeline.layout import stage_blocks
 
-    blocks = [sum(p.numel() for p in b.parameters()) for b in M.decoder_layers(model)]
-    inside = {id(p) for b in M.decoder_layers(model) for p in b.parameters()}
+    blocks = [sum(p.numel() for p in b.parameters()) for b in decoder_layers(model)]
+    inside = {id(p) for b in decoder_layers(model) for p in b.parameters()}
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     first = sum(p.numel() for p in model.parameters() if id(p) in embeddings - inside)  # embeddings
     last = sum(p.numel() for p in model.parameters() if id(p) not in embeddings | inside)  # norm, head
@@ -61,11 +61,11 @@ def rank_floor_bytes(teacher_config, student_config, placement: str, world: int,
                      explicit: list[int] | None, dtype: torch.dtype, tokens: int, bucket_elements: int = 0) -> float:
     """A lower bound of one rank's memory for this run (module docstring); ``bucket_elements``: the
     ZeRO-3 gradient bucket, counted up to the student's size."""
-    student = M.meta_model(student_config)
+    student = meta_model(student_config)
     n_student = sum(p.numel() for p in student.parameters())
     largest = max(p.numel() for p in student.parameters())
     width = torch.finfo(dtype).bits // 8
-    vocab = M.vocab_size(student_config)
+    vocab = vocab_size(student_config)
     floor = (student_bytes_per_param(dtype) * n_student / world + (width + 4) * largest + tokens * vocab * (width + 4)
              + width * min(bucket_elements, n_student))
     if teacher_config is not None:
@@ -101,7 +101,7 @@ def check_fits(p, ds: dict, world: int, local_ranks: int, with_teacher: bool, tr
     need = rank_floor_bytes(teacher_config, p.student_config, t.placement, world, t.pipeline_stages,
                             t.pipeline_layers, compute_dtype(ds), tokens, reduce_bucket_elements(ds))
     if trained_heads and p.teacher_config is not None:
-        head = M.vocab_size(p.teacher_config) * M.hidden_size(p.teacher_config)
+        head = vocab_size(p.teacher_config) * hidden_size(p.teacher_config)
         need += student_bytes_per_param(compute_dtype(ds)) * trained_heads * head / world
     have, where = visible_bytes(local_ranks)
     if need > have:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from data_prep.fileio import atomically, write_text
-from ted_ds import distributed as D
+from ted_ds import distributed
 from ted_ds.errors import CheckpointError, TrainingError
 
 TAG_PREFIX = "step-"
@@ -147,7 +147,7 @@ def check_finite(module: torch.nn.Module, step: int) -> None:
     """Refuse to save non-finite weights: each rank checks what it holds (its ZeRO-3 partition,
     ``ds_tensor``), one all-reduce agrees.  ``latest`` then never names a NaN checkpoint."""
     finite = torch.stack([torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in module.parameters()])
-    if D.all_reduce_sum((~finite).sum().float().reshape(1).to(D.device())).item() > 0:
+    if distributed.all_reduce_sum((~finite).sum().float().reshape(1).to(distributed.device())).item() > 0:
         raise TrainingError(f"step {step}: the weights hold NaN/inf; not saving them (the last good checkpoint "
                             "stays latest)")
 
@@ -165,27 +165,27 @@ class Checkpointer:
         check_finite(engine.module, step)
         tag = tag_for(step)
         tag_dir = os.path.join(self.dir, tag)
-        if D.rank() == 0 and os.path.isdir(tag_dir):
+        if distributed.rank() == 0 and os.path.isdir(tag_dir):
             shutil.rmtree(tag_dir)  # a partial save of the same step from a crashed attempt
-        D.barrier()
+        distributed.barrier()
         try:
             engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
-            torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{D.rank()}.pt"))
-            if D.rank() == 0:
-                state = dict(trainer_state, identity=self.identity, run=self.run_info, world_size=D.world_size(),
-                             tag=tag)
+            torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{distributed.rank()}.pt"))
+            if distributed.rank() == 0:
+                state = dict(trainer_state, identity=self.identity, run=self.run_info,
+                             world_size=distributed.world_size(), tag=tag)
                 write_text(os.path.join(tag_dir, "trainer_state.json"), json.dumps(state, indent=2))
-            D.barrier()  # every rank's files are on disk
-            if D.rank() == 0:
+            distributed.barrier()  # every rank's files are on disk
+            if distributed.rank() == 0:
                 write_text(os.path.join(tag_dir, "COMPLETE"), json.dumps({"files": _listing(tag_dir)}, indent=1))
                 write_text(os.path.join(self.dir, "latest"), tag)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-            if D.failed_collective(e):
+            if distributed.failed_collective(e):
                 raise  # a peer is gone, not the disk: ted_ds.distributed.collective_errors names it
             raise self._save_failed(tag, e) from None
-        if D.rank() == 0:
+        if distributed.rank() == 0:
             self._prune(tag)
-        D.barrier()
+        distributed.barrier()
         return tag
 
     def _save_failed(self, tag: str, error: Exception) -> CheckpointError:
@@ -216,7 +216,7 @@ class Checkpointer:
             problem = is_complete(os.path.join(self.dir, tag))
             if problem is None:
                 return tag
-            if D.rank() == 0:
+            if distributed.rank() == 0:
                 warnings.warn(f"checkpoint {tag} is unusable ({problem}); trying an older one", stacklevel=2)
         raise CheckpointError(f"{self.dir}: no complete checkpoint left to resume from")
 
@@ -239,7 +239,7 @@ class Checkpointer:
         """
         state = self.read_state(tag)
         load_tag = tag
-        universal = state["world_size"] != D.world_size()
+        universal = state["world_size"] != distributed.world_size()
         groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
         hyper = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps")} for g in groups]
         if universal:
@@ -264,8 +264,8 @@ class Checkpointer:
                     param_state["step"] = torch.tensor(float(param_state["step"]))
         if load_dir is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {load_tag} from {self.dir}")
-        rng_path = os.path.join(self.dir, tag, f"rng_rank{D.rank()}.pt")
-        if state["world_size"] == D.world_size() and os.path.isfile(rng_path):
+        rng_path = os.path.join(self.dir, tag, f"rng_rank{distributed.rank()}.pt")
+        if state["world_size"] == distributed.world_size() and os.path.isfile(rng_path):
             set_rng_state(torch.load(rng_path, weights_only=True))
         return state
 
@@ -273,7 +273,7 @@ class Checkpointer:
         """Convert ``tag`` to the universal format (rank 0, once); returns the universal tag."""
         universal = tag + ".universal"
         target = os.path.join(self.dir, universal)
-        if D.rank() == 0 and not os.path.isdir(target):
+        if distributed.rank() == 0 and not os.path.isdir(target):
             from argparse import Namespace
 
             from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
@@ -282,5 +282,5 @@ class Checkpointer:
                 ds_to_universal(Namespace(input_folder=os.path.join(self.dir, tag), output_folder=tmp,
                                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                           strict=True, inject_missing_state=False))
-        D.barrier()
+        distributed.barrier()
         return universal

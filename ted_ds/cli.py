@@ -109,19 +109,19 @@ def _quiet_libraries() -> None:
 
 def run_training(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from ted_ds import distributed as D
-    from ted_ds.config import load_config
+    from ted_ds import distributed
+    from ted_ds.config import load_run_config
     from ted_ds.trainer import run_stage
 
     trust = ["teacher.trust_remote_code=true", "student.trust_remote_code=true"] if args.trust_remote_code else []
-    cfg = load_config(args.config, [*args.overrides, *trust])
-    with D.collective_errors(cfg.train.timeout_minutes):
+    cfg = load_run_config(args.config, [*args.overrides, *trust])
+    with distributed.collective_errors(cfg.train.timeout_minutes):
         stage, _, result = run_stage(cfg, getattr(args, "model", None))
-        if D.rank() == 0 and not result["stopped"]:
+        if distributed.rank() == 0 and not result["stopped"]:
             summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k in ("loss/total", "eval/ppl"))
             print(f"ted-ds: {stage.name} finished at step {result['step']} ({summary}); wrote {result['output']}",
                   file=sys.stderr)
-        D.shutdown()
+        distributed.shutdown()
     return EXIT_RESUMABLE if result["stopped"] else 0
 
 
@@ -139,7 +139,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    from ted_ds.config import load_config
+    from ted_ds.config import load_run_config
     from ted_ds.launch import LAUNCHERS, check_world, launch_commands
 
     command = [a for a in args.training if a != "--"]
@@ -153,7 +153,7 @@ def run_launch(args: argparse.Namespace) -> int:
         raise UserError(f"--hosts names {len(hosts)} hosts, --nodes says {args.nodes}")
     rest = command[1:]
     config = rest[rest.index("--config") + 1]
-    cfg = load_config(config, [a for a in rest if "=" in a and not a.startswith("-")])
+    cfg = load_run_config(config, [a for a in rest if "=" in a and not a.startswith("-")])
     print(f"# {check_world(cfg, args.nodes * args.gpus_per_node)}")
     for launcher in (LAUNCHERS if args.launcher == "all" else (args.launcher,)):
         print(f"# --- {launcher}")
@@ -166,9 +166,9 @@ def run_launch(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     import json
 
+    from ted_ds.architectures import quiet_transformers
     from ted_ds.evaluate import evaluate_hf
     from ted_ds.hub import resolve
-    from ted_ds.weights import quiet_transformers
 
     quiet_transformers()
     model_dir = resolve(args.model_dir, args.revision)

@@ -15,17 +15,20 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import yaml
 
 from ted_ds.errors import ConfigError
 
-METHODS = ("ted", "lwd", "kd", "lm")
-PLACEMENTS = ("replicated", "zero3", "pipeline")
-LAYER_LOSSES = ("mse", "normalized_mse", "cosine")
-FILTER_KINDS = ("linear", "mlp")
-FILTER_HEADS = ("teacher", "trainable")
-SCHEDULES = ("cosine", "wsd", "constant")
+# The fixed choices of string fields: the loader accepts exactly a Literal's values (see _coerce).
+Method = Literal["ted", "lwd", "kd", "lm"]
+Placement = Literal["replicated", "zero3", "pipeline"]
+LayerLoss = Literal["mse", "normalized_mse", "cosine"]
+FilterKind = Literal["linear", "mlp"]
+FilterHead = Literal["teacher", "trainable"]
+Schedule = Literal["cosine", "wsd", "constant"]
+LogitsDtype = Literal["fp32", "bf16"]
 
 
 @dataclass
@@ -36,7 +39,7 @@ class TeacherConfig:
     ``method: lm``."""
     revision: str | None = None
     """With a hub id: the branch, tag or commit of the cached snapshot (default: main)."""
-    placement: str = "replicated"
+    placement: Placement = "replicated"
     """replicated: a full copy per rank; zero3: parameters sharded over all ranks (ZeRO-3 inference);
     pipeline: layers split over ``pipeline_stages`` ranks of each pipeline group."""
     pipeline_stages: int = 2
@@ -46,7 +49,7 @@ class TeacherConfig:
     Default: balanced by parameter count."""
     pipeline_chunks: int = 1
     """Each micro-batch of the group is cut into this many chunks to fill the pipeline."""
-    logits_dtype: str = "fp32"
+    logits_dtype: LogitsDtype = "fp32"
     """fp32 | bf16: precision of the logits a pipeline teacher sends."""
     logits_topk: int = 0
     """> 0: the teacher sends only its top-k logits per token and KD is computed on that support."""
@@ -105,7 +108,7 @@ class DataConfig:
 
 @dataclass
 class DistillConfig:
-    method: str = "ted"
+    method: Method = "ted"
     """ted: filtered layer targets (two stages); lwd: raw teacher states, trainable student projection,
     no stage 1; kd: logits only (β = 0); lm: plain language modelling, no teacher at all."""
     alpha: float = 1.0
@@ -119,17 +122,17 @@ class DistillConfig:
     """k_s: likewise for the student; both must give the same number of taps."""
     pairs: list[list[int]] | None = None
     """Explicit [[teacher_layer, student_layer], …] taps, 1-based (layer L = output of block L)."""
-    filter: str = "linear"
+    filter: FilterKind = "linear"
     """linear: Linear(d_model → d_filter); mlp: Linear → GELU → Linear."""
     filter_dim: int | None = None
     """d_filter; defaults to the teacher's hidden size so the teacher's head can read filtered states."""
-    filter_head: str = "teacher"
+    filter_head: FilterHead = "teacher"
     """Stage 1 reads each filtered state as next-token logits through — teacher: the teacher's frozen final
     norm + unembedding, one head shared by every tap of both models (a tuned-lens-like probe: the filters
     must land in the teacher's own output coordinates; the default); trainable: a head per tap,
     initialised from that same norm + unembedding, trained with its filter and discarded after (as the
     official TED code trains a task head per filter). Stage 2 is the same either way."""
-    layer_loss: str = "normalized_mse"
+    layer_loss: LayerLoss = "normalized_mse"
     """mse (the paper) | normalized_mse (MSE ÷ variance of the teacher target, per tap; default, so one β
     works across model pairs) | cosine (1 − cosine similarity per token)."""
     filters_out: str | None = None
@@ -143,7 +146,7 @@ class OptimConfig:
     warmup_steps: int = 100
     warmup_start_lr: float = 0.0
     """LR the warmup starts from; a continual run re-warms from its predecessor's final LR."""
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     """cosine (warmup, then cosine decay to min_lr at the last step) | wsd (warmup, stable at lr, linear
     decay to min_lr over the last ``decay_fraction`` of the run) | constant (after warmup)."""
     decay_fraction: float = 0.1
@@ -201,13 +204,6 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         d, t, tr, o = self.distill, self.teacher, self.train, self.optim
-        _choice("distill.method", d.method, METHODS)
-        _choice("teacher.placement", t.placement, PLACEMENTS)
-        _choice("distill.layer_loss", d.layer_loss, LAYER_LOSSES)
-        _choice("distill.filter", d.filter, FILTER_KINDS)
-        _choice("distill.filter_head", d.filter_head, FILTER_HEADS)
-        _choice("optim.schedule", o.schedule, SCHEDULES)
-        _choice("teacher.logits_dtype", t.logits_dtype, ("fp32", "bf16"))
         for name, value in (("train.micro_batch_size", tr.micro_batch_size),
                             ("train.global_batch_size", tr.global_batch_size), ("data.seq_len", self.data.seq_len),
                             ("train.log_interval", tr.log_interval), ("train.eval_interval", tr.eval_interval),
@@ -293,14 +289,10 @@ def accumulation_steps(global_batch: int, micro_batch: int, ranks: int) -> int:
     return global_batch // unit
 
 
-def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
 # ----------------------------------------------------------------------------- loading
 def _coerce(value, hint, where: str):
-    """Check a YAML value against a field's type hint (ints are accepted for floats)."""
+    """Check a YAML value against a field's type hint (ints are accepted for floats; a ``Literal``
+    field takes only its values, the one list of them)."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -308,6 +300,10 @@ def _coerce(value, hint, where: str):
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {', '.join(args)}; got {value!r}")
+        return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping")
@@ -357,7 +353,7 @@ def apply_override(data: dict, override: str) -> None:
         raise ConfigError(f"override {key}: cannot parse value {raw!r} ({e})") from None
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     data: dict = {}
     if path is not None:
         if not os.path.isfile(path):

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from data_prep.errors import UserError
+from data_prep.format import read_manifest
 from data_prep.indexed import IndexedShard
-from data_prep.verify import read_manifest
 from ted_ds import config
 
 

@@ -17,12 +17,12 @@ import os
 import torch
 from torch import nn
 
-from ted_ds import distributed as D
-from ted_ds import models as M
+from ted_ds import distributed
+from ted_ds.architectures import ndim
 from ted_ds.config import RunConfig, accumulation_steps
 from ted_ds.documents import for_model
 from ted_ds.errors import ConfigError
-from ted_ds.teacher import FrozenLM, ReplicatedTeacher, Zero3Teacher
+from ted_ds.teacher import FrozenLM, ReplicatedTeacher, Teacher, Zero3Teacher
 
 _DERIVED_OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay")
 
@@ -117,7 +117,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
-            (decay if M.ndim(p) >= 2 else no_decay).append(p)
+            (decay if ndim(p) >= 2 else no_decay).append(p)
     return [g for g in ({"params": decay, "weight_decay": weight_decay},
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
@@ -136,14 +136,14 @@ def build_trained_engine(cfg: RunConfig, module: nn.Module, ds: dict, total_step
 
 
 def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_logits: bool, ds: dict,
-                 document_eos: int | None = None, vocab: int | None = None):
+                 document_eos: int | None = None, vocab: int | None = None) -> Teacher:
     """Place a frozen model by ``teacher.placement``; ``load_model(dtype=, device=, zero_config=)``
     reads its weights straight into the rank's share: a whole copy on the device (replicated), this
     rank's ZeRO-3 slices (zero3); the pipeline reads its stage alone.  ``document_eos``: packed
     documents stay apart (``data.document_attention``, see ted_ds.documents).  ``vocab``: logits keep
     only the tokenizer's ids (a head padded past them drops its extra rows before KD and top-k)."""
     placement = cfg.teacher.placement
-    dtype, device = compute_dtype(ds), D.device()
+    dtype, device = compute_dtype(ds), distributed.device()
     if filters is not None:
         filters = filters.to(device, dtype)
     if placement == "replicated":

@@ -1,6 +1,13 @@
-"""Error types that entry points print as one line (``ted-ds: error: ...``), never a traceback."""
+"""Training's error types, each a ``UserError`` that entry points print as one line
+(``ted-ds: error: ...``), never a traceback.
+
+``UserError`` itself and the runner that prints it (``run_cli``) live in ``data_prep.errors``,
+shared by both command lines; import them from there.
+"""
 
 from data_prep.errors import UserError
+
+__all__ = ["CheckpointError", "ConfigError", "DistributedError", "TrainingError"]
 
 
 class ConfigError(UserError):

@@ -24,24 +24,25 @@ def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: in
                 progress: bool = True, trust_remote_code: bool = False, per_window: bool = False) -> dict:
     """Perplexity, bits per byte and counts; with ``per_window`` also each window's mean NLL
     (``window_loss``), for paired comparisons of models on the same windows."""
-    from ted_ds import models as M
+    from ted_ds.architectures import load_hf_config, max_positions, vocab_size
+    from ted_ds.weights import load_model
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    config = M.load_config(model_dir, trust_remote_code)
+    config = load_hf_config(model_dir, trust_remote_code)
     data_tokenizer = os.path.join(data_dir, "tokenizer")
     dataset_probe = PackedShardDataset(data_dir, split, 1)
-    if M.vocab_size(config) < dataset_probe.manifest["vocab_size"]:
-        raise ConfigError(f"{model_dir}: vocab_size {M.vocab_size(config)} is smaller than the data's "
+    if vocab_size(config) < dataset_probe.manifest["vocab_size"]:
+        raise ConfigError(f"{model_dir}: vocab_size {vocab_size(config)} is smaller than the data's "
                           f"{dataset_probe.manifest['vocab_size']}")
-    limit = M.max_positions(config) or 1024
+    limit = max_positions(config) or 1024
     seq_len = seq_len or min(limit, 1024)
     if seq_len > limit:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's {limit} positions")
     data = PackedShardDataset(data_dir, split, seq_len)
     tok = load_tokenizer(data_tokenizer)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = M.load_model(model_dir, trust_remote_code, dtype=dtype, device=dev).eval()
+    model = load_model(model_dir, trust_remote_code, dtype=dtype, device=dev).eval()
     n = len(data) if max_samples is None else min(max_samples, len(data))
     nll, tokens, nbytes, windows = 0.0, 0, 0, []
     bar = None

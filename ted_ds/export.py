@@ -13,11 +13,11 @@ import shutil
 import torch
 from torch import nn
 
-from ted_ds import distributed as D
-from ted_ds import weights as W
+from ted_ds import distributed
 from ted_ds.checkpoint import is_complete, weights_only_loads
 from ted_ds.errors import CheckpointError
 from ted_ds.filters import save_filter_bank
+from ted_ds.weights import build_dense
 
 
 def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -28,14 +28,14 @@ def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
     params = list(module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=any(hasattr(p, "ds_id")
                                                                                    for p in params)):
-        if D.rank() != 0:
+        if distributed.rank() != 0:
             return None
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def model_from_state(config, state: dict[str, torch.Tensor]) -> nn.Module:
     """An fp32 CPU model holding ``state`` exactly (a tied head may be absent from it)."""
-    model = W.build_dense(config, torch.float32)
+    model = build_dense(config, torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
@@ -70,19 +70,19 @@ def save_trained_outputs(stage, p, out_dir: str) -> str:
         return target
     target = os.path.join(out_dir, "hf")
     state = gathered_state_dict(trained.model)
-    if D.rank() == 0:
+    if distributed.rank() == 0:
         write_hf_dir(p.student_config, state, target, os.path.join(p.cfg.data.blend[0].path, "tokenizer"))
     if trained.filters is not None:
         _save_bank(trained.filters, os.path.join(out_dir, "student-filters"))
-    D.barrier()
+    distributed.barrier()
     return target
 
 
 def _save_bank(bank, target: str) -> None:
     state = gathered_state_dict(bank)
-    if D.rank() == 0:
+    if distributed.rank() == 0:
         save_filter_bank(state, bank.meta(), target)
-    D.barrier()
+    distributed.barrier()
 
 
 # ----------------------------------------------------------------------------- offline export
@@ -179,7 +179,7 @@ def verify_export(hf_dir: str, state: dict[str, torch.Tensor], config, batch: to
 
 
 def _has_split(data_path: str, split: str) -> bool:
-    from data_prep.verify import read_manifest
+    from data_prep.format import read_manifest
 
     return bool(read_manifest(data_path)["shards"].get(split))
 

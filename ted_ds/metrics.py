@@ -1,4 +1,5 @@
-"""Metrics out of the trainer: TensorBoard scalars, a JSONL file, a progress bar, and MFU.
+"""Metrics out of the trainer: TensorBoard scalars, a JSONL file, a progress bar, and MFU
+(the FLOPs a token costs, and the peak a device can do).
 
 Only rank 0 writes.  ``metrics.jsonl`` holds one JSON object per logged step; on resume, lines
 past the resumed step (written by the interrupted attempt) are dropped so curves stay clean, and
@@ -13,12 +14,31 @@ import sys
 import time
 
 import torch
+from torch import nn
 
 from data_prep.fileio import write_text
+from ted_ds.architectures import hidden_size, ndim, num_layers
 
 # Dense bf16 peak TFLOPs per device of common GPUs (vendor datasheets, no sparsity).
 _GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0,
                     "V100": 125.0, "MI300X": 1307.0, "B200": 2250.0}
+
+
+def matmul_parameters(model: nn.Module) -> int:
+    """Parameters that take part in matrix products (the N of 6·N FLOPs per token): every weight
+    matrix except input/position embeddings, plus the output head even when it is tied."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if ndim(p) >= 2 and id(p) not in embeddings)
+    head = model.get_output_embeddings()
+    if head is not None and id(head.weight) in embeddings:
+        n += getattr(head.weight, "ds_numel", head.weight.numel())
+    return n
+
+
+def flops_per_token(n_matmul: int, config, seq_len: int, training: bool) -> float:
+    """6N + 12·L·d·T per trained token (forward + backward), a third of it for a forward only."""
+    per_token = 6 * n_matmul + 12 * num_layers(config) * hidden_size(config) * seq_len
+    return per_token if training else per_token / 3
 
 
 def device_peak_flops(configured_tflops: float | None) -> float:

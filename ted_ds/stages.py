@@ -22,15 +22,29 @@ from torch import nn
 
 from data_prep.tokenizer import TOKENIZER_FILES, load_tokenizer, vocab_fingerprint
 from data_prep.verify import verify_dataset
-from ted_ds import distributed as D
-from ted_ds import models as M
+from ted_ds import distributed
+from ted_ds.architectures import (
+    hidden_size,
+    load_hf_config,
+    max_positions,
+    meta_model,
+    model_from_config,
+    num_layers,
+    teacher_blocks_config,
+    vocab_size,
+)
 from ted_ds.config import DataConfig, RunConfig
 from ted_ds.documents import DocumentAttention, check_document_attention, for_model, forward_kwargs
 from ted_ds.engine import build_frozen, build_trained_engine, compute_dtype, wsd_decay_steps
 from ted_ds.errors import ConfigError
 from ted_ds.filters import FilterBank, load_filter_bank
+from ted_ds.heads import TaskHead
 from ted_ds.hub import with_local_models
 from ted_ds.losses import ObjectiveWeights, distill_objective, lm_loss, tap_lm_losses, trained_head_lm_loss
+from ted_ds.metrics import flops_per_token, matmul_parameters
+from ted_ds.taps import TapRecorder, tap_pairs
+from ted_ds.teacher import Teacher
+from ted_ds.weights import load_model, load_teacher_blocks
 
 
 @dataclass
@@ -106,7 +120,7 @@ def check_vocabularies(manifest: dict, models: dict[str, tuple]) -> str:
     KD, top-k and the stage-1 head read logits sliced to the tokenizer's ids). ``models``: what ->
     (config or None, path). Returns, or raises with, one line naming the sizes compared."""
     size = manifest["vocab_size"]
-    rows = {what: (M.vocab_size(conf), path) for what, (conf, path) in models.items() if conf is not None}
+    rows = {what: (vocab_size(conf), path) for what, (conf, path) in models.items() if conf is not None}
     line = (f"vocabularies: data tokenizer {size} ids; "
             + ", ".join(f"{what} {n} embedding rows" for what, (n, _) in rows.items()))
     for what, (n, path) in rows.items():
@@ -147,19 +161,19 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
     needs_teacher = cfg.uses_teacher or cfg.student.init_from_teacher is not None or filters_for is not None
     cfg = with_local_models(cfg, teacher=needs_teacher)  # hub ids → directories of the local HF cache
     t, s = cfg.teacher, cfg.student
-    teacher_config = M.load_config(t.path, t.trust_remote_code) if t.path and needs_teacher else None
+    teacher_config = load_hf_config(t.path, t.trust_remote_code) if t.path and needs_teacher else None
     if cfg.train.init_from:
         student_config = init_from_config(cfg.train.init_from, s.trust_remote_code)
     elif s.path:
-        student_config = M.load_config(s.path, s.trust_remote_code)
+        student_config = load_hf_config(s.path, s.trust_remote_code)
     elif s.config:
-        student_config = M.load_config(s.config, s.trust_remote_code)
+        student_config = load_hf_config(s.config, s.trust_remote_code)
     else:
-        student_config = M.teacher_blocks_config(teacher_config, s.init_from_teacher)
+        student_config = teacher_blocks_config(teacher_config, s.init_from_teacher)
     for what, conf in (("teacher", teacher_config), ("student", student_config)):
         if conf is None:
             continue
-        limit = M.max_positions(conf)
+        limit = max_positions(conf)
         if limit is not None and cfg.data.seq_len > limit:
             raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the {what}'s {limit} positions")
     vocab_line = check_vocabularies(manifest, {"teacher": (teacher_config, t.path),
@@ -173,13 +187,13 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
         raise ConfigError("this command needs teacher.path")
     pairs: list[tuple[int, int]] = []
     if cfg.uses_layers or filters_for is not None:
-        pairs = M.tap_pairs(cfg.distill, M.num_layers(teacher_config), M.num_layers(student_config))
+        pairs = tap_pairs(cfg.distill, num_layers(teacher_config), num_layers(student_config))
     filter_dim = None
     if teacher_config is not None:
-        filter_dim = cfg.distill.filter_dim or M.hidden_size(teacher_config)
-        if filters_for is not None and filter_dim != M.hidden_size(teacher_config):
+        filter_dim = cfg.distill.filter_dim or hidden_size(teacher_config)
+        if filters_for is not None and filter_dim != hidden_size(teacher_config):
             raise ConfigError(f"distill.filter_dim {filter_dim} must equal the teacher's hidden size "
-                              f"{M.hidden_size(teacher_config)}: stage 1 reads filtered states with the teacher's head")
+                              f"{hidden_size(teacher_config)}: stage 1 reads filtered states with the teacher's head")
     if cfg.distill.method == "ted" and filters_for is None:
         for what, path in (("teacher.filters", t.filters), ("student.filters", s.filters)):
             if not path:
@@ -205,14 +219,14 @@ def _document_eos(cfg: RunConfig, manifest: dict, teacher_config, student_config
                           "documents cannot be told apart")
     for what, conf in (("teacher", teacher_config), ("student", student_config)):
         if conf is not None:
-            check_document_attention(M.meta_model(conf), what)
+            check_document_attention(meta_model(conf), what)
     return int(manifest["eos_token_id"])
 
 
 # ----------------------------------------------------------------------------- models
 def load_teacher(cfg: RunConfig, **placement) -> nn.Module:
-    """The teacher's weights as ``placement`` says (dtype, device, zero_config: see models.load_model)."""
-    return M.load_model(cfg.teacher.path, cfg.teacher.trust_remote_code, **placement)
+    """The teacher's weights as ``placement`` says (dtype, device, zero_config: see weights.load_model)."""
+    return load_model(cfg.teacher.path, cfg.teacher.trust_remote_code, **placement)
 
 
 def _is_hf_dir(path: str) -> bool:
@@ -231,7 +245,7 @@ def init_from_config(path: str, trust_remote_code: bool):
     if not os.path.exists(path):
         raise ConfigError(f"train.init_from: {path} does not exist (an HF directory or a run's checkpoint)")
     if _is_hf_dir(path):
-        return M.load_config(path, trust_remote_code)
+        return load_hf_config(path, trust_remote_code)
     ckpt_dir, tag = resolve_checkpoint(path, None)
     with open(os.path.join(ckpt_dir, tag, "trainer_state.json")) as f:
         run = json.load(f)["run"]
@@ -249,11 +263,11 @@ def init_from_hf_dir(cfg: RunConfig) -> str:
         return cfg.train.init_from
     ckpt_dir, tag = resolve_checkpoint(cfg.train.init_from, None)
     target = os.path.join(cfg.train.out_dir, f"init-from-{tag}")
-    if D.rank() == 0 and not _is_hf_dir(target):
+    if distributed.rank() == 0 and not _is_hf_dir(target):
         os.makedirs(cfg.train.out_dir, exist_ok=True)
         for line in export_checkpoint(os.path.join(ckpt_dir, tag), target):
             print(f"ted-ds: train.init_from: {line}", flush=True)
-    D.barrier()
+    distributed.barrier()
     return target
 
 
@@ -265,13 +279,13 @@ def load_student(p: Plan, **placement) -> nn.Module:
     students start from scratch, and so every rank and the single-process reference agree."""
     s = p.cfg.student
     if p.cfg.train.init_from:
-        return M.load_model(init_from_hf_dir(p.cfg), s.trust_remote_code, **placement)
+        return load_model(init_from_hf_dir(p.cfg), s.trust_remote_code, **placement)
     if s.path:
-        return M.load_model(s.path, s.trust_remote_code, **placement)
+        return load_model(s.path, s.trust_remote_code, **placement)
     if s.init_from_teacher is not None:
-        return M.load_teacher_blocks(p.cfg.teacher.path, s.init_from_teacher, p.cfg.teacher.trust_remote_code,
+        return load_teacher_blocks(p.cfg.teacher.path, s.init_from_teacher, p.cfg.teacher.trust_remote_code,
                                      **placement)
-    model = M.model_from_config(p.student_config, p.cfg.train.seed)
+    model = model_from_config(p.student_config, p.cfg.train.seed)
     return model.to(placement.get("dtype", torch.float32))
 
 
@@ -284,7 +298,7 @@ class StudentWithFilters(nn.Module):
         self.model = model
         self.filters = filters
         self.documents = documents  # data.document_attention (None: off)
-        self.recorder = M.TapRecorder(model, layers) if layers else None
+        self.recorder = TapRecorder(model, layers) if layers else None
 
     def forward(self, input_ids: torch.Tensor):
         logits = self.model(input_ids=input_ids, use_cache=False,
@@ -299,17 +313,11 @@ class StudentWithFilters(nn.Module):
 class Stage:
     name: str
     engine: object  # DeepSpeedEngine of the trained module
-    frozen: object | None  # a teacher placement (ted_ds.teacher), or None
+    frozen: Teacher | None  # a teacher placement (ted_ds.teacher), or None
     loss: Callable  # (input_ids, labels) -> dict of terms with "loss"
     eval_loss: Callable  # (input_ids, labels) -> scalar tensor
     flops_per_token: float  # trained forward+backward + frozen forward, for MFU
     trained_model: nn.Module  # what `finish` saves
-
-
-def _flops_per_token(n_matmul: int, config, seq_len: int, training: bool) -> float:
-    """6N + 12·L·d·T per trained token (forward + backward), a third of it for a forward only."""
-    per_token = 6 * n_matmul + 12 * M.num_layers(config) * M.hidden_size(config) * seq_len
-    return per_token if training else per_token / 3
 
 
 def build_distill(p: Plan, ds: dict) -> Stage:
@@ -319,29 +327,29 @@ def build_distill(p: Plan, ds: dict) -> Stage:
     student = load_student(p, dtype=compute_dtype(ds), zero_config=ds)
     if cfg.student.activation_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    d_s = M.hidden_size(p.student_config)
+    d_s = hidden_size(p.student_config)
     student_filters, teacher_filters = None, None
     if method == "ted" and cfg.uses_layers:
         expect = lambda d_in, layers: {"kind": cfg.distill.filter, "in_dim": d_in, "out_dim": p.filter_dim,
                                        "layers": layers}
         student_filters = load_filter_bank(cfg.student.filters, expect(d_s, p.student_layers), "student.filters")
         teacher_filters = load_filter_bank(cfg.teacher.filters,
-                                           expect(M.hidden_size(p.teacher_config), p.teacher_layers),
+                                           expect(hidden_size(p.teacher_config), p.teacher_layers),
                                            "teacher.filters")
     elif method == "lwd" and cfg.uses_layers:  # a fresh projection into the teacher's raw hidden space
-        student_filters = FilterBank(cfg.distill.filter, d_s, M.hidden_size(p.teacher_config), p.student_layers,
+        student_filters = FilterBank(cfg.distill.filter, d_s, hidden_size(p.teacher_config), p.student_layers,
                                      seed=cfg.train.seed)
     if student_filters is not None:  # DeepSpeed casts no module whose student is already partitioned
         student_filters = student_filters.to(compute_dtype(ds))
     trained = StudentWithFilters(student, p.student_layers if cfg.uses_layers else [], student_filters,
                                  for_model(student, p.document_eos, compute_dtype(ds)))
-    flops = _flops_per_token(M.matmul_parameters(student), p.student_config, cfg.data.seq_len, True)
+    flops = flops_per_token(matmul_parameters(student), p.student_config, cfg.data.seq_len, True)
     engine = build_trained_engine(cfg, trained, ds, p.total_steps)
     frozen = None
     if cfg.uses_teacher:
         frozen = build_frozen(cfg, functools.partial(load_teacher, cfg), p.teacher_layers if cfg.uses_layers else [],
                               teacher_filters, cfg.uses_logits, ds, p.document_eos, p.manifest["vocab_size"])
-        flops += _flops_per_token(M.matmul_parameters(M.meta_model(p.teacher_config)), p.teacher_config,
+        flops += flops_per_token(matmul_parameters(meta_model(p.teacher_config)), p.teacher_config,
                                   cfg.data.seq_len, False)
     weights = ObjectiveWeights(cfg.distill.alpha, cfg.distill.beta, cfg.distill.temperature, cfg.distill.layer_loss,
                                p.manifest["vocab_size"])
@@ -380,17 +388,17 @@ def build_filter_learning(p: Plan, ds: dict, which: str) -> Stage:
         layers, conf, load = p.teacher_layers, p.teacher_config, functools.partial(load_teacher, cfg)
     else:
         layers, conf, load = p.student_layers, p.student_config, functools.partial(load_student, p)
-    bank = FilterBank(cfg.distill.filter, M.hidden_size(conf), p.filter_dim, layers, seed=cfg.train.seed)
-    head = M.TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code, compute_dtype(ds), D.device(),
-                      p.manifest["vocab_size"])
+    bank = FilterBank(cfg.distill.filter, hidden_size(conf), p.filter_dim, layers, seed=cfg.train.seed)
+    head = TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code, compute_dtype(ds), distributed.device(),
+                    p.manifest["vocab_size"])
     trainable = cfg.distill.filter_head == "trainable"
     engine = build_trained_engine(cfg, FiltersWithHeads(bank, head) if trainable else bank, ds, p.total_steps)
     if which == "student" and cfg.teacher.placement == "pipeline":  # a pipeline is for the teacher's size
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, placement="zero3"))
     frozen = build_frozen(cfg, load, layers, None, False, ds, p.document_eos)
     n_filter = sum(p_.numel() for p_ in bank.parameters() if p_.ndim >= 2)
-    head_mm = M.hidden_size(p.teacher_config) * M.vocab_size(p.teacher_config)
-    flops = (_flops_per_token(M.matmul_parameters(M.meta_model(conf)), conf, cfg.data.seq_len, False)
+    head_mm = hidden_size(p.teacher_config) * vocab_size(p.teacher_config)
+    flops = (flops_per_token(matmul_parameters(meta_model(conf)), conf, cfg.data.seq_len, False)
              + 6 * n_filter + (8 if trainable else 4) * head_mm * len(layers))  # head: forward + backward(s)
 
     def loss(input_ids, labels):

@@ -1,6 +1,7 @@
 """The frozen side: a model that answers "filtered states at the taps + logits for this micro-batch".
 
-Every placement implements the same call, ``teacher(input_ids) -> TeacherOutput``:
+Every placement implements the same call, ``teacher(input_ids) -> TeacherOutput`` (the
+``Teacher`` protocol, what the trainer relies on):
 
 * ``ReplicatedTeacher``: a full copy on each rank.
 * ``Zero3Teacher``: parameters sharded over all ranks by a ZeRO-3 inference engine.
@@ -13,13 +14,15 @@ The same frozen wrapper serves stage 1 (raw states of teacher or student, no log
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from ted_ds.architectures import count_parameters
 from ted_ds.documents import DocumentAttention, forward_kwargs
 from ted_ds.filters import FilterBank
-from ted_ds.models import TapRecorder, count_parameters
+from ted_ds.taps import TapRecorder
 
 
 @dataclass
@@ -27,6 +30,20 @@ class TeacherOutput:
     taps: list[torch.Tensor] | None  # (B, T, D_filter) per tap, filtered (or raw when no bank)
     logits: torch.Tensor | None  # (B, T, V), or (B, T, k) top-k values
     topk_index: torch.Tensor | None = None  # (B, T, k) when logits are top-k
+
+
+class Teacher(Protocol):
+    """A placed frozen model: the trainer calls it per micro-batch and reports its per-rank size."""
+
+    placement: str  # "replicated" | "zero3" | "pipeline", as teacher.placement
+
+    def __call__(self, input_ids: torch.Tensor) -> TeacherOutput:
+        """Taps (and logits when asked) for this rank's micro-batch, without gradients."""
+        ...
+
+    def local_parameters(self) -> int:
+        """Parameters stored on this rank (its share of the frozen model)."""
+        ...
 
 
 def topk_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:

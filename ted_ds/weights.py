@@ -12,6 +12,9 @@ Three ways a model lives on a rank, one loader each:
 * **some modules** (``fill_modules``): pipeline stages and the task head give storage to a few
   submodules of a meta-device tree and read only their tensors.
 
+``load_model`` is the entry point for the first two: a model directory (or some of a teacher's
+blocks, ``load_teacher_blocks``) to a model on this rank.
+
 A ``Rename`` maps a target parameter name to the name it has in the source files: identity for a
 model's own directory, teacher block indices for ``student.init_from_teacher``.
 ``WeightReader.elements_read`` counts what was read, so tests can check that no rank reads more
@@ -29,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ted_ds.architectures import instantiate, layout, load_hf_config, meta_model, teacher_blocks_config
 from ted_ds.errors import ConfigError
 
 Rename = Callable[[str], str]
@@ -143,18 +147,6 @@ def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- building
-def quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def trusted(config) -> bool:
-    """A config that names remote code (auto_map) could only be loaded with the user's consent."""
-    return bool(getattr(config, "auto_map", None))
-
-
 def no_init_weights():
     """transformers' switch that skips weight initialisation (its module moved in 5.x)."""
     try:
@@ -167,11 +159,8 @@ def no_init_weights():
 def build_dense(config, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
     """The model with uninitialised storage in ``dtype`` on ``device`` (its weights are about to be
     read); computed buffers (rotary tables) are real."""
-    from transformers import AutoModelForCausalLM
-
-    quiet_transformers()
     with torch.device(device), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trusted(config))
+        model = instantiate(config, dtype)
     model.tie_weights()  # skipped with the initialisation: a tied head would train (and load) on its own
     return model
 
@@ -180,15 +169,13 @@ def build_partitioned(config, dtype: torch.dtype, ds_config: dict) -> nn.Module:
     """The model under ZeRO-3's ``zero.Init``: every parameter is this rank's uninitialised slice
     from the moment it is created (one module is whole, briefly, while it is built)."""
     import deepspeed
-    from transformers import AutoModelForCausalLM
 
-    quiet_transformers()
     # Import everything the build needs first: zero.Init patches tensor construction, and modules
     # first imported under it (torch._dynamo, through transformers' modeling code) fail to load.
     with torch.device("meta"), no_init_weights():
-        AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trusted(config))
+        instantiate(config, dtype)
     with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trusted(config))
+        model = instantiate(config, dtype)
     model.tie_weights()
     return model
 
@@ -241,11 +228,8 @@ def _parameters_on_meta():
 def computed_buffers(config) -> dict[str, torch.Tensor]:
     """The non-persistent buffers a model computes when it is built (Gemma's embedding scale
     sqrt(d), rotary tables), real on the CPU, without storage for any parameter."""
-    from transformers import AutoModelForCausalLM
-
-    quiet_transformers()
     with _parameters_on_meta(), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trusted(config))
+        model = instantiate(config)
     saved = model.state_dict()
     return {name: b for name, b in model.named_buffers() if name not in saved}
 
@@ -286,3 +270,30 @@ def layer_rename(blocks_path: str, layers: list[int]) -> Rename:
         return name
 
     return rename
+
+
+# ----------------------------------------------------------------------------- loading
+def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu", zero_config: dict | None = None, config=None,
+               rename: Rename = identity) -> nn.Module:
+    """A causal LM with weights read from the safetensors of ``path``, straight into ``dtype`` on
+    ``device`` — whole (``zero_config`` None) or as this rank's ZeRO-3 slices.  ``config`` and
+    ``rename`` build another shape from the same files (a student from some teacher blocks)."""
+    config = config if config is not None else load_hf_config(path, trust_remote_code)
+    reader = WeightReader(path)
+    if zero_config is not None:
+        model = build_partitioned(config, dtype, zero_config)
+        fill_partitions(model, reader, rename)
+    else:
+        model = build_dense(config, dtype, device)
+        fill_dense(model, reader, rename)
+    return model
+
+
+def load_teacher_blocks(teacher_path: str, layers: list[int], trust_remote_code: bool = False, **placement):
+    """A student with the teacher's embeddings, head, final norm and the chosen blocks, in order,
+    reading only those tensors from the teacher's files."""
+    teacher_config = load_hf_config(teacher_path, trust_remote_code)
+    blocks_path = layout(meta_model(teacher_config))[0]
+    return load_model(teacher_path, config=teacher_blocks_config(teacher_config, layers),
+                      rename=layer_rename(blocks_path, layers), **placement)

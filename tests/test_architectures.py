@@ -25,7 +25,7 @@ def _manifest(data_dir: str) -> dict:
 
 def _norm_input(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(state entering the final norm, the model's own logits) of one forward."""
-    from ted_ds.models import final_norm
+    from ted_ds.architectures import final_norm
 
     seen = []
     hook = final_norm(model).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
@@ -38,12 +38,13 @@ def _norm_input(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def test_stage_surgery_keeps_each_architecture_whole(arch_teachers):
     """A pipeline stage holding every block, embeddings and head is the model itself, bit for bit: Gemma 2's
     embedding computes sqrt(d) into a buffer that is not in the weight files and must not be left empty."""
-    from ted_ds.models import load_config, load_model
+    from ted_ds.architectures import load_hf_config
     from ted_ds.pipeline.stage import build_stage_model
+    from ted_ds.weights import load_model
 
     for kind, path in arch_teachers.items():
         model = load_model(path).eval()
-        stage, _ = build_stage_model(path, load_config(path), 0, 4, True, True, torch.float32, torch.device("cpu"))
+        stage, _ = build_stage_model(path, load_hf_config(path), 0, 4, True, True, torch.float32, torch.device("cpu"))
         with torch.no_grad():
             assert torch.equal(stage(input_ids=IDS, use_cache=False).logits, model(input_ids=IDS).logits), kind
 
@@ -54,8 +55,9 @@ def test_task_head_is_the_models_own_norm_head_and_soft_cap(arch_teachers, tiny)
     gradient as autograd through the model's own modules."""
     import torch.nn.functional as F
 
+    from ted_ds.heads import TaskHead
     from ted_ds.losses import tap_lm_losses
-    from ted_ds.models import TaskHead, load_model
+    from ted_ds.weights import load_model
 
     vocab = _manifest(tiny["llama_data"])["vocab_size"]
     labels = torch.randint(vocab, IDS.shape, generator=torch.Generator().manual_seed(1))
@@ -81,9 +83,9 @@ def test_student_from_teacher_blocks_keeps_their_attention_kinds(arch_teachers):
     with that block's kind, and the config stays loadable."""
     from transformers import AutoConfig
 
-    from ted_ds.models import load_config, teacher_blocks_config
+    from ted_ds.architectures import load_hf_config, teacher_blocks_config
 
-    teacher = load_config(arch_teachers["gemma2"])
+    teacher = load_hf_config(arch_teachers["gemma2"])
     assert teacher.layer_types == ["sliding_attention", "full_attention"] * 2
     student = teacher_blocks_config(teacher, [1, 2, 3])
     assert student.layer_types == ["full_attention", "sliding_attention", "full_attention"]
@@ -93,7 +95,7 @@ def test_student_from_teacher_blocks_keeps_their_attention_kinds(arch_teachers):
 def test_unknown_layout_names_the_model_class_and_the_table():
     from torch import nn
 
-    from ted_ds.models import layout
+    from ted_ds.architectures import layout
 
     class OddLM(nn.Module):
         def __init__(self):
@@ -102,7 +104,8 @@ def test_unknown_layout_names_the_model_class_and_the_table():
 
     with pytest.raises(ConfigError) as e:
         layout(OddLM())
-    assert "OddLM: cannot find its decoder blocks" in str(e.value) and "_LAYOUTS in ted_ds/models.py" in str(e.value)
+    assert "OddLM: cannot find its decoder blocks" in str(e.value)
+    assert "_LAYOUTS in ted_ds/architectures.py" in str(e.value)
     assert "\n" not in str(e.value)
 
 
@@ -110,8 +113,8 @@ def test_kd_and_top_k_see_only_the_tokenizers_ids(arch_teachers, tiny):
     """Rows past the tokenizer's ids (a padded embedding) get no probability from the teacher: the
     teacher's top-k never picks them, KD ignores the student's, and they get no KD gradient."""
     from ted_ds.losses import ObjectiveWeights, distill_objective, kd_loss
-    from ted_ds.models import load_model
     from ted_ds.teacher import FrozenLM
+    from ted_ds.weights import load_model
 
     vocab = _manifest(tiny["llama_data"])["vocab_size"]
     model = load_model(arch_teachers["qwen2"])
@@ -141,10 +144,10 @@ def _student_config(tmp_path, rows: int) -> str:
 
 
 def test_plan_takes_different_embedding_rows_and_names_the_sizes(tiny, arch_teachers, tmp_path):
-    from ted_ds.config import load_config
+    from ted_ds.config import load_run_config
     from ted_ds.stages import plan
 
-    cfg = lambda rows: load_config(write_config(str(tmp_path / f"c{rows}.yaml"), **base_config(
+    cfg = lambda rows: load_run_config(write_config(str(tmp_path / f"c{rows}.yaml"), **base_config(
         tiny["llama_data"], arch_teachers["qwen2"], str(tmp_path / "o"),
         **{"distill.method": "kd", "student.init_from_teacher": None,
            "student.config": _student_config(tmp_path, rows)})))
@@ -199,7 +202,7 @@ def test_tokenizers_must_agree_below_the_data_size_only(tiny, tmp_path):
     first = min((v[a], a), (v[b], b))
     assert f"id {first[0]} is {first[1]!r} there" in str(e.value) and "\n" not in str(e.value)
     # through plan with a data mixture (data.path empty): the sources' tokenizer is the one compared
-    from ted_ds.config import load_config
+    from ted_ds.config import load_run_config
     from ted_ds.stages import plan
 
     teacher = str(tmp_path / "teacher-eos")
@@ -208,7 +211,7 @@ def test_tokenizers_must_agree_below_the_data_size_only(tiny, tmp_path):
     cfg = base_config(data, teacher, str(tmp_path / "o"), **{"distill.method": "kd", "data.path": "",
                                                              "data.sources": [{"name": "a", "path": data}]})
     with pytest.warns(UserWarning, match="special-token roles differ"):
-        plan(load_config(write_config(str(tmp_path / "mix.yaml"), **cfg)))
+        plan(load_run_config(write_config(str(tmp_path / "mix.yaml"), **cfg)))
 
 
 # ----------------------------------------------------------------------------- 2 ranks, one launch
@@ -250,8 +253,10 @@ def _stage1_first_loss(config_path: str) -> float:
     put in front of the model's final norm, so its norm, head and soft-cap make the logits."""
     import torch.nn.functional as F
 
+    from ted_ds.architectures import final_norm
     from ted_ds.data import collate
-    from ted_ds.models import TapRecorder, final_norm, load_model
+    from ted_ds.taps import TapRecorder
+    from ted_ds.weights import load_model
 
     cfg, p, bank, data, micro = stage1_first_batch(config_path)
     vocab = p.manifest["vocab_size"]

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from data_prep.build import BuildOptions, build
 from data_prep.errors import UserError
 from data_prep.indexed import IndexedShard
-from ted_ds.config import DataConfig, SourceConfig, load_config
+from ted_ds.config import DataConfig, SourceConfig, load_run_config
 from ted_ds.data import Blend, BlendedDataset, ConsumedSamplesSampler, PackedShardDataset, collate, epoch_order
 from ted_ds.errors import ConfigError
 from ted_ds.stages import check_sources
@@ -193,7 +193,7 @@ def _load(tmp_path, **data) -> object:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"data": data, "student": {"config": "x"}, "distill": {"method": "lm"},
                                     "train": {"steps": 1}}))
-    return load_config(str(path))
+    return load_run_config(str(path))
 
 
 @pytest.mark.parametrize("data, message", [
@@ -257,7 +257,7 @@ def test_sources_must_share_tokenizer_bos_and_evaluation(sources):
 
 def test_add_bos_starts_every_document_with_bos(sources, sp_tokenizer, tmp_path, capsys):
     from data_prep.cli import main
-    from data_prep.verify import read_manifest
+    from data_prep.format import read_manifest
 
     plain, bos = read_manifest(sources["sp"]), read_manifest(sources["bos"])
     assert bos["add_bos"] is True and plain["add_bos"] is False

@@ -12,12 +12,13 @@ import torch
 from tiny import base_config, packed_documents, span_difference, write_config
 from transformers.masking_utils import find_packed_sequence_indices  # sets TORCHINDUCTOR_CACHE_DIR: import early
 
-from ted_ds.config import load_config as load_run_config
+from ted_ds.architectures import load_hf_config
+from ted_ds.config import load_run_config
 from ted_ds.documents import DocumentAttention, document_positions, for_model
 from ted_ds.engine import build_frozen
 from ted_ds.filters import FilterBank
-from ted_ds.models import load_config, load_model
 from ted_ds.stages import StudentWithFilters
+from ted_ds.weights import load_model
 
 ATOL = 1e-5
 
@@ -54,7 +55,7 @@ def test_a_packed_document_equals_the_document_alone(tiny, kind, tmp_path):
     document attention the same comparison is far off: the check can see the difference."""
     teacher = tiny[f"{kind}_teacher"]
     eos = json.load(open(f"{tiny[f'{kind}_data']}/manifest.json"))["eos_token_id"]
-    config = load_config(teacher)
+    config = load_hf_config(teacher)
     ids, spans = packed_documents(eos, config.vocab_size)
     model = load_model(teacher).eval()
     bank = FilterBank("linear", config.hidden_size, 48, [2, 4], seed=1)
@@ -82,15 +83,15 @@ def test_document_attention_refused_for_a_model_that_cannot_take_it(tiny, tmp_pa
     """An attention implementation that ignores 4D masks: one line, before any process group."""
     import torch.distributed as dist
 
+    from ted_ds.architectures import load_hf_config
     from ted_ds.cli import main as ted_main
-    from ted_ds.models import load_config
 
     teacher = tmp_path / "flex-teacher"
     shutil.copytree(tiny["llama_teacher"], teacher)
     config = json.load(open(teacher / "config.json"))
     config["attn_implementation"] = "flex_attention"
     json.dump(config, open(teacher / "config.json", "w"))
-    if getattr(load_config(str(teacher)), "_attn_implementation", None) != "flex_attention":
+    if getattr(load_hf_config(str(teacher)), "_attn_implementation", None) != "flex_attention":
         pytest.skip("this transformers ignores attn_implementation in config.json (the model runs sdpa): "
                     "no config can ask for an attention that document attention must refuse")
     cfg = base_config(tiny["llama_data"], str(teacher), str(tmp_path / "o"),

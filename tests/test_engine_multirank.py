@@ -121,18 +121,18 @@ def test_trainable_heads_start_from_the_teachers_head_then_learn_and_only_the_ba
 def _reference(config_path: str, steps: int):
     """The same steps (TED or KD) in one process with plain PyTorch: no DeepSpeed, no ZeRO, no ranks.
     With ``teacher.logits_topk`` KD runs on the teacher's top-k ids, picked here with torch.topk."""
-    from ted_ds.config import load_config
+    from ted_ds.config import load_run_config
     from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
     from ted_ds.documents import for_model
     from ted_ds.engine import lr_multiplier, param_groups
     from ted_ds.filters import load_filter_bank
     from ted_ds.losses import ObjectiveWeights, distill_objective
-    from ted_ds.models import load_model
     from ted_ds.stages import StudentWithFilters, load_student, plan
     from ted_ds.teacher import FrozenLM
     from ted_ds.trainer import seed_everything
+    from ted_ds.weights import load_model
 
-    cfg = load_config(config_path)
+    cfg = load_run_config(config_path)
     p = plan(cfg)
     seed_everything(cfg.train.seed)
     bank = lambda path: load_filter_bank(path, load_json(path), path) if path else None
@@ -195,11 +195,11 @@ def test_zero3_ted_matches_single_process_reference(runs):
 
 
 def test_only_student_and_its_filters_change(runs):
-    from ted_ds.config import load_config
+    from ted_ds.config import load_run_config
     from ted_ds.stages import load_student, plan
     from ted_ds.trainer import seed_everything
 
-    cfg = load_config(runs["configs"]["ted_replicated"])
+    cfg = load_run_config(runs["configs"]["ted_replicated"])
     seed_everything(cfg.train.seed)
     initial = load_student(plan(cfg)).state_dict()
     final = load_file(os.path.join(runs["dirs"]["ted_replicated"], "hf", "model.safetensors"))
@@ -267,9 +267,10 @@ def _stage1_first_loss(config_path: str) -> float:
     taps, read through its head, over the whole first global batch."""
     from ted_ds.data import collate
     from ted_ds.documents import for_model
+    from ted_ds.heads import TaskHead
     from ted_ds.losses import tap_lm_losses
-    from ted_ds.models import TaskHead, load_model
     from ted_ds.teacher import FrozenLM
+    from ted_ds.weights import load_model
 
     cfg, p, bank, data, micro = stage1_first_batch(config_path)
     model = load_model(cfg.teacher.path)
@@ -328,10 +329,10 @@ def test_each_rank_reads_only_its_share_of_the_weights(runs, tiny):
     """Counted while loading: a rank reads its teacher share (whole, 1/2, one pipeline stage) and only
     its 1/2 slice of the student's tensors — the student's teacher blocks are never read whole, and
     the teacher is never read twice. Slack: the partial rows at each slice's two ends."""
+    from ted_ds.architectures import load_hf_config, meta_model, teacher_blocks_config
     from ted_ds.capacity import teacher_share
-    from ted_ds.models import load_config, meta_model, teacher_blocks_config
 
-    t = load_config(tiny["llama_teacher"])
+    t = load_hf_config(tiny["llama_teacher"])
     total = teacher_share(t, "replicated", 2, 2, None)
     student = meta_model(teacher_blocks_config(t, [0, 2]))
     student_half = sum(p.numel() for p in student.parameters()) / 2

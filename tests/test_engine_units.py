@@ -11,14 +11,16 @@ import torch
 import torch.nn.functional as F
 from tiny import base_config, write_config
 
+from ted_ds.architectures import decoder_layers
 from ted_ds.cli import main as ted_main
-from ted_ds.config import load_config
+from ted_ds.config import load_run_config
 from ted_ds.engine import lr_multiplier
 from ted_ds.errors import ConfigError
 from ted_ds.filters import FilterBank
+from ted_ds.heads import TaskHead
 from ted_ds.losses import ObjectiveWeights, distill_objective, kd_loss, layer_loss, lm_loss
-from ted_ds.models import TapRecorder, TaskHead, decoder_layers, load_model, load_teacher_blocks, tap_pairs
-from ted_ds.weights import WeightReader
+from ted_ds.taps import TapRecorder, tap_pairs
+from ted_ds.weights import WeightReader, load_model, load_teacher_blocks
 
 
 # ----------------------------------------------------------------------------- losses by hand
@@ -142,9 +144,10 @@ def test_student_from_teacher_copies_chosen_layers(tiny):
 
 
 def test_lr_schedule_warmup_then_cosine(tiny, tmp_path):
-    cfg = load_config(write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"], tiny["llama_teacher"],
-                                                                           str(tmp_path / "o"))),
-                      ["optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr=0.1"])
+    cfg = load_run_config(write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"],
+                                                                               tiny["llama_teacher"],
+                                                                               str(tmp_path / "o"))),
+                          ["optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr=0.1"])
     m = [lr_multiplier(s, cfg, 110) for s in range(110)]
     assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0) and m[10] == pytest.approx(1.0)
     assert m[60] == pytest.approx(0.55, abs=0.01) and m[109] == pytest.approx(0.1, abs=1e-3)
@@ -153,10 +156,11 @@ def test_lr_schedule_warmup_then_cosine(tiny, tmp_path):
 
 def test_wsd_and_rewarming_follow_the_hand_computed_curve(tiny, tmp_path):
     """lr 1, min_lr 0.1, 4 warmup steps re-warming from 0.5, 20 steps, the last 25 % decaying."""
-    cfg = load_config(write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"], tiny["llama_teacher"],
-                                                                           str(tmp_path / "o"))),
-                      ["optim.schedule=wsd", "optim.lr=1.0", "optim.min_lr=0.1", "optim.warmup_steps=4",
-                       "optim.warmup_start_lr=0.5", "optim.decay_fraction=0.25"])
+    cfg = load_run_config(write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"],
+                                                                               tiny["llama_teacher"],
+                                                                               str(tmp_path / "o"))),
+                          ["optim.schedule=wsd", "optim.lr=1.0", "optim.min_lr=0.1", "optim.warmup_steps=4",
+                           "optim.warmup_start_lr=0.5", "optim.decay_fraction=0.25"])
     by_hand = [0.625, 0.75, 0.875, 1.0] + [1.0] * 11 + [0.82, 0.64, 0.46, 0.28, 0.1]
     assert [lr_multiplier(s, cfg, 20) for s in range(20)] == pytest.approx(by_hand, abs=1e-12)
     cfg.optim.schedule = "constant"
@@ -177,6 +181,28 @@ def test_bad_schedules_are_one_line_before_any_process_group(tiny, tmp_path, ove
     assert main(["distill", "--config", cfg, "distill.method=lwd", "optim.schedule=wsd", override]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ted-ds: error: ") and message in err[0], err
+
+
+@pytest.mark.parametrize("key, allowed", [
+    ("distill.method", "ted, lwd, kd, lm"), ("teacher.placement", "replicated, zero3, pipeline"),
+    ("distill.layer_loss", "mse, normalized_mse, cosine"), ("distill.filter", "linear, mlp"),
+    ("optim.schedule", "cosine, wsd, constant"), ("teacher.logits_dtype", "fp32, bf16"),
+    ("distill.filter_head", "teacher, trainable"),
+])
+def test_fixed_choices_are_one_line_naming_every_choice(key, allowed):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, [f"{key}=other"])
+    assert str(e.value) == f"{key} must be one of {allowed}; got 'other'"
+
+
+def test_every_teacher_placement_offers_the_teacher_protocol():
+    from ted_ds.pipeline.schedule import PipelineTeacher
+    from ted_ds.teacher import ReplicatedTeacher, Zero3Teacher
+
+    placements = {cls.placement for cls in (ReplicatedTeacher, Zero3Teacher, PipelineTeacher)}
+    assert placements == {"replicated", "zero3", "pipeline"}
+    assert all(callable(getattr(cls, "local_parameters", None)) and "__call__" in vars(cls)
+               for cls in (ReplicatedTeacher, Zero3Teacher, PipelineTeacher))
 
 
 # ----------------------------------------------------------------------------- checkpointed RNG

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from conftest import corpus_lines
 
-from data_prep.build import BuildOptions, _ShardSink, build, split_of
+from data_prep.build import BuildOptions, _ShardSink, build
 from data_prep.cli import main as prep_main
+from data_prep.format import split_of
 from data_prep.indexed import IndexedShard, ShardError, ShardWriter
 from data_prep.tokenizer import load_tokenizer
 from data_prep.verify import verify_dataset

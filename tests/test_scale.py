@@ -48,10 +48,10 @@ def test_scale_rehearsal_quick_reports_every_placement(tmp_path):
 
 def test_floor_follows_the_placement(tiny):
     """Sharded placements must hold less teacher than a replicated one, and the floor says how much."""
+    from ted_ds.architectures import load_hf_config, meta_model, teacher_blocks_config
     from ted_ds.capacity import rank_floor_bytes, teacher_share
-    from ted_ds.models import load_config, meta_model, teacher_blocks_config
 
-    t = load_config(tiny["llama_teacher"])
+    t = load_hf_config(tiny["llama_teacher"])
     total = teacher_share(t, "replicated", 2, 2, None)
     largest = max(p.numel() for p in meta_model(t).parameters())
     assert teacher_share(t, "zero3", 2, 2, None) == (total + 1) // 2 + largest
@@ -83,13 +83,13 @@ def test_trainable_stage1_heads_count_in_the_floor(tiny, tmp_path, monkeypatch):
     """Stage 1 with ``filter_head: trainable`` trains a norm + unembedding per tap under ZeRO-3: a rank
     that holds the floor without them is refused with them."""
     from ted_ds import capacity
-    from ted_ds.config import load_config
+    from ted_ds.architectures import hidden_size, vocab_size
+    from ted_ds.config import load_run_config
     from ted_ds.errors import ConfigError
-    from ted_ds.models import hidden_size, vocab_size
     from ted_ds.stages import plan
 
     cfg = base_config(tiny["llama_data"], tiny["llama_teacher"], str(tmp_path / "o"))
-    p = plan(load_config(write_config(str(tmp_path / "c.yaml"), **cfg)), "student")
+    p = plan(load_run_config(write_config(str(tmp_path / "c.yaml"), **cfg)), "student")
     ds = {"zero_optimization": {"reduce_bucket_size": 0}}
     floor = capacity.rank_floor_bytes(None, p.student_config, "replicated", 1, 1, None, torch.float32,
                                       p.cfg.train.micro_batch_size * p.cfg.data.seq_len)

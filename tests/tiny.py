@@ -109,13 +109,13 @@ def stage1_first_batch(config_path: str):
     """What a one-process reference of stage 1 (teacher side) needs: the run's config and plan, a fresh
     filter bank seeded as the trainer seeds it, the train split, and the first global batch as the
     trainer deals it to one rank: (cfg, plan, bank, dataset, micro-batches of sample indices)."""
-    from ted_ds.config import load_config
+    from ted_ds.architectures import hidden_size
+    from ted_ds.config import load_run_config
     from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset
     from ted_ds.filters import FilterBank
-    from ted_ds.models import hidden_size
     from ted_ds.stages import plan
 
-    cfg = load_config(config_path)
+    cfg = load_run_config(config_path)
     p = plan(cfg, "teacher")
     bank = FilterBank(cfg.distill.filter, hidden_size(p.teacher_config), p.filter_dim, p.teacher_layers,
                       seed=cfg.train.seed)

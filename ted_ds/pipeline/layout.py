@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ted_ds import models as M
+from ted_ds.architectures import decoder_layers, hidden_size, meta_model, num_layers, vocab_size
 from ted_ds.documents import DocumentAttention, for_model
 from ted_ds.errors import ConfigError
 from ted_ds.filters import FilterBank
@@ -43,16 +43,16 @@ def balanced_partition(costs: list[int], parts: int) -> list[int]:
 def stage_blocks(config, stages: int, explicit: list[int] | None) -> list[tuple[int, int]]:
     """[start, end) block ranges per pipeline stage: explicit sizes, or balanced by parameter count
     with the embeddings counted on stage 0 and the head on the last stage."""
-    n = M.num_layers(config)
+    n = num_layers(config)
     if explicit is not None:
         if len(explicit) != stages or sum(explicit) != n or min(explicit) < 1:
             raise ConfigError(f"teacher.pipeline_layers {explicit} must be {stages} positive counts summing to "
                               f"the teacher's {n} layers")
         sizes = explicit
     else:
-        meta = M.meta_model(config)
-        blocks = [sum(p.numel() for p in b.parameters()) for b in M.decoder_layers(meta)]
-        embed = M.vocab_size(config) * M.hidden_size(config)
+        meta = meta_model(config)
+        blocks = [sum(p.numel() for p in b.parameters()) for b in decoder_layers(meta)]
+        embed = vocab_size(config) * hidden_size(config)
         # stage 0 also embeds and the last stage also projects to the vocabulary: weigh them in
         costs = list(blocks)
         costs[0] += embed
@@ -111,10 +111,10 @@ class PipelineLayout:
                 document_eos: int | None = None, vocab: int | None = None) -> PipelineLayout:
         """The layout of teacher ``config`` split into ``stages`` (``explicit_layers`` blocks each, or
         balanced); ``vocab``: the tokenizer's size (None: the head's)."""
-        hidden = M.hidden_size(config)
-        documents = for_model(M.meta_model(config), document_eos, dtype) if document_eos is not None else None
+        hidden = hidden_size(config)
+        documents = for_model(meta_model(config), document_eos, dtype) if document_eos is not None else None
         return cls(blocks=tuple(stage_blocks(config, stages, explicit_layers)), tap_layers=tuple(tap_layers),
                    chunks=chunks, hidden_size=hidden, filter_dim=filters.out_dim if filters is not None else hidden,
                    need_logits=need_logits, logits_topk=logits_topk, logits_dtype=logits_dtype,
-                   vocab=min(vocab, M.vocab_size(config)) if vocab else M.vocab_size(config), dtype=dtype,
+                   vocab=min(vocab, vocab_size(config)) if vocab else vocab_size(config), dtype=dtype,
                    documents=documents)

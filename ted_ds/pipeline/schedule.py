@@ -12,13 +12,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from ted_ds import distributed as D
-from ted_ds import models as M
+from ted_ds import distributed
+from ted_ds.architectures import decoder_layers, load_hf_config
 from ted_ds.errors import ConfigError, DistributedError
 from ted_ds.filters import FilterBank
 from ted_ds.pipeline.layout import PipelineLayout
 from ted_ds.pipeline.messages import Message, MessageKind, TagAllocator
 from ted_ds.pipeline.stage import build_stage_model, run_stage, stop_after
+from ted_ds.taps import TapRecorder
 from ted_ds.teacher import TeacherOutput, topk_logits
 
 Received = dict[Message, torch.Tensor]  # this rank's buffer for each message it gets (or makes itself)
@@ -40,14 +41,14 @@ class PipelineTeacher:
         self._join_groups()
         start, end = layout.blocks[self.stage]
         self.first, self.last = self.stage == 0, self.stage == layout.stages - 1
-        self.device = D.device()
+        self.device = distributed.device()
         self.model, self.injected = build_stage_model(path, config, start, end, self.first, self.last, layout.dtype,
                                                       self.device)
         self.local_taps = layout.taps_of(self.stage)
-        self.recorder = M.TapRecorder(self.model, [layout.tap_layers[i] for i in self.local_taps]) \
+        self.recorder = TapRecorder(self.model, [layout.tap_layers[i] for i in self.local_taps]) \
             if self.local_taps else None
         if not self.last:
-            stop_after(M.decoder_layers(self.model)[end - 1])
+            stop_after(decoder_layers(self.model)[end - 1])
         self.filters = None
         if filters is not None:
             self.filters = torch.nn.ModuleList(filters.filters[i] for i in self.local_taps).to(self.device,
@@ -59,10 +60,10 @@ class PipelineTeacher:
 
     def _join_groups(self) -> None:
         """``stage``: this rank's pipeline stage; ``members``: the ranks of its group, by stage."""
-        world, stages = D.world_size(), self.layout.stages
+        world, stages = distributed.world_size(), self.layout.stages
         if world % stages:
             raise ConfigError(f"teacher.pipeline_stages {stages} must divide the number of ranks {world}")
-        self.group_index, self.stage = divmod(D.rank(), stages)
+        self.group_index, self.stage = divmod(distributed.rank(), stages)
         self.members = [self.group_index * stages + i for i in range(stages)]
         self.groups = [dist.new_group([g * stages + i for i in range(stages)], timeout=self.timeout)
                        for g in range(world // stages)]  # every rank creates every group, in order
@@ -88,8 +89,8 @@ class PipelineTeacher:
             if not work.wait(self.timeout):
                 raise RuntimeError("timed out")
         except RuntimeError as e:
-            raise DistributedError(f"pipeline teacher, stage {self.stage} (rank {D.rank()}): {what} failed — a "
-                                   f"peer stage died, timed out or disagreed on shapes "
+            raise DistributedError(f"pipeline teacher, stage {self.stage} (rank {distributed.rank()}): {what} "
+                                   f"failed — a peer stage died, timed out or disagreed on shapes "
                                    f"({str(e).splitlines()[0][:160]})") from None
 
     def _expect(self, m: Message, shape: tuple, dtype: torch.dtype, sender: int, received: Received,
@@ -197,7 +198,7 @@ class PipelineTeacher:
 def build_pipeline_teacher(cfg, tap_layers: list[int], filters, need_logits: bool, dtype: torch.dtype,
                            document_eos: int | None = None, vocab: int | None = None) -> PipelineTeacher:
     t = cfg.teacher
-    config = M.load_config(t.path, t.trust_remote_code)
+    config = load_hf_config(t.path, t.trust_remote_code)
     layout = PipelineLayout.resolve(
         config, tap_layers, filters, stages=t.pipeline_stages, explicit_layers=t.pipeline_layers,
         chunks=t.pipeline_chunks, need_logits=need_logits, logits_topk=t.logits_topk,

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ted_ds import models as M
-from ted_ds import weights as W
+from ted_ds.architectures import decoder_layers, final_norm, layout, meta_model, module_name
 from ted_ds.documents import DocumentAttention, forward_kwargs
 from ted_ds.errors import ConfigError
+from ted_ds.weights import WeightReader, fill_modules
 
 
 class _PipelineStageDone(Exception):
@@ -60,10 +60,10 @@ def build_stage_model(path: str, config, start: int, end: int, first: bool, last
     this pipeline stage needs them) given storage and weights in ``dtype`` on ``device``; everything
     else is a stand-in or stays on the meta device, never executed.  Not the last stage: the forward
     ends after block ``end - 1`` (see ``run_stage``)."""
-    model = M.meta_model(config)
-    blocks_path, norm_path = M.layout(model)
-    blocks = M.decoder_layers(model)
-    embed_name = M.module_name(model, model.get_input_embeddings())
+    model = meta_model(config)
+    blocks_path, norm_path = layout(model)
+    blocks = decoder_layers(model)
+    embed_name = module_name(model, model.get_input_embeddings())
     local = {f"{blocks_path}.{i}": blocks[i] for i in range(start, end)}
     extra_embeddings = {name: m for name, m in model.named_modules()
                         if isinstance(m, nn.Embedding) and name != embed_name and not name.startswith(blocks_path)}
@@ -71,9 +71,9 @@ def build_stage_model(path: str, config, start: int, end: int, first: bool, last
         local[embed_name] = model.get_input_embeddings()
         local.update(extra_embeddings)
     if last:
-        local[norm_path] = M.final_norm(model)
-        local[M.module_name(model, model.get_output_embeddings())] = model.get_output_embeddings()
-    W.fill_modules(model, local, W.WeightReader(path), dtype, device)
+        local[norm_path] = final_norm(model)
+        local[module_name(model, model.get_output_embeddings())] = model.get_output_embeddings()
+    fill_modules(model, local, WeightReader(path), dtype, device)
     for i in list(range(0, start)) + list(range(end, len(blocks))):
         blocks[i] = PassThrough()
     injected = Injected()

@@ -24,14 +24,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from tiny import packed_documents, span_difference  # noqa: E402
 
-from ted_ds import distributed as D  # noqa: E402
+from ted_ds import distributed  # noqa: E402
+from ted_ds.architectures import decoder_layers, final_norm, load_hf_config  # noqa: E402
 from ted_ds.engine import build_frozen  # noqa: E402
 from ted_ds.errors import DistributedError  # noqa: E402
 from ted_ds.filters import load_filter_bank  # noqa: E402
-from ted_ds.models import decoder_layers, final_norm, load_config, load_model  # noqa: E402
 from ted_ds.pipeline.layout import PipelineLayout  # noqa: E402
 from ted_ds.pipeline.schedule import PipelineTeacher  # noqa: E402
 from ted_ds.teacher import FrozenLM  # noqa: E402
+from ted_ds.weights import load_model  # noqa: E402
 
 TAPS = [2, 4]
 
@@ -55,7 +56,7 @@ def stage_parameters(ref: FrozenLM, pipe: PipelineTeacher) -> int:
 
 
 def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name, vocab=None):
-    config = load_config(teacher_dir)
+    config = load_hf_config(teacher_dir)
     layout = PipelineLayout.resolve(config, TAPS, bank, stages=stages, chunks=chunks, logits_topk=topk,
                                     logits_dtype=logits_dtype, vocab=vocab)
     pipe = PipelineTeacher(layout, teacher_dir, config, bank, 1.0)
@@ -63,7 +64,7 @@ def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name
     exact = True
     max_diff = 0.0
     for step in range(2):
-        ids = batch(1000 * step + D.rank())
+        ids = batch(1000 * step + distributed.rank())
         got = pipe(ids)
         with torch.no_grad():
             taps, logits, index = ref(ids)
@@ -76,7 +77,7 @@ def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name
         if topk:
             exact &= torch.equal(got.topk_index, index)
     flags = torch.tensor([float(exact), max_diff, float(pipe.local_parameters()), float(stage_parameters(ref, pipe))])
-    gathered = [torch.zeros_like(flags) for _ in range(D.world_size())]
+    gathered = [torch.zeros_like(flags) for _ in range(distributed.world_size())]
     torch.distributed.all_gather(gathered, flags)
     full = sum(p.numel() for p in ref.parameters())
     results[name] = {"exact": all(bool(g[0]) for g in gathered), "max_diff": max(float(g[1]) for g in gathered),
@@ -86,9 +87,9 @@ def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name
 
 def compare_documents(teacher_dir, results):
     """Document attention in the ZeRO-3 and the pipeline (2 stages, 2 chunks) teacher, fp32."""
-    config = load_config(teacher_dir)
+    config = load_hf_config(teacher_dir)
     eos = config.eos_token_id
-    ids, spans = packed_documents(eos, config.vocab_size, seed=D.rank())  # every rank its own windows
+    ids, spans = packed_documents(eos, config.vocab_size, seed=distributed.rank())  # every rank its own windows
     reference = FrozenLM(load_model(teacher_dir), TAPS, None, True)
     with torch.no_grad():
         alone = lambda x: (lambda out: [out[1], *out[0]])(reference(x))
@@ -96,7 +97,7 @@ def compare_documents(teacher_dir, results):
     teacher = SimpleNamespace(path=teacher_dir, trust_remote_code=False, logits_topk=0, logits_dtype="fp32",
                               pipeline_stages=2, pipeline_layers=None, pipeline_chunks=2)
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-          "train_batch_size": 2 * D.world_size(), "zero_optimization": {"stage": 3}}
+          "train_batch_size": 2 * distributed.world_size(), "zero_optimization": {"stage": 3}}
     loader = lambda **placement: load_model(teacher_dir, **placement)
     for placement in ("zero3", "pipeline"):
         cfg = SimpleNamespace(teacher=SimpleNamespace(**vars(teacher), placement=placement),
@@ -119,38 +120,38 @@ def main():
     p.add_argument("--vocab", type=int, help="the data tokenizer's size, for --archs")
     p.add_argument("--local_rank", type=int)
     args = p.parse_args()
-    D.init(timeout_minutes=0.25 if args.fault else 5)
-    config = load_config(args.teacher)
+    distributed.init(timeout_minutes=0.25 if args.fault else 5)
+    config = load_hf_config(args.teacher)
     expect = {"kind": "linear", "in_dim": config.hidden_size, "out_dim": config.hidden_size, "layers": TAPS}
     bank = load_filter_bank(args.bank, expect, "bank")
     if args.fault:
-        layout = PipelineLayout.resolve(config, TAPS, bank, stages=D.world_size())
+        layout = PipelineLayout.resolve(config, TAPS, bank, stages=distributed.world_size())
         pipe = PipelineTeacher(layout, args.teacher, config, bank, 0.25)
         try:
-            if args.fault == "die" and D.rank() == D.world_size() - 1:
+            if args.fault == "die" and distributed.rank() == distributed.world_size() - 1:
                 os._exit(17)  # the last stage dies before sending anything
-            shape = (4, 16) if args.fault == "die" or D.rank() == 0 else (4, 12)
-            pipe(batch(D.rank(), shape))
+            shape = (4, 16) if args.fault == "die" or distributed.rank() == 0 else (4, 12)
+            pipe(batch(distributed.rank(), shape))
         except DistributedError as e:
-            print(f"ted-ds: rank {D.rank()}: error: {e}", file=sys.stderr, flush=True)
+            print(f"ted-ds: rank {distributed.rank()}: error: {e}", file=sys.stderr, flush=True)
             os._exit(2)
         os._exit(0)
     results = {}
-    world = D.world_size()
+    world = distributed.world_size()
     for stages in sorted({2, world}):
         compare(args.teacher, bank, stages, 1, 0, torch.float32, results, f"P{stages}")
     compare(args.teacher, bank, 2, 2, 0, torch.float32, results, "P2_chunks2")
     compare(args.teacher, bank, 2, 1, 8, torch.bfloat16, results, "P2_top8_bf16")
     for teacher_dir in args.archs:
-        kind = load_config(teacher_dir).model_type
+        kind = load_hf_config(teacher_dir).model_type
         compare(teacher_dir, bank, 2, 2, 0, torch.float32, results, f"{kind}_P2_chunks2", args.vocab)
         compare(teacher_dir, bank, 2, 1, 8, torch.bfloat16, results, f"{kind}_P2_top8_bf16", args.vocab)
     for teacher_dir in args.documents:
         compare_documents(teacher_dir, results)
-    if D.rank() == 0:
+    if distributed.rank() == 0:
         json.dump(results, open(args.out, "w"), indent=1)
-    D.shutdown()
-    D.leave(0)  # no C++ destructors at exit (see ted_ds.distributed.leave)
+    distributed.shutdown()
+    distributed.leave(0)  # no C++ destructors at exit (see ted_ds.distributed.leave)
 
 
 if __name__ == "__main__":

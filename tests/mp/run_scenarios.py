@@ -18,15 +18,20 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ted_ds import distributed as D  # noqa: E402
-from ted_ds import trainer  # noqa: E402
+from ted_ds import (
+    distributed,  # noqa: E402
+    trainer,  # noqa: E402
+)
+from ted_ds.architectures import decoder_layers  # noqa: E402
 from ted_ds.cli import _quiet_libraries  # noqa: E402
-from ted_ds.config import load_config  # noqa: E402
+from ted_ds.config import load_run_config  # noqa: E402
 from ted_ds.export import gathered_state_dict  # noqa: E402
 from ted_ds.filters import load_filter_bank  # noqa: E402
-from ted_ds.models import decoder_layers, load_model  # noqa: E402
 from ted_ds.stages import load_student, plan  # noqa: E402
-from ted_ds.weights import WeightReader  # noqa: E402
+from ted_ds.weights import (
+    WeightReader,  # noqa: E402
+    load_model,  # noqa: E402
+)
 
 
 class StudentProbe:
@@ -80,7 +85,7 @@ def frozen_matches_disk(stage, cfg, filters_for) -> bool:
     frozen = stage.frozen.frozen if stage.frozen.placement == "replicated" else stage.frozen.engine.module
     dtype = next(frozen.parameters()).dtype  # bf16 runs hold the teacher rounded to bf16
     state = gathered_state_dict(frozen)
-    if D.rank() != 0:
+    if distributed.rank() != 0:
         return True
     disk = frozen_source(cfg, filters_for).state_dict()
     ok = all(torch.equal(state[f"model.{k}"], v.to(dtype).float()) for k, v in disk.items())
@@ -101,7 +106,7 @@ def pipeline_matches_disk(pipe, cfg) -> bool:
         ok &= all(torch.equal(a, b) for i, f in zip(pipe.local_taps, pipe.filters)
                   for a, b in zip(f.state_dict().values(), bank.filters[i].state_dict().values()))
     flag = torch.tensor([1.0 if ok else 0.0])
-    return bool(D.all_reduce_sum(flag)[0] == D.world_size())
+    return bool(distributed.all_reduce_sum(flag)[0] == distributed.world_size())
 
 
 def device_types(stage) -> set[str]:
@@ -130,7 +135,7 @@ def main() -> None:
     results, probes = {}, []
     probe_students(probes)
     for scenario in json.load(open(args.spec)):
-        cfg = load_config(scenario["config"], scenario.get("overrides", []))
+        cfg = load_run_config(scenario["config"], scenario.get("overrides", []))
         probed, read_before = len(probes), WeightReader.process_total
         stage, _, result = trainer.run_stage(cfg, scenario.get("filters_for"))
         record = {"result": {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}}
@@ -144,14 +149,14 @@ def main() -> None:
             record["frozen_matches_disk"] = frozen_matches_disk(stage, cfg, scenario.get("filters_for"))
             local = torch.tensor([float(stage.frozen.local_parameters())])
             record["frozen_local_params_rank0"] = float(local[0])
-            record["frozen_local_params_sum"] = float(D.all_reduce_sum(local)[0])
+            record["frozen_local_params_sum"] = float(distributed.all_reduce_sum(local)[0])
         results[scenario["name"]] = record
-        D.barrier()
-    if D.rank() == 0:
+        distributed.barrier()
+    if distributed.rank() == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
-    D.shutdown()
-    D.leave(0)  # no C++ destructors at exit (see ted_ds.distributed.leave)
+    distributed.shutdown()
+    distributed.leave(0)  # no C++ destructors at exit (see ted_ds.distributed.leave)
 
 
 if __name__ == "__main__":
