@@ -66,9 +66,10 @@ def prepare_data(out: str, size: dict, corpus: str | None) -> dict:
     corpus = corpus or corpus_path(out)
     if size["corpus_lines"]:
         sliced = os.path.join(out, "corpus-slice.txt")
-        with open(corpus, encoding="utf-8") as f, open(sliced, "w", encoding="utf-8") as g:
-            for _, line in zip(range(size["corpus_lines"]), f):
-                g.write(line)
+        if not os.path.exists(sliced):  # written once: a re-run finds the same source and its built shards
+            with open(corpus, encoding="utf-8") as f, open(sliced, "w", encoding="utf-8") as g:
+                for _, line in zip(range(size["corpus_lines"]), f):
+                    g.write(line)
         corpus = sliced
     tok, data, test = (os.path.join(out, d) for d in ("tokenizer", "data", "test"))
     if not os.path.isdir(tok):
