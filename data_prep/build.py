@@ -257,23 +257,40 @@ def build(opts: BuildOptions) -> dict:
             return json.load(f)
     fresh = state is None
     state = state or {"done": {s: [] for s in SPLITS}}
-    if any(state["done"][s] for s in SPLITS):
-        print("ted-prep: resuming; finished shards kept: "
-              + ", ".join(f"{s} {len(state['done'][s])}" for s in SPLITS), file=sys.stderr)
-    os.makedirs(opts.out, exist_ok=True)
-    _atomic_json(os.path.join(opts.out, "build.json"), spec)
-    for name in os.listdir(opts.out):  # leftovers of an interrupted shard
+    _prepare_out_dir(opts.out, spec, tok, state["done"])
+    start = time.time()
+    stats = _write_shards(opts, sources, BatchEncoder(tok, dtype, opts.add_bos), spec["shard_bytes"], state, fresh)
+    manifest = _manifest(opts, spec, sources, tok_id, dtype, stats, state["done"])
+    _atomic_json(manifest_path, manifest)
+    state_path = os.path.join(opts.out, ".build-state.json")
+    if os.path.exists(state_path):
+        os.remove(state_path)
+    _summary(manifest, time.time() - start)
+    return manifest
+
+
+def _prepare_out_dir(out: str, spec: dict, tok, done: dict) -> None:
+    """Record the spec, drop what an interrupted shard left, save the tokenizer (once)."""
+    if any(done[s] for s in SPLITS):
+        print("ted-prep: resuming; finished shards kept: " + ", ".join(f"{s} {len(done[s])}" for s in SPLITS),
+              file=sys.stderr)
+    os.makedirs(out, exist_ok=True)
+    _atomic_json(os.path.join(out, "build.json"), spec)
+    for name in os.listdir(out):  # leftovers of an interrupted shard
         if name.endswith(".tmp"):
-            os.remove(os.path.join(opts.out, name))
-    tok_dir = os.path.join(opts.out, "tokenizer")
+            os.remove(os.path.join(out, name))
+    tok_dir = os.path.join(out, "tokenizer")
     if not os.path.isdir(tok_dir):
         with atomically(tok_dir) as tmp:
             tok.save_pretrained(tmp)
 
-    start = time.time()
+
+def _write_shards(opts: BuildOptions, sources, encoder: BatchEncoder, shard_bytes: int, state: dict,
+                  fresh: bool) -> ReadStats:
+    """_tokenize_into_shards, with the cleanup of a failure: bad input removes a ``fresh`` output
+    directory; a write error keeps the finished shards for the re-run."""
     try:
-        encoder = BatchEncoder(tok, dtype, opts.add_bos)
-        stats = _tokenize_into_shards(opts, sources, encoder, spec["shard_bytes"], state)
+        return _tokenize_into_shards(opts, sources, encoder, shard_bytes, state)
     except UserError:
         if fresh:
             shutil.rmtree(opts.out, ignore_errors=True)
@@ -282,7 +299,11 @@ def build(opts: BuildOptions) -> dict:
         kept = ", ".join(f"{s} {len(state['done'][s])}" for s in SPLITS)
         raise UserError(f"{opts.out}: cannot write ({e.strerror or e}); finished shards kept ({kept}): free "
                         "space and re-run the same command to resume") from None
-    manifest = {
+
+
+def _manifest(opts: BuildOptions, spec: dict, sources, tok_id: dict, dtype, stats: ReadStats, done: dict) -> dict:
+    """What a finished build is: tokenizer, dtype, split rule, sources, shards, totals, options."""
+    return {
         "format": FORMAT,
         "tokenizer": tok_id,
         "vocab_size": tok_id["vocab_size"],
@@ -293,19 +314,54 @@ def build(opts: BuildOptions) -> dict:
         "split": {"method": "blake2b-64(key=seed, utf-8 text) / 2^64 < valid_fraction",
                   "valid_fraction": opts.valid_fraction, "seed": opts.seed},
         "sources": [dict(src, documents=stats.per_source.get(s.path, 0)) for src, s in zip(spec["sources"], sources)],
-        "shards": state["done"],
-        "totals": {s: {"documents": sum(r["documents"] for r in state["done"][s]),
-                       "tokens": sum(r["tokens"] for r in state["done"][s])} for s in SPLITS},
+        "shards": done,
+        "totals": {s: {"documents": sum(r["documents"] for r in done[s]),
+                       "tokens": sum(r["tokens"] for r in done[s])} for s in SPLITS},
         "stats": {"documents": stats.documents, "empty_skipped": stats.empty_skipped,
                   "utf8_replaced": stats.utf8_replaced},
         "options": {k: v for k, v in asdict(opts).items() if k not in ("progress", "workers", "out", "overwrite")},
     }
-    _atomic_json(manifest_path, manifest)
-    state_path = os.path.join(opts.out, ".build-state.json")
-    if os.path.exists(state_path):
-        os.remove(state_path)
-    _summary(manifest, time.time() - start)
-    return manifest
+
+
+class _Placement:
+    """Where processed chunks go, in order: a resumed build's finished documents are counted and
+    dropped, the others cut into shards (cut_shards) and handed to the sink."""
+
+    def __init__(self, sink: _ShardSink, done: dict, shard_bytes: int, progress: _Progress):
+        self.sink, self.shard_bytes, self.progress = sink, shard_bytes, progress
+        # documents already in finished shards, per split: counted again (decode + hash), never tokenized
+        self.skip = {s: sum(r["documents"] for r in done[s]) for s in SPLITS}
+        self.seen = {s: 0 for s in SPLITS}
+        self.cursor = {s: [len(done[s]), 0] for s in SPLITS}  # split -> [shard, text bytes in it]
+        self.stats = ReadStats()
+
+    def all_finished(self, counted: _Documents) -> bool:
+        """True, and the chunk counted, when all its documents are in finished shards."""
+        n = {s: int((counted.split == (s == "valid")).sum()) for s in SPLITS}
+        if not all(self.seen[s] + n[s] <= self.skip[s] for s in SPLITS):
+            return False
+        self.stats.add(counted.stats)
+        for s in SPLITS:
+            self.seen[s] += n[s]
+        return True
+
+    def place(self, docs: _Documents) -> None:
+        self.stats.add(docs.stats)
+        for flag, split in ((False, "train"), (True, "valid")):
+            index = np.flatnonzero(docs.split == flag)
+            first = max(0, self.skip[split] - self.seen[split])  # documents of finished shards come first
+            self.seen[split] += len(index)
+            index = index[first:]
+            if not len(index):
+                continue
+            cursor = self.cursor[split]
+            runs, cursor[0], cursor[1] = cut_shards(*cursor, docs.nbytes[index], self.shard_bytes)
+            for shard, a, b in runs:
+                picked = np.zeros(len(docs.split), dtype=bool)
+                picked[index[a:b]] = True
+                tokens = docs.tokens[np.repeat(picked, docs.lengths)]
+                self.sink.add(split, shard, tokens, docs.lengths[picked])
+                self.progress.update(b - a, len(tokens))
 
 
 def _tokenize_into_shards(opts: BuildOptions, sources, encoder: BatchEncoder, shard_bytes: int,
@@ -317,52 +373,25 @@ def _tokenize_into_shards(opts: BuildOptions, sources, encoder: BatchEncoder, sh
     state_path = os.path.join(opts.out, ".build-state.json")
     sink = _ShardSink(opts.out, encoder.dtype, opts.index_codes, state["done"],
                       lambda: _atomic_json(state_path, state))
-    # documents already in finished shards, per split: counted again (decode + hash), never tokenized
-    skip = {s: sum(r["documents"] for r in state["done"][s]) for s in SPLITS}
-    seen = {s: 0 for s in SPLITS}
-    cursor = {s: [len(state["done"][s]), 0] for s in SPLITS}  # split -> [shard, text bytes in it]
-    stats = ReadStats()
     progress = _Progress(opts.progress)
+    placement = _Placement(sink, state["done"], shard_bytes, progress)
     work = functools.partial(_process, read=read, seed=opts.seed, valid_fraction=opts.valid_fraction)
-
-    def place(docs: _Documents) -> None:
-        stats.add(docs.stats)
-        for flag, split in ((False, "train"), (True, "valid")):
-            index = np.flatnonzero(docs.split == flag)
-            first = max(0, skip[split] - seen[split])  # documents of finished shards come first
-            seen[split] += len(index)
-            index = index[first:]
-            if not len(index):
-                continue
-            runs, cursor[split][0], cursor[split][1] = cut_shards(*cursor[split], docs.nbytes[index], shard_bytes)
-            for shard, a, b in runs:
-                picked = np.zeros(len(docs.split), dtype=bool)
-                picked[index[a:b]] = True
-                tokens = docs.tokens[np.repeat(picked, docs.lengths)]
-                sink.add(split, shard, tokens, docs.lengths[picked])
-                progress.update(b - a, len(tokens))
-
     pool = mp.get_context("fork").Pool(opts.workers) if opts.workers > 1 else None
-    resuming = any(skip.values())
+    resuming = any(placement.skip.values())
     pending: deque = deque()
     try:
         for chunk in iter_chunks(sources, read):
             if resuming:  # count the finished shards' documents without tokenizing them
-                counted = work(chunk, tokenize=False)
-                n = {s: int((counted.split == (s == "valid")).sum()) for s in SPLITS}
-                if all(seen[s] + n[s] <= skip[s] for s in SPLITS):
-                    stats.add(counted.stats)
-                    for s in SPLITS:
-                        seen[s] += n[s]
+                if placement.all_finished(work(chunk, tokenize=False)):
                     continue
                 resuming = False  # from here on `place` drops whatever finished documents remain
             pending.append(pool.apply_async(work, (chunk,), {"tokenize": True}) if pool else work(chunk, tokenize=True))
             while len(pending) > 2 * opts.workers:
-                place(pending.popleft().get() if pool else pending.popleft())
+                placement.place(pending.popleft().get() if pool else pending.popleft())
         while pending:
-            place(pending.popleft().get() if pool else pending.popleft())
-        if stats.documents == 0:
-            raise UserError(f"no non-empty documents in the inputs ({stats.empty_skipped} empty skipped)")
+            placement.place(pending.popleft().get() if pool else pending.popleft())
+        if placement.stats.documents == 0:
+            raise UserError(f"no non-empty documents in the inputs ({placement.stats.empty_skipped} empty skipped)")
         sink.finish_all()
     except BaseException:
         sink.abort()
@@ -371,7 +400,7 @@ def _tokenize_into_shards(opts: BuildOptions, sources, encoder: BatchEncoder, sh
         if pool:
             pool.terminate()
         progress.close()
-    return stats
+    return placement.stats
 
 
 class _Progress:
