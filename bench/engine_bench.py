@@ -22,9 +22,12 @@ import os
 import sys
 import tempfile
 
+import yaml
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import REPO, machine, run, tiny_world  # noqa: E402
+from ted_ds.config import apply_override  # noqa: E402
 from ted_ds.launch import local_deepspeed_command as deepspeed  # noqa: E402
 
 
@@ -39,14 +42,11 @@ def _config(world: dict, out: str, ranks: int, **over) -> dict:
                   "deepspeed_config": os.path.join(REPO, "ds_configs", "zero3_cpu.json"), "progress": False},
     }
     for key, value in over.items():
-        section, name = key.split(".")
-        cfg[section][name] = value
+        apply_override(cfg, f"{key}={yaml.safe_dump(value)}")  # the value as YAML, which it parses back
     return cfg
 
 
 def measure(world: dict, workdir: str, name: str, ranks: int, steps: int, *flags: str, **over) -> list[dict]:
-    import yaml
-
     path = os.path.join(workdir, f"{name}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(_config(world, os.path.join(workdir, name), ranks, **over), f)

@@ -26,24 +26,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "data_prep", "sample", "enwiki_sample.txt.gz")
 
-# (teacher, student) LLaMA shapes: full size on a GPU, tiny for the CPU dry run
-SHAPES = {
-    "gpu": {"teacher": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                            num_key_value_heads=8, tie_word_embeddings=False),
-            "student": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                            num_key_value_heads=8, tie_word_embeddings=True),
-            "vocab": 128256, "tokenizer_vocab": 4000, "seq_len": 2048, "micro_batch": 2, "global_batch": 4,
-            "filter_steps": 10, "distill_steps": 30, "bench_steps": 6, "kd_tokens": 8192, "taps": (7, 4)},
-    "dry": {"teacher": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                            num_key_value_heads=2, tie_word_embeddings=False),
-            "student": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            num_key_value_heads=1, tie_word_embeddings=True),
-            "vocab": 1536, "tokenizer_vocab": 1000, "seq_len": 64, "micro_batch": 2, "global_batch": 4,
-            "filter_steps": 2, "distill_steps": 3, "bench_steps": 2, "kd_tokens": 256, "taps": (2, 1)},
+def llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool) -> dict:
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied)
+
+
+SHAPES = {  # (teacher, student) LLaMA shapes and run sizes: full size on a GPU, tiny for the CPU dry run
+    "gpu": dict(teacher=llama(3072, 8192, 28, 24, 8, tied=False), student=llama(2048, 8192, 16, 32, 8, tied=True),
+                vocab=128256, tokenizer_vocab=4000, seq_len=2048, micro_batch=2, global_batch=4, filter_steps=10,
+                distill_steps=30, bench_steps=6, kd_tokens=8192, taps=(7, 4)),
+    "dry": dict(teacher=llama(64, 128, 4, 4, 2, tied=False), student=llama(32, 64, 2, 2, 1, tied=True),
+                vocab=1536, tokenizer_vocab=1000, seq_len=64, micro_batch=2, global_batch=4, filter_steps=2,
+                distill_steps=3, bench_steps=2, kd_tokens=256, taps=(2, 1)),
 }
 
 
@@ -123,6 +122,106 @@ def parameters(path: str) -> int:
     return sum(math.prod(reader.shape(name)) for name in reader.names())
 
 
+@dataclass
+class Check:
+    """One run of the check: its sizes, work directory and environment. ``log`` gets every phase,
+    ``result`` every figure; ``save`` after each phase, so that a cut-off run still reports what it
+    measured."""
+
+    shape: dict
+    work: str
+    dry_run: bool
+    out: str | None
+    config: str = ""  # the distillation run's YAML (run_config)
+    log: list = field(default_factory=list)
+    result: dict = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict:
+        return {"DS_ACCELERATOR": "cpu"} if self.dry_run else {}
+
+    def run(self, cmd: list[str], what: str) -> str | None:
+        return run(cmd, self.log, what, self.env)
+
+    def save(self) -> None:
+        _save(self.result, self.out)
+
+
+def prepare(c: Check) -> None:
+    """Tokenizer, shards, random models and the run's config; the models' sizes and floor in ``result``."""
+    import torch
+
+    py, work, shape = sys.executable, c.work, c.shape
+    if not os.path.isdir(os.path.join(work, "tok")):
+        run([py, "-m", "data_prep", "tokenizer", "--input", SAMPLE, "--vocab-size", str(shape["tokenizer_vocab"]),
+             "--out", os.path.join(work, "tok")], c.log, "tokenizer")
+    run([py, "-m", "data_prep", "build", "--input", SAMPLE, "--tokenizer", os.path.join(work, "tok"), "--out",
+         os.path.join(work, "data"), "--workers", str(min(8, os.cpu_count() or 1)), "--no-progress"], c.log, "shards")
+    start = time.perf_counter()
+    paths = make_models(shape, work, "cpu" if c.dry_run else "cuda")
+    c.log.append({"phase": "random models", "seconds": round(time.perf_counter() - start, 1), "rc": 0})
+    c.config = run_config(shape, work, paths, os.path.join(REPO, "ds_configs", "zero3_bf16.json"))
+    c.result = {"device": "cpu (dry run)" if c.dry_run else torch.cuda.get_device_name(0),
+                "teacher_params": parameters(paths["teacher"]), "student_params": parameters(paths["student"]),
+                "floor_gib": floor_gib(shape, paths), "phases": c.log}
+
+
+def learn_filters(c: Check) -> bool:
+    """TED stage 1 on both sides (a re-run reuses finished banks); True when both banks exist."""
+    ted = [sys.executable, "-m", "ted_ds"]
+    return all([os.path.isfile(os.path.join(c.work, f"filters-{side}", "filters.json")) or
+                c.run([*ted, "learn-filters", "--config", c.config, "--model", side,
+                       f"train.steps={c.shape['filter_steps']}", f"train.out_dir={c.work}/stage1-{side}",
+                       f"distill.filters_out={c.work}/filters-{side}"], f"learn-filters {side}") is not None
+                for side in ("teacher", "student")])
+
+
+def distill(c: Check) -> None:
+    """Stage 2 (its tokens/s, MFU and peak memory), the engine bench (replicated), export and eval."""
+    ted, work = [sys.executable, "-m", "ted_ds"], c.work
+    if c.run([*ted, "distill", "--config", c.config, f"train.steps={c.shape['distill_steps']}"],
+             "distill ted") is None:
+        return
+    trained = last_metrics(os.path.join(work, "run"))
+    peak = trained.get("mem/peak_gib")
+    c.result.update({"tokens_per_s": trained["tokens_per_s"], "mfu": trained["mfu"], "peak_gpu_gib": peak,
+                     "peak_over_floor": peak / c.result["floor_gib"] if peak else None})
+    c.save()
+    engine_bench(c, "replicated")
+    export = os.path.join(work, "export")
+    if c.run([*ted, "export", os.path.join(work, "run"), "--out", export, "--dtype", "bf16"], "export") is not None:
+        out = c.run([*ted, "eval", export, "--data", os.path.join(work, "data"), "--max-samples", "16",
+                     "--seq-len", str(c.shape["seq_len"]), "--json"], "eval")
+        if out:
+            c.result["eval_ppl"] = json.loads(out.strip().splitlines()[-1])["ppl"]
+    c.save()
+
+
+def engine_bench(c: Check, placement: str) -> None:
+    """The engine worker on the same batches: TED step, and (replicated) student step + teacher forward."""
+    bench_out = os.path.join(c.work, f"engine-{placement}.json")
+    with_lm = ["--with-lm"] if placement == "replicated" else []
+    if c.run([sys.executable, os.path.join(REPO, "bench", "mp_engine_bench.py"), "--config", c.config, "--out",
+              bench_out, *with_lm, "--warmup", "2", "--steps", str(c.shape["bench_steps"]),
+              f"teacher.placement={placement}", "teacher.pipeline_stages=1"], f"engine bench {placement}") is not None:
+        e = json.load(open(bench_out))[0]
+        c.result[f"ted_step_s_{placement}"] = e["step_s"]
+        if with_lm:
+            both = e["lm_step_s"] + e["teacher_forward_s"]
+            c.result.update({"student_step_s": e["lm_step_s"], "teacher_forward_s": e["teacher_forward_s"],
+                             "ted_over_student_plus_teacher": e["step_s"] / both})
+    c.save()
+
+
+def kd_bench(c: Check) -> None:
+    """The chunked vs unchunked CE + KD loss (bench/kd_bench.py) at this check's vocabulary."""
+    size = ["--quick"] if c.dry_run else ["--tokens", str(c.shape["kd_tokens"]), "--vocab", str(c.shape["vocab"])]
+    kd = c.run([sys.executable, "-m", "bench", "kd", "--device", "cpu" if c.dry_run else "cuda", *size], "kd bench")
+    if kd:
+        c.result.update({k: v for k, v in json.loads(kd.strip().splitlines()[-1]).items() if k.startswith("kd_")})
+    c.save()
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, gloo (what the tests run)")
@@ -133,76 +232,21 @@ def main(argv=None) -> dict:
 
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("gpu-check: no CUDA device visible; use --dry-run on a CPU machine")
-    shape = SHAPES["dry" if args.dry_run else "gpu"]
     work = args.work or tempfile.mkdtemp(prefix="ted-gpu-check-")
     os.makedirs(work, exist_ok=True)
-    py, log = sys.executable, []
-    env = {"DS_ACCELERATOR": "cpu"} if args.dry_run else {}
-    ds_config = os.path.join(REPO, "ds_configs", "zero3_bf16.json")
-
-    if not os.path.isdir(os.path.join(work, "tok")):
-        run([py, "-m", "data_prep", "tokenizer", "--input", SAMPLE, "--vocab-size", str(shape["tokenizer_vocab"]),
-             "--out", os.path.join(work, "tok")], log, "tokenizer")
-    run([py, "-m", "data_prep", "build", "--input", SAMPLE, "--tokenizer", os.path.join(work, "tok"), "--out",
-         os.path.join(work, "data"), "--workers", str(min(8, os.cpu_count() or 1)), "--no-progress"], log, "shards")
-    start = time.perf_counter()
-    paths = make_models(shape, work, "cpu" if args.dry_run else "cuda")
-    log.append({"phase": "random models", "seconds": round(time.perf_counter() - start, 1), "rc": 0})
-    config = run_config(shape, work, paths, ds_config)
-    result = {"device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(0),
-              "teacher_params": parameters(paths["teacher"]), "student_params": parameters(paths["student"]),
-              "floor_gib": floor_gib(shape, paths), "phases": log}
-    save = lambda: _save(result, args.out)  # after every phase: a cut-off run still reports what it measured
-
-    def engine_bench(placement: str) -> None:
-        """The engine worker on the same batches: TED step, and (replicated) student step + teacher forward."""
-        bench_out = os.path.join(work, f"engine-{placement}.json")
-        with_lm = ["--with-lm"] if placement == "replicated" else []
-        if run([py, os.path.join(REPO, "bench", "mp_engine_bench.py"), "--config", config, "--out", bench_out,
-                *with_lm, "--warmup", "2", "--steps", str(shape["bench_steps"]), f"teacher.placement={placement}",
-                "teacher.pipeline_stages=1"], log, f"engine bench {placement}", env) is not None:
-            e = json.load(open(bench_out))[0]
-            result[f"ted_step_s_{placement}"] = e["step_s"]
-            if with_lm:
-                both = e["lm_step_s"] + e["teacher_forward_s"]
-                result.update({"student_step_s": e["lm_step_s"], "teacher_forward_s": e["teacher_forward_s"],
-                               "ted_over_student_plus_teacher": e["step_s"] / both})
-        save()
-
-    ted = [py, "-m", "ted_ds"]
-    filters = all([os.path.isfile(os.path.join(work, f"filters-{side}", "filters.json")) or  # a re-run reuses them
-                   run([*ted, "learn-filters", "--config", config, "--model", side,
-                        f"train.steps={shape['filter_steps']}", f"train.out_dir={work}/stage1-{side}",
-                        f"distill.filters_out={work}/filters-{side}"], log, f"learn-filters {side}", env) is not None
-                   for side in ("teacher", "student")])
-    save()
-    if filters and run([*ted, "distill", "--config", config, f"train.steps={shape['distill_steps']}"], log,
-                       "distill ted", env) is not None:
-        trained = last_metrics(os.path.join(work, "run"))
-        peak = trained.get("mem/peak_gib")
-        result.update({"tokens_per_s": trained["tokens_per_s"], "mfu": trained["mfu"], "peak_gpu_gib": peak,
-                       "peak_over_floor": peak / result["floor_gib"] if peak else None})
-        save()
-        engine_bench("replicated")
-        export = os.path.join(work, "export")
-        if run([*ted, "export", os.path.join(work, "run"), "--out", export, "--dtype", "bf16"], log, "export",
-               env) is not None:
-            out = run([*ted, "eval", export, "--data", os.path.join(work, "data"), "--max-samples", "16",
-                       "--seq-len", str(shape["seq_len"]), "--json"], log, "eval", env)
-            if out:
-                result["eval_ppl"] = json.loads(out.strip().splitlines()[-1])["ppl"]
-        save()
+    c = Check(SHAPES["dry" if args.dry_run else "gpu"], work, args.dry_run, args.out)
+    prepare(c)
+    filters = learn_filters(c)
+    c.save()
+    if filters:
+        distill(c)
     for placement in ("zero3", "pipeline") if filters else ():  # each placement's step on the device
-        engine_bench(placement)
-    kd_size = ["--quick"] if args.dry_run else ["--tokens", str(shape["kd_tokens"]), "--vocab", str(shape["vocab"])]
-    kd = run([py, "-m", "bench", "kd", "--device", "cpu" if args.dry_run else "cuda", *kd_size], log, "kd bench", env)
-    if kd:
-        result.update({k: v for k, v in json.loads(kd.strip().splitlines()[-1]).items() if k.startswith("kd_")})
-    save()
-    report(result)
-    if any(p["rc"] for p in log):
-        sys.exit(f"gpu-check: failed phases: {', '.join(p['phase'] for p in log if p['rc'])}")
-    return result
+        engine_bench(c, placement)
+    kd_bench(c)
+    report(c.result)
+    if any(p["rc"] for p in c.log):
+        sys.exit(f"gpu-check: failed phases: {', '.join(p['phase'] for p in c.log if p['rc'])}")
+    return c.result
 
 
 def floor_gib(shape: dict, paths: dict) -> float:

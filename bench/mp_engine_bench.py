@@ -2,11 +2,12 @@
 
     deepspeed --num_gpus N bench/mp_engine_bench.py --config run.yaml --out result.json [key=value ...]
 
-Measures, per rank (medians over the timed steps): a full training step of ``distill.method``, the
-teacher's forward alone on the same micro-batches, peak RSS, and (pipeline) the stages' busy time
-inside teacher calls. With ``--with-lm`` the same process also builds the student-only LM baseline
-(same initialisation) and times its step on the same micro-batches, interleaved with the others, so
-that the overhead ratio is not at the mercy of run-to-run noise between launches.
+Measures, per rank (medians over the timed steps): a full training step of ``distill.method`` (the
+trainer's own ``setup``, ``build_stage`` and ``train_step``), the teacher's forward alone on the same
+micro-batches, peak RSS, and (pipeline) the stages' busy time inside teacher calls. With ``--with-lm``
+the same process also builds the student-only LM baseline (same initialisation) and times its step on
+the same micro-batches, interleaved with the others, so that the overhead ratio is not at the mercy of
+run-to-run noise between launches.
 """
 
 import argparse
@@ -20,21 +21,12 @@ import torch
 from ted_ds import distributed
 from ted_ds.cli import _quiet_libraries
 from ted_ds.config import load_run_config
-from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
-from ted_ds.engine import resolve_ds_config
-from ted_ds.stages import build_distill, plan
-from ted_ds.trainer import seed_everything
+from ted_ds.stages import plan
+from ted_ds.trainer import build_stage, setup, train_step, training_data
 
 
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def train_step(stage, micro_batches) -> None:
-    for x, y in micro_batches:
-        terms = stage.loss(x, y)
-        stage.engine.backward(terms["loss"])
-        stage.engine.step()
 
 
 def main():
@@ -48,20 +40,15 @@ def main():
     args, overrides = ap.parse_known_args()
     _quiet_libraries()
     cfg = load_run_config(args.config, overrides)
-    p = plan(cfg)
-    ds = resolve_ds_config(cfg, distributed.expected_world_size())
-    distributed.init(cfg.train.timeout_minutes)
-    seed_everything(cfg.train.seed)
+    p, ds = setup(cfg)
     rss_before = rss_mb()
-    stage = build_distill(p, ds)
+    stage = build_stage(p, ds)
     rss_built = rss_mb()
     baseline = None
     if args.with_lm:
         lm_cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method="lm"))
-        baseline = build_distill(plan(lm_cfg), ds)
-    data = PackedShardDataset(cfg.data.path, "train", cfg.data.seq_len)
-    sampler = ConsumedSamplesSampler(len(data), cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                                     distributed.rank(), distributed.world_size(), cfg.train.seed)
+        baseline = build_stage(plan(lm_cfg), ds)
+    data = training_data(p)
     jobs = {"step": lambda micro: train_step(stage, micro)}
     if stage.frozen is not None:
         jobs["teacher"] = lambda micro: [stage.frozen(x) for x, _ in micro]
@@ -70,7 +57,7 @@ def main():
     names = list(jobs)
     times = {name: [] for name in names}
     for i in range(args.warmup + args.steps):
-        micro = [tuple(t.to(distributed.device()) for t in collate(data, idx)) for idx in sampler.next_batch()]
+        micro = data.next_batch()
         for name in names[i % len(names):] + names[:i % len(names)]:  # rotate: no fixed order advantage
             distributed.barrier()
             start = time.perf_counter()

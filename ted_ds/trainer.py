@@ -3,6 +3,8 @@
 The loop knows nothing of TED: a ``Stage`` (ted_ds.stages) gives it the engine and the loss of
 one micro-batch.  Resume is automatic from ``<out_dir>/checkpoints/latest``; SIGTERM/SIGUSR1
 (SLURM's warnings before preemption or the time limit) make every rank save and exit cleanly.
+``setup``, ``build_stage``, ``training_data`` and ``train_step`` are the run's own set-up and step;
+the benchmarks (bench/mp_engine_bench.py) time them, not a copy.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -110,44 +113,100 @@ def backward_and_step(engine, loss: torch.Tensor, finite: torch.Tensor, boundary
     return skip
 
 
-def _datasets(cfg: RunConfig, manifests: list[dict]):
-    """The blended training windows, the validation sets (every source's or none, as plan checked)
-    and this rank's sampler over the blend."""
-    sources = cfg.data.blend
-    train = BlendedDataset([PackedShardDataset(s.path, "train", cfg.data.seq_len) for s in sources])
-    valid = {s.name: PackedShardDataset(s.path, "valid", cfg.data.seq_len)
-             for s, m in zip(sources, manifests) if m["shards"]["valid"]}
-    blend = Blend(tuple(s.name for s in sources), tuple(len(d) for d in train.parts), tuple(s.weight for s in sources))
-    sampler = ConsumedSamplesSampler(blend, cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                                     distributed.rank(), distributed.world_size(), cfg.train.seed)
-    return train, valid, sampler
-
-
-def train_step(stage: Stage, train: BlendedDataset, micro_batches: list, step: int,
-               inject_nan_steps: list[int] | None) -> tuple[dict[str, torch.Tensor], bool]:
-    """One optimizer step over this rank's micro-batches: the mean of each loss term (still on the
-    device: no sync per micro-batch) and whether the ranks agreed to skip it (non-finite loss)."""
+def train_step(stage: Stage, batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = 0,
+               nan_steps: list[int] | None = None) -> tuple[dict[str, torch.Tensor], bool]:
+    """One optimizer step (number ``step``) over this rank's micro-batches ``(input_ids, labels)`` of
+    one global batch.  Returns the loss terms averaged over the micro-batches (still on the device: no
+    sync) and whether the step was skipped for a non-finite loss (backward_and_step)."""
     sums: dict[str, torch.Tensor] = defaultdict(float)
     finite = torch.ones((), dtype=torch.bool, device=distributed.device())
-    for i, indices in enumerate(micro_batches):
-        input_ids, labels = (t.to(distributed.device()) for t in collate(train, indices))
+    for i, (input_ids, labels) in enumerate(batches):
         terms = stage.loss(input_ids, labels)
-        terms["loss"] = injected_nan(terms["loss"], step + 1, inject_nan_steps)
+        terms["loss"] = injected_nan(terms["loss"], step, nan_steps)
         finite &= torch.isfinite(terms["loss"].detach())
-        skipped = backward_and_step(stage.engine, terms["loss"], finite, i == len(micro_batches) - 1)
-        for k, v in terms.items():
-            sums[k] = sums[k] + v.detach().float() / len(micro_batches)
+        skipped = backward_and_step(stage.engine, terms["loss"], finite, i == len(batches) - 1)
+        for k, v in terms.items():  # no .item() here: no device sync per micro-batch
+            sums[k] = sums[k] + v.detach().float() / len(batches)
     return sums, skipped
 
 
-def step_metrics(stage: Stage, sums: dict[str, torch.Tensor], lr: float, tokens: int, tokens_per_s: float,
-                 bad_steps: int, peak_flops: float) -> dict:
-    """The logged scalars of a step: loss terms averaged over ranks, LR, throughput, MFU, gradient
-    norm, peak memory."""
-    out = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in
-           distributed.all_reduce_mean({k: v.item() for k, v in sums.items()}).items()}
+@dataclass
+class TrainData:
+    """What a stage trains and evaluates on: the sources' train splits in one index space, their
+    validation splits (every source or none: plan checks), the blend and the sampler over it."""
+
+    train: BlendedDataset
+    valid: dict[str, PackedShardDataset]
+    blend: Blend
+    sampler: ConsumedSamplesSampler
+
+    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches ``(input_ids, labels)`` of the next global batch, on the device."""
+        return [tuple(t.to(distributed.device()) for t in collate(self.train, indices))
+                for indices in self.sampler.next_batch()]
+
+
+def training_data(p: Plan) -> TrainData:
+    """The run's sources as ``TrainData``, the sampler dealing this rank's share from the first sample."""
+    cfg = p.cfg
+    sources = cfg.data.blend
+    train = BlendedDataset([PackedShardDataset(s.path, "train", cfg.data.seq_len) for s in sources])
+    valid = {s.name: PackedShardDataset(s.path, "valid", cfg.data.seq_len)
+             for s, m in zip(sources, p.manifests) if m["shards"]["valid"]}
+    blend = Blend(tuple(s.name for s in sources), tuple(len(d) for d in train.parts), tuple(s.weight for s in sources))
+    sampler = ConsumedSamplesSampler(blend, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                     distributed.rank(), distributed.world_size(), cfg.train.seed)
+    return TrainData(train, valid, blend, sampler)
+
+
+@dataclass
+class Progress:
+    """The loop's counters; all but ``bad_in_a_row`` are saved with every checkpoint."""
+
+    step: int = 0
+    tokens: int = 0
+    bad_steps: int = 0
+    bad_in_a_row: int = 0
+
+    def advance(self, tokens: int, skipped: bool) -> None:
+        self.step += 1
+        self.tokens += tokens
+        self.bad_steps += skipped
+        self.bad_in_a_row = self.bad_in_a_row + 1 if skipped else 0
+
+
+def report_skipped(progress: Progress, max_bad_steps: int, log: MetricsLogger) -> None:
+    """Say that the last step was skipped; too many in a row stop the run (the last good checkpoint is kept)."""
+    step, in_a_row = progress.step, progress.bad_in_a_row
+    log.message(f"ted-ds: step {step}: non-finite loss, optimizer step skipped ({in_a_row} in a row)")
+    if in_a_row >= max_bad_steps:
+        raise TrainingError(f"{in_a_row} steps in a row with a non-finite loss (train.max_bad_steps), "
+                            f"last at step {step}; the last good checkpoint is kept: lower optim.lr or check "
+                            "the data, then re-run to resume")
+
+
+def resume(stage: Stage, checkpointer: Checkpointer, sampler: ConsumedSamplesSampler) -> tuple[Progress, str | None]:
+    """Engine, sampler and counters from the latest resumable checkpoint, if any; returns its tag."""
+    tag = checkpointer.find_resumable()
+    if tag is None:
+        return Progress(), None
+    state = checkpointer.load(stage.engine, tag)
+    sampler.load_state_dict(state["sampler"])
+    return Progress(state["step"], state["tokens"], state.get("bad_steps", 0)), tag
+
+
+def save(stage: Stage, checkpointer: Checkpointer, progress: Progress, sampler: ConsumedSamplesSampler) -> None:
+    checkpointer.save(stage.engine, progress.step, {"step": progress.step, "tokens": progress.tokens,
+                                                    "bad_steps": progress.bad_steps, "sampler": sampler.state_dict()})
+
+
+def step_metrics(stage: Stage, sums: dict[str, torch.Tensor], lr: float, progress: Progress, tokens_per_s: float,
+                 peak_flops: float) -> dict:
+    """What a logged step reports: the loss terms averaged over ranks, LR, throughput, MFU, grad norm."""
+    losses = distributed.all_reduce_mean({k: v.item() for k, v in sums.items()})
+    out = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in losses.items()}
     grad_norm = stage.engine.get_global_grad_norm()
-    out.update({"lr": lr, "tokens": tokens, "tokens_per_s": tokens_per_s, "bad_steps": bad_steps,
+    out.update({"lr": lr, "tokens": progress.tokens, "tokens_per_s": tokens_per_s, "bad_steps": progress.bad_steps,
                 "mfu": tokens_per_s * stage.flops_per_token / peak_flops,
                 "grad_norm": float(grad_norm) if grad_norm is not None else math.nan})
     if distributed.device().type == "cuda":
@@ -155,76 +214,58 @@ def step_metrics(stage: Stage, sums: dict[str, torch.Tensor], lr: float, tokens:
     return out
 
 
-def _resume(checkpointer: Checkpointer, engine, sampler: ConsumedSamplesSampler) -> tuple[str | None, int, int, int]:
-    """Where this launch starts: the newest resumable checkpoint's (tag, step, tokens, bad steps),
-    engine and sampler restored from it; (None, 0, 0, 0) for a fresh start."""
-    tag = checkpointer.find_resumable()
-    if tag is None:
-        return None, 0, 0, 0
-    state = checkpointer.load(engine, tag)
-    sampler.load_state_dict(state["sampler"])
-    return tag, state["step"], state["tokens"], state.get("bad_steps", 0)
+def due(step: int, every: int, last: int) -> bool:
+    return step % every == 0 or step == last
 
 
 def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> dict:
-    """Train ``stage`` to ``p.total_steps``; returns the last logged metrics."""
-    cfg = p.cfg
+    """Train ``stage`` (from build_stage) to ``p.total_steps``; returns the last logged metrics."""
+    cfg, total = p.cfg, p.total_steps
     per_source = cfg.data.sources is not None  # data.path alone logs what it always did
-    train, valid, sampler = _datasets(cfg, p.manifests)
-    tag, step, tokens, bad_steps = _resume(checkpointer, stage.engine, sampler)
-    bad_in_a_row = 0
-    log = MetricsLogger(cfg.train.out_dir, distributed.rank() == 0, p.total_steps, step, cfg.train.progress,
+    data = training_data(p)
+    progress, tag = resume(stage, checkpointer, data.sampler)
+    log = MetricsLogger(cfg.train.out_dir, distributed.rank() == 0, total, progress.step, cfg.train.progress,
                         stage.name)
     if tag is not None:
-        log.resumed(tag, step, sampler.consumed)
+        log.resumed(tag, progress.step, data.sampler.consumed)
     peak = device_peak_flops(cfg.train.peak_tflops) * distributed.world_size()
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     last: dict = {}
     window_time, window_steps = 0.0, 0  # training time only: evaluation and saving excluded
-    stage.engine.train()  # dropout on from the first step (from_pretrained hands models over in eval mode)
 
-    while step < p.total_steps:
+    while progress.step < total:
         start = time.perf_counter()
         lr = stage.engine.get_lr()[0]  # this step's (the scheduler moves on inside the step)
-        sums, skipped = train_step(stage, train, sampler.next_batch(), step, cfg.train.inject_nan_steps)
-        step += 1
-        bad_steps += skipped
-        bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+        sums, skipped = train_step(stage, data.next_batch(), progress.step + 1, cfg.train.inject_nan_steps)
+        progress.advance(tokens_per_step, skipped)
         if skipped:
-            log.message(f"ted-ds: step {step}: non-finite loss, optimizer step skipped ({bad_in_a_row} in a row)")
-        if bad_in_a_row >= cfg.train.max_bad_steps:
-            raise TrainingError(f"{bad_in_a_row} steps in a row with a non-finite loss (train.max_bad_steps), "
-                                f"last at step {step}; the last good checkpoint is kept: lower optim.lr or check "
-                                "the data, then re-run to resume")
-        tokens += tokens_per_step
+            report_skipped(progress, cfg.train.max_bad_steps, log)
         window_steps += 1
         window_time += time.perf_counter() - start
 
-        if step % cfg.train.log_interval == 0 or step == p.total_steps:
-            last = step_metrics(stage, sums, lr, tokens, window_steps * tokens_per_step / window_time, bad_steps,
-                                peak)
+        if due(progress.step, cfg.train.log_interval, total):
+            last = step_metrics(stage, sums, lr, progress, window_steps * tokens_per_step / window_time, peak)
             if per_source:
-                last.update(source_counts(sampler))
-            log.log(step, last)
+                last.update(source_counts(data.sampler))
+            log.log(progress.step, last)
             window_time, window_steps = 0.0, 0
-        if valid and (step % cfg.train.eval_interval == 0 or step == p.total_steps):
-            scores = evaluate_sources(stage, valid, dict(zip(sampler.blend.names, sampler.blend.weights)),
+        if data.valid and due(progress.step, cfg.train.eval_interval, total):
+            scores = evaluate_sources(stage, data.valid, dict(zip(data.blend.names, data.blend.weights)),
                                       cfg.data.eval_samples, cfg.train.micro_batch_size, per_source)
             last.update(scores)
-            log.log(step, scores)
-            log.message(f"step {step}: eval loss {scores['eval/loss']:.4f}, ppl {scores['eval/ppl']:.2f}")
-        log.advance(step, f"loss {float(sums['loss']):.4f} (rank 0)")
+            log.log(progress.step, scores)
+            log.message(f"step {progress.step}: eval loss {scores['eval/loss']:.4f}, ppl {scores['eval/ppl']:.2f}")
+        log.advance(progress.step, f"loss {float(sums['loss']):.4f} (rank 0)")
         stopping = stop.agreed()
-        if step % cfg.train.save_interval == 0 or step == p.total_steps or stopping:
-            checkpointer.save(stage.engine, step, {"step": step, "tokens": tokens, "bad_steps": bad_steps,
-                                                   "sampler": sampler.state_dict()})
+        if due(progress.step, cfg.train.save_interval, total) or stopping:
+            save(stage, checkpointer, progress, data.sampler)
             stopping = stopping or stop.agreed()  # a signal during the save: this checkpoint is the last
         if stopping:
-            log.message(f"ted-ds: {stop.received or 'a peer signal'} received; saved step {step} and exiting "
+            log.message(f"ted-ds: {stop.received or 'a peer signal'} received; saved step {progress.step} and exiting "
                         "(re-run the same command to resume)")
             break
     log.close()
-    return dict(last, step=step, stopped=step < p.total_steps)
+    return dict(last, step=progress.step, stopped=progress.step < total)
 
 
 def seed_everything(seed: int) -> None:
@@ -233,12 +274,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_stage(cfg: RunConfig, filters_for: str | None = None) -> tuple[Stage, Plan, dict]:
-    """A whole command: check, start the process group, build, train (or resume), write outputs.
-
-    ``filters_for`` = "teacher" | "student" runs TED stage 1; None runs ``distill.method``.
-    """
-    stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step
+def setup(cfg: RunConfig, filters_for: str | None = None) -> tuple[Plan, dict]:
+    """Everything before a stage is built: check the run against its files and ranks, start the
+    process group, seed.  Returns the plan and the resolved DeepSpeed config (see run_stage)."""
     p = plan(cfg, filters_for=filters_for)
     ds = resolve_ds_config(cfg, distributed.expected_world_size())  # every check happens before the process group
     check_fits(p, ds, distributed.expected_world_size(), distributed.local_world_size(),
@@ -248,7 +286,24 @@ def run_stage(cfg: RunConfig, filters_for: str | None = None) -> tuple[Stage, Pl
     if distributed.rank() == 0 and p.vocabularies:
         print(f"ted-ds: {p.vocabularies}", file=sys.stderr)  # the sizes the checks compared
     seed_everything(cfg.train.seed)
+    return p, ds
+
+
+def build_stage(p: Plan, ds: dict, filters_for: str | None = None) -> Stage:
+    """TED stage 1 for ``filters_for`` = "teacher" | "student", else ``distill.method``; in training mode."""
     stage = build_filter_learning(p, ds, filters_for) if filters_for else build_distill(p, ds)
+    stage.engine.train()  # dropout on from the first step (from_pretrained hands models over in eval mode)
+    return stage
+
+
+def run_stage(cfg: RunConfig, filters_for: str | None = None) -> tuple[Stage, Plan, dict]:
+    """A whole command: check, start the process group, build, train (or resume), write outputs.
+
+    ``filters_for`` = "teacher" | "student" runs TED stage 1; None runs ``distill.method``.
+    """
+    stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step
+    p, ds = setup(cfg, filters_for)
+    stage = build_stage(p, ds, filters_for)
     if distributed.rank() == 0:
         os.makedirs(cfg.train.out_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.train.out_dir, "config.yaml"))

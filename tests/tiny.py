@@ -11,6 +11,7 @@ import yaml
 
 from data_prep.build import BuildOptions, build
 from data_prep.tokenizer import load_tokenizer
+from ted_ds.config import apply_override
 
 
 def make_dataset(corpus: str, tokenizer: str, out: str) -> str:
@@ -159,8 +160,7 @@ def base_config(data: str, teacher: str, out_dir: str, **overrides) -> dict:
                   "progress": False, "timeout_minutes": 3},
     }
     for key, value in overrides.items():
-        section, field = key.split(".")
-        cfg[section][field] = value
+        apply_override(cfg, f"{key}={yaml.safe_dump(value)}")  # the value as YAML, which it parses back
     return cfg
 
 
