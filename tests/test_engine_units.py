@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import base_config, write_config
 
+from harness.tiny import base_config, write_config
 from ted_ds.architectures import decoder_layers
 from ted_ds.cli import main as ted_main
 from ted_ds.config import load_run_config
