@@ -2,7 +2,7 @@
 
     python -m bench faults            (after `make test`, or `pytest -m multirank tests/test_faults.py ...`)
 
-Each fault test, once its assertions passed, leaves one row in ``.cache/faults/`` (tests/conftest.py,
+Each fault test, once its assertions passed, leaves one row in ``.cache/faults/`` (tests/harness/common.py,
 ``record_fault``): the fault, what the user saw (the actual error line or exit status), what was
 kept.  This collects the rows into bench/results/faults.json and rewrites the table between the
 markers in BENCHMARKS.md; a fault whose test did not pass in the run has no row.

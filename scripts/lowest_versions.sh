@@ -17,5 +17,7 @@ $V/bin/python -m pip install -q -c constraints-cpu.txt -e '.[dev,eval]' "transfo
 $V/bin/python -c "import transformers, deepspeed; print('testing with transformers', transformers.__version__, \
 'deepspeed', deepspeed.__version__)"
 TORCH_EXTENSIONS_DIR=$PWD/.cache/torch_extensions-lowest $V/bin/python -m pytest -q -p no:cacheprovider \
-  tests/test_engine_units.py tests/test_losses_chunked.py tests/test_documents.py "tests/test_checkpoint_multirank.py" \
+  tests/test_losses.py tests/test_taps.py tests/test_filters.py tests/test_heads.py tests/test_weights.py \
+  tests/test_engine.py tests/test_config.py tests/test_teacher.py tests/test_checkpoint.py tests/test_launch.py \
+  tests/test_distributed.py tests/test_losses_chunked.py tests/test_documents.py "tests/test_checkpoint_multirank.py" \
   -k "not multirank or export" "$@"

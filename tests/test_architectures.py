@@ -11,9 +11,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import deepspeed_cmd, run_launcher
-from tiny import ARCHITECTURES, PADDED_ROWS, arch_config, base_config, stage1_first_batch, write_config
 
+from harness.common import deepspeed_cmd, run_launcher
+from harness.tiny import ARCHITECTURES, PADDED_ROWS, arch_config, base_config, stage1_first_batch, write_config
 from ted_ds.errors import ConfigError
 
 IDS = torch.randint(1000, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -238,8 +238,8 @@ def arch_runs(tiny, arch_teachers, tmp_path_factory):
         "student.config": _student_config(root, 1008)}), None)
     spec = [{"name": n, "config": write_config(o(f"{n}.yaml"), **c), "filters_for": w} for n, (c, w) in configs.items()]
     json.dump(spec, open(o("spec.json"), "w"))
-    run_launcher(deepspeed_cmd(2, "tests/mp/run_scenarios.py", "--spec", o("spec.json"), "--out", o("results.json")),
-                 timeout=900)
+    run_launcher(deepspeed_cmd(2, "tests/harness/mp/run_scenarios.py", "--spec", o("spec.json"),
+                               "--out", o("results.json")), timeout=900)
     return {"dirs": {n: c[0]["train"]["out_dir"] for n, c in configs.items()},
             "configs": {n: o(f"{n}.yaml") for n in configs}, "results": json.load(open(o("results.json")))}
 

@@ -21,10 +21,10 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import REPO, deepspeed_cmd, record_fault, run_launcher
 from safetensors.torch import load_file
-from tiny import base_config, with_dropout, write_config
 
+from harness.common import REPO, deepspeed_cmd, record_fault, run_launcher
+from harness.tiny import base_config, with_dropout, write_config
 from ted_ds.checkpoint import is_complete
 
 pytestmark = pytest.mark.multirank
@@ -174,8 +174,8 @@ def test_sigterm_saves_and_exits_then_resume_on_one_rank(tiny, reference_run):
 
 
 def _fault_cmd(cfg: str, fault: str) -> list[str]:
-    return deepspeed_cmd(2, os.path.join(REPO, "tests", "mp", "fault_at.py"), "--fault", fault, "distill", "--config",
-                         cfg)
+    return deepspeed_cmd(2, os.path.join(REPO, "tests", "harness", "mp", "fault_at.py"), "--fault", fault,
+                         "distill", "--config", cfg)
 
 
 # Where in the save at step 8 (the 2nd) a rank dies, and what that leaves of step-00000008.
@@ -386,8 +386,7 @@ def test_an_export_that_is_not_the_checkpoint_fails_its_check(reference_run, tmp
 
 
 def test_lm_eval_harness_runs_offline_on_the_export(reference_run, tmp_path):
-    from conftest import corpus_lines
-
+    from harness.common import corpus_lines
     from ted_ds.evaluate import write_rolling_task
 
     _, ref = reference_run

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import corpus_lines
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data_prep.build import BuildOptions, build
 from data_prep.errors import UserError
 from data_prep.indexed import IndexedShard
+from harness.common import corpus_lines
 from ted_ds.config import DataConfig, SourceConfig, load_run_config
 from ted_ds.data import Blend, BlendedDataset, ConsumedSamplesSampler, PackedShardDataset, collate, epoch_order
 from ted_ds.errors import ConfigError

@@ -1,6 +1,6 @@
 """Document-aware packing (data.document_attention): positions and mask by hand, and a packed
 document gives the same logits and taps as the document run alone — student and replicated teacher,
-LLaMA and GPT-2, fp32.  The ZeRO-3 and pipeline teachers are checked in tests/mp/pipeline_check.py."""
+LLaMA and GPT-2, fp32.  The ZeRO-3 and pipeline teachers are checked in tests/harness/mp/pipeline_check.py."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 import torch
-from tiny import base_config, packed_documents, span_difference, write_config
 from transformers.masking_utils import find_packed_sequence_indices  # sets TORCHINDUCTOR_CACHE_DIR: import early
 
+from harness.tiny import base_config, packed_documents, span_difference, write_config
 from ted_ds.architectures import load_hf_config
 from ted_ds.config import load_run_config
 from ted_ds.documents import DocumentAttention, document_positions, for_model

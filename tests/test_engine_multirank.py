@@ -12,9 +12,10 @@ import os
 
 import pytest
 import torch
-from conftest import deepspeed_cmd, run_launcher
 from safetensors.torch import load_file
-from tiny import base_config, stage1_first_batch, write_config
+
+from harness.common import deepspeed_cmd, run_launcher
+from harness.tiny import base_config, stage1_first_batch, write_config
 
 pytestmark = pytest.mark.multirank
 
@@ -79,8 +80,8 @@ def runs(tiny, tmp_path_factory):
         spec.append({"name": name, "config": write_config(o(f"{name}.yaml"), **cfg), "filters_for": which})
     with open(o("spec.json"), "w") as f:
         json.dump(spec, f)
-    run_launcher(deepspeed_cmd(2, "tests/mp/run_scenarios.py", "--spec", o("spec.json"), "--out", o("results.json")),
-                 timeout=900)
+    run_launcher(deepspeed_cmd(2, "tests/harness/mp/run_scenarios.py", "--spec", o("spec.json"),
+                               "--out", o("results.json")), timeout=900)
     return {"dirs": {n: c[0]["train"]["out_dir"] for n, c in configs.items()},
             "configs": {n: o(f"{n}.yaml") for n in configs},
             "results": json.load(open(o("results.json")))}

@@ -18,10 +18,10 @@ import tempfile
 import deepspeed  # noqa: F401  imported before any test: it sets PYTORCH_NVML_BASED_CUDA_CHECK
 import pytest
 import torch
-from conftest import REPO, deepspeed_cmd, needs, record_fault, run_launcher
 from safetensors.torch import load_file
-from tiny import base_config, write_config
 
+from harness.common import REPO, deepspeed_cmd, needs, record_fault, run_launcher
+from harness.tiny import base_config, write_config
 from ted_ds.checkpoint import Checkpointer
 from ted_ds.errors import TrainingError
 from ted_ds.export import consolidated_state

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
-from tiny import base_config, write_config
 
+from harness.common import REPO
+from harness.tiny import base_config, write_config
 from ted_ds.errors import ConfigError
 from ted_ds.hub import resolve
 

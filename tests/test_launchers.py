@@ -10,10 +10,11 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, needs, run_launcher
-from netns_hosts import ADDRS, IFNAME, TwoHosts, netns_available
-from slurm_cluster import LocalSlurm, slurm_available
-from tiny import base_config, write_config
+
+from harness.common import REPO, needs, run_launcher
+from harness.netns_hosts import ADDRS, IFNAME, TwoHosts, netns_available
+from harness.slurm_cluster import LocalSlurm, slurm_available
+from harness.tiny import base_config, write_config
 
 pytestmark = pytest.mark.multirank
 SBATCH = os.path.join(REPO, "slurm", "ted_ds.sbatch")

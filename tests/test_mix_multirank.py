@@ -11,11 +11,11 @@ import subprocess
 
 import pytest
 import torch
-from conftest import REPO, corpus_lines, deepspeed_cmd, run_launcher
 from safetensors.torch import load_file
-from tiny import base_config, write_config
 
 from data_prep.build import BuildOptions, build
+from harness.common import REPO, corpus_lines, deepspeed_cmd, run_launcher
+from harness.tiny import base_config, write_config
 from ted_ds.data import Blend, PackedShardDataset
 
 
@@ -60,7 +60,7 @@ def test_two_source_mixture_reports_per_source_eval_and_counts(tiny, tmp_path):
     # from both sources, so the same losses and weights as the run above, and the same counts
     killed = str(tmp_path / "killed")
     cfg = write_config(str(tmp_path / "killed.yaml"), **base_config(wiki, tiny["llama_teacher"], killed, **over))
-    r = subprocess.run(deepspeed_cmd(2, os.path.join(REPO, "tests", "mp", "fault_at.py"), "--fault",
+    r = subprocess.run(deepspeed_cmd(2, os.path.join(REPO, "tests", "harness", "mp", "fault_at.py"), "--fault",
                                      "save-shards:2:1:KILL", "distill", "--config", cfg), cwd=REPO,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode != 0

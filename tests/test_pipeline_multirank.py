@@ -9,10 +9,11 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, deepspeed_cmd, run_launcher
+
+from harness.common import REPO, deepspeed_cmd, run_launcher
 
 pytestmark = pytest.mark.multirank
-SCRIPT = os.path.join(REPO, "tests", "mp", "pipeline_check.py")
+SCRIPT = os.path.join(REPO, "tests", "harness", "mp", "pipeline_check.py")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_other_architectures_pipeline_equals_a_single_process_teacher(two_ranks)
     embedding, final logit soft-cap, sliding window), Phi-3: the 2-stage pipeline's filtered taps and
     logits, cut to the tokenizer's ids, are bit-identical to the whole teacher's; bf16 top-8 logits and
     ids too (never an id past the tokenizer's)."""
-    from tiny import ARCHITECTURES
+    from harness.tiny import ARCHITECTURES
 
     for kind in ARCHITECTURES:
         for name in (f"{kind}_P2_chunks2", f"{kind}_P2_top8_bf16"):

@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-from conftest import corpus_lines
 
 from data_prep.build import BuildOptions, _ShardSink, build
 from data_prep.cli import main as prep_main
@@ -21,6 +20,7 @@ from data_prep.format import split_of
 from data_prep.indexed import IndexedShard, ShardError, ShardWriter
 from data_prep.tokenizer import load_tokenizer
 from data_prep.verify import verify_dataset
+from harness.common import corpus_lines
 
 
 def run_build(inputs, tokenizer, out, **kw):

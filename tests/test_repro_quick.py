@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, corpus_lines
+
+from harness.common import REPO, corpus_lines
 
 pytestmark = pytest.mark.multirank
 

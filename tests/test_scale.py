@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-from tiny import base_config, write_config
 
+from harness.tiny import base_config, write_config
 from ted_ds.cli import main as ted_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

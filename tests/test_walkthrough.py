@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+
+from harness.common import REPO
 
 TITLE = "### Walk-through: distil a Qwen-style pair"
 

@@ -1,6 +1,6 @@
 """Runs several training commands in ONE multi-rank launch and records what pytest checks.
 
-    deepspeed --num_gpus 2 tests/mp/run_scenarios.py --spec spec.json --out results.json
+    deepspeed --num_gpus 2 tests/harness/mp/run_scenarios.py --spec spec.json --out results.json
 
 spec.json: [{"name": ..., "config": path, "filters_for": null|"teacher"|"student"}, ...].
 For each scenario the real command runs (``ted_ds.trainer.run_stage``); afterwards this script
@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # tests/
 
 from ted_ds import (
     distributed,  # noqa: E402

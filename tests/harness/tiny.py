@@ -11,6 +11,7 @@ import yaml
 
 from data_prep.build import BuildOptions, build
 from data_prep.tokenizer import load_tokenizer
+from harness.common import REPO
 from ted_ds.config import apply_override
 
 
@@ -147,8 +148,7 @@ def write_config(path: str, **sections) -> str:
 
 def base_config(data: str, teacher: str, out_dir: str, **overrides) -> dict:
     """A TED config for the tiny models: 4-layer teacher tapped every 2, 2-layer student from layers 0, 2."""
-    ds_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs",
-                             "zero3_cpu.json")
+    ds_config = os.path.join(REPO, "ds_configs", "zero3_cpu.json")
     cfg = {
         "teacher": {"path": teacher},
         "student": {"init_from_teacher": [0, 2]},

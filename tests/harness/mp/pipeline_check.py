@@ -1,7 +1,7 @@
 """Pipeline teacher vs a single-process teacher, run under a launcher with any number of ranks.
 
-    deepspeed --num_gpus 4 tests/mp/pipeline_check.py --teacher DIR --bank DIR --out results.json
-    python tests/mp/pipeline_check.py ... --fault die|shape        (ranks started by the test itself)
+    deepspeed --num_gpus 4 tests/harness/mp/pipeline_check.py --teacher DIR --bank DIR --out results.json
+    python tests/harness/mp/pipeline_check.py ... --fault die|shape        (ranks started by the test itself)
 
 Each rank feeds its own micro-batch; the pipeline's filtered taps and logits must equal those of
 the full teacher (``FrozenLM``) evaluated on that micro-batch in this process.  With
@@ -20,10 +20,10 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for tiny
+TESTS = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, TESTS)  # for harness
 
-from tiny import packed_documents, span_difference  # noqa: E402
-
+from harness.tiny import packed_documents, span_difference  # noqa: E402
 from ted_ds import distributed  # noqa: E402
 from ted_ds.architectures import decoder_layers, final_norm, load_hf_config  # noqa: E402
 from ted_ds.engine import build_frozen  # noqa: E402

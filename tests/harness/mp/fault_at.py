@@ -1,6 +1,6 @@
 """``python -m ted_ds ...`` with one fault injected at a named point of the run.
 
-    deepspeed --num_gpus 2 tests/mp/fault_at.py --fault POINT:N:RANK:SIGNAL distill --config run.yaml
+    deepspeed --num_gpus 2 tests/harness/mp/fault_at.py --fault POINT:N:RANK:SIGNAL distill --config run.yaml
 
 At the N-th time the run reaches POINT, rank RANK ("all": every rank) sends itself SIGNAL
 (KILL, TERM).  Points:

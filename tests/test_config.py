@@ -1,0 +1,95 @@
+"""Config loading and validation: bad schedules, fixed choices, bad configs and model directories whose
+code would have to run (``--trust-remote-code``), each refused in one line before any process group."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.tiny import base_config, write_config
+from ted_ds.cli import main as ted_main
+from ted_ds.config import load_run_config
+from ted_ds.errors import ConfigError
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.warmup_start_lr=2.0", "optim.warmup_start_lr must be in [0, optim.lr"),
+    ("optim.decay_fraction=0", "optim.decay_fraction must be in (0, 1]"),
+    ("optim.schedule=linear", "optim.schedule must be one of cosine, wsd, constant"),
+    ("optim.decay_fraction=0.9", "optim.schedule wsd: 1 warmup + 4 decay steps (optim.decay_fraction 0.9) exceed"),
+])
+def test_bad_schedules_are_one_line_before_any_process_group(tiny, tmp_path, override, message, capsys):
+    from ted_ds.cli import main
+
+    cfg = write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"], tiny["llama_teacher"],
+                                                                str(tmp_path / "o")))
+    assert main(["distill", "--config", cfg, "distill.method=lwd", "optim.schedule=wsd", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ted-ds: error: ") and message in err[0], err
+
+
+@pytest.mark.parametrize("key, allowed", [
+    ("distill.method", "ted, lwd, kd, lm"), ("teacher.placement", "replicated, zero3, pipeline"),
+    ("distill.layer_loss", "mse, normalized_mse, cosine"), ("distill.filter", "linear, mlp"),
+    ("optim.schedule", "cosine, wsd, constant"), ("teacher.logits_dtype", "fp32, bf16"),
+    ("distill.filter_head", "teacher, trainable"),
+])
+def test_fixed_choices_are_one_line_naming_every_choice(key, allowed):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, [f"{key}=other"])
+    assert str(e.value) == f"{key} must be one of {allowed}; got 'other'"
+
+
+def _fails(capsys, tmp_path, cfg: dict, *fragments, overrides=(), command="distill"):
+    path = write_config(str(tmp_path / "bad.yaml"), **cfg)
+    capsys.readouterr()
+    assert ted_main([command, "--config", path, *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ted-ds: error: ") and "\n" not in err, err
+    for frag in fragments:
+        assert frag in err, (frag, err)
+
+
+def test_bad_configs_fail_before_any_process_group(tiny, gpt2_tokenizer, tmp_path, capsys):
+    import torch.distributed as dist
+
+    good = lambda **o: base_config(tiny["llama_data"], tiny["llama_teacher"], str(tmp_path / "o"), **o)
+    cfg = good()
+    cfg["train"]["colour"] = "red"
+    _fails(capsys, tmp_path, cfg, "unknown config key train.colour")
+    _fails(capsys, tmp_path, good(), "train.steps must be int", overrides=["train.steps=many"])
+    _fails(capsys, tmp_path, good(), "teacher.filters", "learn-filters")  # ted without stage 1
+    _fails(capsys, tmp_path, good(**{"distill.method": "kd", "data.seq_len": 4096}), "seq_len 4096 exceeds")
+    _fails(capsys, tmp_path, good(**{"distill.method": "lwd", "distill.teacher_every": 4}), "tap mismatch")
+    _fails(capsys, tmp_path, good(**{"data.path": str(tmp_path / "nodata")}), "not a ted-prep dataset")
+    _fails(capsys, tmp_path, good(**{"teacher.path": str(tmp_path / "noteacher")}), "teacher.path not found",
+           "noteacher")
+    _fails(capsys, tmp_path, good(**{"distill.method": "kd", "train.deepspeed_config": "nope.json"}),
+           "DeepSpeed config not found")
+    # a teacher whose tokenizer is not the data's
+    _fails(capsys, tmp_path, base_config(tiny["llama_data"], tiny["gpt2_teacher"], str(tmp_path / "o"),
+                                         **{"distill.method": "kd"}), "different tokenizer")
+    _fails(capsys, tmp_path, good(**{"distill.method": "kd", "train.global_batch_size": 7}), "not a multiple")
+    assert not dist.is_initialized()
+
+
+def test_code_in_a_model_directory_never_runs_without_trust_remote_code(tiny, tmp_path, capsys):
+    import json
+    import shutil
+
+    model = tmp_path / "remote"
+    shutil.copytree(tiny["llama_teacher"], model)
+    marker = tmp_path / "EXECUTED"
+    (model / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaConfig\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'evil'\n")
+    config = json.load(open(model / "config.json"))
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig"}
+    config["model_type"] = "evil"  # only the directory's own code could load it
+    json.dump(config, open(model / "config.json", "w"))
+    capsys.readouterr()
+    assert ted_main(["eval", str(model), "--data", tiny["llama_data"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ted-ds: error:") and "\n" not in err
+    _fails(capsys, tmp_path, base_config(tiny["llama_data"], str(model), str(tmp_path / "o"),
+                                         **{"distill.method": "kd"}), "not a loadable HF model config")
+    assert not marker.exists()

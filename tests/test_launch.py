@@ -1,0 +1,22 @@
+"""``ted-ds launch``: the printed commands, checked against the config. Real launches: test_launchers.py."""
+
+from __future__ import annotations
+
+from harness.tiny import base_config, write_config
+from ted_ds.cli import main as ted_main
+
+
+def test_launch_prints_commands_checked_against_the_config(tiny, tmp_path, capsys):
+    path = write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"], tiny["llama_teacher"], "out",
+                                                                **{"train.global_batch_size": 32}))
+    capsys.readouterr()
+    assert ted_main(["launch", "--nodes", "2", "--gpus-per-node", "2", "--hosts", "a,b", "distill", "--config", path,
+                     "teacher.placement=pipeline"]) == 0
+    out = capsys.readouterr().out
+    assert "# 4 ranks: micro-batch 2 × accumulation 4 × 4 ranks = global batch 32; teacher in 2 pipeline groups" in out
+    assert "printf 'a slots=2\\nb slots=2\\n' > hostfile" in out
+    assert "deepspeed --hostfile hostfile --master_addr a" in out
+    assert "sbatch --nodes 2 --ntasks-per-node 2" in out and "COMMAND=distill" in out
+    assert "torchrun --nnodes 2 --node_rank 1" in out and "mpirun -np 4 -H a:2,b:2" in out
+    assert ted_main(["launch", "--nodes", "3", "--gpus-per-node", "2", "distill", "--config", path]) == 2
+    assert "not a multiple of micro_batch_size 2 × 6 ranks" in capsys.readouterr().err

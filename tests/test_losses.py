@@ -1,0 +1,67 @@
+"""The loss terms against a hand computation: LM, KD (full and top-k), the layer losses, the weighted objective."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ted_ds.losses import ObjectiveWeights, distill_objective, kd_loss, layer_loss, lm_loss
+
+
+def test_lm_loss_by_hand():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])
+    labels = torch.tensor([[0, 2]])
+    p0 = math.exp(2) / (math.exp(2) + 1 + math.exp(-1))
+    p1 = 1 / (2 * math.exp(0.5) + 1)
+    assert lm_loss(logits, labels).item() == pytest.approx(-(math.log(p0) + math.log(p1)) / 2, rel=1e-6)
+
+
+def test_kd_loss_by_hand_and_topk():
+    s = torch.tensor([[[1.0, 0.0, 0.0]]])
+    t = torch.tensor([[[0.0, 2.0, 0.0]]])
+    T = 2.0
+    ps = [math.exp(x / T) for x in (1.0, 0.0, 0.0)]
+    pt = [math.exp(x / T) for x in (0.0, 2.0, 0.0)]
+    ps = [x / sum(ps) for x in ps]
+    pt = [x / sum(pt) for x in pt]
+    kl = sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps))
+    assert kd_loss(s, t, T).item() == pytest.approx(T * T * kl, rel=1e-6)
+    assert kd_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-7)
+    # top-k support: teacher renormalised over its 2 best ids, student log-probs at those ids
+    values, index = t.topk(2, dim=-1)
+    qt = torch.softmax(values / T, -1)[0, 0]
+    ls = torch.log_softmax(s / T, -1)[0, 0, index[0, 0]]
+    expected = T * T * (qt * (qt.log() - ls)).sum().item()
+    assert kd_loss(s, values, T, index).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_layer_losses_by_hand():
+    s = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    t = torch.tensor([[[1.0, 0.0], [0.0, 4.0]]])
+    mse = (0 + 4 + 9 + 0) / 4
+    assert layer_loss(s, t, "mse").item() == pytest.approx(mse)
+    var = torch.tensor([1.0, 0.0, 0.0, 4.0]).var().item()  # unbiased, as torch.var
+    assert layer_loss(s, t, "normalized_mse").item() == pytest.approx(mse / (var + 1e-6), rel=1e-6)
+    cos = [(1 * 1 + 2 * 0) / (math.sqrt(5) * 1), (3 * 0 + 4 * 4) / (5 * 4)]
+    assert layer_loss(s, t, "cosine").item() == pytest.approx(1 - sum(cos) / 2, rel=1e-6)
+    # normalised MSE does not care about the scale of both sides
+    assert layer_loss(10 * s, 10 * t, "normalized_mse").item() == pytest.approx(
+        layer_loss(s, t, "normalized_mse").item(), rel=1e-4)
+
+
+def test_objective_weights_and_terms():
+    torch.manual_seed(0)
+    s_logits, t_logits = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    labels = torch.randint(5, (2, 3))
+    s_taps, t_taps = [torch.randn(2, 3, 4) for _ in range(2)], [torch.randn(2, 3, 4) for _ in range(2)]
+    w = ObjectiveWeights(alpha=0.5, beta=3.0, temperature=2.0, layer_loss="mse")
+    terms = distill_objective(s_logits, s_taps, labels, t_logits, t_taps, w)
+    layer = (F.mse_loss(s_taps[0], t_taps[0]) + F.mse_loss(s_taps[1], t_taps[1])) / 2
+    assert terms["layer"].item() == pytest.approx(layer.item(), rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(
+        (terms["lm"] + 0.5 * terms["kd"] + 3.0 * terms["layer"]).item(), rel=1e-6)
+    lm_only = distill_objective(s_logits, None, labels, None, None, w)
+    assert set(lm_only) == {"lm", "loss"}
