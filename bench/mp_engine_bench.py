@@ -3,7 +3,7 @@
     deepspeed --num_gpus N bench/mp_engine_bench.py --config run.yaml --out result.json [key=value ...]
 
 Measures, per rank (medians over the timed steps): a full training step of ``distill.method`` (the
-trainer's own ``setup``, ``build_stage`` and ``train_step``), the teacher's forward alone on the same
+trainer's own ``setup``, ``build_recipe`` and ``train_step``), the teacher's forward alone on the same
 micro-batches, peak RSS, and (pipeline) the stages' busy time inside teacher calls. With ``--with-lm``
 the same process also builds the student-only LM baseline (same initialisation) and times its step on
 the same micro-batches, interleaved with the others, so that the overhead ratio is not at the mercy of
@@ -21,8 +21,8 @@ import torch
 from ted_ds import distributed
 from ted_ds.cli import _quiet_libraries
 from ted_ds.config import load_run_config
-from ted_ds.stages import plan
-from ted_ds.trainer import build_stage, setup, train_step, training_data
+from ted_ds.recipes import plan
+from ted_ds.trainer import build_recipe, setup, train_step, training_data
 
 
 def rss_mb() -> float:
@@ -42,16 +42,16 @@ def main():
     cfg = load_run_config(args.config, overrides)
     p, ds = setup(cfg)
     rss_before = rss_mb()
-    stage = build_stage(p, ds)
+    recipe = build_recipe(p, ds)
     rss_built = rss_mb()
     baseline = None
     if args.with_lm:
         lm_cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method="lm"))
-        baseline = build_stage(plan(lm_cfg), ds)
+        baseline = build_recipe(plan(lm_cfg), ds)
     data = training_data(p)
-    jobs = {"step": lambda micro: train_step(stage, micro)}
-    if stage.frozen is not None:
-        jobs["teacher"] = lambda micro: [stage.frozen(x) for x, _ in micro]
+    jobs = {"step": lambda micro: train_step(recipe, micro)}
+    if recipe.frozen is not None:
+        jobs["teacher"] = lambda micro: [recipe.frozen(x) for x, _ in micro]
     if baseline is not None:
         jobs["lm"] = lambda micro: train_step(baseline, micro)
     names = list(jobs)
@@ -65,14 +65,14 @@ def main():
             distributed.barrier()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
-    stats = getattr(stage.frozen, "stats", None)
+    stats = getattr(recipe.frozen, "stats", None)
     median = lambda xs: sorted(xs)[len(xs) // 2] if xs else 0.0
     mine = {"rank": distributed.rank(), "step_s": median(times["step"]),
             "teacher_forward_s": median(times.get("teacher", [])),
             "lm_step_s": median(times["lm"]) if "lm" in times else None,
             "peak_rss_mb": rss_mb(),
             "rss_before_build_mb": rss_before, "rss_after_build_mb": rss_built,
-            "teacher_local_params": stage.frozen.local_parameters() if stage.frozen is not None else 0,
+            "teacher_local_params": recipe.frozen.local_parameters() if recipe.frozen is not None else 0,
             "bubble": 1 - stats["busy_s"] / stats["wall_s"] if stats else None,
             "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len}
     gathered = [None] * distributed.world_size()

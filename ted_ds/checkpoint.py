@@ -3,7 +3,7 @@
 Layout of ``<out_dir>/checkpoints``::
 
     step-00000100/            DeepSpeed's files (ZeRO-3 shards, optimizer, scheduler) + ours:
-        trainer_state.json    step, tokens, consumed samples, world size, run config, stage
+        trainer_state.json    step, tokens, consumed samples, world size, run config, recipe
         rng_rank{r}.pt        every RNG of rank r (torch CPU, CUDA per local device, numpy, python), tensors only
         COMPLETE              written last: every file of the tag with its size
     latest                    the tag of the newest COMPLETE checkpoint (atomic rename)
@@ -154,7 +154,7 @@ def check_finite(module: torch.nn.Module, step: int) -> None:
 
 class Checkpointer:
     def __init__(self, ckpt_dir: str, keep_last: int, identity: dict, run_info: dict | None = None):
-        """``identity`` holds what must match on resume (model shapes, tokenizer, method, stage);
+        """``identity`` holds what must match on resume (model shapes, tokenizer, method, recipe);
         ``run_info`` what an offline export needs (HF config of the student, filter bank layout)."""
         self.dir = ckpt_dir
         self.keep_last = keep_last

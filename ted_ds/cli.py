@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the student, and write a standard HF directory (safetensors, config, generation "
                                    "config, tokenizer). The directory is then reloaded with transformers and its "
                                    "logits compared with the checkpoint's. No GPU or process group needed.")
-    p.add_argument("checkpoint", help="a run's out_dir, its checkpoints/<stage> directory, or one tag directory")
+    p.add_argument("checkpoint", help="a run's out_dir, its checkpoints/<recipe> directory, or one tag directory")
     p.add_argument("--out", help="HF directory to write")
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -111,15 +111,15 @@ def run_training(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from ted_ds import distributed
     from ted_ds.config import load_run_config
-    from ted_ds.trainer import run_stage
+    from ted_ds.trainer import run_recipe
 
     trust = ["teacher.trust_remote_code=true", "student.trust_remote_code=true"] if args.trust_remote_code else []
     cfg = load_run_config(args.config, [*args.overrides, *trust])
     with distributed.collective_errors(cfg.train.timeout_minutes):
-        stage, _, result = run_stage(cfg, getattr(args, "model", None))
+        recipe, _, result = run_recipe(cfg, getattr(args, "model", None))
         if distributed.rank() == 0 and not result["stopped"]:
             summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k in ("loss/total", "eval/ppl"))
-            print(f"ted-ds: {stage.name} finished at step {result['step']} ({summary}); wrote {result['output']}",
+            print(f"ted-ds: {recipe.name} finished at step {result['step']} ({summary}); wrote {result['output']}",
                   file=sys.stderr)
         distributed.shutdown()
     return EXIT_RESUMABLE if result["stopped"] else 0

@@ -177,7 +177,7 @@ class TrainConfig:
     """Checkpoints kept on disk (the newest K)."""
     init_from: str | None = None
     """Start a NEW run from another run's student weights: an HF directory, or a checkpoint (a run's
-    out_dir, its checkpoints/<stage> directory or one tag directory). Optimizer, schedule and data
+    out_dir, its checkpoints/<recipe> directory or one tag directory). Optimizer, schedule and data
     position start fresh — unlike resume, which continues a run exactly. Replaces student.path /
     config / init_from_teacher."""
     timeout_minutes: float = 10.0

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="where everything goes (default runs/demo)")
     parser.add_argument("--ranks", type=int, default=2, help="processes per training command (default 2)")
-    parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="a few steps per command (smoke test)")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)

@@ -59,12 +59,12 @@ def write_hf_dir(config, state: dict[str, torch.Tensor], out_dir: str, tokenizer
     os.replace(tmp, out_dir)
 
 
-def save_trained_outputs(stage, p, out_dir: str) -> str:
+def save_trained_outputs(recipe, p, out_dir: str) -> str:
     """Stage 1: the filter bank. Distillation: the student as an HF directory (``<out>/hf``) and, for
     ted/lwd, its trained filters (``<out>/student-filters``) for users who continue TED later."""
-    trained = stage.trained_model
-    if stage.name.startswith("filters-"):
-        which = stage.name.split("-", 1)[1]
+    trained = recipe.trained_model
+    if recipe.name.startswith("filters-"):
+        which = recipe.name.split("-", 1)[1]
         target = p.cfg.distill.filters_out or os.path.join(out_dir, f"filters-{which}")
         _save_bank(trained, target)
         return target
@@ -87,7 +87,7 @@ def _save_bank(bank, target: str) -> None:
 
 # ----------------------------------------------------------------------------- offline export
 def resolve_checkpoint(path: str, tag: str | None) -> tuple[str, str]:
-    """(stage checkpoint dir, tag) from a run dir, a stage checkpoint dir or a tag dir."""
+    """(recipe checkpoint dir, tag) from a run dir, a recipe checkpoint dir or a tag dir."""
     from ted_ds.checkpoint import Checkpointer
 
     path = os.path.abspath(path)
@@ -102,7 +102,7 @@ def resolve_checkpoint(path: str, tag: str | None) -> tuple[str, str]:
     candidates = [c for c in candidates if os.path.isfile(os.path.join(c, "latest"))]
     if len(candidates) != 1:
         raise CheckpointError(f"{path}: expected one checkpoint directory with a 'latest' file, found "
-                              f"{len(candidates)}; pass the checkpoints/<stage> directory itself")
+                              f"{len(candidates)}; pass the checkpoints/<recipe> directory itself")
     ckpt_dir = candidates[0]
     if tag is None:
         tag = Checkpointer(ckpt_dir, 1, {}).find_resumable()

@@ -1,9 +1,9 @@
-"""The training loop shared by every stage: sample, forward/backward, step, log, evaluate, save.
+"""The training loop shared by every recipe: sample, forward/backward, step, log, evaluate, save.
 
-The loop knows nothing of TED: a ``Stage`` (ted_ds.stages) gives it the engine and the loss of
+The loop knows nothing of TED: a ``Recipe`` (ted_ds.recipes) gives it the engine and the loss of
 one micro-batch.  Resume is automatic from ``<out_dir>/checkpoints/latest``; SIGTERM/SIGUSR1
 (SLURM's warnings before preemption or the time limit) make every rank save and exit cleanly.
-``setup``, ``build_stage``, ``training_data`` and ``train_step`` are the run's own set-up and step;
+``setup``, ``build_recipe``, ``training_data`` and ``train_step`` are the run's own set-up and step;
 the benchmarks (bench/mp_engine_bench.py) time them, not a copy.
 """
 
@@ -30,7 +30,7 @@ from ted_ds.engine import resolve_ds_config
 from ted_ds.errors import TrainingError
 from ted_ds.export import save_trained_outputs
 from ted_ds.metrics import MetricsLogger, device_peak_flops
-from ted_ds.stages import Plan, Stage, build_distill, build_filter_learning, plan
+from ted_ds.recipes import Plan, Recipe, build_distill, build_filter_learning, plan
 
 
 class StopSignal:
@@ -51,30 +51,30 @@ class StopSignal:
 
 
 @torch.no_grad()
-def evaluate(stage: Stage, valid: PackedShardDataset, samples: int, micro_batch: int) -> float:
+def evaluate(recipe: Recipe, valid: PackedShardDataset, samples: int, micro_batch: int) -> float:
     """Mean eval loss over the first ``samples`` validation windows, split evenly over ranks
     (every rank runs the same number of forwards, as ZeRO-3 needs)."""
     world = distributed.world_size()
     n = max(world, min(samples, len(valid)) // world * world)
     mine = list(range(distributed.rank(), n, world))
-    stage.engine.eval()
+    recipe.engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=distributed.device())
     for i in range(0, len(mine), micro_batch):
         window = [j % len(valid) for j in mine[i:i + micro_batch]]
         input_ids, labels = (t.to(distributed.device()) for t in collate(valid, window))
-        loss = stage.eval_loss(input_ids, labels)
+        loss = recipe.eval_loss(input_ids, labels)
         total += torch.tensor([loss.item() * len(input_ids), len(input_ids)], dtype=torch.float64,
                               device=distributed.device())
-    stage.engine.train()
+    recipe.engine.train()
     total = distributed.all_reduce_sum(total)
     return float(total[0] / total[1])
 
 
-def evaluate_sources(stage: Stage, valid: dict[str, PackedShardDataset], weights: dict[str, float], samples: int,
+def evaluate_sources(recipe: Recipe, valid: dict[str, PackedShardDataset], weights: dict[str, float], samples: int,
                      micro_batch: int, per_source: bool) -> dict[str, float]:
     """``eval/loss`` and ``eval/ppl``: the weighted mean over the sources' validation losses (with one
     source, its loss); ``per_source`` adds ``eval/<name>/loss`` and ``eval/<name>/ppl``."""
-    losses = {name: evaluate(stage, data, samples, micro_batch) for name, data in valid.items()}
+    losses = {name: evaluate(recipe, data, samples, micro_batch) for name, data in valid.items()}
     total = sum(weights[n] * loss for n, loss in losses.items()) / sum(weights[n] for n in losses)
     out = {"eval/loss": total, "eval/ppl": math.exp(min(total, 50.0))}
     if per_source:
@@ -113,7 +113,7 @@ def backward_and_step(engine, loss: torch.Tensor, finite: torch.Tensor, boundary
     return skip
 
 
-def train_step(stage: Stage, batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = 0,
+def train_step(recipe: Recipe, batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = 0,
                nan_steps: list[int] | None = None) -> tuple[dict[str, torch.Tensor], bool]:
     """One optimizer step (number ``step``) over this rank's micro-batches ``(input_ids, labels)`` of
     one global batch.  Returns the loss terms averaged over the micro-batches (still on the device: no
@@ -121,10 +121,10 @@ def train_step(stage: Stage, batches: list[tuple[torch.Tensor, torch.Tensor]], s
     sums: dict[str, torch.Tensor] = defaultdict(float)
     finite = torch.ones((), dtype=torch.bool, device=distributed.device())
     for i, (input_ids, labels) in enumerate(batches):
-        terms = stage.loss(input_ids, labels)
+        terms = recipe.loss(input_ids, labels)
         terms["loss"] = injected_nan(terms["loss"], step, nan_steps)
         finite &= torch.isfinite(terms["loss"].detach())
-        skipped = backward_and_step(stage.engine, terms["loss"], finite, i == len(batches) - 1)
+        skipped = backward_and_step(recipe.engine, terms["loss"], finite, i == len(batches) - 1)
         for k, v in terms.items():  # no .item() here: no device sync per micro-batch
             sums[k] = sums[k] + v.detach().float() / len(batches)
     return sums, skipped
@@ -132,7 +132,7 @@ def train_step(stage: Stage, batches: list[tuple[torch.Tensor, torch.Tensor]], s
 
 @dataclass
 class TrainData:
-    """What a stage trains and evaluates on: the sources' train splits in one index space, their
+    """What a recipe trains and evaluates on: the sources' train splits in one index space, their
     validation splits (every source or none: plan checks), the blend and the sampler over it."""
 
     train: BlendedDataset
@@ -185,29 +185,29 @@ def report_skipped(progress: Progress, max_bad_steps: int, log: MetricsLogger) -
                             "the data, then re-run to resume")
 
 
-def resume(stage: Stage, checkpointer: Checkpointer, sampler: ConsumedSamplesSampler) -> tuple[Progress, str | None]:
+def resume(recipe: Recipe, checkpointer: Checkpointer, sampler: ConsumedSamplesSampler) -> tuple[Progress, str | None]:
     """Engine, sampler and counters from the latest resumable checkpoint, if any; returns its tag."""
     tag = checkpointer.find_resumable()
     if tag is None:
         return Progress(), None
-    state = checkpointer.load(stage.engine, tag)
+    state = checkpointer.load(recipe.engine, tag)
     sampler.load_state_dict(state["sampler"])
     return Progress(state["step"], state["tokens"], state.get("bad_steps", 0)), tag
 
 
-def save(stage: Stage, checkpointer: Checkpointer, progress: Progress, sampler: ConsumedSamplesSampler) -> None:
-    checkpointer.save(stage.engine, progress.step, {"step": progress.step, "tokens": progress.tokens,
+def save(recipe: Recipe, checkpointer: Checkpointer, progress: Progress, sampler: ConsumedSamplesSampler) -> None:
+    checkpointer.save(recipe.engine, progress.step, {"step": progress.step, "tokens": progress.tokens,
                                                     "bad_steps": progress.bad_steps, "sampler": sampler.state_dict()})
 
 
-def step_metrics(stage: Stage, sums: dict[str, torch.Tensor], lr: float, progress: Progress, tokens_per_s: float,
+def step_metrics(recipe: Recipe, sums: dict[str, torch.Tensor], lr: float, progress: Progress, tokens_per_s: float,
                  peak_flops: float) -> dict:
     """What a logged step reports: the loss terms averaged over ranks, LR, throughput, MFU, grad norm."""
     losses = distributed.all_reduce_mean({k: v.item() for k, v in sums.items()})
     out = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in losses.items()}
-    grad_norm = stage.engine.get_global_grad_norm()
+    grad_norm = recipe.engine.get_global_grad_norm()
     out.update({"lr": lr, "tokens": progress.tokens, "tokens_per_s": tokens_per_s, "bad_steps": progress.bad_steps,
-                "mfu": tokens_per_s * stage.flops_per_token / peak_flops,
+                "mfu": tokens_per_s * recipe.flops_per_token / peak_flops,
                 "grad_norm": float(grad_norm) if grad_norm is not None else math.nan})
     if distributed.device().type == "cuda":
         out["mem/peak_gib"] = torch.cuda.max_memory_allocated(distributed.device()) / 2**30
@@ -218,14 +218,14 @@ def due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
-def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> dict:
-    """Train ``stage`` (from build_stage) to ``p.total_steps``; returns the last logged metrics."""
+def fit(recipe: Recipe, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> dict:
+    """Train ``recipe`` (from build_recipe) to ``p.total_steps``; returns the last logged metrics."""
     cfg, total = p.cfg, p.total_steps
     per_source = cfg.data.sources is not None  # data.path alone logs what it always did
     data = training_data(p)
-    progress, tag = resume(stage, checkpointer, data.sampler)
+    progress, tag = resume(recipe, checkpointer, data.sampler)
     log = MetricsLogger(cfg.train.out_dir, distributed.rank() == 0, total, progress.step, cfg.train.progress,
-                        stage.name)
+                        recipe.name)
     if tag is not None:
         log.resumed(tag, progress.step, data.sampler.consumed)
     peak = device_peak_flops(cfg.train.peak_tflops) * distributed.world_size()
@@ -235,8 +235,8 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
 
     while progress.step < total:
         start = time.perf_counter()
-        lr = stage.engine.get_lr()[0]  # this step's (the scheduler moves on inside the step)
-        sums, skipped = train_step(stage, data.next_batch(), progress.step + 1, cfg.train.inject_nan_steps)
+        lr = recipe.engine.get_lr()[0]  # this step's (the scheduler moves on inside the step)
+        sums, skipped = train_step(recipe, data.next_batch(), progress.step + 1, cfg.train.inject_nan_steps)
         progress.advance(tokens_per_step, skipped)
         if skipped:
             report_skipped(progress, cfg.train.max_bad_steps, log)
@@ -244,13 +244,13 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
         window_time += time.perf_counter() - start
 
         if due(progress.step, cfg.train.log_interval, total):
-            last = step_metrics(stage, sums, lr, progress, window_steps * tokens_per_step / window_time, peak)
+            last = step_metrics(recipe, sums, lr, progress, window_steps * tokens_per_step / window_time, peak)
             if per_source:
                 last.update(source_counts(data.sampler))
             log.log(progress.step, last)
             window_time, window_steps = 0.0, 0
         if data.valid and due(progress.step, cfg.train.eval_interval, total):
-            scores = evaluate_sources(stage, data.valid, dict(zip(data.blend.names, data.blend.weights)),
+            scores = evaluate_sources(recipe, data.valid, dict(zip(data.blend.names, data.blend.weights)),
                                       cfg.data.eval_samples, cfg.train.micro_batch_size, per_source)
             last.update(scores)
             log.log(progress.step, scores)
@@ -258,7 +258,7 @@ def fit(stage: Stage, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> 
         log.advance(progress.step, f"loss {float(sums['loss']):.4f} (rank 0)")
         stopping = stop.agreed()
         if due(progress.step, cfg.train.save_interval, total) or stopping:
-            save(stage, checkpointer, progress, data.sampler)
+            save(recipe, checkpointer, progress, data.sampler)
             stopping = stopping or stop.agreed()  # a signal during the save: this checkpoint is the last
         if stopping:
             log.message(f"ted-ds: {stop.received or 'a peer signal'} received; saved step {progress.step} and exiting "
@@ -275,8 +275,8 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: RunConfig, filters_for: str | None = None) -> tuple[Plan, dict]:
-    """Everything before a stage is built: check the run against its files and ranks, start the
-    process group, seed.  Returns the plan and the resolved DeepSpeed config (see run_stage)."""
+    """Everything before a recipe is built: check the run against its files and ranks, start the
+    process group, seed.  Returns the plan and the resolved DeepSpeed config (see run_recipe)."""
     p = plan(cfg, filters_for=filters_for)
     ds = resolve_ds_config(cfg, distributed.expected_world_size())  # every check happens before the process group
     check_fits(p, ds, distributed.expected_world_size(), distributed.local_world_size(),
@@ -289,35 +289,35 @@ def setup(cfg: RunConfig, filters_for: str | None = None) -> tuple[Plan, dict]:
     return p, ds
 
 
-def build_stage(p: Plan, ds: dict, filters_for: str | None = None) -> Stage:
+def build_recipe(p: Plan, ds: dict, filters_for: str | None = None) -> Recipe:
     """TED stage 1 for ``filters_for`` = "teacher" | "student", else ``distill.method``; in training mode."""
-    stage = build_filter_learning(p, ds, filters_for) if filters_for else build_distill(p, ds)
-    stage.engine.train()  # dropout on from the first step (from_pretrained hands models over in eval mode)
-    return stage
+    recipe = build_filter_learning(p, ds, filters_for) if filters_for else build_distill(p, ds)
+    recipe.engine.train()  # dropout on from the first step (from_pretrained hands models over in eval mode)
+    return recipe
 
 
-def run_stage(cfg: RunConfig, filters_for: str | None = None) -> tuple[Stage, Plan, dict]:
+def run_recipe(cfg: RunConfig, filters_for: str | None = None) -> tuple[Recipe, Plan, dict]:
     """A whole command: check, start the process group, build, train (or resume), write outputs.
 
     ``filters_for`` = "teacher" | "student" runs TED stage 1; None runs ``distill.method``.
     """
     stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step
     p, ds = setup(cfg, filters_for)
-    stage = build_stage(p, ds, filters_for)
+    recipe = build_recipe(p, ds, filters_for)
     if distributed.rank() == 0:
         os.makedirs(cfg.train.out_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.train.out_dir, "config.yaml"))
-    identity = {"stage": stage.name, "vocab_sha256": p.manifest["tokenizer"]["vocab_sha256"],
+    identity = {"recipe": recipe.name, "vocab_sha256": p.manifest["tokenizer"]["vocab_sha256"],
                 "student_layers": p.student_config.num_hidden_layers,
                 "student_hidden": p.student_config.hidden_size, "taps": [list(x) for x in p.pairs],
                 "seq_len": cfg.data.seq_len, "global_batch_size": cfg.train.global_batch_size}
-    bank = stage.trained_model if filters_for else stage.trained_model.filters
+    bank = recipe.trained_model if filters_for else recipe.trained_model.filters
     run_info = {"config": to_dict(cfg), "student_config": p.student_config.to_dict(),
                 "filters": bank.meta() if bank is not None else None,
                 "tokenizer": os.path.abspath(os.path.join(cfg.data.blend[0].path, "tokenizer"))}
-    ckpt = Checkpointer(os.path.join(cfg.train.out_dir, "checkpoints", stage.name), cfg.train.keep_last, identity,
+    ckpt = Checkpointer(os.path.join(cfg.train.out_dir, "checkpoints", recipe.name), cfg.train.keep_last, identity,
                         run_info)
-    result = fit(stage, p, ckpt, stop)
+    result = fit(recipe, p, ckpt, stop)
     if not result["stopped"]:
-        result["output"] = save_trained_outputs(stage, p, cfg.train.out_dir)
-    return stage, p, result
+        result["output"] = save_trained_outputs(recipe, p, cfg.train.out_dir)
+    return recipe, p, result

@@ -145,7 +145,7 @@ def _student_config(tmp_path, rows: int) -> str:
 
 def test_plan_takes_different_embedding_rows_and_names_the_sizes(tiny, arch_teachers, tmp_path):
     from ted_ds.config import load_run_config
-    from ted_ds.stages import plan
+    from ted_ds.recipes import plan
 
     cfg = lambda rows: load_run_config(write_config(str(tmp_path / f"c{rows}.yaml"), **base_config(
         tiny["llama_data"], arch_teachers["qwen2"], str(tmp_path / "o"),
@@ -163,7 +163,7 @@ def test_tokenizers_must_agree_below_the_data_size_only(tiny, tmp_path):
     """Extra tokens past the data's ids are fine; a different EOS/BOS/PAD role is one warning naming it;
     a token at another id is an error naming the first id where they differ."""
     from data_prep.tokenizer import load_tokenizer
-    from ted_ds.stages import _check_tokenizer
+    from ted_ds.recipes import _check_tokenizer
 
     data = tiny["llama_data"]
     manifest = _manifest(data)
@@ -203,7 +203,7 @@ def test_tokenizers_must_agree_below_the_data_size_only(tiny, tmp_path):
     assert f"id {first[0]} is {first[1]!r} there" in str(e.value) and "\n" not in str(e.value)
     # through plan with a data mixture (data.path empty): the sources' tokenizer is the one compared
     from ted_ds.config import load_run_config
-    from ted_ds.stages import plan
+    from ted_ds.recipes import plan
 
     teacher = str(tmp_path / "teacher-eos")
     shutil.copytree(tiny["llama_teacher"], teacher)

@@ -17,7 +17,7 @@ from ted_ds.config import load_run_config
 from ted_ds.documents import DocumentAttention, document_positions, for_model
 from ted_ds.engine import build_frozen
 from ted_ds.filters import FilterBank
-from ted_ds.stages import StudentWithFilters
+from ted_ds.recipes import StudentWithFilters
 from ted_ds.weights import load_model
 
 ATOL = 1e-5

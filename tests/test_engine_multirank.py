@@ -128,7 +128,7 @@ def _reference(config_path: str, steps: int):
     from ted_ds.engine import lr_multiplier, param_groups
     from ted_ds.filters import load_filter_bank
     from ted_ds.losses import ObjectiveWeights, distill_objective
-    from ted_ds.stages import StudentWithFilters, load_student, plan
+    from ted_ds.recipes import StudentWithFilters, load_student, plan
     from ted_ds.teacher import FrozenLM
     from ted_ds.trainer import seed_everything
     from ted_ds.weights import load_model
@@ -197,7 +197,7 @@ def test_zero3_ted_matches_single_process_reference(runs):
 
 def test_only_student_and_its_filters_change(runs):
     from ted_ds.config import load_run_config
-    from ted_ds.stages import load_student, plan
+    from ted_ds.recipes import load_student, plan
     from ted_ds.trainer import seed_everything
 
     cfg = load_run_config(runs["configs"]["ted_replicated"])

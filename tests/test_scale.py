@@ -86,7 +86,7 @@ def test_trainable_stage1_heads_count_in_the_floor(tiny, tmp_path, monkeypatch):
     from ted_ds.architectures import hidden_size, vocab_size
     from ted_ds.config import load_run_config
     from ted_ds.errors import ConfigError
-    from ted_ds.stages import plan
+    from ted_ds.recipes import plan
 
     cfg = base_config(tiny["llama_data"], tiny["llama_teacher"], str(tmp_path / "o"))
     p = plan(load_run_config(write_config(str(tmp_path / "c.yaml"), **cfg)), "student")

@@ -18,7 +18,7 @@ from ted_ds.errors import ConfigError, DistributedError
 from ted_ds.filters import FilterBank
 from ted_ds.pipeline.layout import PipelineLayout
 from ted_ds.pipeline.messages import Message, MessageKind, TagAllocator
-from ted_ds.pipeline.stage import build_stage_model, run_stage, stop_after
+from ted_ds.pipeline.stage import build_stage_model, run_pipeline_stage, stop_after
 from ted_ds.taps import TapRecorder
 from ted_ds.teacher import TeacherOutput, topk_logits
 
@@ -163,7 +163,7 @@ class PipelineTeacher:
                        f"receiving activations from stage {self.stage - 1}")
             self.injected.hidden = hidden
         busy = time.perf_counter()
-        logits, out = run_stage(self.model, ids, layout.documents)
+        logits, out = run_pipeline_stage(self.model, ids, layout.documents)
         self.stats["busy_s"] += time.perf_counter() - busy
         if self.recorder is not None:
             states = self.recorder.take()

@@ -59,7 +59,7 @@ def build_stage_model(path: str, config, start: int, end: int, first: bool, last
     """The teacher's module tree with only blocks [start, end) (and embeddings / norm + head where
     this pipeline stage needs them) given storage and weights in ``dtype`` on ``device``; everything
     else is a stand-in or stays on the meta device, never executed.  Not the last stage: the forward
-    ends after block ``end - 1`` (see ``run_stage``)."""
+    ends after block ``end - 1`` (see ``run_pipeline_stage``)."""
     model = meta_model(config)
     blocks_path, norm_path = layout(model)
     blocks = decoder_layers(model)
@@ -93,7 +93,7 @@ def stop_after(block: nn.Module) -> None:
     block.register_forward_hook(stop)
 
 
-def run_stage(model: nn.Module, ids: torch.Tensor, documents: DocumentAttention | None
+def run_pipeline_stage(model: nn.Module, ids: torch.Tensor, documents: DocumentAttention | None
               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(logits, None) on the last pipeline stage, (None, hidden state after its last block) on others."""
     try:

@@ -115,7 +115,7 @@ def stage1_first_batch(config_path: str):
     from ted_ds.config import load_run_config
     from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset
     from ted_ds.filters import FilterBank
-    from ted_ds.stages import plan
+    from ted_ds.recipes import plan
 
     cfg = load_run_config(config_path)
     p = plan(cfg, "teacher")

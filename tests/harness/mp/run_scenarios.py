@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 tests/harness/mp/run_scenarios.py --spec spec.json --out results.json
 
 spec.json: [{"name": ..., "config": path, "filters_for": null|"teacher"|"student"}, ...].
-For each scenario the real command runs (``ted_ds.trainer.run_stage``); afterwards this script
+For each scenario the real command runs (``ted_ds.trainer.run_recipe``); afterwards this script
 records whether the frozen side (teacher and its filters, or the frozen student of stage 1) is
 bit-identical to what it was built from and how many frozen parameters this rank stores, and
 what a probe on the student saw during the training steps (see ``StudentProbe``).
@@ -27,7 +27,7 @@ from ted_ds.cli import _quiet_libraries  # noqa: E402
 from ted_ds.config import load_run_config  # noqa: E402
 from ted_ds.export import gathered_state_dict  # noqa: E402
 from ted_ds.filters import load_filter_bank  # noqa: E402
-from ted_ds.stages import load_student, plan  # noqa: E402
+from ted_ds.recipes import load_student, plan  # noqa: E402
 from ted_ds.weights import (
     WeightReader,  # noqa: E402
     load_model,  # noqa: E402
@@ -67,9 +67,9 @@ def probe_students(probes: list) -> None:
     build = trainer.build_distill
 
     def build_and_probe(p, ds):
-        stage = build(p, ds)
-        probes.append(StudentProbe(stage.trained_model.model))
-        return stage
+        recipe = build(p, ds)
+        probes.append(StudentProbe(recipe.trained_model.model))
+        return recipe
 
     trainer.build_distill = build_and_probe
 
@@ -79,10 +79,10 @@ def frozen_source(cfg, filters_for):
     return load_student(plan(cfg, filters_for)) if filters_for == "student" else load_model(cfg.teacher.path)
 
 
-def frozen_matches_disk(stage, cfg, filters_for) -> bool:
-    if stage.frozen.placement == "pipeline":
-        return pipeline_matches_disk(stage.frozen, cfg)
-    frozen = stage.frozen.frozen if stage.frozen.placement == "replicated" else stage.frozen.engine.module
+def frozen_matches_disk(recipe, cfg, filters_for) -> bool:
+    if recipe.frozen.placement == "pipeline":
+        return pipeline_matches_disk(recipe.frozen, cfg)
+    frozen = recipe.frozen.frozen if recipe.frozen.placement == "replicated" else recipe.frozen.engine.module
     dtype = next(frozen.parameters()).dtype  # bf16 runs hold the teacher rounded to bf16
     state = gathered_state_dict(frozen)
     if distributed.rank() != 0:
@@ -96,7 +96,7 @@ def frozen_matches_disk(stage, cfg, filters_for) -> bool:
 
 
 def pipeline_matches_disk(pipe, cfg) -> bool:
-    """Every materialised tensor of this rank's stage (and its filters) equals the teacher on disk."""
+    """Every materialised tensor of this rank's recipe (and its filters) equals the teacher on disk."""
     disk = load_model(cfg.teacher.path).state_dict()
     ok = all(torch.equal(v, disk[k]) for k, v in pipe.model.state_dict().items() if not v.is_meta and k in disk)
     if pipe.filters is not None:
@@ -109,13 +109,13 @@ def pipeline_matches_disk(pipe, cfg) -> bool:
     return bool(distributed.all_reduce_sum(flag)[0] == distributed.world_size())
 
 
-def device_types(stage) -> set[str]:
+def device_types(recipe) -> set[str]:
     """Device types of every tensor this rank holds for the trained module and the frozen side
     (ZeRO-3 parameters by their partitions; the pipeline's meta-device stand-ins excluded)."""
     held = lambda module: [getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p
                            for p in [*module.parameters(), *module.buffers()]]
-    tensors = held(stage.engine.module)
-    frozen = stage.frozen
+    tensors = held(recipe.engine.module)
+    frozen = recipe.frozen
     if frozen is not None:
         module = {"replicated": lambda: frozen.frozen, "zero3": lambda: frozen.engine.module,
                   "pipeline": lambda: frozen.model}[frozen.placement]()
@@ -137,17 +137,17 @@ def main() -> None:
     for scenario in json.load(open(args.spec)):
         cfg = load_run_config(scenario["config"], scenario.get("overrides", []))
         probed, read_before = len(probes), WeightReader.process_total
-        stage, _, result = trainer.run_stage(cfg, scenario.get("filters_for"))
+        recipe, _, result = trainer.run_recipe(cfg, scenario.get("filters_for"))
         record = {"result": {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}}
         if len(probes) > probed:
             record["student"] = probes[-1].record()
         read = torch.tensor([float(WeightReader.process_total - read_before)])
         torch.distributed.all_reduce(read, op=torch.distributed.ReduceOp.MAX)
         record["elements_read_max"] = float(read[0])  # what the busiest rank read from weight files
-        record["devices"] = sorted(device_types(stage))
-        if stage.frozen is not None:
-            record["frozen_matches_disk"] = frozen_matches_disk(stage, cfg, scenario.get("filters_for"))
-            local = torch.tensor([float(stage.frozen.local_parameters())])
+        record["devices"] = sorted(device_types(recipe))
+        if recipe.frozen is not None:
+            record["frozen_matches_disk"] = frozen_matches_disk(recipe, cfg, scenario.get("filters_for"))
+            local = torch.tensor([float(recipe.frozen.local_parameters())])
             record["frozen_local_params_rank0"] = float(local[0])
             record["frozen_local_params_sum"] = float(distributed.all_reduce_sum(local)[0])
         results[scenario["name"]] = record

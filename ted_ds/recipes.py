@@ -2,8 +2,8 @@
 
 ``plan`` reads configs, manifest and tokenizers from disk and checks that everything fits
 together before any process group exists.  ``build_distill`` and ``build_filter_learning`` turn
-a plan into a ``Stage``: the DeepSpeed engine of the trained module, the frozen model, and the
-loss of one micro-batch.  The trainer only ever sees a ``Stage``.
+a plan into a ``Recipe``: the DeepSpeed engine of the trained module, the frozen model, and the
+loss of one micro-batch.  The trainer only ever sees a ``Recipe``.
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ class StudentWithFilters(nn.Module):
 
 
 @dataclass
-class Stage:
+class Recipe:
     name: str
     engine: object  # DeepSpeedEngine of the trained module
     frozen: Teacher | None  # a teacher placement (ted_ds.teacher), or None
@@ -320,7 +320,7 @@ class Stage:
     trained_model: nn.Module  # what `finish` saves
 
 
-def build_distill(p: Plan, ds: dict) -> Stage:
+def build_distill(p: Plan, ds: dict) -> Recipe:
     """Stage 2 (ted), or a baseline (lwd, kd, lm), by ``distill.method``."""
     cfg = p.cfg
     method = cfg.distill.method
@@ -363,7 +363,7 @@ def build_distill(p: Plan, ds: dict) -> Stage:
         logits, _ = engine(input_ids)
         return lm_loss(logits, labels)
 
-    return Stage(f"distill-{method}", engine, frozen, loss, eval_loss, flops, trained)
+    return Recipe(f"distill-{method}", engine, frozen, loss, eval_loss, flops, trained)
 
 
 class FiltersWithHeads(nn.Module):
@@ -380,7 +380,7 @@ class FiltersWithHeads(nn.Module):
         return [trained_head_lm_loss(head, h, labels) for head, h in zip(self.heads, self.bank(states))]
 
 
-def build_filter_learning(p: Plan, ds: dict, which: str) -> Stage:
+def build_filter_learning(p: Plan, ds: dict, which: str) -> Recipe:
     """Stage 1: filters on the frozen ``which`` model learn to predict the next token at every tap,
     through the teacher's frozen head or through a head of their own (``distill.filter_head``)."""
     cfg = p.cfg
@@ -409,4 +409,4 @@ def build_filter_learning(p: Plan, ds: dict, which: str) -> Stage:
         return terms
 
     eval_loss = lambda input_ids, labels: loss(input_ids, labels)["loss"]
-    return Stage(f"filters-{which}", engine, frozen, loss, eval_loss, flops, bank)
+    return Recipe(f"filters-{which}", engine, frozen, loss, eval_loss, flops, bank)
