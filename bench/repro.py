@@ -15,9 +15,10 @@ plain LM training of the same student under the same budget. Here, on CPU:
    * ``narrow``: the paper's shape, d=96 = d_t/2 and half the depth, pre-trained on its own with
      `lm` first, then continued with each method (filters map 96 → 192);
 4. stage 1 once per model and head kind (``distill.filter_head`` teacher | trainable); stage 2 per seed;
-5. tuning on the valid split at seed 1: β ∈ BETAS for TED and LWD, α ∈ ALPHAS for KD; the chosen
-   values then run on every seed (same data order per seed across methods, so comparisons pair);
-   ``ted-trainable`` (TED with its own stage-1 heads) reuses TED's β;
+5. tuning on the valid split at seed 1 (`search`): KD's α, and TED's and LWD's β then α (the other
+   held at its best), each over a window of its ladder that widens while the best value sits at an
+   edge; the chosen weights then run on every seed (same data order per seed across methods, so
+   comparisons pair); ``ted-trainable`` (TED with its own stage-1 heads) reuses TED's weights;
 6. every student exported to HF and scored on the test split (`ted-ds eval` perplexity) and by
    lm-evaluation-harness (`loglikelihood_rolling` on test documents at max_length = training length);
 7. results.md (mean ± std, paired intervals and verdicts, tuning and stage-1 tables), results.json,
@@ -46,18 +47,18 @@ from ted_ds.launch import local_deepspeed_command as deepspeed  # noqa: E402
 
 METHODS = ("lm", "kd", "lwd", "ted", "ted-trainable")
 GEOMETRIES = ("same-width", "narrow")
-TUNED = {"kd": "alpha", "lwd": "beta", "ted": "beta"}  # the weight tuned per method; its grid is size["grid"]
-BETAS, ALPHAS = (0.1, 0.3, 1.0, 3.0, 10.0), (0.5, 1.0, 2.0)
+SEARCH = {"kd": ("alpha",), "lwd": ("beta", "alpha"), "ted": ("beta", "alpha")}  # the weights tuned, in order
+LADDERS = {"alpha": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "beta": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)}
 BOOKS = os.path.join(REPO, "data_prep", "sample", "books_sample.txt.gz")
 
 FULL = {"vocab": 4096, "teacher_layers": 6, "hidden": 192, "heads": 4, "seq_len": 128, "micro": 8, "global": 16,
         "teacher_steps": 600, "base_steps": 300, "filter_steps": 40, "student_steps": 40, "student_layers": 3,
         "corpus_lines": None, "eval_samples": 256, "test_tokens": 200_000, "heldout_docs": 100,
-        "grid": {"kd": ALPHAS, "lwd": BETAS, "ted": BETAS}}
+        "window": {"alpha": (0.5, 2.0), "beta": (0.1, 10.0)}, "widen": True}
 QUICK = {"vocab": 1000, "teacher_layers": 4, "hidden": 64, "heads": 4, "seq_len": 32, "micro": 2, "global": 8,
          "teacher_steps": 20, "base_steps": 4, "filter_steps": 3, "student_steps": 4, "student_layers": 2,
          "corpus_lines": 1500, "eval_samples": 16, "test_tokens": 2_000, "heldout_docs": 8,
-         "grid": {"kd": (1.0,), "lwd": (1.0,), "ted": (1.0, 3.0)}}
+         "window": {"alpha": (1.0, 1.0), "beta": (1.0, 3.0)}, "widen": False}
 
 
 # ----------------------------------------------------------------------------- data and models
@@ -157,19 +158,53 @@ def filters(work: str, geometry: str, head: str) -> list[str]:
             f"distill.filter_head={head}"]
 
 
-def method_overrides(work: str, geometry: str, method: str, value: float | None) -> list[str]:
-    """The overrides of one stage-2 run: method, tuned weight, filters."""
+Point = tuple[tuple[str, float], ...]  # a method's tuned weights, e.g. (("alpha", 1.0), ("beta", 0.3)); () for lm
+
+
+def method_overrides(work: str, geometry: str, method: str, point: Point) -> list[str]:
+    """The overrides of one stage-2 run: method, tuned weights, filters."""
     base, head = ("ted", "trainable") if method == "ted-trainable" else (method, "teacher")
     o = [f"distill.method={base}", *student_overrides(work, geometry)]
     if base == "ted":
         o += filters(work, geometry, head)
-    if value is not None:
-        o.append(f"distill.{TUNED[base]}={value}")
-    return o
+    return o + [f"distill.{name}={value}" for name, value in point]
 
 
-def run_dir(work: str, geometry: str, method: str, seed: int, value: float | None) -> str:
-    return f"{work}/{geometry}/{method}" + (f"-{value:g}" if value is not None else "") + f"/seed{seed}"
+def run_dir(work: str, geometry: str, method: str, seed: int, point: Point) -> str:
+    return f"{work}/{geometry}/{method}" + "".join(f"-{name[0]}{value:g}" for name, value in point) + f"/seed{seed}"
+
+
+def label(point) -> str:
+    """``alpha=1, beta=0.3`` from a point or a dict's items."""
+    return ", ".join(f"{name}={value:g}" for name, value in point)
+
+
+def pending(axes: tuple[str, ...], window: dict, widen: bool, scores: dict[Point, float]) -> list[Point]:
+    """The points a coordinate search still has to score, given the ``scores`` so far (pure: re-derived
+    on every call, so an interrupted study resumes where it stopped).
+
+    Each axis in turn (the others held at their best so far, 1.0 before they are searched) is scored
+    over the ladder's values inside ``window``; while the best of them is at the window's edge and the
+    ladder goes further, the window widens by one rung on that side. Nothing pending: the search is done
+    and its choice is the best score."""
+    held = {axis: 1.0 for axis in axes}
+    for axis in axes:
+        ladder = LADDERS[axis]
+        lo, hi = ladder.index(window[axis][0]), ladder.index(window[axis][1])
+        while True:
+            line = [tuple(sorted({**held, axis: v}.items())) for v in ladder[lo:hi + 1]]
+            todo = [p for p in line if p not in scores]
+            if todo:
+                return todo
+            best = dict(min(line, key=scores.__getitem__))[axis]
+            if widen and best == ladder[lo] and lo > 0:
+                lo -= 1
+            elif widen and best == ladder[hi] and hi < len(ladder) - 1:
+                hi += 1
+            else:
+                break
+        held[axis] = best
+    return []
 
 
 def lm_run(work: str, tok: str, size: dict, name: str, hidden: int, layers: int, steps: int):
@@ -197,24 +232,39 @@ def prepare_models(launch: Launcher, work: str, tok: str, size: dict) -> None:
     launch.many([stage1_run(work, size, "narrow", head, "student") for head in ("teacher", "trainable")])
 
 
-def distill(launch: Launcher, work: str, size: dict, plan: list[tuple[str, str, int, float | None]]) -> None:
-    launch.many([(["distill"], [*method_overrides(work, g, m, v), f"train.seed={seed}", f"train.steps="
-                                f"{size['student_steps']}", f"train.out_dir={run_dir(work, g, m, seed, v)}"])
-                 for g, m, seed, v in plan])
+def distill(launch: Launcher, work: str, size: dict, plan: list[tuple[str, str, int, Point]]) -> None:
+    launch.many([(["distill"], [*method_overrides(work, g, m, p), f"train.seed={seed}", f"train.steps="
+                                f"{size['student_steps']}", f"train.out_dir={run_dir(work, g, m, seed, p)}"])
+                 for g, m, seed, p in plan])
 
 
-def tuning_plan(size: dict) -> list[tuple[str, str, int, float | None]]:
-    return [(g, m, 1, v) for g in GEOMETRIES for m in TUNED for v in size["grid"][m]]
+def tune(launch: Launcher, work: str, size: dict) -> dict:
+    """Seed-1 runs scored on the valid split, round after round, until every method's search is done."""
+    from ted_ds.evaluate import evaluate_hf
+
+    scores = {g: {m: {} for m in SEARCH} for g in GEOMETRIES}
+    while todo := [(g, m, p) for g in GEOMETRIES for m in SEARCH
+                   for p in pending(SEARCH[m], size["window"], size["widen"], scores[g][m])]:
+        distill(launch, work, size, [(g, m, 1, p) for g, m, p in todo])
+        for g, m, p in todo:
+            scores[g][m][p] = evaluate_hf(f"{run_dir(work, g, m, 1, p)}/hf", f"{work}/data", "valid",
+                                          size["seq_len"], 8, None, "cpu", progress=False)["ppl"]
+    return scores
 
 
-def final_plan(chosen: dict, seeds: list[int]) -> list[tuple[str, str, int, float | None]]:
-    """Every method at its chosen weight on every seed (seed 1 of a tuned method is already done)."""
-    plan = []
-    for g in GEOMETRIES:
-        for m in METHODS:
-            v = chosen[g].get("ted" if m == "ted-trainable" else m)
-            plan += [(g, m, seed, v) for seed in seeds if not (m in TUNED and seed == 1)]
-    return plan
+def choose(scores: dict) -> dict:
+    """Per geometry and tuned method, the weights with the lowest valid perplexity at seed 1."""
+    return {g: {m: min(scores[g][m], key=scores[g][m].get) for m in SEARCH} for g in GEOMETRIES}
+
+
+def chosen_point(chosen: dict, geometry: str, method: str) -> Point:
+    return chosen[geometry].get("ted" if method == "ted-trainable" else method, ())
+
+
+def final_plan(chosen: dict, seeds: list[int]) -> list[tuple[str, str, int, Point]]:
+    """Every method at its chosen weights on every seed (seed 1 of a tuned method is already done)."""
+    return [(g, m, seed, chosen_point(chosen, g, m)) for g in GEOMETRIES for m in METHODS for seed in seeds
+            if not (m in SEARCH and seed == 1)]
 
 
 def curve(out_dir: str, key: str = "loss/lm") -> list[tuple[int, float]]:
@@ -257,11 +307,6 @@ def lm_eval_scores(models: dict[str, str], heldout: str, workdir: str, max_lengt
     return scores
 
 
-def choose(valid: dict) -> dict:
-    """Per geometry and tuned method, the weight with the lowest valid perplexity at seed 1."""
-    return {g: {m: float(min(valid[g][m], key=valid[g][m].get)) for m in TUNED} for g in GEOMETRIES}
-
-
 def evaluate_all(work: str, paths: dict, size: dict) -> dict:
     """Test-split (books) and valid-split (Wikipedia) perplexity of every model, one process."""
     from ted_ds.evaluate import evaluate_hf
@@ -278,7 +323,7 @@ def evaluate_all(work: str, paths: dict, size: dict) -> dict:
 
 def collect(work: str, size: dict, seeds: list[int], chosen: dict, data: dict) -> dict:
     """Scores of the teacher, the narrow student's starting point and every final student."""
-    finals = {(g, m, seed): run_dir(work, g, m, seed, chosen[g].get("ted" if m == "ted-trainable" else m))
+    finals = {(g, m, seed): run_dir(work, g, m, seed, chosen_point(chosen, g, m))
               for g in GEOMETRIES for m in METHODS for seed in seeds}
     paths = {"teacher": f"{work}/teacher/hf", "narrow-base": f"{work}/narrow-base/hf"}
     paths.update({"/".join(map(str, k)): f"{d}/hf" for k, d in finals.items()})
@@ -288,17 +333,6 @@ def collect(work: str, size: dict, seeds: list[int], chosen: dict, data: dict) -
     return {"teacher": model("teacher"), "narrow-base": model("narrow-base"),
             "students": {g: {m: [{"seed": seed, **model(f"{g}/{m}/{seed}"), "curve": curve(finals[g, m, seed])}
                                  for seed in seeds] for m in METHODS} for g in GEOMETRIES}}
-
-
-def valid_tuning(work: str, size: dict) -> dict:
-    from ted_ds.evaluate import evaluate_hf
-
-    valid = {g: {m: {} for m in TUNED} for g in GEOMETRIES}
-    for g, m, seed, v in tuning_plan(size):
-        path = f"{run_dir(work, g, m, seed, v)}/hf"
-        valid[g][m][str(v)] = evaluate_hf(path, f"{work}/data", "valid", size["seq_len"], 8, None, "cpu",
-                                          progress=False)["ppl"]
-    return valid
 
 
 # ----------------------------------------------------------------------------- report
@@ -353,16 +387,15 @@ def _geometry_section(results: dict, g: str) -> list[str]:
              "lm-eval bits/byte |", "|---|---|---|---|---|", _model_row("teacher", [results["teacher"]])]
     if g == "narrow":
         lines.append(_model_row("narrow student before distillation", [results["narrow-base"]]))
-    weights = results["chosen"][g]
+    chosen = results["chosen"][g]
     for m in METHODS:
-        w = weights.get("ted" if m == "ted-trainable" else m)
-        label = f"{m} ({TUNED['ted' if m == 'ted-trainable' else m]}={w:g})" if w is not None else m
-        lines.append(_model_row(f"student {label}", students[m]))
-    lines += ["", "Tuning (seed 1, valid perplexity; chosen in bold):", ""]
-    for m, name in TUNED.items():
-        ppl = results["valid_tuning"][g][m]
-        cells = [(f"**{v}: {p:.2f}**" if float(v) == weights[m] else f"{v}: {p:.2f}") for v, p in ppl.items()]
-        lines.append(f"* {m}, {name}: " + ", ".join(cells))
+        weights = chosen.get("ted" if m == "ted-trainable" else m)
+        lines.append(_model_row(f"student {m}" + (f" ({label(weights.items())})" if weights else ""), students[m]))
+    lines += ["", "Tuning (seed 1, valid perplexity, in the order searched; chosen in bold):", ""]
+    for m, tried in results["valid_tuning"][g].items():
+        cells = [f"{label(t['weights'].items())}: {t['ppl']:.2f}" for t in tried]
+        cells = [f"**{c}**" if t["weights"] == chosen[m] else c for c, t in zip(cells, tried)]
+        lines.append(f"* {m}: " + "; ".join(cells) + _edge_note(chosen[m], [t["weights"] for t in tried]))
     lines += ["", "Paired per seed on the test split (both students saw the same batches in the same order):", ""]
     ppl_of = lambda m: [r["test"]["ppl"] for r in students[m]]
     for better, worse in COMPARISONS:
@@ -371,6 +404,16 @@ def _geometry_section(results: dict, g: str) -> list[str]:
                      f"[{c['low']:+.2f}, {c['high']:+.2f}], p = {c['p']:.3f}; {better} better in {c['favourable']} of "
                      f"{c['n']} seeds; smallest difference detectable at 80 % power: {c['detectable']:.2f} ppl)")
     return lines + [""]
+
+
+def _edge_note(best: dict, tried: list[dict]) -> str:
+    """Names the weights whose best value is the smallest or largest tried along its line."""
+    edges = []
+    for axis, value in best.items():
+        line = [w[axis] for w in tried if all(w[a] == v for a, v in best.items() if a != axis)]
+        if len(line) > 1 and value in (min(line), max(line)):
+            edges.append(axis)
+    return f" — best {' and '.join(edges)} at the edge of the values tried" if edges else ""
 
 
 def _stage1_section(stage1: dict) -> list[str]:
@@ -390,7 +433,8 @@ def report(out: str, results: dict) -> None:
     lines = ["# TED study (small scale, CPU)", "",
              f"{m['date']}, commit {m['commit']}, {m['cpus']} CPUs, {results['elapsed_s'] / 60:.0f} min; seeds "
              f"{results['seeds']}; produced by `bench/repro.py` ({results['jobs']} runs at a time, "
-             f"{results['ranks']} rank(s) each).", "",
+             f"{results['ranks']} rank(s) each). Minutes per phase: "
+             + ", ".join(f"{name} {sec / 60:.0f}" for name, sec in results["phases_s"].items()) + ".", "",
              f"Teacher: LLaMA-style, {size['teacher_layers']} layers, d={size['hidden']}, {size['teacher_steps']} "
              f"steps ({size['teacher_steps'] * size['global'] * size['seq_len']:,} Wikipedia tokens). Every "
              f"student: {size['student_steps']} steps ({tokens:,} tokens), same data order per seed. KD/LWD/TED: "
@@ -474,12 +518,14 @@ def main(argv=None) -> dict:
     data = phase("data", prepare_data, work, size, args.corpus)
     launch = Launcher(write_run_config(work, data["data"], size), args.ranks, args.jobs)
     phase("teacher, narrow student and stage 1", prepare_models, launch, work, data["tokenizer"], size)
-    phase("tuning", distill, launch, work, size, tuning_plan(size))
-    valid = phase("tuning evaluation", valid_tuning, work, size)
-    chosen = choose(valid)
+    scores = phase("tuning", tune, launch, work, size)
+    chosen = choose(scores)
     phase("final runs", distill, launch, work, size, final_plan(chosen, seeds))
-    results = {"machine": machine(), "size": size, "seeds": seeds, "valid_tuning": valid, "chosen": chosen,
-               "stage1": stage1_taps(work), "ranks": args.ranks, "jobs": args.jobs}
+    results = {"machine": machine(), "size": size, "seeds": seeds, "ranks": args.ranks, "jobs": args.jobs,
+               "valid_tuning": {g: {m: [{"weights": dict(p), "ppl": ppl} for p, ppl in by_point.items()]
+                                    for m, by_point in by_method.items()} for g, by_method in scores.items()},
+               "chosen": {g: {m: dict(p) for m, p in by_method.items()} for g, by_method in chosen.items()},
+               "stage1": stage1_taps(work)}
     results.update(phase("evaluation", collect, work, size, seeds, chosen, data))
     results["phases_s"], results["elapsed_s"] = phases, time.time() - start
     with open(os.path.join(out, "results.json"), "w") as f:

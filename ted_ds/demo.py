@@ -110,7 +110,7 @@ def _distil(train, steps: dict) -> None:
     """Steps 2–4: the teacher, stage 1 on both sides, and the ted, kd and lm students."""
     train("pre-train the teacher (method: lm)", "teacher", steps["teacher"], ["distill"],
           f"student.config={os.path.join(HERE, 'configs', 'demo_teacher.json')}", "student.init_from_teacher=null",
-          "distill.method=lm", "optim.lr=3e-3")
+          "distill.method=lm", "optim.lr=3e-3", "train.eval_interval=200", "train.save_interval=400")
     for side in ("teacher", "student"):
         train(f"TED stage 1: {side} filters", f"filters-{side}", steps["filters"],
               ["learn-filters", "--model", side], "optim.lr=1e-2")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,7 +27,9 @@ def test_repro_quick_produces_every_student_and_the_report(tmp_path):
     for geometry in ("same-width", "narrow"):
         assert set(results["students"][geometry]) == methods
         assert set(results["chosen"][geometry]) == {"kd", "lwd", "ted"}
-        assert set(results["valid_tuning"][geometry]["ted"]) == {"1.0", "3.0"}
+        tried = results["valid_tuning"][geometry]
+        assert [t["weights"] for t in tried["ted"]] == [{"alpha": 1.0, "beta": 1.0}, {"alpha": 1.0, "beta": 3.0}]
+        assert [t["weights"] for t in tried["kd"]] == [{"alpha": 1.0}]
         for runs in results["students"][geometry].values():
             assert [r["seed"] for r in runs] == [1, 2]
             assert all(r["test"]["ppl"] > 1 and r["lm_eval"]["bits_per_byte"] > 0 for r in runs)
@@ -40,6 +43,30 @@ def test_repro_quick_produces_every_student_and_the_report(tmp_path):
         assert f"| student {method}" in table
     assert table.count("ted < kd: **") == 2 and "Stage 1" in table
     assert (out / "loss_curves.png").stat().st_size > 1000 and (out / "perplexity.png").stat().st_size > 1000
+
+
+def test_the_search_widens_past_an_edge_then_tunes_the_next_weight_at_the_best_so_far():
+    from bench.repro import LADDERS, pending
+
+    def search(widen: bool, best: dict) -> dict:
+        """Runs the search to its end on a bowl in log-space whose minimum is ``best``."""
+        scores = {}
+        while todo := pending(("beta", "alpha"), {"alpha": (0.5, 2.0), "beta": (0.1, 10.0)}, widen, scores):
+            assert not set(todo) & set(scores)  # nothing is scored twice
+            for point in todo:
+                scores[point] = sum(math.log(v / best[k]) ** 2 for k, v in point)
+        return scores
+
+    scores = search(True, {"beta": 0.03, "alpha": 4.0})  # both outside the starting window
+    assert min(scores, key=scores.get) == (("alpha", 4.0), ("beta", 0.03))
+    betas = sorted(dict(p)["beta"] for p in scores if dict(p)["alpha"] == 1.0)
+    assert betas == [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]  # widened one rung past the best, then stopped
+    assert {dict(p)["alpha"] for p in scores if dict(p)["beta"] == 0.03} == {0.5, 1.0, 2.0, 4.0, 8.0}
+    assert all(dict(p)["beta"] in (0.03,) or dict(p)["alpha"] == 1.0 for p in scores)  # α searched at the best β
+    scores = search(True, {"beta": 0.0001, "alpha": 1.0})  # past the ladder's end: stops there
+    assert min(scores, key=scores.get) == (("alpha", 1.0), ("beta", LADDERS["beta"][0]))
+    scores = search(False, {"beta": 0.03, "alpha": 4.0})  # no widening: the window's edges
+    assert min(scores, key=scores.get) == (("alpha", 2.0), ("beta", 0.1)) and len(scores) == 7
 
 
 def test_the_verdict_holds_only_when_the_paired_interval_excludes_zero():
