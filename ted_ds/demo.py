@@ -68,12 +68,13 @@ def _compare(models: dict[str, str], data: str, seq_len: int) -> list[str]:
               for name, path in models.items()}
     lines = [f"  {name:<28} {s['ppl']:10.2f}" for name, s in scores.items()]
     lines.append(f"paired over the same {scores['teacher']['samples']} validation windows (loss difference, 95 % "
-                 "interval; one training seed, so this is the evaluation's noise only):")
+                 "interval; one training seed, so this is the evaluation's noise only — a seed's is larger, see "
+                 "bench/repro.py):")
     names = list(models)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             d = paired_difference(scores[a]["window_loss"], scores[b]["window_loss"])
-            verdict = "within noise" if d["within_noise"] else (f"{a} better" if d["mean"] < 0 else f"{b} better")
+            verdict = "within noise" if d["within_noise"] else f"{a if d['mean'] < 0 else b} lower on these windows"
             lines.append(f"  {a} − {b}: {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]  {verdict}")
     return lines
 
