@@ -6,7 +6,7 @@
 
 prep (ted-prep vs the HF run_clm recipe and the bare tokenizer), engine (TED step overhead, teacher
 placements), loader (data path vs training consumption), scaling (on paper, from the measured
-overhead). The reproduction study is separate: python bench/repro.py (about an hour).
+overhead). The reproduction study is separate: python bench/repro.py (55 min on 2 cores).
 """
 
 import sys
