@@ -238,17 +238,21 @@ def distill(launch: Launcher, work: str, size: dict, plan: list[tuple[str, str, 
                  for g, m, seed, p in plan])
 
 
-def tune(launch: Launcher, work: str, size: dict) -> dict:
-    """Seed-1 runs scored on the valid split, round after round, until every method's search is done."""
+def valid_score(work: str, path: str, size: dict) -> dict:
+    """An HF model's perplexity on the whole valid split (Wikipedia): what tuning chooses by."""
     from ted_ds.evaluate import evaluate_hf
 
+    return evaluate_hf(path, f"{work}/data", "valid", size["seq_len"], 8, None, "cpu", progress=False)
+
+
+def tune(launch: Launcher, work: str, size: dict) -> dict:
+    """Seed-1 runs scored on the valid split, round after round, until every method's search is done."""
     scores = {g: {m: {} for m in SEARCH} for g in GEOMETRIES}
     while todo := [(g, m, p) for g in GEOMETRIES for m in SEARCH
                    for p in pending(SEARCH[m], size["window"], size["widen"], scores[g][m])]:
         distill(launch, work, size, [(g, m, 1, p) for g, m, p in todo])
         for g, m, p in todo:
-            scores[g][m][p] = evaluate_hf(f"{run_dir(work, g, m, 1, p)}/hf", f"{work}/data", "valid",
-                                          size["seq_len"], 8, None, "cpu", progress=False)["ppl"]
+            scores[g][m][p] = valid_score(work, f"{run_dir(work, g, m, 1, p)}/hf", size)["ppl"]
     return scores
 
 
@@ -257,8 +261,13 @@ def choose(scores: dict) -> dict:
     return {g: {m: min(scores[g][m], key=scores[g][m].get) for m in SEARCH} for g in GEOMETRIES}
 
 
+def tuned_as(method: str) -> str:
+    """Whose tuned weights a method runs at: ``ted-trainable`` reuses TED's."""
+    return "ted" if method == "ted-trainable" else method
+
+
 def chosen_point(chosen: dict, geometry: str, method: str) -> Point:
-    return chosen[geometry].get("ted" if method == "ted-trainable" else method, ())
+    return chosen[geometry].get(tuned_as(method), ())
 
 
 def final_plan(chosen: dict, seeds: list[int]) -> list[tuple[str, str, int, Point]]:
@@ -316,8 +325,7 @@ def evaluate_all(work: str, paths: dict, size: dict) -> dict:
     for name, path in paths.items():
         out[name] = {"test": evaluate_hf(path, f"{work}/test", "train", size["seq_len"], 8, test_samples, "cpu",
                                          progress=False),
-                     "valid": evaluate_hf(path, f"{work}/data", "valid", size["seq_len"], 8, None, "cpu",
-                                          progress=False)}
+                     "valid": valid_score(work, path, size)}
     return out
 
 
@@ -389,7 +397,7 @@ def _geometry_section(results: dict, g: str) -> list[str]:
         lines.append(_model_row("narrow student before distillation", [results["narrow-base"]]))
     chosen = results["chosen"][g]
     for m in METHODS:
-        weights = chosen.get("ted" if m == "ted-trainable" else m)
+        weights = chosen.get(tuned_as(m))
         lines.append(_model_row(f"student {m}" + (f" ({label(weights.items())})" if weights else ""), students[m]))
     lines += ["", "Tuning (seed 1, valid perplexity, in the order searched; chosen in bold):", ""]
     for m, tried in results["valid_tuning"][g].items():

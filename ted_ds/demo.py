@@ -97,12 +97,12 @@ def _trainer(out: str, data: str, ranks: int, quick: bool):
              f"teacher.filters={out}/filters-teacher/filters-teacher",
              f"student.filters={out}/filters-student/filters-student",
              f"train.deepspeed_config={os.path.join(REPO, 'ds_configs', 'zero3_cpu.json')}"]
-    if quick:
-        paths += ["train.eval_interval=2", "train.log_interval=1", "train.save_interval=2", "data.eval_samples=8"]
+    # last, so that --quick evaluates and saves every 2 steps in every command, the teacher's included
+    smoke = ["train.eval_interval=2", "train.log_interval=1", "train.save_interval=2", "data.eval_samples=8"]
 
     def train(what: str, name: str, n_steps: int, command: list[str], *overrides: str) -> None:
         _run(_deepspeed(ranks, *command, "--config", base, *paths, f"train.out_dir={out}/{name}",
-                        f"train.steps={n_steps}", *overrides), what)
+                        f"train.steps={n_steps}", *overrides, *(smoke if quick else [])), what)
 
     return train
 
