@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 VENV := .venv
 STAMP := $(VENV)/.ted-ds-installed
-# DeepSpeed's JIT-compiled ops are built once here and reused by every run and test.
+# DeepSpeed's JIT-compiled ops are built here, once per CPU (ted_ds/host.py adds the CPU's key), and reused.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 

@@ -183,7 +183,8 @@ class TrainConfig:
     timeout_minutes: float = 10.0
     """Every collective fails with a clear error after this long instead of hanging."""
     peak_tflops: float | None = None
-    """Per-device peak used for MFU; default: looked up for known GPUs, measured by a matmul on CPU."""
+    """Per-device peak used for MFU; default: looked up for known GPUs (dense bf16), else measured by a
+    matmul in the run's dtype on the run's device (a CPU, or a GPU the table does not know)."""
     progress: bool = True
     max_bad_steps: int = 5
     """A step whose loss is NaN/inf on any rank is skipped (no optimizer update) and counted as

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ted_ds.errors import DistributedError
+from ted_ds.host import use_cpu_keyed_extensions
 
 
 def free_port() -> int:
@@ -108,6 +109,7 @@ def init(timeout_minutes: float) -> None:
         return
     launcher, fill = launcher_env()
     os.environ.update(fill)
+    use_cpu_keyed_extensions()  # the shared-memory communicator is compiled (or reused) in init_distributed
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False,
                                auto_mpi_discovery=launcher == "mpi")
     acc = get_accelerator()

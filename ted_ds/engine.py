@@ -23,6 +23,7 @@ from ted_ds.config import RunConfig, accumulation_steps
 from ted_ds.documents import for_model
 from ted_ds.errors import ConfigError
 from ted_ds.teacher import FrozenLM, ReplicatedTeacher, Teacher, Zero3Teacher
+from ted_ds.weights import check_dtype
 
 _DERIVED_OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay")
 
@@ -126,6 +127,7 @@ def build_trained_engine(cfg: RunConfig, module: nn.Module, ds: dict, total_step
     import deepspeed
 
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg, total_steps))
+    check_dtype(module, compute_dtype(ds), "the trained parameters", trained_only=True)
     groups = param_groups(module, cfg.optim.weight_decay)
     optimizer = None
     if "optimizer" not in ds:
@@ -157,6 +159,7 @@ def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_lo
         model = load_model(dtype=dtype, zero_config=fds)
         frozen = FrozenLM(model, layers, filters, need_logits, cfg.teacher.logits_topk,
                           for_model(model, document_eos, dtype), vocab)
+        check_dtype(frozen, dtype, "the ZeRO-3 teacher")
         engine, *_ = deepspeed.initialize(model=frozen, config=fds)
         return Zero3Teacher(engine)
     if placement == "pipeline":

@@ -41,7 +41,7 @@ def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: in
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's {limit} positions")
     data = PackedShardDataset(data_dir, split, seq_len)
     tok = load_tokenizer(data_tokenizer)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     model = load_model(model_dir, trust_remote_code, dtype=dtype, device=dev).eval()
     n = len(data) if max_samples is None else min(max_samples, len(data))
     nll, tokens, nbytes, windows = 0.0, 0, 0, []

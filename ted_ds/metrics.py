@@ -41,23 +41,32 @@ def flops_per_token(n_matmul: int, config, seq_len: int, training: bool) -> floa
     return per_token if training else per_token / 3
 
 
-def device_peak_flops(configured_tflops: float | None) -> float:
-    """Peak FLOP/s of one device: configured, looked up by GPU name, or measured by a CPU matmul."""
+def device_peak_flops(configured_tflops: float | None, device: torch.device, dtype: torch.dtype) -> float:
+    """Peak FLOP/s of one device: configured (``train.peak_tflops``), looked up by GPU name (dense
+    bf16), else measured by a matmul in the run's ``dtype`` on ``device`` itself — never a CPU figure
+    for a GPU the table does not know, and on a CPU what its vector units do in that dtype."""
     if configured_tflops:
         return configured_tflops * 1e12
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
         for key, tflops in _GPU_PEAK_TFLOPS.items():
             if key in name:
                 return tflops * 1e12
+    return measured_matmul_flops(device, dtype)
+
+
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 8) -> float:
+    """FLOP/s of an n×n matmul on ``device``, waiting for the device before the clock stops."""
     gen = torch.Generator().manual_seed(0)  # not the global one: training's random streams stay untouched
-    a = torch.randn(1024, 1024, generator=gen)
-    b = torch.randn(1024, 1024, generator=gen)
+    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b
-    start, reps = time.perf_counter(), 8
+    sync()
+    start = time.perf_counter()
     for _ in range(reps):
         a @ b
-    return 2 * 1024**3 * reps / (time.perf_counter() - start)
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 class MetricsLogger:

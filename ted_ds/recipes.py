@@ -389,6 +389,7 @@ def build_filter_learning(p: Plan, ds: dict, which: str) -> Recipe:
     else:
         layers, conf, load = p.student_layers, p.student_config, functools.partial(load_student, p)
     bank = FilterBank(cfg.distill.filter, hidden_size(conf), p.filter_dim, layers, seed=cfg.train.seed)
+    bank = bank.to(compute_dtype(ds))  # initialised in fp32 (the same draws in any precision), trained in the run's
     head = TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code, compute_dtype(ds), distributed.device(),
                     p.manifest["vocab_size"])
     trainable = cfg.distill.filter_head == "trainable"

@@ -228,7 +228,8 @@ def fit(recipe: Recipe, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -
                         recipe.name)
     if tag is not None:
         log.resumed(tag, progress.step, data.sampler.consumed)
-    peak = device_peak_flops(cfg.train.peak_tflops) * distributed.world_size()
+    dtype = next(recipe.trained_model.parameters()).dtype  # the run's compute dtype (engine.check_dtype)
+    peak = device_peak_flops(cfg.train.peak_tflops, distributed.device(), dtype) * distributed.world_size()
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     last: dict = {}
     window_time, window_steps = 0.0, 0  # training time only: evaluation and saving excluded

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ted_ds.architectures import instantiate, layout, load_hf_config, meta_model, teacher_blocks_config
-from ted_ds.errors import ConfigError
+from ted_ds.errors import ConfigError, TrainingError
 
 Rename = Callable[[str], str]
 
@@ -174,10 +174,43 @@ def build_partitioned(config, dtype: torch.dtype, ds_config: dict) -> nn.Module:
     # first imported under it (torch._dynamo, through transformers' modeling code) fail to load.
     with torch.device("meta"), no_init_weights():
         instantiate(config, dtype)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype), no_init_weights():
+    with deepspeed.zero.Init(config_dict_or_path=precision_config(ds_config, dtype)), no_init_weights():
         model = instantiate(config, dtype)
     model.tie_weights()
+    check_dtype(model, dtype, "the model built under zero.Init")
     return model
+
+
+def precision_config(ds_config: dict, dtype: torch.dtype) -> dict:
+    """``ds_config`` with its bf16/fp16 sections saying ``dtype``: what ``zero.Init`` builds in.
+
+    ``zero.Init`` is given no ``dtype`` of its own on purpose: DeepSpeed 0.19 ignores an explicit one
+    whenever the accelerator reports no fp16 support (every AMD CPU, Intel CPUs without AMX-FP16) and
+    builds bf16 instead, while the config's precision is honoured on every machine."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ConfigError(f"ZeRO-3 builds models in fp32, bf16 or fp16, not {dtype}")
+    out = dict(ds_config)
+    out["bf16"] = {**ds_config.get("bf16", {}), "enabled": dtype == torch.bfloat16}
+    out["fp16"] = {**ds_config.get("fp16", {}), "enabled": dtype == torch.float16}
+    return out
+
+
+def check_dtype(module: nn.Module, dtype: torch.dtype, what: str, trained_only: bool = False) -> None:
+    """One line naming the first parameters of ``module`` not in ``dtype`` (their ZeRO-3 slices
+    included): a mixed module would otherwise fail deep inside DeepSpeed, or compute in the wrong
+    precision."""
+    wrong = []
+    for name, p in module.named_parameters():
+        if trained_only and not p.requires_grad:
+            continue
+        found = {p.dtype, getattr(p, "ds_tensor", p).dtype}
+        if found != {dtype}:
+            wrong.append(f"{name} ({'/'.join(sorted(str(d).removeprefix('torch.') for d in found))})")
+    if wrong:
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        verb = "is" if len(wrong) == 1 else "are"
+        raise TrainingError(f"{what} must be all {str(dtype).removeprefix('torch.')}, the run's compute dtype, "
+                            f"but {', '.join(wrong[:3])}{more} {verb} not")
 
 
 # ----------------------------------------------------------------------------- filling

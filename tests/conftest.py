@@ -13,7 +13,7 @@ from harness.common import REPO, corpus_lines
 from ted_ds.distributed import SHM_WORKSPACE_PREFIX
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# DeepSpeed's JIT ops (shm comm on CPU) are compiled once per machine into this cache.
+# DeepSpeed's JIT ops (shm comm on CPU) are compiled once per CPU under this cache (ted_ds/host.py keys it).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

@@ -2,11 +2,14 @@
 
     deepspeed --num_gpus 2 tests/harness/mp/run_scenarios.py --spec spec.json --out results.json
 
-spec.json: [{"name": ..., "config": path, "filters_for": null|"teacher"|"student"}, ...].
-For each scenario the real command runs (``ted_ds.trainer.run_recipe``); afterwards this script
-records whether the frozen side (teacher and its filters, or the frozen student of stage 1) is
-bit-identical to what it was built from and how many frozen parameters this rank stores, and
-what a probe on the student saw during the training steps (see ``StudentProbe``).
+spec.json: [{"name": ..., "config": path, "filters_for": null|"teacher"|"student",
+"accelerator": "as-is"|"bf16"|"none", "build_only": bool}, ...].
+For each scenario the real command runs (``ted_ds.trainer.run_recipe``), with DeepSpeed's accelerator
+reporting the half-precision support ``accelerator`` names; afterwards this script records whether the
+frozen side (teacher and its filters, or the frozen student of stage 1) is bit-identical to what it
+was built from, how many frozen parameters this rank stores, the devices and dtypes of what it holds,
+and what a probe on the student saw during the training steps (see ``StudentProbe``).  A
+``build_only`` scenario builds the command's models and records what they hold, or its error.
 """
 
 import argparse
@@ -109,20 +112,55 @@ def pipeline_matches_disk(pipe, cfg) -> bool:
     return bool(distributed.all_reduce_sum(flag)[0] == distributed.world_size())
 
 
-def device_types(recipe) -> set[str]:
-    """Device types of every tensor this rank holds for the trained module and the frozen side
-    (ZeRO-3 parameters by their partitions; the pipeline's meta-device stand-ins excluded)."""
-    held = lambda module: [getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p
-                           for p in [*module.parameters(), *module.buffers()]]
-    tensors = held(recipe.engine.module)
-    frozen = recipe.frozen
-    if frozen is not None:
-        module = {"replicated": lambda: frozen.frozen, "zero3": lambda: frozen.engine.module,
-                  "pipeline": lambda: frozen.model}[frozen.placement]()
-        tensors += held(module)
-        if frozen.placement == "pipeline" and frozen.filters is not None:
-            tensors += held(frozen.filters)
-    return {t.device.type for t in tensors if t is not None and not t.is_meta}
+def held(module, parameters_only: bool = False) -> list[torch.Tensor]:
+    """What this rank stores of ``module``: ZeRO-3 parameters by their partitions, the pipeline's
+    meta-device stand-ins left out."""
+    tensors = [*module.parameters(), *([] if parameters_only else module.buffers())]
+    tensors = [getattr(t, "ds_tensor", None) if hasattr(t, "ds_tensor") else t for t in tensors]
+    return [t for t in tensors if t is not None and not t.is_meta]
+
+
+def frozen_modules(frozen) -> list:
+    """The modules of a teacher placement (its model and filters)."""
+    if frozen is None:
+        return []
+    if frozen.placement == "pipeline":
+        return [frozen.model] + ([frozen.filters] if frozen.filters is not None else [])
+    return [frozen.frozen if frozen.placement == "replicated" else frozen.engine.module]
+
+
+def held_by(recipe) -> dict[str, dict[str, list[str]]]:
+    """Device types of every tensor this rank holds, and dtypes of its floating-point parameters, for the
+    trained module and the frozen side."""
+    sides = {"trained": [recipe.engine.module], "frozen": frozen_modules(recipe.frozen)}
+    return {"devices": sorted({t.device.type for m in sum(sides.values(), []) for t in held(m)}),
+            "dtypes": {side: sorted({str(t.dtype) for m in modules for t in held(m, True) if t.is_floating_point()})
+                       for side, modules in sides.items()}}
+
+
+def accelerator_reports(support: str) -> None:
+    """Make DeepSpeed's accelerator report the given half-precision support, whatever this machine has:
+    "as-is", "bf16" (no fp16: every AMD CPU, most Intel CPUs) or "none" (neither fp16 nor bf16)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    for kind in ("fp16", "bf16"):
+        attr = f"is_{kind}_supported"
+        if support == "as-is":
+            acc.__dict__.pop(attr, None)
+        else:
+            setattr(acc, attr, (lambda answer: lambda: answer)(kind in support))
+
+
+def build_only(cfg, filters_for) -> dict:
+    """A recipe built as the command builds it, not trained: what every rank holds, or the one-line error."""
+    from ted_ds.errors import UserError
+
+    try:
+        p, ds = trainer.setup(cfg, filters_for)
+        return held_by(trainer.build_recipe(p, ds, filters_for))
+    except UserError as e:
+        return {"error": str(e)}
 
 
 def main() -> None:
@@ -136,6 +174,11 @@ def main() -> None:
     probe_students(probes)
     for scenario in json.load(open(args.spec)):
         cfg = load_run_config(scenario["config"], scenario.get("overrides", []))
+        accelerator_reports(scenario.get("accelerator", "as-is"))
+        if scenario.get("build_only"):
+            results[scenario["name"]] = build_only(cfg, scenario.get("filters_for"))
+            distributed.barrier()
+            continue
         probed, read_before = len(probes), WeightReader.process_total
         recipe, _, result = trainer.run_recipe(cfg, scenario.get("filters_for"))
         record = {"result": {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}}
@@ -144,7 +187,7 @@ def main() -> None:
         read = torch.tensor([float(WeightReader.process_total - read_before)])
         torch.distributed.all_reduce(read, op=torch.distributed.ReduceOp.MAX)
         record["elements_read_max"] = float(read[0])  # what the busiest rank read from weight files
-        record["devices"] = sorted(device_types(recipe))
+        record.update(held_by(recipe))
         if recipe.frozen is not None:
             record["frozen_matches_disk"] = frozen_matches_disk(recipe, cfg, scenario.get("filters_for"))
             local = torch.tensor([float(recipe.frozen.local_parameters())])

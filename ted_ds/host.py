@@ -1,0 +1,59 @@
+"""What depends on the machine a process runs on, made explicit: the CPU that DeepSpeed's
+JIT-compiled ops are built for.
+
+DeepSpeed compiles its CPU ops (the shared-memory communicator, CPU Adam) with ``-march=native``,
+and torch reuses a cached build whenever the sources and flags match — the flag text, not the CPU it
+stood for. A cache built on one CPU and read on another (a shared home directory, a CI cache, a
+cluster of mixed nodes) then dies with an illegal instruction. Keying the cache directory by the CPU
+makes a different CPU build its own copy instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+
+CPU_KEY_PREFIX = "cpu-"
+
+
+def cpu_key(cpuinfo: str) -> str:
+    """A short name for the CPU ``/proc/cpuinfo`` describes: its vendor, model and instruction-set flags
+    (what ``-march=native`` compiles for), so two CPUs share it only if their builds can be shared."""
+    first = cpuinfo.split("\n\n")[0]
+    fields = {}
+    for line in first.splitlines():
+        name, _, value = line.partition(":")
+        fields[name.strip()] = value.strip()
+    wanted = ("vendor_id", "cpu family", "model", "model name", "flags", "CPU implementer", "CPU part", "Features")
+    described = "\n".join(f"{k}={' '.join(sorted(fields[k].split())) if k in ('flags', 'Features') else fields[k]}"
+                          for k in wanted if k in fields)
+    described = described or f"{platform.machine()} {platform.processor()}"
+    return CPU_KEY_PREFIX + hashlib.sha256(described.encode()).hexdigest()[:12]
+
+
+def this_cpu_key() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return cpu_key(f.read())
+    except OSError:  # not Linux
+        return cpu_key("")
+
+
+def keyed_extensions_dir(current: str | None, key: str) -> str:
+    """``TORCH_EXTENSIONS_DIR`` for the CPU ``key``: a subdirectory of the configured (or torch's
+    default) directory; a directory already keyed, for this CPU or another (inherited from a process
+    on another node), gets this CPU's key in place of its own."""
+    if not current:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        current = get_default_build_root()
+    current = current.rstrip("/") or "/"
+    if os.path.basename(current).startswith(CPU_KEY_PREFIX):
+        current = os.path.dirname(current)
+    return os.path.join(current, key)
+
+
+def use_cpu_keyed_extensions() -> None:
+    """Point this process (and what it starts) at the op cache of this CPU; before any op is built."""
+    os.environ["TORCH_EXTENSIONS_DIR"] = keyed_extensions_dir(os.environ.get("TORCH_EXTENSIONS_DIR"), this_cpu_key())

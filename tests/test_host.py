@@ -1,0 +1,38 @@
+"""DeepSpeed's JIT-compiled ops are cached per CPU: a build for one CPU is never loaded on another."""
+
+from __future__ import annotations
+
+from ted_ds.host import cpu_key, keyed_extensions_dir
+
+AMD = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+flags\t\t: fpu sse avx2 avx512f avx512_bf16
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+flags\t\t: fpu sse avx2 avx512f avx512_bf16
+"""
+
+
+def test_the_cpu_key_follows_vendor_model_and_instruction_set():
+    key = cpu_key(AMD)
+    assert key.startswith("cpu-") and key == cpu_key(AMD.replace("avx2 avx512f", "avx512f avx2"))  # flag order
+    assert key == cpu_key(AMD.replace("processor\t: 1", "processor\t: 1\ncpu MHz\t\t: 2400.1"))  # not the clock
+    intel = AMD.replace("AuthenticAMD", "GenuineIntel").replace("AMD EPYC", "Intel(R) Xeon(R) Platinum 8481C")
+    with_fp16 = intel.replace("avx512_bf16", "avx512_bf16 avx512_fp16 amx_fp16")  # what -march=native would use
+    assert len({key, cpu_key(intel), cpu_key(with_fp16)}) == 3
+    arm = "processor\t: 0\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\nFeatures\t: fp asimd sve\n"
+    assert cpu_key(arm) != cpu_key(arm.replace(" sve", ""))
+
+
+def test_the_extensions_directory_gets_this_cpus_key_once():
+    assert keyed_extensions_dir("/r/.cache/torch_extensions", "cpu-aa") == "/r/.cache/torch_extensions/cpu-aa"
+    assert keyed_extensions_dir("/r/ext/cpu-aa", "cpu-aa") == "/r/ext/cpu-aa"  # a child process keeps it
+    assert keyed_extensions_dir("/r/ext/cpu-bb/", "cpu-aa") == "/r/ext/cpu-aa"  # inherited from another CPU
+    assert keyed_extensions_dir(None, "cpu-aa").endswith("/torch_extensions/cpu-aa")  # torch's default root
