@@ -34,7 +34,13 @@ from ted_ds.architectures import (
     vocab_size,
 )
 from ted_ds.config import DataConfig, RunConfig
-from ted_ds.documents import DocumentAttention, check_document_attention, for_model, forward_kwargs
+from ted_ds.documents import (
+    DocumentAttention,
+    check_document_attention,
+    check_trainable_attention,
+    for_model,
+    forward_kwargs,
+)
 from ted_ds.engine import build_frozen, build_trained_engine, compute_dtype, wsd_decay_steps
 from ted_ds.errors import ConfigError
 from ted_ds.filters import FilterBank, load_filter_bank
@@ -206,6 +212,8 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
         raise ConfigError(f"optim.schedule wsd: {cfg.optim.warmup_steps} warmup + {wsd_decay_steps(cfg, total)} decay "
                           f"steps (optim.decay_fraction {cfg.optim.decay_fraction:g}) exceed the run's {total} steps")
     document_eos = _document_eos(cfg, manifest, teacher_config, student_config)
+    if filters_for is None:  # stage 1 trains filters only; the models run without gradients
+        check_trainable_attention(meta_model(student_config), "student", on_cpu=not torch.cuda.is_available())
     return Plan(cfg, teacher_config, student_config, pairs, filter_dim, manifest, total, manifests,
                 document_eos, vocab_line)
 
