@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -255,6 +255,31 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (one collective; none at world size 1)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank0_alone(work: Callable[[], None], timeout: datetime.timedelta) -> None:
+    """Run ``work`` on rank 0 while the other ranks wait for it up to ``timeout``, however much longer
+    than the collective timeout (``init``) that is: work one rank does alone, such as converting a
+    checkpoint, grows with the model, and no collective timeout was chosen for it.
+
+    The others wait in a barrier of a gloo group made for it, because only a group's own timeout can
+    be longer (NCCL's barrier takes none, and the NCCL watchdog ends a collective at the group's
+    timeout).  If rank 0 dies, its sockets close and the wait ends at once, with an error."""
+    group = dist.new_group(backend="gloo", timeout=timeout) if world_size() > 1 else None
+    if rank() == 0:
+        work()
+    if group is not None:
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
 
 
 # gloo's and NCCL's words for a lost peer, for errors raised by ``Work.wait()`` outside torch.distributed

@@ -187,7 +187,7 @@ def report_skipped(progress: Progress, max_bad_steps: int, log: MetricsLogger) -
 
 def resume(recipe: Recipe, checkpointer: Checkpointer, sampler: ConsumedSamplesSampler) -> tuple[Progress, str | None]:
     """Engine, sampler and counters from the latest resumable checkpoint, if any; returns its tag."""
-    tag = checkpointer.find_resumable()
+    tag = checkpointer.agreed_resumable()
     if tag is None:
         return Progress(), None
     state = checkpointer.load(recipe.engine, tag)

@@ -1,4 +1,6 @@
-"""A communication failure named by its collective and caller."""
+"""The process-group helpers, without a GPU: a communication failure named by its collective and
+caller; each rank's GPU under every launcher (pure functions of the launcher's variables); rank 0
+working alone for longer than the collective timeout."""
 
 from __future__ import annotations
 
@@ -103,3 +105,44 @@ def test_slurm_task_counts_per_node():
     env = {**LAUNCHERS["srun"](0), "SLURM_STEP_TASKS_PER_NODE": "8,6", "SLURM_NODEID": "1"}
     assert local_world_size(env) == 6
     assert local_world_size({**env, "SLURM_NTASKS_PER_NODE": "4"}) == 4  # --ntasks-per-node, when given
+
+
+def _rank0_works_longer_than_the_timeout(rank: int, port: int, outcomes) -> None:
+    """One of 2 gloo ranks with a 2 s collective timeout: rank 0 works 4 s while rank 1 waits, first
+    in ``rank0_alone`` (60 s), then in a plain barrier."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from ted_ds import distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=2))
+
+    def work() -> None:
+        time.sleep(4)
+
+    for name, wait in (("rank0_alone", lambda: distributed.rank0_alone(work, datetime.timedelta(seconds=60))),
+                       ("barrier", lambda: (work() if rank == 0 else None, distributed.barrier()))):
+        try:
+            wait()
+            outcomes.put((rank, name, "waited"))
+        except RuntimeError as e:
+            outcomes.put((rank, name, "timed out" if "Timed out" in str(e) else str(e)[:200]))
+
+
+def test_ranks_wait_for_rank0_working_alone_beyond_the_collective_timeout():
+    """What a resume on another rank count does (rank 0 converts the checkpoint): the others outwait
+    the collective timeout in ``rank0_alone``, where a plain barrier times out (the control)."""
+    import torch.multiprocessing as mp
+
+    from ted_ds.distributed import free_port
+
+    ctx = mp.get_context("spawn")
+    outcomes = ctx.Queue()
+    mp.start_processes(_rank0_works_longer_than_the_timeout, args=(free_port(), outcomes), nprocs=2,
+                       start_method="spawn")
+    seen = {(rank, name): outcome for rank, name, outcome in (outcomes.get(timeout=5) for _ in range(4))}
+    assert seen[(0, "rank0_alone")] == seen[(1, "rank0_alone")] == "waited", seen
+    assert seen[(1, "barrier")] == "timed out", seen
