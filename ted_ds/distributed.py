@@ -236,6 +236,19 @@ def device() -> torch.device:
     return torch.device(acc.device_name(), _GPU if _GPU is not None else gpu_for(os.environ, acc.device_count()))
 
 
+def synchronize(where: torch.device | str | None = None) -> None:
+    """Wait until ``where`` (default: this rank's device) has run all the work queued on it.  A timer
+    read before that measures how fast the work was queued, not how fast it ran: call this wherever
+    a timer stops (at world size 1 too, where ``barrier`` returns at once)."""
+    where = device() if where is None else torch.device(where)
+    if where.type == "cuda":
+        torch.cuda.synchronize(where)
+    elif where.type != "cpu":  # another accelerator: through DeepSpeed's interface to it
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().synchronize(where.index)
+
+
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     """Mean of each scalar over ranks (one collective for the whole dict)."""
     if world_size() == 1 or not values:
