@@ -7,7 +7,8 @@ trainer's own ``setup``, ``build_recipe`` and ``train_step``), the teacher's for
 micro-batches, peak RSS, and (pipeline) the stages' busy time inside teacher calls. With ``--with-lm``
 the same process also builds the student-only LM baseline (same initialisation) and times its step on
 the same micro-batches, interleaved with the others, so that the overhead ratio is not at the mercy of
-run-to-run noise between launches.
+run-to-run noise between launches.  Every timed job ends with ``distributed.synchronize``: on a GPU a
+timer that stops before the device is done times the kernel launches, not the work.
 """
 
 import argparse
@@ -62,6 +63,7 @@ def main():
             distributed.barrier()
             start = time.perf_counter()
             jobs[name](micro)
+            distributed.synchronize()  # the device's work done, not just queued (barrier: only ranks wait)
             distributed.barrier()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)

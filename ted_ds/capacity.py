@@ -4,15 +4,14 @@
 share in the compute dtype, its ZeRO-3 shard of the student (weights, master copy, Adam moments,
 gradients), the largest student parameter gathered whole with its gradient, ZeRO-3's gradient
 bucket, and the step's (tokens × vocabulary) logits.  ``check_fits`` refuses a run whose floor
-already exceeds the memory a rank can see, and a rank count that does not fit the GPUs or the
-pipeline — one line each, before any weights are read.  The scale rehearsal (``python -m bench
-scale``) divides measured peaks by the same floor.
+already exceeds the memory a rank can see (on its own GPU, chosen by ``ted_ds.distributed.device``),
+and a rank count that does not fit the pipeline — one line each, before any weights are read.  The
+scale rehearsal (``python -m bench scale``) divides measured peaks by the same floor.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -20,6 +19,7 @@ from ted_ds.architectures import decoder_layers, hidden_size, meta_model, vocab_
 from ted_ds.errors import ConfigError
 
 GIB = 2**30
+CPU = torch.device("cpu")
 
 
 def student_bytes_per_param(dtype: torch.dtype) -> int:
@@ -73,27 +73,26 @@ def rank_floor_bytes(teacher_config, student_config, placement: str, world: int,
     return floor
 
 
-def visible_bytes(local_ranks: int) -> tuple[float, str]:
+def visible_bytes(device: torch.device, local_ranks: int) -> tuple[float, str]:
     """Memory one rank can use, and where it is: its GPU's free memory, or its share of the host's."""
-    if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
         return free, "GPU"
     import psutil
 
     return psutil.virtual_memory().available / local_ranks, "host"
 
 
-def check_fits(p, ds: dict, world: int, local_ranks: int, with_teacher: bool, trained_heads: int = 0) -> None:
+def check_fits(p, ds: dict, world: int, local_ranks: int, with_teacher: bool, trained_heads: int = 0,
+               device: torch.device = CPU) -> None:
     """Refuse, in one line, a run that cannot fit the ranks it starts on (``ds``: its DeepSpeed
     config; ``with_teacher``: the teacher is placed by ``teacher.placement`` in this run;
-    ``trained_heads``: stage 1's trainable heads, one norm + unembedding each, trained under ZeRO-3)."""
+    ``trained_heads``: stage 1's trainable heads, one norm + unembedding each, trained under ZeRO-3;
+    ``device``: the rank's own)."""
     from ted_ds.engine import compute_dtype
 
     cfg = p.cfg
     t = cfg.teacher
-    if torch.cuda.is_available() and local_ranks > torch.cuda.device_count():
-        raise ConfigError(f"{local_ranks} ranks on this host but {torch.cuda.device_count()} GPUs visible; start one "
-                          "rank per GPU (--num_gpus / --ntasks-per-node) or check CUDA_VISIBLE_DEVICES")
     teacher_config = p.teacher_config if with_teacher else None
     if teacher_config is not None and t.placement == "pipeline" and world % t.pipeline_stages:
         raise ConfigError(f"teacher.pipeline_stages {t.pipeline_stages} must divide the number of ranks {world}")
@@ -103,7 +102,7 @@ def check_fits(p, ds: dict, world: int, local_ranks: int, with_teacher: bool, tr
     if trained_heads and p.teacher_config is not None:
         head = vocab_size(p.teacher_config) * hidden_size(p.teacher_config)
         need += student_bytes_per_param(compute_dtype(ds)) * trained_heads * head / world
-    have, where = visible_bytes(local_ranks)
+    have, where = visible_bytes(device, local_ranks)
     if need > have:
         hint = ("use teacher.placement zero3 or pipeline, more ranks, " if teacher_config is not None
                 and t.placement == "replicated" else "use more ranks, ")

@@ -187,7 +187,7 @@ def report_skipped(progress: Progress, max_bad_steps: int, log: MetricsLogger) -
 
 def resume(recipe: Recipe, checkpointer: Checkpointer, sampler: ConsumedSamplesSampler) -> tuple[Progress, str | None]:
     """Engine, sampler and counters from the latest resumable checkpoint, if any; returns its tag."""
-    tag = checkpointer.find_resumable()
+    tag = checkpointer.agreed_resumable()
     if tag is None:
         return Progress(), None
     state = checkpointer.load(recipe.engine, tag)
@@ -276,13 +276,17 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: RunConfig, filters_for: str | None = None) -> tuple[Plan, dict]:
-    """Everything before a recipe is built: check the run against its files and ranks, start the
-    process group, seed.  Returns the plan and the resolved DeepSpeed config (see run_recipe)."""
+    """Everything before a recipe is built: check the run against its files, ranks and devices, start
+    the process group, seed.  Returns the plan and the resolved DeepSpeed config (see run_recipe).
+
+    Every check happens before the process group, and the rank's GPU is chosen from its launcher's
+    variables before the first thing that touches CUDA (the free-memory check)."""
     p = plan(cfg, filters_for=filters_for)
-    ds = resolve_ds_config(cfg, distributed.expected_world_size())  # every check happens before the process group
-    check_fits(p, ds, distributed.expected_world_size(), distributed.local_world_size(),
-               with_teacher=cfg.uses_teacher or filters_for == "teacher",
-               trained_heads=len(p.pairs) if filters_for and cfg.distill.filter_head == "trainable" else 0)
+    world = distributed.expected_world_size()
+    ds = resolve_ds_config(cfg, world)
+    check_fits(p, ds, world, distributed.local_world_size(), with_teacher=cfg.uses_teacher or filters_for == "teacher",
+               trained_heads=len(p.pairs) if filters_for and cfg.distill.filter_head == "trainable" else 0,
+               device=distributed.device())
     distributed.init(cfg.train.timeout_minutes)
     if distributed.rank() == 0 and p.vocabularies:
         print(f"ted-ds: {p.vocabularies}", file=sys.stderr)  # the sizes the checks compared

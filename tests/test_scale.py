@@ -66,7 +66,7 @@ def test_runs_that_cannot_fit_are_refused_in_one_line(tiny, tmp_path, capsys, mo
 
     cfg = base_config(tiny["llama_data"], tiny["llama_teacher"], str(tmp_path / "o"), **{"distill.method": "kd"})
     path = write_config(str(tmp_path / "c.yaml"), **cfg)
-    monkeypatch.setattr(capacity, "visible_bytes", lambda local_ranks: (1e5, "host"))  # a rank that sees 100 kB
+    monkeypatch.setattr(capacity, "visible_bytes", lambda device, local_ranks: (1e5, "host"))  # a rank sees 100 kB
     capsys.readouterr()
     assert ted_main(["distill", "--config", path]) == 2
     err = capsys.readouterr().err.strip()
@@ -94,7 +94,7 @@ def test_trainable_stage1_heads_count_in_the_floor(tiny, tmp_path, monkeypatch):
     floor = capacity.rank_floor_bytes(None, p.student_config, "replicated", 1, 1, None, torch.float32,
                                       p.cfg.train.micro_batch_size * p.cfg.data.seq_len)
     heads = 16 * len(p.pairs) * vocab_size(p.teacher_config) * hidden_size(p.teacher_config)
-    monkeypatch.setattr(capacity, "visible_bytes", lambda local_ranks: (floor + heads / 2, "host"))
+    monkeypatch.setattr(capacity, "visible_bytes", lambda device, local_ranks: (floor + heads / 2, "host"))
     capacity.check_fits(p, ds, 1, 1, with_teacher=False)
     capacity.check_fits(p, ds, 1, 1, with_teacher=False, trained_heads=0)
     with pytest.raises(ConfigError, match="needs at least"):
