@@ -57,6 +57,8 @@ def main():
         jobs["lm"] = lambda micro: train_step(baseline, micro)
     names = list(jobs)
     times = {name: [] for name in names}
+    if hasattr(recipe.frozen, "timed"):
+        recipe.frozen.timed = True  # the pipeline's bubble timers wait for the device
     for i in range(args.warmup + args.steps):
         micro = data.next_batch()
         for name in names[i % len(names):] + names[:i % len(names)]:  # rotate: no fixed order advantage

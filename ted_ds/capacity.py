@@ -3,7 +3,8 @@
 ``rank_floor_bytes`` is a lower bound of what one rank holds under a teacher placement: its teacher
 share in the compute dtype, its ZeRO-3 shard of the student (weights, master copy, Adam moments,
 gradients), the largest student parameter gathered whole with its gradient, ZeRO-3's gradient
-bucket, and the step's (tokens × vocabulary) logits.  ``check_fits`` refuses a run whose floor
+bucket, the step's (tokens × vocabulary) logits and, under a pipeline teacher, the one chunk of
+logits its last stage has in flight to another rank.  ``check_fits`` refuses a run whose floor
 already exceeds the memory a rank can see (on its own GPU, chosen by ``ted_ds.distributed.device``),
 and a rank count that does not fit the pipeline — one line each, before any weights are read.  The
 scale rehearsal (``python -m bench scale``) divides measured peaks by the same floor.
@@ -57,10 +58,18 @@ def reduce_bucket_elements(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("reduce_bucket_size", 5e8))
 
 
+def chunk_tokens(micro_batch: int, seq_len: int, chunks: int) -> int:
+    """Tokens of the largest pipeline chunk: the micro-batch's rows are cut into ``chunks``."""
+    return math.ceil(micro_batch / chunks) * seq_len
+
+
 def rank_floor_bytes(teacher_config, student_config, placement: str, world: int, stages: int,
-                     explicit: list[int] | None, dtype: torch.dtype, tokens: int, bucket_elements: int = 0) -> float:
+                     explicit: list[int] | None, dtype: torch.dtype, tokens: int, bucket_elements: int = 0,
+                     chunk: int = 0) -> float:
     """A lower bound of one rank's memory for this run (module docstring); ``bucket_elements``: the
-    ZeRO-3 gradient bucket, counted up to the student's size."""
+    ZeRO-3 gradient bucket, counted up to the student's size; ``chunk``: tokens of a pipeline chunk,
+    whose logits the last stage makes and sends to their owner one at a time (the schedule waits
+    for each tick's sends), on top of its own micro-batch's."""
     student = meta_model(student_config)
     n_student = sum(p.numel() for p in student.parameters())
     largest = max(p.numel() for p in student.parameters())
@@ -70,6 +79,8 @@ def rank_floor_bytes(teacher_config, student_config, placement: str, world: int,
              + width * min(bucket_elements, n_student))
     if teacher_config is not None:
         floor += width * teacher_share(teacher_config, placement, world, stages, explicit) + tokens * vocab * width
+        if placement == "pipeline" and stages > 1:
+            floor += chunk * vocab * width
     return floor
 
 
@@ -98,7 +109,8 @@ def check_fits(p, ds: dict, world: int, local_ranks: int, with_teacher: bool, tr
         raise ConfigError(f"teacher.pipeline_stages {t.pipeline_stages} must divide the number of ranks {world}")
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     need = rank_floor_bytes(teacher_config, p.student_config, t.placement, world, t.pipeline_stages,
-                            t.pipeline_layers, compute_dtype(ds), tokens, reduce_bucket_elements(ds))
+                            t.pipeline_layers, compute_dtype(ds), tokens, reduce_bucket_elements(ds),
+                            chunk_tokens(cfg.train.micro_batch_size, cfg.data.seq_len, t.pipeline_chunks))
     if trained_heads and p.teacher_config is not None:
         head = vocab_size(p.teacher_config) * hidden_size(p.teacher_config)
         need += student_bytes_per_param(compute_dtype(ds)) * trained_heads * head / world

@@ -48,8 +48,8 @@ def test_scale_rehearsal_quick_reports_every_placement(tmp_path):
 
 def test_floor_follows_the_placement(tiny):
     """Sharded placements must hold less teacher than a replicated one, and the floor says how much."""
-    from ted_ds.architectures import load_hf_config, meta_model, teacher_blocks_config
-    from ted_ds.capacity import rank_floor_bytes, teacher_share
+    from ted_ds.architectures import load_hf_config, meta_model, teacher_blocks_config, vocab_size
+    from ted_ds.capacity import chunk_tokens, rank_floor_bytes, teacher_share
 
     t = load_hf_config(tiny["llama_teacher"])
     total = teacher_share(t, "replicated", 2, 2, None)
@@ -59,6 +59,10 @@ def test_floor_follows_the_placement(tiny):
     s = teacher_blocks_config(t, [0, 2])
     floors = {p: rank_floor_bytes(t, s, p, 2, 2, None, torch.float32, 64) for p in ("replicated", "zero3")}
     assert floors["replicated"] - floors["zero3"] == pytest.approx(4 * (total - (total + 1) // 2 - largest))
+    # a pipeline's last stage also holds one chunk of another rank's logits (3 rows in 2 chunks: 2 rows)
+    pipeline = lambda stages, chunk: rank_floor_bytes(t, s, "pipeline", 2, stages, None, torch.float32, 48, 0, chunk)
+    assert chunk_tokens(3, 16, 2) == 32
+    assert pipeline(2, 32) - pipeline(2, 0) == 32 * vocab_size(s) * 4 and pipeline(1, 32) == pipeline(1, 0)
 
 
 def test_runs_that_cannot_fit_are_refused_in_one_line(tiny, tmp_path, capsys, monkeypatch):
