@@ -3,6 +3,7 @@
     python -m bench [--quick]          (make bench)
     python -m bench scale|kd|gpu|loader [...] the scale rehearsal, the chunked KD loss, the GPU check, the loader
     python -m bench faults             the "Faults survived" table from the last test run
+    python -m bench profile [...]      where a step's time goes, by phase and kind (torch.profiler)
 
 prep (ted-prep vs the HF run_clm recipe and the bare tokenizer), engine (TED step overhead, teacher
 placements), loader (data path vs training consumption), scaling (on paper, from the measured
@@ -11,10 +12,20 @@ overhead). The reproduction study is separate: python bench/repro.py (55 min on 
 
 import sys
 
-from bench import engine_bench, faults, gpu_check, kd_bench, loader_bench, prep_bench, scale_bench, scaling
+from bench import (
+    engine_bench,
+    faults,
+    gpu_check,
+    kd_bench,
+    loader_bench,
+    prep_bench,
+    profile_bench,
+    scale_bench,
+    scaling,
+)
 
 BY_NAME = {"scale": scale_bench.main, "kd": kd_bench.main, "gpu": gpu_check.main, "loader": loader_bench.main,
-           "faults": faults.main}
+           "faults": faults.main, "profile": profile_bench.main}
 
 
 def main() -> None:

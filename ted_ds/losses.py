@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.profiler import record_function
 
 CHUNK_TOKENS = 512  # at 128k vocabulary a chunk's KD peaks at three fp32 (chunk × V) tensors, 0.75 GB
 IGNORE_INDEX = -100  # F.cross_entropy's default: such labels count neither in the sum nor in the mean
@@ -140,6 +141,7 @@ class ObjectiveWeights:
     vocab: int | None = None  # KD compares the first ``vocab`` logits (the tokenizer's ids); None: all
 
 
+@record_function("loss")  # names the objective's work (and its closed-form gradients) in a profile
 def distill_objective(student_logits, student_taps, labels, teacher_logits, teacher_taps, w: ObjectiveWeights,
                       teacher_topk_index=None) -> dict[str, torch.Tensor]:
     """Every term, and their weighted sum under ``"loss"``; absent terms are not computed."""
@@ -156,6 +158,7 @@ def distill_objective(student_logits, student_taps, labels, teacher_logits, teac
     return terms
 
 
+@record_function("loss")
 def tap_lm_losses(head, filtered_taps: list[torch.Tensor], labels: torch.Tensor,
                   chunk_tokens: int = CHUNK_TOKENS) -> list[torch.Tensor]:
     """Stage 1: the next-token loss of every filtered tap (B, T, D) read through the frozen task head.

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.autograd.profiler import record_function
 
 from ted_ds import distributed
 from ted_ds.capacity import check_fits
@@ -105,8 +106,10 @@ def backward_and_step(engine, loss: torch.Tensor, finite: torch.Tensor, boundary
     purpose: DeepSpeed's overflow check (the same on every ZeRO-3 rank) then drops the accumulated
     gradients and leaves weights, Adam moments and the LR schedule untouched."""
     skip = boundary and bool(distributed.all_reduce_sum((~finite).float()).item() > 0)
-    engine.backward(loss * math.nan if skip else loss)
-    engine.step()
+    with record_function("backward"):
+        engine.backward(loss * math.nan if skip else loss)
+    with record_function("step"):  # ZeRO-3's gradient reduction and the optimizer, at the boundary
+        engine.step()
     if skip and engine.was_step_applied():
         raise TrainingError("DeepSpeed applied an optimizer step the ranks agreed to skip (non-finite loss); "
                             "stopping before anything is saved")
@@ -121,7 +124,8 @@ def train_step(recipe: Recipe, batches: list[tuple[torch.Tensor, torch.Tensor]],
     sums: dict[str, torch.Tensor] = defaultdict(float)
     finite = torch.ones((), dtype=torch.bool, device=distributed.device())
     for i, (input_ids, labels) in enumerate(batches):
-        terms = recipe.loss(input_ids, labels)
+        with record_function("forward"):
+            terms = recipe.loss(input_ids, labels)
         terms["loss"] = injected_nan(terms["loss"], step, nan_steps)
         finite &= torch.isfinite(terms["loss"].detach())
         skipped = backward_and_step(recipe.engine, terms["loss"], finite, i == len(batches) - 1)

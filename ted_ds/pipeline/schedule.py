@@ -13,6 +13,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.autograd.profiler import record_function
 
 from ted_ds import distributed
 from ted_ds.architectures import decoder_layers, load_hf_config
@@ -114,6 +115,7 @@ class PipelineTeacher:
 
     # ------------------------------------------------------------------------- one call
     @torch.no_grad()
+    @record_function("teacher")  # names the frozen side's work in a profile (bench/profile_bench.py)
     def __call__(self, input_ids: torch.Tensor) -> TeacherOutput:
         start = self._clock()
         out = self._call(input_ids)
