@@ -18,7 +18,7 @@ from ted_ds import distributed
 from ted_ds.checkpoint import is_complete, weights_only_loads
 from ted_ds.config import DataConfig, data_config
 from ted_ds.errors import CheckpointError
-from ted_ds.filters import save_filter_bank
+from ted_ds.filters import model_record, save_filter_bank
 from ted_ds.weights import build_dense
 
 
@@ -72,16 +72,24 @@ def save_trained_outputs(recipe, p, out_dir: str) -> str:
     if distributed.rank() == 0:
         write_hf_dir(p.student_config, state, target, os.path.join(p.cfg.data.blend[0].path, "tokenizer"))
     if trained.filters is not None:
-        _save_bank(trained.filters, os.path.join(out_dir, "student-filters"))
+        _save_bank(trained.filters, os.path.join(out_dir, "student-filters"), target)
     distributed.barrier()
     return target
 
 
-def _save_bank(bank, target: str) -> None:
+def _save_bank(bank, target: str, student_dir: str | None = None) -> None:
+    """Every rank gathers, rank 0 writes; a bank trained with the student records it as ``student_dir``."""
     state = gathered_state_dict(bank)
     if distributed.rank() == 0:
-        save_filter_bank(state, bank.meta(), target)
+        save_filter_bank(state, bank.meta() if student_dir is None else with_student(bank.meta(), student_dir), target)
     distributed.barrier()
+
+
+def with_student(meta: dict, student_dir: str | None) -> dict:
+    """A stage-2 bank trains with its student, so it was learned on the student as saved in ``student_dir``
+    (None: not saved with it; the bank then names no model)."""
+    meta = {k: v for k, v in meta.items() if k != "model"}
+    return meta if student_dir is None else {**meta, "model": model_record(student_dir)}
 
 
 # ----------------------------------------------------------------------------- offline export
@@ -210,6 +218,6 @@ def export_checkpoint(path: str, out: str | None, tag: str | None = None, dtype:
         bank_state = (_split(state, "bank.") or state) if is_bank else _split(state, "filters.")  # bank. : own heads
         if not bank_state or run.get("filters") is None:
             raise CheckpointError(f"{ckpt_dir}/{tag} holds no filter bank (method without filters)")
-        save_filter_bank(bank_state, run["filters"], filters_out)
+        save_filter_bank(bank_state, run["filters"] if is_bank else with_student(run["filters"], out), filters_out)
         done.append(f"wrote filter bank {filters_out}")
     return done
