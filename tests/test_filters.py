@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness.common import REPO
+from harness.common import REPO, ProcessGroupStarted, stop_at_process_group
 from harness.tiny import base_config, write_config
 from ted_ds.filters import FilterBank
 from ted_ds.weights import fingerprint
@@ -45,16 +45,11 @@ def test_a_weights_fingerprint_survives_a_move_and_tells_other_weights_apart(tin
     assert fingerprint(_other_teacher(teacher, str(tmp_path / "other"))) != fingerprint(teacher)
 
 
-class ProcessGroupStarted(Exception):
-    """The run got past every check made before the process group."""
-
-
 def test_a_bank_learned_on_another_teacher_of_the_same_shape_is_refused(tiny, tmp_path, capsys, monkeypatch):
     """Stage 1 (one process, one step per side) on the tiny teacher; stage 2 with another teacher of the same
     shapes is refused in one line naming both, before any process group; the same teacher moved elsewhere
     is accepted (paths move, the weights' digest does not); a bank that records no model (written before
     banks recorded it) is accepted with a warning."""
-    from ted_ds import distributed
     from ted_ds.cli import main as ted_main
 
     teacher = tiny["llama_teacher"]
@@ -67,7 +62,7 @@ def test_a_bank_learned_on_another_teacher_of_the_same_shape_is_refused(tiny, tm
                             "--model", side, f"distill.filters_out={banks[side]}"], cwd=REPO, capture_output=True,
                            text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
-    monkeypatch.setattr(distributed, "init", lambda *_: (_ for _ in ()).throw(ProcessGroupStarted()))
+    stop_at_process_group(monkeypatch)
     other = _other_teacher(teacher, str(tmp_path / "other-teacher"))
     capsys.readouterr()
     assert ted_main(["distill", "--config", cfg("other", other)]) == 2

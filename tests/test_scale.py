@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from harness.common import ProcessGroupStarted, stop_at_process_group
 from harness.tiny import base_config, write_config
 from ted_ds.cli import main as ted_main
 
@@ -79,15 +80,11 @@ def test_runs_that_cannot_fit_are_refused_in_one_line(tiny, tmp_path, capsys, mo
     assert "pipeline_stages 8 must divide the number of ranks 1" in err and "\n" not in err
 
 
-class ProcessGroupStarted(Exception):
-    """The run got past every check made before the process group."""
-
-
 def test_trainable_stage1_heads_count_in_the_floor(tiny, tmp_path, capsys, monkeypatch):
     """Stage 1 with ``filter_head: trainable`` trains a norm + unembedding per tap under ZeRO-3: through
     ``ted-ds learn-filters`` (its set-up, before any process group), a rank that holds the floor plus half
     the heads' bytes starts with the teacher's frozen head and is refused in one line with trainable heads."""
-    from ted_ds import capacity, distributed
+    from ted_ds import capacity
     from ted_ds.architectures import hidden_size, load_hf_config, vocab_size
 
     teacher = load_hf_config(tiny["llama_teacher"])
@@ -97,7 +94,7 @@ def test_trainable_stage1_heads_count_in_the_floor(tiny, tmp_path, capsys, monke
     floor = capacity.rank_floor_bytes
     monkeypatch.setattr(capacity, "rank_floor_bytes", lambda *a: floors.append(floor(*a)) or floors[-1])
     monkeypatch.setattr(capacity, "visible_bytes", lambda local_ranks: (floors[-1] + heads / 2, "host"))
-    monkeypatch.setattr(distributed, "init", lambda *_: (_ for _ in ()).throw(ProcessGroupStarted()))
+    stop_at_process_group(monkeypatch)
     path = write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"], tiny["llama_teacher"],
                                                                 str(tmp_path / "o")))
     learn = ["learn-filters", "--config", path, "--model", "student"]
