@@ -1,6 +1,7 @@
 """What the tests share besides fixtures: the repository root, the bundled corpus, the marker for a
-missing requirement, the multi-rank launch (``run_launcher``, ``deepspeed_cmd``) and the rows of the
-"Faults survived" table (``record_fault``)."""
+missing requirement, the multi-rank launch (``run_launcher``, ``deepspeed_cmd``), a stop where a command
+would start its process group (``stop_at_process_group``) and the rows of the "Faults survived" table
+(``record_fault``)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,21 @@ def needs(available: bool, what: str):
     if os.environ.get("CI"):
         return lambda test: pytest.mark.usefixtures("_fail_missing_requirement")(pytest.mark.missing(what=what)(test))
     return pytest.mark.skip(reason=f"needs {what} (scripts/setup_env.sh installs it as root)")
+
+
+class ProcessGroupStarted(Exception):
+    """A command run in-process got past every check made before its process group."""
+
+
+def stop_at_process_group(monkeypatch) -> None:
+    """Make ``distributed.init`` raise ProcessGroupStarted: what a command checks up front can then be
+    tested in-process, its acceptance seen as that exception."""
+    from ted_ds import distributed
+
+    def init(*_):
+        raise ProcessGroupStarted()
+
+    monkeypatch.setattr(distributed, "init", init)
 
 
 def record_fault(fault: str, sees: str, kept: str) -> None:
