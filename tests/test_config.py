@@ -30,7 +30,7 @@ def test_bad_schedules_are_one_line_before_any_process_group(tiny, tmp_path, ove
 @pytest.mark.parametrize("key, allowed", [
     ("distill.method", "ted, lwd, kd, lm"), ("teacher.placement", "replicated, zero3, pipeline"),
     ("distill.layer_loss", "mse, normalized_mse, cosine"), ("distill.filter", "linear, mlp"),
-    ("optim.schedule", "cosine, wsd, constant"), ("teacher.logits_dtype", "fp32, bf16"),
+    ("optim.schedule", "cosine, wsd, constant"), ("teacher.logits_dtype", "fp32, bf16, fp16"),
     ("distill.filter_head", "teacher, trainable"),
 ])
 def test_fixed_choices_are_one_line_naming_every_choice(key, allowed):

@@ -20,7 +20,7 @@ from ted_ds.pipeline.layout import PipelineLayout
 from ted_ds.pipeline.messages import Message, MessageKind, TagAllocator
 from ted_ds.pipeline.stage import build_stage_model, run_pipeline_stage, stop_after
 from ted_ds.taps import TapRecorder
-from ted_ds.teacher import TeacherOutput, topk_logits
+from ted_ds.teacher import LOGITS_DTYPES, TeacherOutput, teacher_logits
 
 Received = dict[Message, torch.Tensor]  # this rank's buffer for each message it gets (or makes itself)
 Pending = list[tuple]  # (work, what) of every send and receive still in flight
@@ -176,7 +176,7 @@ class PipelineTeacher:
             pending.append((dist.isend(out.contiguous(), self.members[self.stage + 1], tag=self.tags.tag(activations)),
                             f"sending activations to stage {self.stage + 1}"))
         elif layout.need_logits:
-            values, index = topk_logits(logits[..., :layout.vocab], layout.logits_topk)
+            values, index = teacher_logits(logits, layout.vocab, layout.logits_topk, layout.logits_dtype)
             self._deliver(Message(owner, c, MessageKind.LOGITS), values.to(layout.logits_dtype), received, pending,
                           "sending logits")
             if index is not None:
@@ -202,6 +202,6 @@ def build_pipeline_teacher(cfg, tap_layers: list[int], filters, need_logits: boo
     layout = PipelineLayout.resolve(
         config, tap_layers, filters, stages=t.pipeline_stages, explicit_layers=t.pipeline_layers,
         chunks=t.pipeline_chunks, need_logits=need_logits, logits_topk=t.logits_topk,
-        logits_dtype=torch.bfloat16 if t.logits_dtype == "bf16" else torch.float32, dtype=dtype,
+        logits_dtype=LOGITS_DTYPES[t.logits_dtype], dtype=dtype,
         document_eos=document_eos, vocab=vocab)
     return PipelineTeacher(layout, t.path, config, filters, cfg.train.timeout_minutes)
