@@ -1,0 +1,210 @@
+"""The teacher cache against the online teacher, in five launches.
+
+1 rank: ``cache-teacher``, then KD with the teacher online and KD from that cache.
+2 ranks: ``cache-teacher`` killed after a few blocks; then one launch that finishes that build (with the
+teacher under another placement, ZeRO-3) and trains, each online and from the cache: KD, LWD (the teacher
+runs for its taps, its logits come from the cache; k = 4 read from a k = 8 cache) and KD on a two-source
+mixture; finally KD from the cache killed mid-save and resumed.
+The cached runs must equal the online ones bit for bit (fp32, top-8 logits rounded to fp16 on both paths);
+the 2-rank build, killed and finished, must equal the 1-rank build byte for byte.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from data_prep.build import BuildOptions, build
+from harness.common import REPO, corpus_lines, deepspeed_cmd, run_launcher
+from harness.tiny import base_config, make_teacher, write_config
+from ted_ds.cache.format import MANIFEST
+
+pytestmark = pytest.mark.multirank
+
+BLOCK_WINDOWS = 128
+LOSS_KEYS = ("loss/total", "loss/lm", "loss/kd", "loss/layer")
+
+
+def _losses(out_dir: str) -> dict[int, dict]:
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return {r["step"]: {k: r[k] for k in LOSS_KEYS if k in r} for r in rows if "loss/total" in r}
+
+
+def _weights(out_dir: str) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(out_dir, "hf", "model.safetensors"))
+
+
+def _same_run(a: str, b: str) -> None:
+    """Two runs' loss curves and final weights, bit for bit."""
+    assert _losses(a) == _losses(b) and len(_losses(a)) == 6
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _files(cache: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), cache) for d, _, fs in os.walk(cache) for f in fs)
+
+
+@pytest.fixture(scope="module")
+def world(tiny, tmp_path_factory):
+    """Data (wiki, and a second source on its tokenizer), configs, and the five launches' outputs."""
+    root = tmp_path_factory.mktemp("cache")
+    wiki = tiny["llama_data"]
+    corpus = root / "more.txt"
+    corpus.write_text("\n".join(corpus_lines(16, start=400)) + "\n", encoding="utf-8")
+    more = str(root / "more")
+    build(BuildOptions(inputs=[str(corpus)], tokenizer=os.path.join(wiki, "tokenizer"), out=more, valid_fraction=0.3,
+                       progress=False))
+    sources = [{"name": "wiki", "path": wiki, "weight": 0.75}, {"name": "more", "path": more, "weight": 0.25}]
+    kd = {"distill.method": "kd", "teacher.logits_topk": 8, "teacher.logits_dtype": "fp16", "train.steps": 6,
+          "train.save_interval": 2}
+    mix = {"data.path": "", "data.sources": sources}
+    lwd = {"distill.method": "lwd", "teacher.logits_topk": 4, "teacher.placement": "zero3"}
+
+    def config(name, cache=None, **over):
+        cfg = base_config(wiki, tiny["llama_teacher"], str(root / name), **{**kd, **over})
+        if cache:
+            cfg["teacher"]["cache"] = str(root / cache)
+        return write_config(str(root / f"{name}.yaml"), **cfg)
+
+    def scenarios(name, runs):
+        spec = str(root / f"{name}.json")
+        json.dump([{"name": n, "config": c, **extra} for n, c, extra in runs], open(spec, "w"))
+        return ["tests/harness/mp/run_scenarios.py", "--spec", spec, "--out", str(root / f"{name}-results.json")]
+
+    cache_cfg = config("for-cache", **mix)
+    one = scenarios("one", [("cache", cache_cfg, {"cache_out": str(root / "cache1"), "block_windows": BLOCK_WINDOWS}),
+                            ("kd_online", config("kd1"), {}), ("kd_cached", config("kd1c", "cache1"), {})])
+    run_launcher(deepspeed_cmd(1, *one), timeout=900)
+
+    fault = os.path.join(REPO, "tests", "harness", "mp", "fault_at.py")
+    killed = subprocess.run(deepspeed_cmd(2, fault, "--fault", "cache-block:2:1:KILL", "cache-teacher", "--config",
+                                          cache_cfg, "--out", str(root / "cache2"), "--block-windows",
+                                          str(BLOCK_WINDOWS)), cwd=REPO, capture_output=True, text=True, timeout=600)
+    after_kill = {f: os.stat(root / "cache2" / f) for f in _files(str(root / "cache2"))}
+
+    zero3_cache_cfg = config("for-cache-zero3", **mix, **{"teacher.placement": "zero3"})
+    two = scenarios("two", [
+        ("cache", zero3_cache_cfg, {"cache_out": str(root / "cache2"), "block_windows": BLOCK_WINDOWS}),
+        ("kd_online", config("kd2"), {}), ("kd_cached", config("kd2c", "cache2"), {}),
+        ("lwd_online", config("lwd2", **lwd), {}), ("lwd_cached", config("lwd2c", "cache2", **lwd), {}),
+        ("mix_online", config("mix2", **mix), {}), ("mix_cached", config("mix2c", "cache2", **mix), {})])
+    run_launcher(deepspeed_cmd(2, *two), timeout=1200)
+
+    resumed_cfg = config("kd2c-killed", "cache2")
+    killed_run = subprocess.run(deepspeed_cmd(2, fault, "--fault", "save-shards:2:1:KILL", "distill", "--config",
+                                              resumed_cfg), cwd=REPO, capture_output=True, text=True, timeout=600)
+    resumed = run_launcher(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", resumed_cfg))
+    return {"root": root, "killed": killed, "after_kill": after_kill, "killed_run": killed_run, "resumed": resumed,
+            "results": {name: json.load(open(root / f"{name}-results.json")) for name in ("one", "two")},
+            "config": config}
+
+
+def test_cached_kd_equals_online_kd_on_one_rank(world):
+    root = world["root"]
+    _same_run(str(root / "kd1"), str(root / "kd1c"))
+    one = world["results"]["one"]
+    assert "frozen_local_params_sum" in one["kd_online"] and "frozen_local_params_sum" not in one["kd_cached"]
+
+
+def test_cached_runs_equal_online_runs_on_two_ranks(world):
+    """KD (no teacher at all), LWD (teacher for its taps, logits from the cache, k = 4 of 8) and a mixture."""
+    root, two = world["root"], world["results"]["two"]
+    for online, cached in (("kd2", "kd2c"), ("lwd2", "lwd2c"), ("mix2", "mix2c")):
+        _same_run(str(root / online), str(root / cached))
+    assert "frozen_local_params_sum" not in two["kd_cached"] and "frozen_local_params_sum" in two["lwd_cached"]
+    mixed = [json.loads(line) for line in open(root / "mix2c" / "metrics.jsonl") if "data/more/samples" in line]
+    assert mixed[-1]["data/more/samples"] == 12  # a quarter of 6 × 8 samples came from the second source
+
+
+def test_cache_build_is_byte_identical_for_one_and_two_ranks_and_resumes_after_a_kill(world):
+    root, after_kill = world["root"], world["after_kill"]
+    assert world["killed"].returncode != 0
+    finished = [f for f in after_kill if f.endswith(".bin")]
+    assert finished and MANIFEST not in after_kill, sorted(after_kill)  # some blocks done, the cache unfinished
+    line = world["results"]["two"]["cache"]["line"]
+    blocks, computed = re.search(r"\((\d+) blocks, (\d+) computed now", line).groups()
+    assert 0 < int(computed) < int(blocks)
+    for f, st in after_kill.items():
+        if f.endswith(".bin"):  # finished blocks are kept as they were, not recomputed
+            assert os.stat(root / "cache2" / f).st_mtime_ns == st.st_mtime_ns, f
+    one, two = _files(str(root / "cache1")), _files(str(root / "cache2"))
+    assert one == two and not [f for f in two if f.endswith(".tmp")]
+    match, differ, errors = filecmp.cmpfiles(root / "cache1", root / "cache2", one, shallow=False)
+    assert not differ and not errors and len(match) == len(one)
+    assert len([f for f in one if f.endswith(".bin")]) > len(finished)
+
+
+def test_cached_run_killed_mid_save_resumes_to_the_online_run(world):
+    root = world["root"]
+    assert world["killed_run"].returncode != 0
+    assert "resumed from step-00000002" in world["resumed"].stderr
+    _same_run(str(root / "kd2"), str(root / "kd2c-killed"))
+
+
+def _refused(config: str, capsys, out_dir: str) -> str:
+    """Run ``distill`` in this process: it must stop before any process group with one error line, exit 2,
+    and write nothing."""
+    from ted_ds.cli import main
+
+    assert main(["distill", "--config", config]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ted-ds: error: "), err
+    assert not os.path.exists(out_dir)
+    return err[0]
+
+
+def _damaged_copy(root, how: str) -> str:
+    cache = str(root / f"cache-{how}")
+    shutil.copytree(root / "cache1", cache)
+    block = os.path.join(cache, next(f for f in _files(cache) if f.endswith(".bin")))
+    if how == "missing":
+        os.remove(block)
+    else:
+        with open(block, "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 1]))
+    return cache
+
+
+@pytest.mark.parametrize("how,says", [("missing", "is missing"), ("flipped", "sha256 differs")])
+def test_a_missing_or_damaged_cache_file_is_refused(world, capsys, how, says):
+    root = world["root"]
+    config = world["config"](f"refused-{how}", os.path.basename(_damaged_copy(root, how)))
+    assert says in _refused(config, capsys, str(root / f"refused-{how}"))
+
+
+@pytest.mark.parametrize("change,says", [
+    ("teacher", "was made with another teacher"),
+    ("data", "holds no windows of data source"),
+    ("topk", "teacher.logits_topk 16 asks for more"),
+    ("seq_len", "holds windows of seq_len 32; this run has data.seq_len 16"),
+    ("dtype", "stores fp16 logits; set teacher.logits_dtype: fp16"),
+])
+def test_a_cache_of_another_run_is_refused(world, tiny, capsys, tmp_path, change, says):
+    over = {"topk": {"teacher.logits_topk": 16}, "seq_len": {"data.seq_len": 16},
+            "dtype": {"teacher.logits_dtype": "bf16"}}.get(change, {})
+    config = world["config"](f"refused-{change}", "cache1", **over)
+    cfg = yaml.safe_load(open(config))
+    if change == "teacher":
+        cfg["teacher"]["path"] = make_teacher("llama", os.path.join(tiny["llama_data"], "tokenizer"),
+                                              str(tmp_path / "other-teacher"), seed=1)
+    if change == "data":
+        corpus = tmp_path / "other.txt"
+        corpus.write_text("\n".join(corpus_lines(40, start=600)) + "\n", encoding="utf-8")
+        cfg["data"]["path"] = str(tmp_path / "other")
+        build(BuildOptions(inputs=[str(corpus)], tokenizer=os.path.join(tiny["llama_data"], "tokenizer"),
+                           out=cfg["data"]["path"], valid_fraction=0.1, progress=False))
+    write_config(config, **cfg)
+    assert says in _refused(config, capsys, cfg["train"]["out_dir"])
