@@ -54,71 +54,89 @@ def _files(cache: str) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, f), cache) for d, _, fs in os.walk(cache) for f in fs)
 
 
-@pytest.fixture(scope="module")
-def world(tiny, tmp_path_factory):
-    """Data (wiki, and a second source on its tokenizer), configs, and the five launches' outputs."""
-    root = tmp_path_factory.mktemp("cache")
-    wiki = tiny["llama_data"]
-    corpus = root / "more.txt"
-    corpus.write_text("\n".join(corpus_lines(16, start=400)) + "\n", encoding="utf-8")
-    more = str(root / "more")
-    build(BuildOptions(inputs=[str(corpus)], tokenizer=os.path.join(wiki, "tokenizer"), out=more, valid_fraction=0.3,
-                       progress=False))
-    sources = [{"name": "wiki", "path": wiki, "weight": 0.75}, {"name": "more", "path": more, "weight": 0.25}]
-    kd = {"distill.method": "kd", "teacher.logits_topk": 8, "teacher.logits_dtype": "fp16", "train.steps": 6,
-          "train.save_interval": 2}
-    mix = {"data.path": "", "data.sources": sources}
-    lwd = {"distill.method": "lwd", "teacher.logits_topk": 4, "teacher.placement": "zero3"}
+class World:
+    """The data (wiki, and a second source on its tokenizer) and the runs' configs, in one directory."""
 
-    def config(name, cache=None, **over):
-        cfg = base_config(wiki, tiny["llama_teacher"], str(root / name), **{**kd, **over})
+    def __init__(self, tiny, root):
+        self.root, self.tiny = root, tiny
+        wiki = tiny["llama_data"]
+        corpus = root / "more.txt"
+        corpus.write_text("\n".join(corpus_lines(16, start=400)) + "\n", encoding="utf-8")
+        more = str(root / "more")
+        build(BuildOptions(inputs=[str(corpus)], tokenizer=os.path.join(wiki, "tokenizer"), out=more,
+                           valid_fraction=0.3, progress=False))
+        self.mix = {"data.path": "", "data.sources": [{"name": "wiki", "path": wiki, "weight": 0.75},
+                                                      {"name": "more", "path": more, "weight": 0.25}]}
+        self.lwd = {"distill.method": "lwd", "teacher.logits_topk": 4, "teacher.placement": "zero3"}
+
+    def config(self, name: str, cache: str | None = None, **over) -> str:
+        """KD, top-8 logits rounded to fp16, 6 steps saved every 2; ``cache``: a cache directory's name."""
+        kd = {"distill.method": "kd", "teacher.logits_topk": 8, "teacher.logits_dtype": "fp16", "train.steps": 6,
+              "train.save_interval": 2}
+        cfg = base_config(self.tiny["llama_data"], self.tiny["llama_teacher"], str(self.root / name), **{**kd, **over})
         if cache:
-            cfg["teacher"]["cache"] = str(root / cache)
-        return write_config(str(root / f"{name}.yaml"), **cfg)
+            cfg["teacher"]["cache"] = str(self.root / cache)
+        return write_config(str(self.root / f"{name}.yaml"), **cfg)
 
-    def scenarios(name, runs):
-        spec = str(root / f"{name}.json")
+    def scenarios(self, ranks: int, name: str, runs) -> dict:
+        """One launch of run_scenarios.py over ``runs`` ((name, config, extra), ...); its records."""
+        spec, out = str(self.root / f"{name}.json"), str(self.root / f"{name}-results.json")
         json.dump([{"name": n, "config": c, **extra} for n, c, extra in runs], open(spec, "w"))
-        return ["tests/harness/mp/run_scenarios.py", "--spec", spec, "--out", str(root / f"{name}-results.json")]
+        run_launcher(deepspeed_cmd(ranks, "tests/harness/mp/run_scenarios.py", "--spec", spec, "--out", out),
+                     timeout=1200)
+        return json.load(open(out))
 
-    cache_cfg = config("for-cache", **mix)
-    one = scenarios("one", [("cache", cache_cfg, {"cache_out": str(root / "cache1"), "block_windows": BLOCK_WINDOWS}),
-                            ("kd_online", config("kd1"), {}), ("kd_cached", config("kd1c", "cache1"), {})])
-    run_launcher(deepspeed_cmd(1, *one), timeout=900)
+    def cache_run(self, name: str, placement: str = "replicated") -> tuple:
+        """A scenario building the cache ``name`` over both sources."""
+        config = self.config(f"for-{name}", **self.mix, **{"teacher.placement": placement})
+        return ("cache", config, {"cache_out": str(self.root / name), "block_windows": BLOCK_WINDOWS})
 
-    fault = os.path.join(REPO, "tests", "harness", "mp", "fault_at.py")
-    killed = subprocess.run(deepspeed_cmd(2, fault, "--fault", "cache-block:2:1:KILL", "cache-teacher", "--config",
-                                          cache_cfg, "--out", str(root / "cache2"), "--block-windows",
-                                          str(BLOCK_WINDOWS)), cwd=REPO, capture_output=True, text=True, timeout=600)
-    after_kill = {f: os.stat(root / "cache2" / f) for f in _files(str(root / "cache2"))}
-
-    zero3_cache_cfg = config("for-cache-zero3", **mix, **{"teacher.placement": "zero3"})
-    two = scenarios("two", [
-        ("cache", zero3_cache_cfg, {"cache_out": str(root / "cache2"), "block_windows": BLOCK_WINDOWS}),
-        ("kd_online", config("kd2"), {}), ("kd_cached", config("kd2c", "cache2"), {}),
-        ("lwd_online", config("lwd2", **lwd), {}), ("lwd_cached", config("lwd2c", "cache2", **lwd), {}),
-        ("mix_online", config("mix2", **mix), {}), ("mix_cached", config("mix2c", "cache2", **mix), {})])
-    run_launcher(deepspeed_cmd(2, *two), timeout=1200)
-
-    resumed_cfg = config("kd2c-killed", "cache2")
-    killed_run = subprocess.run(deepspeed_cmd(2, fault, "--fault", "save-shards:2:1:KILL", "distill", "--config",
-                                              resumed_cfg), cwd=REPO, capture_output=True, text=True, timeout=600)
-    resumed = run_launcher(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", resumed_cfg))
-    return {"root": root, "killed": killed, "after_kill": after_kill, "killed_run": killed_run, "resumed": resumed,
-            "results": {name: json.load(open(root / f"{name}-results.json")) for name in ("one", "two")},
-            "config": config}
+    def killed(self, fault: str, *command: str) -> subprocess.CompletedProcess:
+        script = os.path.join(REPO, "tests", "harness", "mp", "fault_at.py")
+        return subprocess.run(deepspeed_cmd(2, script, "--fault", fault, *command), cwd=REPO, capture_output=True,
+                              text=True, timeout=600)
 
 
-def test_cached_kd_equals_online_kd_on_one_rank(world):
-    root = world["root"]
-    _same_run(str(root / "kd1"), str(root / "kd1c"))
-    one = world["results"]["one"]
+@pytest.fixture(scope="module")
+def world(tiny, tmp_path_factory) -> World:
+    return World(tiny, tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def one_rank(world) -> dict:
+    """1 rank: the cache, KD online, KD from the cache."""
+    return world.scenarios(1, "one", [world.cache_run("cache1"), ("kd_online", world.config("kd1"), {}),
+                                      ("kd_cached", world.config("kd1c", "cache1"), {})])
+
+
+@pytest.fixture(scope="module")
+def killed_build(world) -> tuple:
+    """2 ranks: the build killed on rank 1 after its second block; what the directory held afterwards."""
+    _, config, _ = world.cache_run("cache2")
+    killed = world.killed("cache-block:2:1:KILL", "cache-teacher", "--config", config, "--out",
+                          str(world.root / "cache2"), "--block-windows", str(BLOCK_WINDOWS))
+    return killed, {f: os.stat(world.root / "cache2" / f) for f in _files(str(world.root / "cache2"))}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(world, killed_build) -> dict:
+    """2 ranks: the killed build finished (the teacher now under ZeRO-3), then each run online and cached."""
+    c, mix, lwd = world.config, world.mix, world.lwd
+    return world.scenarios(2, "two", [
+        world.cache_run("cache2", "zero3"), ("kd_online", c("kd2"), {}), ("kd_cached", c("kd2c", "cache2"), {}),
+        ("lwd_online", c("lwd2", **lwd), {}), ("lwd_cached", c("lwd2c", "cache2", **lwd), {}),
+        ("mix_online", c("mix2", **mix), {}), ("mix_cached", c("mix2c", "cache2", **mix), {})])
+
+
+def test_cached_kd_equals_online_kd_on_one_rank(world, one_rank):
+    _same_run(str(world.root / "kd1"), str(world.root / "kd1c"))
+    one = one_rank
     assert "frozen_local_params_sum" in one["kd_online"] and "frozen_local_params_sum" not in one["kd_cached"]
 
 
-def test_cached_runs_equal_online_runs_on_two_ranks(world):
+def test_cached_runs_equal_online_runs_on_two_ranks(world, two_ranks):
     """KD (no teacher at all), LWD (teacher for its taps, logits from the cache, k = 4 of 8) and a mixture."""
-    root, two = world["root"], world["results"]["two"]
+    root, two = world.root, two_ranks
     for online, cached in (("kd2", "kd2c"), ("lwd2", "lwd2c"), ("mix2", "mix2c")):
         _same_run(str(root / online), str(root / cached))
     assert "frozen_local_params_sum" not in two["kd_cached"] and "frozen_local_params_sum" in two["lwd_cached"]
@@ -126,12 +144,13 @@ def test_cached_runs_equal_online_runs_on_two_ranks(world):
     assert mixed[-1]["data/more/samples"] == 12  # a quarter of 6 × 8 samples came from the second source
 
 
-def test_cache_build_is_byte_identical_for_one_and_two_ranks_and_resumes_after_a_kill(world):
-    root, after_kill = world["root"], world["after_kill"]
-    assert world["killed"].returncode != 0
+def test_cache_build_is_byte_identical_for_one_and_two_ranks_and_resumes_after_a_kill(world, one_rank, killed_build,
+                                                                                     two_ranks):
+    root, (killed, after_kill) = world.root, killed_build
+    assert killed.returncode != 0
     finished = [f for f in after_kill if f.endswith(".bin")]
     assert finished and MANIFEST not in after_kill, sorted(after_kill)  # some blocks done, the cache unfinished
-    line = world["results"]["two"]["cache"]["line"]
+    line = two_ranks["cache"]["line"]
     blocks, computed = re.search(r"\((\d+) blocks, (\d+) computed now", line).groups()
     assert 0 < int(computed) < int(blocks)
     for f, st in after_kill.items():
@@ -144,11 +163,12 @@ def test_cache_build_is_byte_identical_for_one_and_two_ranks_and_resumes_after_a
     assert len([f for f in one if f.endswith(".bin")]) > len(finished)
 
 
-def test_cached_run_killed_mid_save_resumes_to_the_online_run(world):
-    root = world["root"]
-    assert world["killed_run"].returncode != 0
-    assert "resumed from step-00000002" in world["resumed"].stderr
-    _same_run(str(root / "kd2"), str(root / "kd2c-killed"))
+def test_cached_run_killed_mid_save_resumes_to_the_online_run(world, two_ranks):
+    config = world.config("kd2c-killed", "cache2")
+    assert world.killed("save-shards:2:1:KILL", "distill", "--config", config).returncode != 0
+    resumed = run_launcher(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", config))
+    assert "resumed from step-00000002" in resumed.stderr
+    _same_run(str(world.root / "kd2"), str(world.root / "kd2c-killed"))
 
 
 def _refused(config: str, capsys, out_dir: str) -> str:
@@ -156,6 +176,7 @@ def _refused(config: str, capsys, out_dir: str) -> str:
     and write nothing."""
     from ted_ds.cli import main
 
+    capsys.readouterr()  # what came before
     assert main(["distill", "--config", config]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ted-ds: error: "), err
@@ -179,10 +200,9 @@ def _damaged_copy(root, how: str) -> str:
 
 
 @pytest.mark.parametrize("how,says", [("missing", "is missing"), ("flipped", "sha256 differs")])
-def test_a_missing_or_damaged_cache_file_is_refused(world, capsys, how, says):
-    root = world["root"]
-    config = world["config"](f"refused-{how}", os.path.basename(_damaged_copy(root, how)))
-    assert says in _refused(config, capsys, str(root / f"refused-{how}"))
+def test_a_missing_or_damaged_cache_file_is_refused(world, one_rank, capsys, how, says):
+    config = world.config(f"refused-{how}", os.path.basename(_damaged_copy(world.root, how)))
+    assert says in _refused(config, capsys, str(world.root / f"refused-{how}"))
 
 
 @pytest.mark.parametrize("change,says", [
@@ -192,19 +212,19 @@ def test_a_missing_or_damaged_cache_file_is_refused(world, capsys, how, says):
     ("seq_len", "holds windows of seq_len 32; this run has data.seq_len 16"),
     ("dtype", "stores fp16 logits; set teacher.logits_dtype: fp16"),
 ])
-def test_a_cache_of_another_run_is_refused(world, tiny, capsys, tmp_path, change, says):
+def test_a_cache_of_another_run_is_refused(world, one_rank, tiny, capsys, tmp_path, change, says):
     over = {"topk": {"teacher.logits_topk": 16}, "seq_len": {"data.seq_len": 16},
             "dtype": {"teacher.logits_dtype": "bf16"}}.get(change, {})
-    config = world["config"](f"refused-{change}", "cache1", **over)
+    config = world.config(f"refused-{change}", "cache1", **over)
     cfg = yaml.safe_load(open(config))
     if change == "teacher":
         cfg["teacher"]["path"] = make_teacher("llama", os.path.join(tiny["llama_data"], "tokenizer"),
                                               str(tmp_path / "other-teacher"), seed=1)
     if change == "data":
         corpus = tmp_path / "other.txt"
-        corpus.write_text("\n".join(corpus_lines(40, start=600)) + "\n", encoding="utf-8")
+        corpus.write_text("\n".join(corpus_lines(60, start=600)) + "\n", encoding="utf-8")
         cfg["data"]["path"] = str(tmp_path / "other")
         build(BuildOptions(inputs=[str(corpus)], tokenizer=os.path.join(tiny["llama_data"], "tokenizer"),
-                           out=cfg["data"]["path"], valid_fraction=0.1, progress=False))
+                           out=cfg["data"]["path"], valid_fraction=0.3, progress=False))
     write_config(config, **cfg)
     assert says in _refused(config, capsys, cfg["train"]["out_dir"])
