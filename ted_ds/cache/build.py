@@ -151,11 +151,11 @@ def build_cache(cfg: RunConfig, out: str, batch: int | None = None, block_window
     distributed.barrier()  # every rank listed the same blocks before any is written
     teacher = todo and build_frozen(p.cfg, functools.partial(load_teacher, p.cfg), [], None, True, ds,
                                     p.document_eos, p.manifest["vocab_size"])
-    calls = math.ceil(block_windows / batch)
     rounds = math.ceil(len(todo) / world)
     started, shown = time.perf_counter(), 0.0
     for r in range(rounds):
         mine = todo[r * world + rank] if r * world + rank < len(todo) else None
+        calls = max(math.ceil((b.stop - b.start) / batch) for b in todo[r * world:(r + 1) * world])  # the round's
         frames = teacher_rows(teacher, mine, batch, calls, spec)
         if mine is not None:
             write_block(os.path.join(out, mine.name), frames)
