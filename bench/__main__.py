@@ -4,6 +4,7 @@
     python -m bench scale|kd|gpu|loader [...] the scale rehearsal, the chunked KD loss, the GPU check, the loader
     python -m bench cache [--quick]    the teacher cache: bytes per token, build cost, a KD sweep online vs cached
     python -m bench faults             the "Faults survived" table from the last test run
+    python -m bench profile [...]      where a step's time goes, by phase and kind (torch.profiler)
 
 prep (ted-prep vs the HF run_clm recipe and the bare tokenizer), engine (TED step overhead, teacher
 placements), loader (data path vs training consumption), scaling (on paper, from the measured
@@ -20,12 +21,13 @@ from bench import (
     kd_bench,
     loader_bench,
     prep_bench,
+    profile_bench,
     scale_bench,
     scaling,
 )
 
 BY_NAME = {"scale": scale_bench.main, "kd": kd_bench.main, "gpu": gpu_check.main, "loader": loader_bench.main,
-           "faults": faults.main, "cache": cache_bench.main}
+           "faults": faults.main, "profile": profile_bench.main, "cache": cache_bench.main}
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import REPO, machine  # noqa: E402
+from ted_ds.distributed import synchronize  # noqa: E402
 from ted_ds.losses import ObjectiveWeights, distill_objective  # noqa: E402
 
 WEIGHTS = ObjectiveWeights(alpha=0.5, beta=0.0, temperature=2.0, layer_loss="mse")
@@ -67,8 +68,7 @@ def measure(variant: str, tokens: int, vocab: int, device: str, repeats: int) ->
         student.grad = None
         start = time.perf_counter()
         step(student, teacher, labels).backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(
         resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -7,22 +7,28 @@ trainer's own ``setup``, ``build_recipe`` and ``train_step``), the teacher's for
 micro-batches, peak RSS, and (pipeline) the stages' busy time inside teacher calls. With ``--with-lm``
 the same process also builds the student-only LM baseline (same initialisation) and times its step on
 the same micro-batches, interleaved with the others, so that the overhead ratio is not at the mercy of
-run-to-run noise between launches.
+run-to-run noise between launches.  Every timed job ends with ``distributed.synchronize``: on a GPU a
+timer that stops before the device is done times the kernel launches, not the work.
 """
 
 import argparse
 import dataclasses
 import json
+import os
 import resource
+import sys
 import time
 
 import torch
 
-from ted_ds import distributed
-from ted_ds.cli import _quiet_libraries
-from ted_ds.config import load_run_config
-from ted_ds.recipes import plan
-from ted_ds.trainer import build_recipe, setup, train_step, training_data
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: bench.*
+
+from bench.profile_bench import profile_steps  # noqa: E402
+from ted_ds import distributed  # noqa: E402
+from ted_ds.cli import _quiet_libraries  # noqa: E402
+from ted_ds.config import load_run_config  # noqa: E402
+from ted_ds.recipes import plan  # noqa: E402
+from ted_ds.trainer import build_recipe, setup, train_step, training_data  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -36,6 +42,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--with-lm", action="store_true", help="also time the student-only LM step (same process)")
+    ap.add_argument("--profile-steps", type=int, default=0, help="then profile this many steps (bench/profile_bench)")
     ap.add_argument("--local_rank", type=int)
     args, overrides = ap.parse_known_args()
     _quiet_libraries()
@@ -56,12 +63,15 @@ def main():
         jobs["lm"] = lambda micro: train_step(baseline, micro)
     names = list(jobs)
     times = {name: [] for name in names}
+    if hasattr(recipe.frozen, "timed"):
+        recipe.frozen.timed = True  # the pipeline's bubble timers wait for the device
     for i in range(args.warmup + args.steps):
         micro = data.next_batch()
         for name in names[i % len(names):] + names[:i % len(names)]:  # rotate: no fixed order advantage
             distributed.barrier()
             start = time.perf_counter()
             jobs[name](micro)
+            distributed.synchronize()  # the device's work done, not just queued (barrier: only ranks wait)
             distributed.barrier()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
@@ -75,6 +85,9 @@ def main():
             "teacher_local_params": recipe.frozen.local_parameters() if recipe.frozen is not None else 0,
             "bubble": 1 - stats["busy_s"] / stats["wall_s"] if stats else None,
             "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len}
+    if args.profile_steps:
+        mine["profile"] = profile_steps(jobs["step"], [data.next_batch() for _ in range(args.profile_steps)],
+                                        distributed.device().type != "cpu")
     gathered = [None] * distributed.world_size()
     torch.distributed.all_gather_object(gathered, mine)
     if distributed.rank() == 0:

@@ -14,7 +14,8 @@ group, measured in the same process) is divided by the bytes that rank must hold
   gradients), all ZeRO-3 shards;
 * ZeRO-3's working set: the largest student parameter gathered whole in bf16 plus its fp32 gradient,
   and its gradient bucket (``reduce_bucket_size``, 5e7 elements here);
-* activations: the (tokens × vocab) logits of student and teacher and the logits' gradient
+* activations: the (tokens × vocab) logits of student and teacher and the logits' gradient, and the
+  pipeline's one chunk of teacher logits in flight
 (``ted_ds.capacity.rank_floor_bytes``, the floor every run is checked against before it loads).
 
 Goal ≤ 1.25 for every placement.  Then the chunked CE + KD loss against the unchunked one at
@@ -88,11 +89,11 @@ def floor_bytes(placement: str, teacher: str) -> float:
     import torch
 
     from ted_ds.architectures import load_hf_config, teacher_blocks_config
-    from ted_ds.capacity import rank_floor_bytes
+    from ted_ds.capacity import chunk_tokens, rank_floor_bytes
 
     t_config = load_hf_config(teacher)
     return rank_floor_bytes(t_config, teacher_blocks_config(t_config, STUDENT_BLOCKS), placement, WORLD, 2, None,
-                            torch.bfloat16, SEQ_LEN * MICRO_BATCH, REDUCE_BUCKET)
+                            torch.bfloat16, SEQ_LEN * MICRO_BATCH, REDUCE_BUCKET, chunk_tokens(MICRO_BATCH, SEQ_LEN, 1))
 
 
 def main(argv=None) -> dict:

@@ -3,16 +3,16 @@
 ``rank_floor_bytes`` is a lower bound of what one rank holds under a teacher placement: its teacher
 share in the compute dtype, its ZeRO-3 shard of the student (weights, master copy, Adam moments,
 gradients), the largest student parameter gathered whole with its gradient, ZeRO-3's gradient
-bucket, and the step's (tokens × vocabulary) logits.  ``check_fits`` refuses a run whose floor
-already exceeds the memory a rank can see, and a rank count that does not fit the GPUs or the
-pipeline — one line each, before any weights are read.  The scale rehearsal (``python -m bench
-scale``) divides measured peaks by the same floor.
+bucket, the step's (tokens × vocabulary) logits and, under a pipeline teacher, the one chunk of
+logits its last stage has in flight to another rank.  ``check_fits`` refuses a run whose floor
+already exceeds the memory a rank can see (on its own GPU, chosen by ``ted_ds.distributed.device``),
+and a rank count that does not fit the pipeline — one line each, before any weights are read.  The
+scale rehearsal (``python -m bench scale``) divides measured peaks by the same floor.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -20,6 +20,7 @@ from ted_ds.architectures import decoder_layers, hidden_size, meta_model, vocab_
 from ted_ds.errors import ConfigError
 
 GIB = 2**30
+CPU = torch.device("cpu")
 
 
 def student_bytes_per_param(dtype: torch.dtype) -> int:
@@ -57,10 +58,18 @@ def reduce_bucket_elements(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("reduce_bucket_size", 5e8))
 
 
+def chunk_tokens(micro_batch: int, seq_len: int, chunks: int) -> int:
+    """Tokens of the largest pipeline chunk: the micro-batch's rows are cut into ``chunks``."""
+    return math.ceil(micro_batch / chunks) * seq_len
+
+
 def rank_floor_bytes(teacher_config, student_config, placement: str, world: int, stages: int,
-                     explicit: list[int] | None, dtype: torch.dtype, tokens: int, bucket_elements: int = 0) -> float:
+                     explicit: list[int] | None, dtype: torch.dtype, tokens: int, bucket_elements: int = 0,
+                     chunk: int = 0) -> float:
     """A lower bound of one rank's memory for this run (module docstring); ``bucket_elements``: the
-    ZeRO-3 gradient bucket, counted up to the student's size."""
+    ZeRO-3 gradient bucket, counted up to the student's size; ``chunk``: tokens of a pipeline chunk,
+    whose logits the last stage makes and sends to their owner one at a time (the schedule waits
+    for each tick's sends), on top of its own micro-batch's."""
     student = meta_model(student_config)
     n_student = sum(p.numel() for p in student.parameters())
     largest = max(p.numel() for p in student.parameters())
@@ -70,40 +79,42 @@ def rank_floor_bytes(teacher_config, student_config, placement: str, world: int,
              + width * min(bucket_elements, n_student))
     if teacher_config is not None:
         floor += width * teacher_share(teacher_config, placement, world, stages, explicit) + tokens * vocab * width
+        if placement == "pipeline" and stages > 1:
+            floor += chunk * vocab * width
     return floor
 
 
-def visible_bytes(local_ranks: int) -> tuple[float, str]:
+def visible_bytes(device: torch.device, local_ranks: int) -> tuple[float, str]:
     """Memory one rank can use, and where it is: its GPU's free memory, or its share of the host's."""
-    if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
         return free, "GPU"
     import psutil
 
     return psutil.virtual_memory().available / local_ranks, "host"
 
 
-def check_fits(p, ds: dict, world: int, local_ranks: int, with_teacher: bool, trained_heads: int = 0) -> None:
+def check_fits(p, ds: dict, world: int, local_ranks: int, with_teacher: bool, trained_heads: int = 0,
+               device: torch.device = CPU) -> None:
     """Refuse, in one line, a run that cannot fit the ranks it starts on (``ds``: its DeepSpeed
     config; ``with_teacher``: the teacher is placed by ``teacher.placement`` in this run;
-    ``trained_heads``: stage 1's trainable heads, one norm + unembedding each, trained under ZeRO-3)."""
+    ``trained_heads``: stage 1's trainable heads, one norm + unembedding each, trained under ZeRO-3;
+    ``device``: the rank's own)."""
     from ted_ds.engine import compute_dtype
 
     cfg = p.cfg
     t = cfg.teacher
-    if torch.cuda.is_available() and local_ranks > torch.cuda.device_count():
-        raise ConfigError(f"{local_ranks} ranks on this host but {torch.cuda.device_count()} GPUs visible; start one "
-                          "rank per GPU (--num_gpus / --ntasks-per-node) or check CUDA_VISIBLE_DEVICES")
     teacher_config = p.teacher_config if with_teacher else None
     if teacher_config is not None and t.placement == "pipeline" and world % t.pipeline_stages:
         raise ConfigError(f"teacher.pipeline_stages {t.pipeline_stages} must divide the number of ranks {world}")
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     need = rank_floor_bytes(teacher_config, p.student_config, t.placement, world, t.pipeline_stages,
-                            t.pipeline_layers, compute_dtype(ds), tokens, reduce_bucket_elements(ds))
+                            t.pipeline_layers, compute_dtype(ds), tokens, reduce_bucket_elements(ds),
+                            chunk_tokens(cfg.train.micro_batch_size, cfg.data.seq_len, t.pipeline_chunks))
     if trained_heads and p.teacher_config is not None:
         head = vocab_size(p.teacher_config) * hidden_size(p.teacher_config)
         need += student_bytes_per_param(compute_dtype(ds)) * trained_heads * head / world
-    have, where = visible_bytes(local_ranks)
+    have, where = visible_bytes(device, local_ranks)
     if need > have:
         hint = ("use teacher.placement zero3 or pipeline, more ranks, " if teacher_config is not None
                 and t.placement == "replicated" else "use more ranks, ")

@@ -11,17 +11,21 @@ Layout of ``<out_dir>/checkpoints``::
 A save writes everything, waits for every rank, then rank 0 writes ``COMPLETE`` and only then
 moves ``latest``.  A crash mid-save leaves the previous checkpoint as ``latest``.  Loading checks
 ``COMPLETE`` against the files and falls back to the newest older checkpoint that passes, with
-a warning.
+a warning.  Every rank reads its own files, so every node must see the same directory: before a
+resume the ranks compare what they see, and refuse to start if they differ.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import pickle
 import random
 import shutil
+import socket
+import sys
 import warnings
 
 import numpy as np
@@ -32,6 +36,8 @@ from ted_ds import distributed
 from ted_ds.errors import CheckpointError, TrainingError
 
 TAG_PREFIX = "step-"
+CONVERSION_WAIT = datetime.timedelta(hours=6)  # the others wait this long for rank 0 to convert a checkpoint
+# (a dead rank 0 ends the wait at once, see distributed.rank0_alone: only a hung one is waited for this long)
 
 
 def tag_for(step: int) -> str:
@@ -152,6 +158,25 @@ def check_finite(module: torch.nn.Module, step: int) -> None:
                             "stays latest)")
 
 
+def agreed_tag(views: list[tuple[str, str | None, str | None]], ckpt_dir: str) -> str | None:
+    """The tag every rank resumes from, given each rank's view ``(host, tag or None, problem or None)``.
+
+    A rank that resumed alone would train on mixed weights or wait forever in a collective the others
+    never reach; ranks see different checkpoints when ``train.out_dir`` is on a disk of each node's own."""
+    problems = [problem for _, _, problem in views if problem]
+    if problems:
+        raise CheckpointError(problems[0])
+    tags = {tag for _, tag, _ in views}
+    if len(tags) == 1:
+        return tags.pop()
+    newest = max(tags, key=lambda tag: tag or "")
+    blind = sorted({host for host, tag, _ in views if tag != newest})
+    seeing = sorted({host for host, tag, _ in views if tag == newest})
+    saw = ", ".join(sorted({tag or "no checkpoint" for _, tag, _ in views if tag != newest}))
+    raise CheckpointError(f"{ckpt_dir}: {', '.join(blind)} cannot see checkpoint {newest}, which {', '.join(seeing)} "
+                          f"would resume from ({saw} there): train.out_dir must be on storage every node shares")
+
+
 class Checkpointer:
     def __init__(self, ckpt_dir: str, keep_last: int, identity: dict, run_info: dict | None = None):
         """``identity`` holds what must match on resume (model shapes, tokenizer, method, recipe);
@@ -220,6 +245,14 @@ class Checkpointer:
                 warnings.warn(f"checkpoint {tag} is unusable ({problem}); trying an older one", stacklevel=2)
         raise CheckpointError(f"{self.dir}: no complete checkpoint left to resume from")
 
+    def agreed_resumable(self) -> str | None:
+        """``find_resumable`` on every rank, compared in one gather: the tag all ranks see (``agreed_tag``)."""
+        try:
+            view = (socket.gethostname(), self.find_resumable(), None)
+        except CheckpointError as e:
+            view = (socket.gethostname(), None, str(e))
+        return agreed_tag(distributed.gather_objects(view), self.dir)
+
     def read_state(self, tag: str) -> dict:
         with open(os.path.join(self.dir, tag, "trainer_state.json")) as f:
             state = json.load(f)
@@ -243,7 +276,7 @@ class Checkpointer:
         groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
         hyper = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps")} for g in groups]
         if universal:
-            load_tag = self._universal(tag)
+            load_tag = self._universal(tag, state["world_size"])
             engine._config.load_universal_checkpoint = True
         try:
             with weights_only_loads():
@@ -269,18 +302,28 @@ class Checkpointer:
             set_rng_state(torch.load(rng_path, weights_only=True))
         return state
 
-    def _universal(self, tag: str) -> str:
-        """Convert ``tag`` to the universal format (rank 0, once); returns the universal tag."""
+    def _universal(self, tag: str, saved_by: int) -> str:
+        """Convert ``tag`` (saved by ``saved_by`` ranks) to the universal format, once; returns the
+        universal tag.  Rank 0 converts alone while the others wait up to ``CONVERSION_WAIT``
+        (``distributed.rank0_alone``), not train.timeout_minutes: the conversion reads and writes the
+        whole student, and on slow shared storage that can outlast any collective timeout.  Sharing the
+        work instead would mean splitting DeepSpeed's converter by parameter across ranks."""
         universal = tag + ".universal"
         target = os.path.join(self.dir, universal)
-        if distributed.rank() == 0 and not os.path.isdir(target):
+
+        def convert() -> None:
+            if os.path.isdir(target):
+                return
             from argparse import Namespace
 
             from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+            print(f"ted-ds: converting {tag} from world size {saved_by} to {distributed.world_size()}; the other "
+                  f"ranks wait for it (up to {CONVERSION_WAIT})", file=sys.stderr, flush=True)
             with atomically(target) as tmp, weights_only_loads():
                 ds_to_universal(Namespace(input_folder=os.path.join(self.dir, tag), output_folder=tmp,
                                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                           strict=True, inject_missing_state=False))
-        distributed.barrier()
+
+        distributed.rank0_alone(convert, CONVERSION_WAIT)
         return universal

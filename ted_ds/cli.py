@@ -85,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", help="comma-separated host names (default node1..nodeN)")
     p.add_argument("--launcher", choices=("all", "deepspeed", "srun", "torchrun", "mpirun"), default="all")
     p.add_argument("--port", type=int, default=29500)
-    p.add_argument("--dry-run", action="store_true", help="accepted for clarity; launch never starts anything")
     p.add_argument("training", nargs=argparse.REMAINDER,
                    help="the ted-ds command to launch, e.g. distill --config run.yaml train.steps=1000")
 

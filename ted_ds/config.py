@@ -392,6 +392,11 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     return _build(RunConfig, data)
 
 
+def data_config(data: dict) -> DataConfig:
+    """The ``data`` section of a saved run (``to_dict``, in trainer_state.json) as the DataConfig it was."""
+    return _build(DataConfig, data, "data")
+
+
 def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 

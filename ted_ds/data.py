@@ -81,6 +81,11 @@ def epoch_order(num_samples: int, seed: int, epoch: int, source: int = 0) -> np.
     return np.random.Generator(np.random.PCG64(key)).permutation(num_samples)
 
 
+def source_offsets(sizes) -> tuple[int, ...]:
+    """Where each source's samples start when the sources are concatenated, then where the last ends."""
+    return tuple(itertools.accumulate(sizes, initial=0))
+
+
 @dataclass(frozen=True)
 class Blend:
     """Sources mixed by weight into one endless stream of (source, sample-of-source) positions.
@@ -108,7 +113,7 @@ class Blend:
     @cached_property
     def offsets(self) -> tuple[int, ...]:
         """Where each source's samples start in the concatenated index space (``BlendedDataset``)."""
-        return tuple(itertools.accumulate(self.sizes[:-1], initial=0))
+        return source_offsets(self.sizes)
 
     def counts(self, positions) -> np.ndarray:
         """Samples each source holds among the first ``positions`` of the stream: (sources, *shape)."""
@@ -138,14 +143,14 @@ class BlendedDataset:
 
     def __init__(self, parts: list[PackedShardDataset]):
         self.parts = parts
-        self.starts = list(itertools.accumulate((len(d) for d in parts), initial=0))
+        self.offsets = source_offsets([len(d) for d in parts])
 
     def __len__(self) -> int:
-        return self.starts[-1]
+        return self.offsets[-1]
 
     def __getitem__(self, i: int) -> np.ndarray:
-        k = bisect.bisect_right(self.starts, i) - 1
-        return self.parts[k][i - self.starts[k]]
+        k = bisect.bisect_right(self.offsets, i) - 1
+        return self.parts[k][i - self.offsets[k]]
 
 
 LOCATE_BLOCK = 4096

@@ -3,12 +3,15 @@
 Launchers and what they give us:
 
 * ``deepspeed`` / ``torchrun``: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
-* ``mpirun``: OMPI_COMM_WORLD_*; DeepSpeed's MPI discovery (mpi4py) fills in the rest.
+* ``mpirun``: OMPI_COMM_WORLD_* (MPICH: PMI_*, MPI_LOCALRANKID); DeepSpeed's MPI discovery
+  (mpi4py) fills in the rest.
 * ``srun``: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the job's first host.
 * nothing (plain ``ted-ds ...``): one process, a free local port.
 
-Every collective runs under the timeout given to ``init`` so a dead peer ends the job with an
-error instead of a hang.
+Each rank drives GPU ``local rank % visible GPUs`` (``gpu_index``), chosen from these variables
+before anything touches CUDA; ``init`` hands it to DeepSpeed as LOCAL_RANK, which DeepSpeed takes
+for the device index.  Every collective runs under the timeout given to ``init`` so a dead peer
+ends the job with an error instead of a hang.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import socket
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
 
-from ted_ds.errors import DistributedError
+from ted_ds.errors import DeviceError, DistributedError
 from ted_ds.host import use_cpu_keyed_extensions
 
 
@@ -45,17 +49,18 @@ def _first_slurm_host() -> str:
         return nodelist.split(",")[0] or "127.0.0.1"
 
 
-def launcher_env() -> tuple[str, dict[str, str]]:
+def launcher_env(env: Mapping[str, str] | None = None) -> tuple[str, dict[str, str]]:
     """Which launcher started us, and the torch.distributed variables it left for us to fill.
 
-    Pure: nothing is written to ``os.environ`` until ``init``, so a run that fails its checks
-    leaves the environment as it found it.
+    Pure: reads ``env`` (default ``os.environ``) and writes nothing; ``init`` writes the fill, so a
+    run that fails its checks leaves the environment as it found it.
     """
-    env = os.environ
+    env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         return "torch", {}
     if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
-        return "mpi", {}  # deepspeed.init_distributed discovers ranks through mpi4py
+        # deepspeed.init_distributed discovers the rest through mpi4py; the GPU is chosen before it
+        return "mpi", {"LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", "0"))}
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         fill = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
                 "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
@@ -72,25 +77,68 @@ def launcher_env() -> tuple[str, dict[str, str]]:
     return "single", fill
 
 
-def expected_world_size() -> int:
+def expected_world_size(env: Mapping[str, str] | None = None) -> int:
     """World size from the launcher's environment, before the process group exists."""
-    env = {**os.environ, **launcher_env()[1]}
+    env = os.environ if env is None else env
+    env = {**env, **launcher_env(env)[1]}
     for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         if key in env:
             return int(env[key])
     return 1
 
 
-def local_world_size() -> int:
+def slurm_tasks_on_node(spec: str, node: int) -> int:
+    """Tasks on node ``node`` from SLURM's compressed count list ("8(x2),4": 8, 8 and 4 tasks)."""
+    counts = []
+    for part in spec.split(","):
+        tasks, _, repeat = part.partition("(x")
+        counts += [int(tasks)] * int(repeat.rstrip(")") or 1)
+    return counts[node]
+
+
+def local_world_size(env: Mapping[str, str] | None = None) -> int:
     """Ranks on this host, from the launcher's environment."""
-    env = os.environ
-    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+    env = os.environ if env is None else env
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                "SLURM_NTASKS_PER_NODE"):
         if env.get(key, "").isdigit():
             return int(env[key])
-    return expected_world_size()
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if spec and "SLURM_PROCID" in env:
+        return slurm_tasks_on_node(spec, int(env.get("SLURM_NODEID", "0")))
+    return expected_world_size(env)
+
+
+def own_gpus(launcher: str, env: Mapping[str, str], visible: int) -> bool:
+    """Whether each rank of this host sees GPUs no other rank sees.  Only srun binds GPUs to tasks
+    (--gpus-per-task, --gpu-bind); a bound task then sees fewer than the node's SLURM_GPUS_ON_NODE
+    (absent: taken as bound).  deepspeed, torchrun and mpirun show every rank all of the host's."""
+    return launcher == "slurm" and visible < int(env.get("SLURM_GPUS_ON_NODE", visible + 1))
+
+
+def gpu_index(local_rank: int, local_ranks: int, visible: int, own: bool) -> int:
+    """The GPU, among the ``visible`` ones, that local rank ``local_rank`` of ``local_ranks`` drives:
+    ``local_rank % visible``.  Refused when two ranks of the host would drive the same GPU (fewer
+    GPUs than ranks, not ``own``): NCCL refuses two ranks on one device at its first collective."""
+    if visible < 1:
+        raise DeviceError("no GPU visible to this rank: check CUDA_VISIBLE_DEVICES, or DS_ACCELERATOR=cpu for CPU")
+    if visible < local_ranks and not own:
+        raise DeviceError(f"{local_ranks} ranks on this host but {visible} GPU{'s' * (visible > 1)} visible to each: "
+                          "ranks would share a GPU, which NCCL refuses; start one rank per GPU (deepspeed --num_gpus, "
+                          "torchrun --nproc_per_node, srun --ntasks-per-node) or give each srun task its own "
+                          "(--gpus-per-task=1), and check CUDA_VISIBLE_DEVICES")
+    return local_rank % visible
+
+
+def gpu_for(env: Mapping[str, str], visible: int) -> int:
+    """This rank's GPU index from its launcher's variables (``env``) and the GPUs it sees (pure)."""
+    launcher, fill = launcher_env(env)
+    env = {**env, **fill}
+    return gpu_index(int(env.get("LOCAL_RANK", "0")), local_world_size(env), visible, own_gpus(launcher, env, visible))
 
 
 _STARTED = False
+_GPU: int | None = None  # this rank's GPU, once init has chosen it
 
 
 def started() -> bool:
@@ -103,18 +151,21 @@ def init(timeout_minutes: float) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    global _STARTED
+    global _STARTED, _GPU
     _STARTED = True
     if dist.is_initialized():
         return
     launcher, fill = launcher_env()
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        _GPU = gpu_for(os.environ, acc.device_count())
+        fill["LOCAL_RANK"] = str(_GPU)  # DeepSpeed reads LOCAL_RANK as the device index (engine, zero.Init)
+        acc.set_device(_GPU)
     os.environ.update(fill)
     use_cpu_keyed_extensions()  # the shared-memory communicator is compiled (or reused) in init_distributed
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False,
                                auto_mpi_discovery=launcher == "mpi")
-    acc = get_accelerator()
     if acc.device_name() != "cpu":
-        acc.set_device(local_rank())
         _numeric_arch_list()
         return
     _release_shm_workspace()
@@ -175,15 +226,27 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def device() -> torch.device:
+    """This rank's device: the CPU, or its GPU (before ``init``: the one ``init`` will choose)."""
     from deepspeed.accelerator import get_accelerator
 
-    name = get_accelerator().device_name()
-    return torch.device("cpu") if name == "cpu" else torch.device(name, local_rank())
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(acc.device_name(), _GPU if _GPU is not None else gpu_for(os.environ, acc.device_count()))
+
+
+def synchronize(where: torch.device | str | None = None) -> None:
+    """Wait until ``where`` (default: this rank's device) has run all the work queued on it.  A timer
+    read before that measures how fast the work was queued, not how fast it ran: call this wherever
+    a timer stops (at world size 1 too, where ``barrier`` returns at once)."""
+    where = device() if where is None else torch.device(where)
+    if where.type == "cuda":
+        torch.cuda.synchronize(where)
+    elif where.type != "cpu":  # another accelerator: through DeepSpeed's interface to it
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().synchronize(where.index)
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
@@ -205,6 +268,31 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (one collective; none at world size 1)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank0_alone(work: Callable[[], None], timeout: datetime.timedelta) -> None:
+    """Run ``work`` on rank 0 while the other ranks wait for it up to ``timeout``, however much longer
+    than the collective timeout (``init``) that is: work one rank does alone, such as converting a
+    checkpoint, grows with the model, and no collective timeout was chosen for it.
+
+    The others wait in a barrier of a gloo group made for it, because only a group's own timeout can
+    be longer (NCCL's barrier takes none, and the NCCL watchdog ends a collective at the group's
+    timeout).  If rank 0 dies, its sockets close and the wait ends at once, with an error."""
+    group = dist.new_group(backend="gloo", timeout=timeout) if world_size() > 1 else None
+    if rank() == 0:
+        work()
+    if group is not None:
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
 
 
 # gloo's and NCCL's words for a lost peer, for errors raised by ``Work.wait()`` outside torch.distributed

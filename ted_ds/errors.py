@@ -7,7 +7,7 @@ shared by both command lines; import them from there.
 
 from data_prep.errors import UserError
 
-__all__ = ["CheckpointError", "ConfigError", "DistributedError", "TrainingError"]
+__all__ = ["CheckpointError", "ConfigError", "DeviceError", "DistributedError", "TrainingError"]
 
 
 class ConfigError(UserError):
@@ -16,6 +16,10 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, partial, corrupted or incompatible with this run."""
+
+
+class DeviceError(UserError):
+    """The ranks of a host cannot each get a GPU of their own from the GPUs they see."""
 
 
 class DistributedError(UserError):

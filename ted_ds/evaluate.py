@@ -30,17 +30,15 @@ def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: in
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     config = load_hf_config(model_dir, trust_remote_code)
-    data_tokenizer = os.path.join(data_dir, "tokenizer")
-    dataset_probe = PackedShardDataset(data_dir, split, 1)
-    if vocab_size(config) < dataset_probe.manifest["vocab_size"]:
-        raise ConfigError(f"{model_dir}: vocab_size {vocab_size(config)} is smaller than the data's "
-                          f"{dataset_probe.manifest['vocab_size']}")
     limit = max_positions(config) or 1024
     seq_len = seq_len or min(limit, 1024)
     if seq_len > limit:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's {limit} positions")
     data = PackedShardDataset(data_dir, split, seq_len)
-    tok = load_tokenizer(data_tokenizer)
+    if vocab_size(config) < data.manifest["vocab_size"]:
+        raise ConfigError(f"{model_dir}: vocab_size {vocab_size(config)} is smaller than the data's "
+                          f"{data.manifest['vocab_size']}")
+    tok = load_tokenizer(os.path.join(data_dir, "tokenizer"))
     dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     model = load_model(model_dir, trust_remote_code, dtype=dtype, device=dev).eval()
     n = len(data) if max_samples is None else min(max_samples, len(data))

@@ -13,10 +13,12 @@ import shutil
 import torch
 from torch import nn
 
+from data_prep.fileio import atomically
 from ted_ds import distributed
 from ted_ds.checkpoint import is_complete, weights_only_loads
+from ted_ds.config import DataConfig, data_config
 from ted_ds.errors import CheckpointError
-from ted_ds.filters import save_filter_bank
+from ted_ds.filters import model_record, save_filter_bank
 from ted_ds.weights import build_dense
 
 
@@ -47,16 +49,13 @@ def model_from_state(config, state: dict[str, torch.Tensor]) -> nn.Module:
 
 def write_hf_dir(config, state: dict[str, torch.Tensor], out_dir: str, tokenizer_dir: str | None,
                  dtype: torch.dtype = torch.float32) -> None:
-    """A standard HF directory (safetensors, config, generation config, tokenizer), written atomically."""
+    """A standard HF directory (safetensors, config, generation config, tokenizer), whole or not at all."""
     model = model_from_state(config, state).to(dtype)
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer_dir and os.path.isdir(tokenizer_dir):
-        for name in os.listdir(tokenizer_dir):
-            shutil.copy2(os.path.join(tokenizer_dir, name), tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomically(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer_dir and os.path.isdir(tokenizer_dir):
+            for name in os.listdir(tokenizer_dir):
+                shutil.copy2(os.path.join(tokenizer_dir, name), tmp)
 
 
 def save_trained_outputs(recipe, p, out_dir: str) -> str:
@@ -73,16 +72,24 @@ def save_trained_outputs(recipe, p, out_dir: str) -> str:
     if distributed.rank() == 0:
         write_hf_dir(p.student_config, state, target, os.path.join(p.cfg.data.blend[0].path, "tokenizer"))
     if trained.filters is not None:
-        _save_bank(trained.filters, os.path.join(out_dir, "student-filters"))
+        _save_bank(trained.filters, os.path.join(out_dir, "student-filters"), target)
     distributed.barrier()
     return target
 
 
-def _save_bank(bank, target: str) -> None:
+def _save_bank(bank, target: str, student_dir: str | None = None) -> None:
+    """Every rank gathers, rank 0 writes; a bank trained with the student records it as ``student_dir``."""
     state = gathered_state_dict(bank)
     if distributed.rank() == 0:
-        save_filter_bank(state, bank.meta(), target)
+        save_filter_bank(state, bank.meta() if student_dir is None else with_student(bank.meta(), student_dir), target)
     distributed.barrier()
+
+
+def with_student(meta: dict, student_dir: str | None) -> dict:
+    """A stage-2 bank trains with its student, so it was learned on the student as saved in ``student_dir``
+    (None: not saved with it; the bank then names no model)."""
+    meta = {k: v for k, v in meta.items() if k != "model"}
+    return meta if student_dir is None else {**meta, "model": model_record(student_dir)}
 
 
 # ----------------------------------------------------------------------------- offline export
@@ -127,9 +134,10 @@ def _split(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def sample_batch(data_path: str | None, seq_len: int, vocab_size: int) -> torch.Tensor:
-    """Token ids to compare logits on: the first validation windows of the run's data, or seeded
-    random ids when the data is gone."""
+def sample_batch(data: DataConfig, vocab_size: int) -> torch.Tensor:
+    """Token ids to compare logits on: the first validation windows of the run's (first source's) data,
+    or seeded random ids when the data is gone."""
+    data_path, seq_len = data.blend[0].path, data.seq_len
     if data_path and os.path.isdir(data_path):
         from ted_ds.data import PackedShardDataset, collate
 
@@ -204,13 +212,12 @@ def export_checkpoint(path: str, out: str | None, tag: str | None = None, dtype:
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         student = _split(state, "model.")
         write_hf_dir(config, student, out, tokenizer or run.get("tokenizer"), torch_dtype)
-        data = run["config"]["data"]
-        batch = sample_batch(data["path"] or data["sources"][0]["path"], data["seq_len"], config.vocab_size)
+        batch = sample_batch(data_config(run["config"]["data"]), config.vocab_size)
         done.append(f"wrote {out} from {tag} ({verify_export(out, student, config, batch, torch_dtype)})")
     if filters_out is not None:
         bank_state = (_split(state, "bank.") or state) if is_bank else _split(state, "filters.")  # bank. : own heads
         if not bank_state or run.get("filters") is None:
             raise CheckpointError(f"{ckpt_dir}/{tag} holds no filter bank (method without filters)")
-        save_filter_bank(bank_state, run["filters"], filters_out)
+        save_filter_bank(bank_state, run["filters"] if is_bank else with_student(run["filters"], out), filters_out)
         done.append(f"wrote filter bank {filters_out}")
     return done

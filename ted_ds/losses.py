@@ -17,31 +17,39 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.profiler import record_function
 
 CHUNK_TOKENS = 512  # at 128k vocabulary a chunk's KD peaks at three fp32 (chunk × V) tensors, 0.75 GB
 IGNORE_INDEX = -100  # F.cross_entropy's default: such labels count neither in the sum nor in the mean
 
 
+def kept_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """How many tokens a mean divides by: labels other than IGNORE_INDEX, at least 1 (a micro-batch with
+    every label ignored then adds 0 with a zero gradient, not 0/0)."""
+    return (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """Mean next-token cross-entropy over labels other than IGNORE_INDEX; logits (B, T, V), labels (B, T)."""
     labels = labels.flatten()
-    kept = (labels != IGNORE_INDEX).sum()
-    return _chunked_mean(_ce_chunk, logits.flatten(0, 1), (labels,), kept, chunk_tokens)
+    return _chunked_mean(_ce_chunk, logits.flatten(0, 1), (labels,), kept_tokens(labels), chunk_tokens)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
             teacher_topk_index: torch.Tensor | None = None, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """T²·KL(softmax(t/T) ‖ softmax(s/T)), averaged over tokens; the teacher logits get no gradient.
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)), averaged over the tokens whose label is not IGNORE_INDEX (those
+    the LM loss counts); the teacher logits get no gradient.
 
     With ``teacher_topk_index`` (B, T, k) the teacher logits are its top-k values (B, T, k): the teacher
     distribution is renormalised on that support and compared with the student's full-vocabulary
     log-probabilities at the same ids.
     """
-    teacher = (teacher_logits.flatten(0, 1),)
+    labels = labels.flatten()
+    teacher = (teacher_logits.flatten(0, 1), labels)
     if teacher_topk_index is not None:
         teacher += (teacher_topk_index.flatten(0, 1),)
     student = student_logits.flatten(0, 1)
-    return _chunked_mean(partial(_kd_chunk, temperature), student, teacher, student.shape[0], chunk_tokens)
+    return _chunked_mean(partial(_kd_chunk, temperature), student, teacher, kept_tokens(labels), chunk_tokens)
 
 
 def _chunked_mean(chunk_loss, x: torch.Tensor, others: tuple, denominator, chunk_tokens: int) -> torch.Tensor:
@@ -98,24 +106,28 @@ def _ce_chunk(grad_scale, grad_rows, logits: torch.Tensor, labels: torch.Tensor)
 
 
 def _kd_chunk(temperature: float, grad_scale, grad_rows, student: torch.Tensor, teacher: torch.Tensor,
-              topk_index: torch.Tensor | None = None) -> torch.Tensor:
-    """T²·Σ KL(p_t ‖ p_s) over a chunk; gradient T·(softmax(s/T) − p_t) w.r.t. the student logits.
+              labels: torch.Tensor, topk_index: torch.Tensor | None = None) -> torch.Tensor:
+    """T²·Σ KL(p_t ‖ p_s) over a chunk's kept tokens; gradient T·(softmax(s/T) − p_t) w.r.t. the student
+    logits, zero on ignored rows.
 
+    Where p_t = 0 (a teacher logit of −inf) the term p_t·(log p_t − log p_s) is 0, not 0·(−inf) = NaN.
     With top-k, p_t lives on k ids: the KL reads the student's full-vocabulary log-probs there, and the
     gradient scatters p_t onto those ids (Σ p_t = 1 leaves softmax(s/T) whole).
     """
+    kept = (labels != IGNORE_INDEX).unsqueeze(1)  # (C, 1)
     s_logp = F.log_softmax(student.float() / temperature, dim=-1)  # (C, V)
     t_logp = F.log_softmax(teacher.float() / temperature, dim=-1)  # (C, V) or (C, k)
     t_p = t_logp.exp()
     s_at_teacher = s_logp if topk_index is None else s_logp.gather(1, topk_index)
-    loss_sum = temperature * temperature * t_logp.sub_(s_at_teacher).mul_(t_p).sum()
+    kl = t_logp.sub_(s_at_teacher).mul_(t_p).masked_fill_((t_p == 0) | ~kept, 0.0)
+    loss_sum = temperature * temperature * kl.sum()
     if grad_rows is not None:
         grad = s_logp.exp_()
         if topk_index is None:
             grad.sub_(t_p)
         else:
             grad.scatter_add_(1, topk_index, t_p.neg_())
-        torch.mul(grad, temperature * grad_scale, out=grad_rows)
+        torch.mul(grad, kept * (temperature * grad_scale), out=grad_rows)
     return loss_sum
 
 
@@ -140,13 +152,15 @@ class ObjectiveWeights:
     vocab: int | None = None  # KD compares the first ``vocab`` logits (the tokenizer's ids); None: all
 
 
+@record_function("loss")  # names the objective's work (and its closed-form gradients) in a profile
 def distill_objective(student_logits, student_taps, labels, teacher_logits, teacher_taps, w: ObjectiveWeights,
                       teacher_topk_index=None) -> dict[str, torch.Tensor]:
     """Every term, and their weighted sum under ``"loss"``; absent terms are not computed."""
     terms = {"lm": lm_loss(student_logits, labels)}
     total = terms["lm"]
     if teacher_logits is not None and w.alpha > 0:
-        terms["kd"] = kd_loss(student_logits[..., :w.vocab], teacher_logits, w.temperature, teacher_topk_index)
+        terms["kd"] = kd_loss(student_logits[..., :w.vocab], teacher_logits, labels, w.temperature,
+                              teacher_topk_index)
         total = total + w.alpha * terms["kd"]
     if teacher_taps is not None and w.beta > 0:
         per_tap = [layer_loss(s, t, w.layer_loss) for s, t in zip(student_taps, teacher_taps)]
@@ -156,6 +170,7 @@ def distill_objective(student_logits, student_taps, labels, teacher_logits, teac
     return terms
 
 
+@record_function("loss")
 def tap_lm_losses(head, filtered_taps: list[torch.Tensor], labels: torch.Tensor,
                   chunk_tokens: int = CHUNK_TOKENS) -> list[torch.Tensor]:
     """Stage 1: the next-token loss of every filtered tap (B, T, D) read through the frozen task head.
@@ -164,8 +179,7 @@ def tap_lm_losses(head, filtered_taps: list[torch.Tensor], labels: torch.Tensor,
     logits exist at once and each tap keeps just its (tokens × D) gradient. The head gets no gradient.
     """
     labels = labels.flatten()
-    kept = (labels != IGNORE_INDEX).sum()
-    chunk_loss = partial(_head_ce_chunk, head)
+    kept, chunk_loss = kept_tokens(labels), partial(_head_ce_chunk, head)
     return [_chunked_mean(chunk_loss, h.flatten(0, 1), (labels,), kept, chunk_tokens) for h in filtered_taps]
 
 
@@ -193,7 +207,7 @@ def trained_head_lm_loss(head, h: torch.Tensor, labels: torch.Tensor, chunk_toke
     from torch.utils.checkpoint import checkpoint
 
     h, labels = h.flatten(0, 1), labels.flatten()
-    kept = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    kept = kept_tokens(labels)
     chunk_sum = lambda x, y: F.cross_entropy(head(x).float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
     total = sum(checkpoint(chunk_sum, h[i:i + chunk_tokens], labels[i:i + chunk_tokens], use_reentrant=False)
                 for i in range(0, h.shape[0], chunk_tokens))

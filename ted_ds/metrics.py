@@ -18,6 +18,7 @@ from torch import nn
 
 from data_prep.fileio import write_text
 from ted_ds.architectures import hidden_size, ndim, num_layers
+from ted_ds.distributed import synchronize
 
 # Dense bf16 peak TFLOPs per device of common GPUs (vendor datasheets, no sparsity).
 _GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0,
@@ -59,13 +60,12 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 102
     """FLOP/s of an n×n matmul on ``device``, waiting for the device before the clock stops."""
     gen = torch.Generator().manual_seed(0)  # not the global one: training's random streams stay untouched
     a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b
-    sync()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
-    sync()
+    synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,17 +37,23 @@ from ted_ds.architectures import (
 )
 from ted_ds.config import DataConfig, RunConfig
 from ted_ds.data import MicroBatch
-from ted_ds.documents import DocumentAttention, check_document_attention, for_model, forward_kwargs
+from ted_ds.documents import (
+    DocumentAttention,
+    check_document_attention,
+    check_trainable_attention,
+    for_model,
+    forward_kwargs,
+)
 from ted_ds.engine import build_frozen, build_trained_engine, compute_dtype, wsd_decay_steps
 from ted_ds.errors import ConfigError
-from ted_ds.filters import FilterBank, load_filter_bank
+from ted_ds.filters import FilterBank, check_filter_bank, load_filter_bank, model_record
 from ted_ds.heads import TaskHead
 from ted_ds.hub import with_local_models
 from ted_ds.losses import ObjectiveWeights, distill_objective, lm_loss, tap_lm_losses, trained_head_lm_loss
 from ted_ds.metrics import flops_per_token, matmul_parameters
 from ted_ds.taps import TapRecorder, tap_pairs
 from ted_ds.teacher import Teacher, TeacherOutput
-from ted_ds.weights import load_model, load_teacher_blocks
+from ted_ds.weights import fingerprint, load_model, load_teacher_blocks
 
 
 @dataclass
@@ -64,6 +72,8 @@ class Plan:
     """One per source of ``cfg.data.blend``."""
     document_eos: int | None = None  # data.document_attention: the data's EOS id, else None
     vocabularies: str = ""  # one line: the vocabulary sizes compared (check_vocabularies)
+    models: dict[str, dict] = field(default_factory=dict)
+    """What the filter banks of this run are learned on, per side ("teacher", "student"): learned_on."""
     cache: dict | None = None  # teacher.cache's manifest, verified and matched to this run (check_cache)
 
     @property
@@ -196,21 +206,66 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
         if filters_for is not None and filter_dim != hidden_size(teacher_config):
             raise ConfigError(f"distill.filter_dim {filter_dim} must equal the teacher's hidden size "
                               f"{hidden_size(teacher_config)}: stage 1 reads filtered states with the teacher's head")
-    if cfg.distill.method == "ted" and filters_for is None:
-        for what, path in (("teacher.filters", t.filters), ("student.filters", s.filters)):
-            if not path:
-                raise ConfigError(f"method ted needs {what} (run `ted-ds learn-filters` first)")
-            if not os.path.isdir(path):
-                raise ConfigError(f"{what}: filter bank not found: {path}")
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     total = cfg.train.steps or math.ceil(cfg.train.tokens / tokens_per_step)
     if cfg.optim.schedule == "wsd" and cfg.optim.warmup_steps + wsd_decay_steps(cfg, total) > total:
         raise ConfigError(f"optim.schedule wsd: {cfg.optim.warmup_steps} warmup + {wsd_decay_steps(cfg, total)} decay "
                           f"steps (optim.decay_fraction {cfg.optim.decay_fraction:g}) exceed the run's {total} steps")
     document_eos = _document_eos(cfg, manifest, teacher_config, student_config)
-    cache = check_cache(cfg, manifest) if cfg.logits_from_cache else None
-    return Plan(cfg, teacher_config, student_config, pairs, filter_dim, manifest, total, manifests,
-                document_eos, vocab_line, cache)
+    sides = [filters_for] if filters_for else ["teacher", "student"] if cfg.distill.method == "ted" else []
+    if filters_for is None:  # stage 1 trains filters only; the models run without gradients
+        check_trainable_attention(meta_model(student_config), "student", on_cpu=not torch.cuda.is_available())
+    p = Plan(cfg, teacher_config, student_config, pairs, filter_dim, manifest, total, manifests, document_eos,
+             vocab_line, {side: learned_on(cfg, student_config, side) for side in sides},
+             check_cache(cfg, manifest) if cfg.logits_from_cache else None)
+    if cfg.distill.method == "ted" and filters_for is None:
+        check_banks(p)
+    return p
+
+
+def learned_on(cfg: RunConfig, student_config, side: str) -> dict:
+    """The model a filter bank of ``side`` is learned on, as the bank's metadata records it (model_record):
+    a directory by the digest of its weights; a student built from a checkpoint, teacher blocks or at
+    random by how it is built (what load_student builds it from)."""
+    t, s = cfg.teacher, cfg.student
+    start = t.path if side == "teacher" else cfg.train.init_from or s.path
+    if start and _is_hf_dir(start):
+        return model_record(start)
+    if start:  # a checkpoint: its record of the run and step is what names it
+        from ted_ds.export import resolve_checkpoint
+
+        ckpt_dir, tag = resolve_checkpoint(start, None)
+        with open(os.path.join(ckpt_dir, tag, "trainer_state.json")) as f:
+            return {"name": os.path.join(ckpt_dir, tag), "digest": _digest(f.read())}
+    if s.init_from_teacher is not None:
+        return {"name": f"blocks {s.init_from_teacher} of {os.path.abspath(t.path)}",
+                "digest": _digest(fingerprint(t.path), s.init_from_teacher)}
+    config = {k: v for k, v in student_config.to_dict().items() if k != "transformers_version"}
+    return {"name": f"a random student (train.seed {cfg.train.seed})", "digest": _digest(config, cfg.train.seed)}
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def expected_bank(p: Plan, side: str) -> dict:
+    """The metadata a stage-2 bank of ``side`` must have: filter kind, dimensions, layers, model."""
+    config, layers = (p.teacher_config, p.teacher_layers) if side == "teacher" else (p.student_config,
+                                                                                      p.student_layers)
+    return {"kind": p.cfg.distill.filter, "in_dim": hidden_size(config), "out_dim": p.filter_dim, "layers": layers,
+            "model": p.models[side]}
+
+
+def check_banks(p: Plan) -> None:
+    """Method ted: both stage-1 banks exist and were learned for this run (filters, taps, models)."""
+    for side in ("teacher", "student"):
+        path = getattr(p.cfg, side).filters
+        if not path:
+            raise ConfigError(f"method ted needs {side}.filters (run `ted-ds learn-filters --model {side}` first)")
+        if p.cfg.uses_layers:
+            check_filter_bank(path, expected_bank(p, side), f"{side}.filters")
+        elif not os.path.isdir(path):
+            raise ConfigError(f"{side}.filters: filter bank not found: {path}")
 
 
 def check_cache(cfg: RunConfig, manifest: dict) -> dict:
@@ -348,12 +403,8 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
     d_s = hidden_size(p.student_config)
     student_filters, teacher_filters = None, None
     if method == "ted" and cfg.uses_layers:
-        expect = lambda d_in, layers: {"kind": cfg.distill.filter, "in_dim": d_in, "out_dim": p.filter_dim,
-                                       "layers": layers}
-        student_filters = load_filter_bank(cfg.student.filters, expect(d_s, p.student_layers), "student.filters")
-        teacher_filters = load_filter_bank(cfg.teacher.filters,
-                                           expect(hidden_size(p.teacher_config), p.teacher_layers),
-                                           "teacher.filters")
+        student_filters, teacher_filters = (load_filter_bank(getattr(cfg, side).filters, expected_bank(p, side),
+                                                             f"{side}.filters") for side in ("student", "teacher"))
     elif method == "lwd" and cfg.uses_layers:  # a fresh projection into the teacher's raw hidden space
         student_filters = FilterBank(cfg.distill.filter, d_s, hidden_size(p.teacher_config), p.student_layers,
                                      seed=cfg.train.seed)
@@ -423,7 +474,8 @@ def build_filter_learning(p: Plan, ds: dict, which: str) -> Recipe:
         layers, conf, load = p.teacher_layers, p.teacher_config, functools.partial(load_teacher, cfg)
     else:
         layers, conf, load = p.student_layers, p.student_config, functools.partial(load_student, p)
-    bank = FilterBank(cfg.distill.filter, hidden_size(conf), p.filter_dim, layers, seed=cfg.train.seed)
+    bank = FilterBank(cfg.distill.filter, hidden_size(conf), p.filter_dim, layers, seed=cfg.train.seed,
+                      model=p.models[which])
     bank = bank.to(compute_dtype(ds))  # initialised in fp32 (the same draws in any precision), trained in the run's
     head = TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code, compute_dtype(ds), distributed.device(),
                     p.manifest["vocab_size"])

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from ted_ds.architectures import count_parameters
 from ted_ds.documents import DocumentAttention, forward_kwargs
@@ -103,6 +104,7 @@ class ReplicatedTeacher:
         self.device = device
 
     @torch.no_grad()
+    @record_function("teacher")  # names the frozen side's work in a profile (bench/profile_bench.py)
     def __call__(self, input_ids: torch.Tensor) -> TeacherOutput:
         return TeacherOutput(*self.frozen(input_ids.to(self.device)))
 
@@ -121,6 +123,7 @@ class Zero3Teacher:
         self.engine.eval()
 
     @torch.no_grad()
+    @record_function("teacher")  # names the frozen side's work in a profile (bench/profile_bench.py)
     def __call__(self, input_ids: torch.Tensor) -> TeacherOutput:
         return TeacherOutput(*self.engine(input_ids.to(self.engine.device)))
 

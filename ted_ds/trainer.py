@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.autograd.profiler import record_function
 
 from ted_ds import distributed
 from ted_ds.capacity import check_fits
@@ -105,8 +106,10 @@ def backward_and_step(engine, loss: torch.Tensor, finite: torch.Tensor, boundary
     purpose: DeepSpeed's overflow check (the same on every ZeRO-3 rank) then drops the accumulated
     gradients and leaves weights, Adam moments and the LR schedule untouched."""
     skip = boundary and bool(distributed.all_reduce_sum((~finite).float()).item() > 0)
-    engine.backward(loss * math.nan if skip else loss)
-    engine.step()
+    with record_function("backward"):
+        engine.backward(loss * math.nan if skip else loss)
+    with record_function("step"):  # ZeRO-3's gradient reduction and the optimizer, at the boundary
+        engine.step()
     if skip and engine.was_step_applied():
         raise TrainingError("DeepSpeed applied an optimizer step the ranks agreed to skip (non-finite loss); "
                             "stopping before anything is saved")
@@ -121,7 +124,8 @@ def train_step(recipe: Recipe, batches: list[MicroBatch], step: int = 0,
     sums: dict[str, torch.Tensor] = defaultdict(float)
     finite = torch.ones((), dtype=torch.bool, device=distributed.device())
     for i, batch in enumerate(batches):
-        terms = recipe.loss(batch)
+        with record_function("forward"):
+            terms = recipe.loss(batch)
         terms["loss"] = injected_nan(terms["loss"], step, nan_steps)
         finite &= torch.isfinite(terms["loss"].detach())
         skipped = backward_and_step(recipe.engine, terms["loss"], finite, i == len(batches) - 1)
@@ -187,7 +191,7 @@ def report_skipped(progress: Progress, max_bad_steps: int, log: MetricsLogger) -
 
 def resume(recipe: Recipe, checkpointer: Checkpointer, sampler: ConsumedSamplesSampler) -> tuple[Progress, str | None]:
     """Engine, sampler and counters from the latest resumable checkpoint, if any; returns its tag."""
-    tag = checkpointer.find_resumable()
+    tag = checkpointer.agreed_resumable()
     if tag is None:
         return Progress(), None
     state = checkpointer.load(recipe.engine, tag)
@@ -276,13 +280,17 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: RunConfig, filters_for: str | None = None) -> tuple[Plan, dict]:
-    """Everything before a recipe is built: check the run against its files and ranks, start the
-    process group, seed.  Returns the plan and the resolved DeepSpeed config (see run_recipe)."""
+    """Everything before a recipe is built: check the run against its files, ranks and devices, start
+    the process group, seed.  Returns the plan and the resolved DeepSpeed config (see run_recipe).
+
+    Every check happens before the process group, and the rank's GPU is chosen from its launcher's
+    variables before the first thing that touches CUDA (the free-memory check)."""
     p = plan(cfg, filters_for=filters_for)
-    ds = resolve_ds_config(cfg, distributed.expected_world_size())  # every check happens before the process group
-    check_fits(p, ds, distributed.expected_world_size(), distributed.local_world_size(),
-               with_teacher=cfg.runs_teacher or filters_for == "teacher",
-               trained_heads=len(p.pairs) if filters_for and cfg.distill.filter_head == "trainable" else 0)
+    world = distributed.expected_world_size()
+    ds = resolve_ds_config(cfg, world)
+    check_fits(p, ds, world, distributed.local_world_size(), with_teacher=cfg.runs_teacher or filters_for == "teacher",
+               trained_heads=len(p.pairs) if filters_for and cfg.distill.filter_head == "trainable" else 0,
+               device=distributed.device())
     distributed.init(cfg.train.timeout_minutes)
     if distributed.rank() == 0 and p.vocabularies:
         print(f"ted-ds: {p.vocabularies}", file=sys.stderr)  # the sizes the checks compared

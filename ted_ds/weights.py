@@ -24,6 +24,7 @@ than its share.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -53,6 +54,34 @@ def weight_files(path: str) -> list[str]:
         return [single]
     raise ConfigError(f"{path}: no safetensors weights (model.safetensors[.index.json]); re-save the model with "
                       "save_pretrained(safe_serialization=True)")
+
+
+FINGERPRINT_BYTES = 4096  # read at each end of every tensor
+
+
+def fingerprint(path: str) -> str:
+    """A digest of an HF directory's weights that moving or copying the directory keeps, cheap at any size:
+    every safetensors header (names, dtypes, shapes, offsets) and the first and last 4 KiB of every
+    tensor, so other weights of the same shapes (another teacher, a fine-tune) change it."""
+    digest = hashlib.sha256()
+    for file in weight_files(path):
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = f.read(size)
+            digest.update(header)
+            for name, entry in sorted(json.loads(header).items()):
+                if name != "__metadata__":
+                    digest.update(_tensor_ends(f, 8 + size, *entry["data_offsets"]))
+    return digest.hexdigest()[:16]
+
+
+def _tensor_ends(f, data_start: int, start: int, end: int) -> bytes:
+    """The first and last FINGERPRINT_BYTES of the tensor at bytes [start, end) of a file's data."""
+    length = min(FINGERPRINT_BYTES, end - start)
+    f.seek(data_start + start)
+    head = f.read(length)
+    f.seek(data_start + end - length)
+    return head + f.read(length)
 
 
 class WeightReader:

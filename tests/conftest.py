@@ -128,4 +128,6 @@ def _environment_is_left_as_found():
     for key in leaked:
         del os.environ[key]
     os.environ.update(before)
-    assert not leaked - {"TOKENIZERS_PARALLELISM"}, f"test leaked environment variables: {sorted(leaked)}"
+    # inductor (FlexAttention compiles its CPU kernel) hands a pointer to its C++ loader this way
+    harmless = {"TOKENIZERS_PARALLELISM", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
+    assert not leaked - harmless, f"test leaked environment variables: {sorted(leaked)}"

@@ -130,7 +130,7 @@ def test_kd_and_top_k_see_only_the_tokenizers_ids(arch_teachers, tiny):
     labels = torch.randint(vocab, IDS.shape)
     w = ObjectiveWeights(1.0, 0.0, 2.0, "mse", vocab)
     kd = distill_objective(student, None, labels, t_logits, None, w)["kd"]
-    assert kd.item() == pytest.approx(kd_loss(student[..., :vocab], t_logits, 2.0).item(), rel=1e-6)
+    assert kd.item() == pytest.approx(kd_loss(student[..., :vocab], t_logits, labels, 2.0).item(), rel=1e-6)
     kd.backward()
     assert student.grad[..., vocab:].abs().max() == 0 and student.grad[..., :vocab].abs().max() > 0
 

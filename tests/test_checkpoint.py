@@ -1,5 +1,6 @@
 """The checkpoint's RNG file, single-process: every generator restored (CUDA per local device; another
-device count warns). Multi-rank checkpoints: test_checkpoint_multirank.py."""
+device count warns); the ranks' agreement on the checkpoint to resume from. Multi-rank checkpoints:
+test_checkpoint_multirank.py."""
 
 from __future__ import annotations
 
@@ -38,3 +39,19 @@ def test_rng_file_restores_every_generator_and_warns_on_another_device_count(tmp
     with pytest.warns(UserWarning, match="CUDA random streams are not restored"):
         set_rng_state(state)
     assert _same(_draws(), first)
+
+
+def test_ranks_agree_on_the_checkpoint_or_name_the_hosts_that_cannot_see_it():
+    """What every rank sees, gathered: one tag for all, or one line, the same on every rank."""
+    from ted_ds.checkpoint import agreed_tag
+    from ted_ds.errors import CheckpointError
+
+    assert agreed_tag([("node0", "step-00000002", None), ("node1", "step-00000002", None)], "/c") == "step-00000002"
+    assert agreed_tag([("node0", None, None)] * 2, "/c") is None
+    local = [("node0", "step-00000004", None)] * 8 + [("node1", None, None), ("node2", "step-00000002", None)] * 4
+    with pytest.raises(CheckpointError) as e:
+        agreed_tag(local, "/c")
+    assert str(e.value) == ("/c: node1, node2 cannot see checkpoint step-00000004, which node0 would resume from "
+                            "(no checkpoint, step-00000002 there): train.out_dir must be on storage every node shares")
+    with pytest.raises(CheckpointError, match="^/c: no complete checkpoint left"):
+        agreed_tag([("node0", None, "/c: no complete checkpoint left"), ("node1", "step-00000002", None)], "/c")

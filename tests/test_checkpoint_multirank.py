@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.common import REPO, deepspeed_cmd, record_fault, run_launcher
+from harness.common import REPO, deepspeed_cmd, last_launch, losses, record_fault, run_launcher
 from harness.tiny import base_config, with_dropout, write_config
 from ted_ds.checkpoint import is_complete
 
@@ -37,20 +37,6 @@ def _cfg(tiny, root, name, teacher=None, **over):
                       **{"distill.method": "lwd", "train.steps": STEPS, "train.save_interval": 4,
                          "train.keep_last": 2, **over})
     return write_config(str(root / f"{name}.yaml"), **cfg)
-
-
-def _losses(out_dir):
-    return {m["step"]: m["loss/total"] for m in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl")))
-            if "loss/total" in m}
-
-
-def _last_launch(out_dir) -> tuple[str | None, list[int]]:
-    """What the newest launch did, from its own lines in metrics.jsonl: the tag it resumed from (None:
-    it started from step 0) and the steps it trained."""
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
-    marks = [i for i, row in enumerate(rows) if "resumed_from" in row]
-    own = rows[marks[-1] + 1:] if marks else rows
-    return (rows[marks[-1]]["resumed_from"] if marks else None), [r["step"] for r in own if "loss/total" in r]
 
 
 def _latest(out_dir):
@@ -110,14 +96,14 @@ def _relaunch_resumes_exactly(cmd, out, ref, tag):
     the uninterrupted run's weights and loss curve, bit for bit."""
     r = run_launcher(cmd)
     assert f"ted-ds: resumed from {tag}" in r.stdout + r.stderr
-    assert _last_launch(out) == (tag, list(range(int(tag.split("-")[1]) + 1, STEPS + 1)))
+    assert last_launch(out) == (tag, list(range(int(tag.split("-")[1]) + 1, STEPS + 1)))
     a, b = _weights(ref), _weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _losses(out) == _losses(ref)  # the whole curve: kept steps and re-run steps
+    assert losses(out) == losses(ref)  # the whole curve: kept steps and re-run steps
 
 
 def test_dropout_makes_the_resumed_runs_random(reference_run, dropout_run):
-    dropped, plain = _losses(dropout_run[1]), _losses(reference_run[1])
+    dropped, plain = losses(dropout_run[1]), losses(reference_run[1])
     assert all(dropped[s] != plain[s] for s in plain)  # masks are drawn at every step, from the first
 
 
@@ -129,7 +115,7 @@ def test_sigkill_one_rank_mid_run_then_resume_is_bit_identical(tiny, dropout_run
     proc = _launch_and_interrupt(cmd, out, "step-00000004", lambda ranks: ranks[1].send_signal(signal.SIGKILL))
     assert proc.returncode != 0
     assert not os.path.exists(os.path.join(out, "hf")), "the job must not have finished"
-    stopped_at = max(_losses(out))
+    stopped_at = max(losses(out))
     assert stopped_at < STEPS
     _relaunch_resumes_exactly(cmd, out, ref, "step-00000004")
     record_fault("SIGKILL of one rank between saves (a node lost)",
@@ -161,8 +147,8 @@ def test_sigterm_saves_and_exits_then_resume_on_one_rank(tiny, reference_run):
     r = subprocess.run([sys.executable, "-m", "ted_ds", "distill", "--config", cfg], cwd=REPO, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from {saved}" in r.stderr and _last_launch(out) == (saved, list(range(step + 1, STEPS + 1)))
-    ref_losses, got = _losses(ref), _losses(out)
+    assert f"resumed from {saved}" in r.stderr and last_launch(out) == (saved, list(range(step + 1, STEPS + 1)))
+    ref_losses, got = losses(ref), losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))
     # same samples in the same order, same optimizer state: equal up to float summation order
     # (1 rank accumulates 4 micro-batches where 2 ranks accumulated 2 each and averaged)
@@ -216,7 +202,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_resumes_exactly
     r = run_launcher(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config",
                                    _cfg(tiny, root, "control", teacher)))
     assert "resumed from" not in r.stdout + r.stderr
-    assert _last_launch(control) == (None, list(range(1, STEPS + 1)))
+    assert last_launch(control) == (None, list(range(1, STEPS + 1)))
     a, b = _weights(ref), _weights(control)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -295,7 +281,7 @@ def test_init_from_starts_a_new_run_from_another_runs_weights_with_fresh_state(t
                        text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "train.init_from: wrote" in r.stdout and "identical to the checkpoint's" in r.stdout
-    assert _last_launch(out) == (None, [1, 2])
+    assert last_launch(out) == (None, [1, 2])
     lrs = [m["lr"] for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "lr" in m]
     assert lrs == pytest.approx([0.5e-30, 1e-30], rel=1e-6)  # the schedule starts again from its warmup
     state = json.load(open(os.path.join(out, "checkpoints", "distill-lwd", "step-00000002", "trainer_state.json")))

@@ -46,21 +46,35 @@ def test_positions_and_mask_by_hand():
     assert set(DocumentAttention(eos, torch.float32, "sdpa")(ids)) == {"position_ids", "attention_mask"}
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_a_packed_document_equals_the_document_alone(tiny, kind, tmp_path):
+def with_attention(model_dir: str, impl: str, out) -> str:
+    """A copy of ``model_dir`` whose config.json asks for attention ``impl``."""
+    if impl == "sdpa":
+        return model_dir
+    shutil.copytree(model_dir, out)
+    config = json.load(open(out / "config.json"))
+    config["attn_implementation"] = impl
+    json.dump(config, open(out / "config.json", "w"))
+    if getattr(load_hf_config(str(out)), "_attn_implementation", None) != impl:
+        pytest.skip(f"this transformers ignores attn_implementation in config.json (the model runs sdpa, not {impl})")
+    return str(out)
+
+
+@pytest.mark.parametrize("kind,impl", [("llama", "sdpa"), ("gpt2", "sdpa"), ("llama", "flex_attention")])
+def test_a_packed_document_equals_the_document_alone(tiny, kind, impl, tmp_path):
     """Logits and taps of each document in a packed window — the first one cut by the window's start,
     the second whole, each with its EOS — equal those of the document run alone: in the student (with
-    filters on its taps) and in the replicated teacher.  The logits at an EOS, which predict the next
-    document's first token (its target is kept), come from the finished document alone.  Without
-    document attention the same comparison is far off: the check can see the difference."""
-    teacher = tiny[f"{kind}_teacher"]
+    filters on its taps) and in the replicated teacher, under the dense mask (sdpa) and a FlexAttention
+    block mask.  The logits at an EOS, which predict the next document's first token (its target is
+    kept), come from the finished document alone.  Without document attention the same comparison is
+    far off: the check can see the difference."""
+    teacher = with_attention(tiny[f"{kind}_teacher"], impl, tmp_path / "teacher")
     eos = json.load(open(f"{tiny[f'{kind}_data']}/manifest.json"))["eos_token_id"]
     config = load_hf_config(teacher)
     ids, spans = packed_documents(eos, config.vocab_size)
     model = load_model(teacher).eval()
     bank = FilterBank("linear", config.hidden_size, 48, [2, 4], seed=1)
     student = StudentWithFilters(model, [2, 4], bank, for_model(model, eos, torch.float32))
-    plain = StudentWithFilters(load_model(teacher).eval(), [2, 4], bank)
+    plain = StudentWithFilters(load_model(tiny[f"{kind}_teacher"]).eval(), [2, 4], bank)
     with torch.no_grad():
         logits, taps = student(ids)
         alone = lambda x: (lambda out: [out[0], *out[1]])(plain(x))
@@ -80,26 +94,27 @@ def test_a_packed_document_equals_the_document_alone(tiny, kind, tmp_path):
 
 
 def test_document_attention_refused_for_a_model_that_cannot_take_it(tiny, tmp_path, capsys):
-    """An attention implementation that ignores 4D masks: one line, before any process group."""
+    """An attention implementation that takes no document masks (here one registered with transformers,
+    as a kernel package would): one line, before any process group.  A FlexAttention student, which
+    has no backward on a CPU, is refused for training in one line too."""
     import torch.distributed as dist
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from ted_ds.architectures import load_hf_config
     from ted_ds.cli import main as ted_main
 
-    teacher = tmp_path / "flex-teacher"
-    shutil.copytree(tiny["llama_teacher"], teacher)
-    config = json.load(open(teacher / "config.json"))
-    config["attn_implementation"] = "flex_attention"
-    json.dump(config, open(teacher / "config.json", "w"))
-    if getattr(load_hf_config(str(teacher)), "_attn_implementation", None) != "flex_attention":
-        pytest.skip("this transformers ignores attn_implementation in config.json (the model runs sdpa): "
-                    "no config can ask for an attention that document attention must refuse")
-    cfg = base_config(tiny["llama_data"], str(teacher), str(tmp_path / "o"),
-                      **{"distill.method": "kd", "data.document_attention": True})
-    path = write_config(str(tmp_path / "bad.yaml"), **cfg)
-    capsys.readouterr()
-    assert ted_main(["distill", "--config", path]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("ted-ds: error: data.document_attention") and "\n" not in err, err
-    assert "'flex_attention'" in err and "teacher" in err
-    assert not dist.is_initialized()
+    AttentionInterface.register("sdpa_without_document_masks", sdpa_attention_forward)
+    teacher = with_attention(tiny["llama_teacher"], "sdpa_without_document_masks", tmp_path / "teacher")
+    student = with_attention(tiny["llama_teacher"], "flex_attention", tmp_path / "student")
+    for overrides, words in (([f"teacher.path={teacher}"], ("data.document_attention", "'sdpa_without_document_masks'",
+                                                          "teacher")),
+                            ([f"student.path={student}", "student.init_from_teacher=null"],
+                             ("student", "'flex_attention'", "no backward on a CPU"))):
+        cfg = base_config(tiny["llama_data"], tiny["llama_teacher"], str(tmp_path / "o"),
+                          **{"distill.method": "kd", "data.document_attention": True})
+        path = write_config(str(tmp_path / "bad.yaml"), **cfg)
+        capsys.readouterr()
+        assert ted_main(["distill", "--config", path, *overrides]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ted-ds: error: ") and "\n" not in err and all(w in err for w in words), err
+        assert not dist.is_initialized()

@@ -16,7 +16,11 @@ def test_lr_schedule_warmup_then_cosine(tiny, tmp_path):
                           ["optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr=0.1"])
     m = [lr_multiplier(s, cfg, 110) for s in range(110)]
     assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0) and m[10] == pytest.approx(1.0)
-    assert m[60] == pytest.approx(0.55, abs=0.01) and m[109] == pytest.approx(0.1, abs=1e-3)
+    # a quarter, half and three quarters into the 100 decay steps: 0.1 + 0.45·(1 + cos(π/4 · k)), by hand;
+    # a straight line from 1 to 0.1 would give 0.775 and 0.325 at the quarters
+    assert [m[35], m[60], m[85]] == pytest.approx([0.1 + 0.45 * (1 + 0.5**0.5), 0.55, 0.1 + 0.45 * (1 - 0.5**0.5)],
+                                                  abs=1e-12)
+    assert m[109] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(m[10:], m[11:]))
 
 

@@ -45,16 +45,50 @@ def _state(out_dir, tag) -> dict:
     return json.load(open(os.path.join(_ckpt(out_dir), tag, "trainer_state.json")))
 
 
+def _deepspeed_state(out_dir, step, kind: str) -> list[dict]:
+    """Every rank's DeepSpeed ``kind`` file (``optim_states``: ZeRO-3 Adam shards; ``model_states``) of a step."""
+    from ted_ds.checkpoint import weights_only_loads
+
+    with weights_only_loads():
+        return [torch.load(p) for p in sorted(glob.glob(os.path.join(_ckpt(out_dir), f"step-{step:08d}",
+                                                                     f"*_{kind}.pt")))]
+
+
+def _equal(a, b) -> bool:
+    """Nested dicts / lists of tensors and plain values, equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_equal, a, b))
+    return a == b
+
+
 @pytest.mark.multirank
 def test_one_nan_step_is_skipped_on_every_rank_and_counted(tiny, tmp_path):
-    """Rank 0 alone reads NaN at step 3 (its gradients finite): both ranks must skip that update."""
+    """Rank 0 alone reads NaN at step 3 (its gradients finite): both ranks must skip that update. Rank 1,
+    whose own loss is finite, skips by the ranks' agreement (recorded per rank), not only because
+    DeepSpeed later finds the NaN gradient that the agreement sends back; weights, Adam moments and the
+    LR schedule come out of the skipped step as they went in."""
     out = str(tmp_path / "nan1")
     cfg = _cfg(tiny, tmp_path, "nan1", **{"train.steps": 5, "train.save_interval": 1, "train.keep_last": 5,
                                           "train.inject_nan_steps": [3]})
-    r = run_launcher(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", cfg))
+    record = os.path.join(REPO, "tests", "harness", "mp", "record_steps.py")
+    r = run_launcher(deepspeed_cmd(2, record, "--record", str(tmp_path), "distill", "--config", cfg))
+    steps = {rank: [json.loads(line) for line in open(tmp_path / f"steps-rank{rank}.jsonl")] for rank in (0, 1)}
+    assert [(s["own_loss_finite"], s["skipped"], s["applied"]) for s in steps[1]] == \
+        [(True, False, True)] * 2 + [(True, True, False)] + [(True, False, True)] * 2, steps[1]
+    assert [(s["own_loss_finite"], s["skipped"]) for s in steps[0]][2] == (False, True)
     before, skipped, after = (_weights(out, s) for s in (2, 3, 4))
     assert all(torch.equal(before[k], skipped[k]) for k in before), "the NaN step changed the weights"
     assert any(not torch.equal(skipped[k], after[k]) for k in before), "training stopped updating after it"
+    optim = {s: [f["optimizer_state_dict"]["optimizer_state_dict"] for f in _deepspeed_state(out, s, "optim_states")]
+             for s in (2, 3, 4)}  # each rank's Adam: its step count, moments and param groups (with their LR)
+    assert len(optim[3]) == 2 and _equal(optim[2], optim[3]), "the NaN step changed the Adam moments"
+    assert not _equal(optim[3], optim[4])
+    schedule = {s: [m["lr_scheduler"] for m in _deepspeed_state(out, s, "model_states")] for s in (2, 3, 4)}
+    assert schedule[2] == schedule[3] != schedule[4], schedule
     assert "step 3: non-finite loss, optimizer step skipped (1 in a row)" in r.stderr
     final = load_file(os.path.join(out, "hf", "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in final.values())
@@ -62,6 +96,7 @@ def test_one_nan_step_is_skipped_on_every_rank_and_counted(tiny, tmp_path):
     metrics = {m["step"]: m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "bad_steps" in m}
     assert [metrics[s]["bad_steps"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
     assert math.isnan(metrics[3]["loss/total"])  # rank 0's NaN shows in the logged mean
+    assert metrics[4]["lr"] == metrics[3]["lr"] != metrics[5]["lr"]  # step 4 runs at the LR step 3 did not use
     record_fault("a non-finite loss on one rank at one step",
                  "`step 3: non-finite loss, optimizer step skipped (1 in a row)`; `bad_steps` counts it",
                  "weights, Adam moments and LR schedule of step 2 (no update on any rank); training goes on")

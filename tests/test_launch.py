@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from harness.tiny import base_config, write_config
 from ted_ds.cli import main as ted_main
 
@@ -20,3 +22,11 @@ def test_launch_prints_commands_checked_against_the_config(tiny, tmp_path, capsy
     assert "torchrun --nnodes 2 --node_rank 1" in out and "mpirun -np 4 -H a:2,b:2" in out
     assert ted_main(["launch", "--nodes", "3", "--gpus-per-node", "2", "distill", "--config", path]) == 2
     assert "not a multiple of micro_batch_size 2 × 6 ranks" in capsys.readouterr().err
+
+
+def test_launch_refuses_dry_run_it_always_is_one(tiny, tmp_path, capsys):
+    """`launch` never starts anything, so `--dry-run` would change nothing: argparse refuses it."""
+    path = write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"], tiny["llama_teacher"], "out"))
+    with pytest.raises(SystemExit) as e:
+        ted_main(["launch", "--nodes", "1", "--gpus-per-node", "2", "--dry-run", "distill", "--config", path])
+    assert e.value.code == 2 and "unrecognized arguments: --dry-run" in capsys.readouterr().err

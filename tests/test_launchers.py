@@ -10,8 +10,10 @@ import sys
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from harness.common import REPO, needs, run_launcher
+from harness.common import REPO, last_launch, losses, needs, record_fault, run_launcher
 from harness.netns_hosts import ADDRS, IFNAME, TwoHosts, netns_available
 from harness.slurm_cluster import LocalSlurm, slurm_available
 from harness.tiny import base_config, write_config
@@ -128,27 +130,72 @@ def test_torchrun_launch(tiny, tmp_path):
     _finished(out, 4)
 
 
-@needs(netns_available(), "root, iproute2, openssh-server and pdsh")
-def test_two_node_run_over_pdsh_ssh_between_network_namespaces(tiny, tmp_path):
-    """A genuine 2-node job: the deepspeed launcher on host A starts one rank on each host through
-    pdsh/ssh; the ranks talk gloo over the veth link between the two namespaces."""
+def _two_node_launch(hosts: TwoHosts, tmp_path, cfg: str, check: bool = True):
+    """The deepspeed launcher on host A starts one rank on each host through pdsh/ssh."""
     from ted_ds.distributed import free_port
 
-    out = str(tmp_path / "two-node")
-    cfg = _config(tiny, str(tmp_path / "n.yaml"), **{"train.out_dir": out})
-    with TwoHosts(str(tmp_path)) as hosts:
-        hostfile = tmp_path / "hostfile"
-        hostfile.write_text("".join(f"{addr} slots=1\n" for addr in ADDRS))
-        env_file = tmp_path / "deepspeed_env"  # what the launcher exports to the remote ranks
-        env_file.write_text("".join(f"{k}={os.environ.get(k, v)}\n" for k, v in (
-            ("TORCH_EXTENSIONS_DIR", ""), ("DS_ACCELERATOR", "cpu"), ("GLOO_SOCKET_IFNAME", IFNAME),
-            ("OMP_NUM_THREADS", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("PATH", ""))))
-        launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-        env = {"PDSH_RCMD_TYPE": "ssh", "PDSH_SSH_ARGS_APPEND": " ".join(hosts.ssh_options()),
-               "DS_ENV_FILE": str(env_file), "GLOO_SOCKET_IFNAME": IFNAME}
-        proc = run_launcher(["ip", "netns", "exec", hosts.ns[0], launcher, "--hostfile", str(hostfile),
-                             "--no_ssh_check", "--master_addr", ADDRS[0], "--master_port", str(free_port()),
-                             "--module", "ted_ds", "distill", "--config", cfg], env=env, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert "pdsh" in log and ADDRS[1] in log
-    _finished(out, 4)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"{addr} slots=1\n" for addr in ADDRS))
+    env_file = tmp_path / "deepspeed_env"  # what the launcher exports to the remote ranks
+    env_file.write_text("".join(f"{k}={os.environ.get(k, v)}\n" for k, v in (
+        ("TORCH_EXTENSIONS_DIR", ""), ("DS_ACCELERATOR", "cpu"), ("GLOO_SOCKET_IFNAME", IFNAME),
+        ("OMP_NUM_THREADS", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("PATH", ""))))
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    env = {"PDSH_RCMD_TYPE": "ssh", "PDSH_SSH_ARGS_APPEND": " ".join(hosts.ssh_options()),
+           "DS_ENV_FILE": str(env_file), "GLOO_SOCKET_IFNAME": IFNAME}
+    proc = run_launcher(["ip", "netns", "exec", hosts.ns[0], launcher, "--hostfile", str(hostfile),
+                         "--no_ssh_check", "--master_addr", ADDRS[0], "--master_port", str(free_port()),
+                         "--module", "ted_ds", "distill", "--config", cfg], env=env, timeout=600, check=check)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _merge(disks: list[str], out: str) -> None:
+    """The files of every node's disk in one directory, as storage all nodes share would hold them."""
+    for disk in disks:
+        shutil.copytree(disk, out, dirs_exist_ok=True,
+                        copy_function=lambda src, dst: os.path.exists(dst) or shutil.copy2(src, dst))
+
+
+@needs(netns_available(), "root, iproute2, openssh-server and pdsh")
+def test_two_node_runs_over_pdsh_ssh_resume_only_from_storage_both_nodes_see(tiny, tmp_path):
+    """Genuine 2-node jobs: one rank on each of two network namespaces ("hosts" ted-node0 and
+    ted-node1, an sshd in each), started by the deepspeed launcher through pdsh/ssh, talking gloo over
+    the veth link between them.
+
+    1. ``train.out_dir`` on node-local disks (the same path, a directory of each host's own): the run
+       trains and finishes; its re-run refuses to start, with one line naming the host that cannot
+       see the checkpoint (without the ranks' agreement, node 0 would resume and node 1 start over).
+    2. The two disks' files in one directory, as storage both nodes share would hold them, ``latest``
+       back at step 2: the re-run resumes from step 2 and ends bit-identical to run 1.  Its own record
+       says it resumed and trained steps 3 and 4 only (a run that started over would end identical too).
+    """
+    local = str(tmp_path / "local")  # the same path on both hosts, with each host's own disk behind it
+    over = {"train.out_dir": os.path.join(local, "run"), "train.save_interval": 2, "train.timeout_minutes": 1}
+    cfg = _config(tiny, str(tmp_path / "local.yaml"), **over)
+    with TwoHosts(str(tmp_path), local=local) as hosts:
+        _, log = _two_node_launch(hosts, tmp_path, cfg)
+        assert "pdsh" in log and ADDRS[1] in log
+        node0 = os.path.join(hosts.disk(0), "run")
+        _finished(node0, 4)
+        rc, log = _two_node_launch(hosts, tmp_path, cfg, check=False)
+        errors = {line.split("error: ", 1)[1] for line in log.splitlines() if "ted-ds: " in line and "error: " in line}
+        assert rc != 0 and "Traceback" not in log and len(errors) == 1, log[-4000:]
+        error = errors.pop()
+        assert error == (f"{local}/run/checkpoints/distill-lwd: ted-node1 cannot see checkpoint step-00000004, "
+                         "which ted-node0 would resume from (no checkpoint there): train.out_dir must be on storage "
+                         "every node shares"), error
+        shared = str(tmp_path / "shared")
+        _merge([node0, os.path.join(hosts.disk(1), "run")], shared)
+        shutil.rmtree(os.path.join(shared, "hf"))
+        with open(os.path.join(shared, "checkpoints", "distill-lwd", "latest"), "w") as f:
+            f.write("step-00000002")
+        _, log = _two_node_launch(hosts, tmp_path, _config(tiny, str(tmp_path / "shared.yaml"),
+                                                           **dict(over, **{"train.out_dir": shared})))
+    assert "ted-ds: resumed from step-00000002" in log and last_launch(shared) == ("step-00000002", [3, 4])
+    _finished(shared, 4)
+    a, b = (load_file(os.path.join(d, "hf", "model.safetensors")) for d in (node0, shared))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(shared) == losses(node0)
+    record_fault("train.out_dir on node-local disks (2 nodes), re-run",
+                 f"one line on every rank: `{error.split(': ', 1)[1]}`",
+                 "nothing trained; with the disks' files on shared storage the re-run resumes bit-identically")

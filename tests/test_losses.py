@@ -28,14 +28,15 @@ def test_kd_loss_by_hand_and_topk():
     ps = [x / sum(ps) for x in ps]
     pt = [x / sum(pt) for x in pt]
     kl = sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps))
-    assert kd_loss(s, t, T).item() == pytest.approx(T * T * kl, rel=1e-6)
-    assert kd_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-7)
+    y = torch.tensor([[0]])
+    assert kd_loss(s, t, y, T).item() == pytest.approx(T * T * kl, rel=1e-6)
+    assert kd_loss(t, t, y, T).item() == pytest.approx(0.0, abs=1e-7)
     # top-k support: teacher renormalised over its 2 best ids, student log-probs at those ids
     values, index = t.topk(2, dim=-1)
     qt = torch.softmax(values / T, -1)[0, 0]
     ls = torch.log_softmax(s / T, -1)[0, 0, index[0, 0]]
     expected = T * T * (qt * (qt.log() - ls)).sum().item()
-    assert kd_loss(s, values, T, index).item() == pytest.approx(expected, rel=1e-6)
+    assert kd_loss(s, values, y, T, index).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_layer_losses_by_hand():
@@ -65,3 +66,59 @@ def test_objective_weights_and_terms():
         (terms["lm"] + 0.5 * terms["kd"] + 3.0 * terms["layer"]).item(), rel=1e-6)
     lm_only = distill_objective(s_logits, None, labels, None, None, w)
     assert set(lm_only) == {"lm", "loss"}
+
+
+def _softmax(xs: list[float]) -> list[float]:
+    e = [math.exp(x) for x in xs]
+    return [x / sum(e) for x in e]
+
+
+KD_ONLY = ObjectiveWeights(alpha=1.0, beta=0.0, temperature=2.0, layer_loss="mse")
+
+
+def test_kd_gives_no_weight_to_a_teacher_entry_of_minus_infinity():
+    """A masked teacher entry (logit −inf) has p_t = 0 and p·log p = 0 there: value and closed-form gradient
+    T·(p_s − p_t) by hand, full vocabulary and top-k (a −inf among the k values)."""
+    T = KD_ONLY.temperature
+    s = torch.tensor([[[1.0, 0.0, 0.5]]], requires_grad=True)
+    t = torch.tensor([[[0.0, 2.0, -math.inf]]])
+    ps, pt = _softmax([1.0 / T, 0.0, 0.5 / T]), _softmax([0.0, 2.0 / T]) + [0.0]
+    kl = sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps) if a > 0)
+    kd = distill_objective(s, None, torch.tensor([[0]]), t, None, KD_ONLY)["kd"]
+    assert kd.item() == pytest.approx(T * T * kl, rel=1e-6)
+    kd.backward()
+    assert s.grad[0, 0].tolist() == pytest.approx([T * (a - b) for a, b in zip(ps, pt)], rel=1e-6)
+    s.grad = None
+    values, index = torch.tensor([[[2.0, -math.inf]]]), torch.tensor([[[1, 2]]])
+    kd = distill_objective(s, None, torch.tensor([[0]]), values, None, KD_ONLY, index)["kd"]
+    assert kd.item() == pytest.approx(-T * T * math.log(ps[1]), rel=1e-6)  # p_t = (1, 0) on ids (1, 2)
+    kd.backward()
+    assert s.grad[0, 0].tolist() == pytest.approx([T * (a - b) for a, b in zip(ps, [0.0, 1.0, 0.0])], rel=1e-6)
+
+
+def test_kd_averages_over_the_tokens_the_lm_loss_counts():
+    """Labels of IGNORE_INDEX (-100) leave a token out of KD as out of CE: the mean is over the kept tokens,
+    and an ignored token's logits get no KD gradient."""
+    torch.manual_seed(0)
+    s, t = torch.randn(1, 3, 5, requires_grad=True), torch.randn(1, 3, 5)
+    labels = torch.tensor([[1, -100, 4]])
+    kd = distill_objective(s, None, labels, t, None, KD_ONLY)["kd"]
+    kept = [0, 2]
+    alone = distill_objective(s[:, kept].detach(), None, labels[:, kept], t[:, kept], None, KD_ONLY)["kd"]
+    assert kd.item() == pytest.approx(alone.item(), rel=1e-6)
+    kd.backward()
+    assert s.grad[0, 1].abs().max() == 0 and s.grad[0, kept].abs().min() > 0
+
+
+def test_a_micro_batch_with_every_label_ignored_adds_nothing():
+    """0 kept tokens: every term is 0 with a zero gradient (0/0 would be NaN and skip the whole step)."""
+    from ted_ds.losses import tap_lm_losses
+
+    s, t = torch.randn(1, 2, 5, requires_grad=True), torch.randn(1, 2, 5)
+    h = torch.randn(1, 2, 5, requires_grad=True)
+    labels = torch.full((1, 2), -100)
+    terms = distill_objective(s, None, labels, t, None, KD_ONLY)
+    (tap,) = tap_lm_losses(torch.nn.Identity(), [h], labels)
+    assert [terms["lm"].item(), terms["kd"].item(), tap.item()] == [0.0, 0.0, 0.0]
+    (terms["loss"] + tap).backward()
+    assert s.grad.abs().max() == 0 and h.grad.abs().max() == 0

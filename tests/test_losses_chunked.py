@@ -28,13 +28,13 @@ def reference_ce(logits, labels):
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
-def reference_kd(student_logits, teacher_logits, temperature, teacher_topk_index=None):
+def reference_kd(student_logits, teacher_logits, labels, temperature, teacher_topk_index=None):
     s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if teacher_topk_index is not None:
         s_logp = s_logp.gather(-1, teacher_topk_index)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-    return temperature * temperature * kl.mean()
+    return temperature * temperature * kl[labels != IGNORE_INDEX].mean()
 
 
 def inputs(dtype=torch.float32):
@@ -51,10 +51,11 @@ def inputs(dtype=torch.float32):
 
 CASES = {  # name -> (chunked, reference), each called as f(student_logits, inputs)
     "ce": (lambda s, x: lm_loss(s, x["labels"], chunk_tokens=CHUNK), lambda s, x: reference_ce(s, x["labels"])),
-    "kd": (lambda s, x: kd_loss(s, x["teacher"], TEMPERATURE, chunk_tokens=CHUNK),
-           lambda s, x: reference_kd(s, x["teacher"], TEMPERATURE)),
-    "kd_topk": (lambda s, x: kd_loss(s, x["topk_values"], TEMPERATURE, x["topk_index"], chunk_tokens=CHUNK),
-                lambda s, x: reference_kd(s, x["topk_values"], TEMPERATURE, x["topk_index"])),
+    "kd": (lambda s, x: kd_loss(s, x["teacher"], x["labels"], TEMPERATURE, chunk_tokens=CHUNK),
+           lambda s, x: reference_kd(s, x["teacher"], x["labels"], TEMPERATURE)),
+    "kd_topk": (lambda s, x: kd_loss(s, x["topk_values"], x["labels"], TEMPERATURE, x["topk_index"],
+                                     chunk_tokens=CHUNK),
+                lambda s, x: reference_kd(s, x["topk_values"], x["labels"], TEMPERATURE, x["topk_index"])),
 }
 
 

@@ -85,3 +85,52 @@ def test_the_verdict_holds_only_when_the_paired_interval_excludes_zero():
     c = paired_comparison([10.0, 10.3, 9.6, 10.1, 9.9], [10.1, 10.0, 10.0, 10.0, 10.0])
     assert c["mean"] < 0 and c["low"] < 0 < c["high"] and c["verdict"] == "no detectable difference"
     assert paired_comparison(kd, ted)["verdict"] == "reversed"
+
+
+def _runs(test_ppl: float, valid_ppl: float, noise: list[float]) -> list[dict]:
+    """Seeds of one student: test and valid perplexity (offset by ``noise`` per seed) and a short curve."""
+    return [{"seed": i + 1, "test": {"ppl": test_ppl + e}, "valid": {"ppl": valid_ppl - e},
+             "lm_eval": {"word_perplexity": test_ppl, "bits_per_byte": 1.0}, "curve": [[1, 3.0], [2, 2.5]]}
+            for i, e in enumerate(noise)]
+
+
+def test_the_report_chooses_the_lowest_valid_score_and_states_each_verdict_by_the_test_split(tmp_path):
+    """Synthetic scores whose answers are known: tuning picks the lowest valid perplexity (in bold); each
+    comparison's verdict reads the test split (valid is ordered the other way round, so reading it flips
+    them), per geometry, with the better method first."""
+    from bench.repro import GEOMETRIES, QUICK, choose, report
+
+    a, b, c = [0.1, -0.2, 0.15, -0.05, 0.0], [-0.1, 0.05, 0.2, 0.0, -0.15], [0.3, -0.3, 0.25, -0.25, 0.0]
+    test = {"same-width": {"lm": 30, "kd": 25, "lwd": 26, "ted": 20, "ted-trainable": 20.5},
+            "narrow": {"lm": 30, "kd": 25, "lwd": 26, "ted": 25, "ted-trainable": 35}}
+    students = {g: {m: _runs(ppl, 60 - ppl, [a, b, c, a[::-1], b[::-1]][i]) for i, (m, ppl) in enumerate(by.items())}
+                for g, by in test.items()}
+    point = lambda alpha, beta=None: (("alpha", alpha),) + ((("beta", beta),) if beta else ())
+    tuning = {"kd": {point(1.0): 12.0, point(2.0): 11.0, point(4.0): 13.0},
+              "lwd": {point(1.0, 1.0): 12.0}, "ted": {point(1.0, 1.0): 20.0, point(1.0, 3.0): 18.0,
+                                                     point(2.0, 3.0): 19.0}}
+    scores = {g: tuning for g in GEOMETRIES}
+    chosen = choose(scores)
+    assert chosen["narrow"] == {"kd": point(2.0), "lwd": point(1.0, 1.0), "ted": point(1.0, 3.0)}
+    results = {"machine": {"date": "today", "commit": "abc", "cpus": 2}, "size": QUICK, "seeds": [1, 2, 3, 4, 5],
+               "ranks": 1, "jobs": 2, "elapsed_s": 60, "phases_s": {"all": 60},
+               "valid_tuning": {g: {m: [{"weights": dict(p), "ppl": v} for p, v in by.items()]
+                                    for m, by in scores[g].items()} for g in GEOMETRIES},
+               "chosen": {g: {m: dict(p) for m, p in by.items()} for g, by in chosen.items()},
+               "stage1": {"teacher-teacher": {"L2": 3.0, "L4": 2.0}},
+               "teacher": _runs(10, 10, [0.0])[0], "narrow-base": _runs(40, 40, [0.0])[0], "students": students}
+    report(str(tmp_path), results)
+    table = (tmp_path / "results.md").read_text()
+    same, narrow = table.split("## Geometry `narrow`")
+    verdict = lambda section, better, worse: section.split(f"* {better} < {worse}: **")[1].split("**")[0]
+    assert [verdict(same, *pair) for pair in [("ted", "kd"), ("ted", "lwd"), ("ted-trainable", "ted"),
+                                              ("kd", "lm"), ("lwd", "lm")]] == \
+        ["holds", "holds", "reversed", "holds", "holds"]
+    assert verdict(narrow, "ted", "kd") == "no detectable difference"  # equal means, noise only
+    assert verdict(narrow, "ted-trainable", "kd") == "reversed"
+    assert "* kd: alpha=1: 12.00; **alpha=2: 11.00**; alpha=4: 13.00\n" in same
+    assert "* ted: alpha=1, beta=1: 20.00; **alpha=1, beta=3: 18.00**; alpha=2, beta=3: 19.00 — best alpha and " \
+           "beta at the edge of the values tried\n" in same
+    assert "| student ted (alpha=1, beta=3) | 20.00 ± 0.14 |" in same
+    assert "| student ted-trainable (alpha=1, beta=3) |" in same  # at TED's weights
+

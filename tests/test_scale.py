@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from harness.common import ProcessGroupStarted, stop_at_process_group
 from harness.tiny import base_config, write_config
 from ted_ds.cli import main as ted_main
 
@@ -48,8 +49,8 @@ def test_scale_rehearsal_quick_reports_every_placement(tmp_path):
 
 def test_floor_follows_the_placement(tiny):
     """Sharded placements must hold less teacher than a replicated one, and the floor says how much."""
-    from ted_ds.architectures import load_hf_config, meta_model, teacher_blocks_config
-    from ted_ds.capacity import rank_floor_bytes, teacher_share
+    from ted_ds.architectures import load_hf_config, meta_model, teacher_blocks_config, vocab_size
+    from ted_ds.capacity import chunk_tokens, rank_floor_bytes, teacher_share
 
     t = load_hf_config(tiny["llama_teacher"])
     total = teacher_share(t, "replicated", 2, 2, None)
@@ -59,6 +60,10 @@ def test_floor_follows_the_placement(tiny):
     s = teacher_blocks_config(t, [0, 2])
     floors = {p: rank_floor_bytes(t, s, p, 2, 2, None, torch.float32, 64) for p in ("replicated", "zero3")}
     assert floors["replicated"] - floors["zero3"] == pytest.approx(4 * (total - (total + 1) // 2 - largest))
+    # a pipeline's last stage also holds one chunk of another rank's logits (3 rows in 2 chunks: 2 rows)
+    pipeline = lambda stages, chunk: rank_floor_bytes(t, s, "pipeline", 2, stages, None, torch.float32, 48, 0, chunk)
+    assert chunk_tokens(3, 16, 2) == 32
+    assert pipeline(2, 32) - pipeline(2, 0) == 32 * vocab_size(s) * 4 and pipeline(1, 32) == pipeline(1, 0)
 
 
 def test_runs_that_cannot_fit_are_refused_in_one_line(tiny, tmp_path, capsys, monkeypatch):
@@ -66,7 +71,7 @@ def test_runs_that_cannot_fit_are_refused_in_one_line(tiny, tmp_path, capsys, mo
 
     cfg = base_config(tiny["llama_data"], tiny["llama_teacher"], str(tmp_path / "o"), **{"distill.method": "kd"})
     path = write_config(str(tmp_path / "c.yaml"), **cfg)
-    monkeypatch.setattr(capacity, "visible_bytes", lambda local_ranks: (1e5, "host"))  # a rank that sees 100 kB
+    monkeypatch.setattr(capacity, "visible_bytes", lambda device, local_ranks: (1e5, "host"))  # a rank sees 100 kB
     capsys.readouterr()
     assert ted_main(["distill", "--config", path]) == 2
     err = capsys.readouterr().err.strip()
@@ -79,26 +84,30 @@ def test_runs_that_cannot_fit_are_refused_in_one_line(tiny, tmp_path, capsys, mo
     assert "pipeline_stages 8 must divide the number of ranks 1" in err and "\n" not in err
 
 
-def test_trainable_stage1_heads_count_in_the_floor(tiny, tmp_path, monkeypatch):
-    """Stage 1 with ``filter_head: trainable`` trains a norm + unembedding per tap under ZeRO-3: a rank
-    that holds the floor without them is refused with them."""
+def test_trainable_stage1_heads_count_in_the_floor(tiny, tmp_path, capsys, monkeypatch):
+    """Stage 1 with ``filter_head: trainable`` trains a norm + unembedding per tap under ZeRO-3: through
+    ``ted-ds learn-filters`` (its set-up, before any process group), a rank that holds the floor plus half
+    the heads' bytes starts with the teacher's frozen head and is refused in one line with trainable heads."""
     from ted_ds import capacity
-    from ted_ds.architectures import hidden_size, vocab_size
-    from ted_ds.config import load_run_config
-    from ted_ds.errors import ConfigError
-    from ted_ds.recipes import plan
+    from ted_ds.architectures import hidden_size, load_hf_config, vocab_size
 
-    cfg = base_config(tiny["llama_data"], tiny["llama_teacher"], str(tmp_path / "o"))
-    p = plan(load_run_config(write_config(str(tmp_path / "c.yaml"), **cfg)), "student")
-    ds = {"zero_optimization": {"reduce_bucket_size": 0}}
-    floor = capacity.rank_floor_bytes(None, p.student_config, "replicated", 1, 1, None, torch.float32,
-                                      p.cfg.train.micro_batch_size * p.cfg.data.seq_len)
-    heads = 16 * len(p.pairs) * vocab_size(p.teacher_config) * hidden_size(p.teacher_config)
-    monkeypatch.setattr(capacity, "visible_bytes", lambda local_ranks: (floor + heads / 2, "host"))
-    capacity.check_fits(p, ds, 1, 1, with_teacher=False)
-    capacity.check_fits(p, ds, 1, 1, with_teacher=False, trained_heads=0)
-    with pytest.raises(ConfigError, match="needs at least"):
-        capacity.check_fits(p, ds, 1, 1, with_teacher=False, trained_heads=len(p.pairs))
+    teacher = load_hf_config(tiny["llama_teacher"])
+    taps = 2  # base_config: teacher layers 2, 4 ↔ student layers 1, 2
+    heads = 16 * taps * vocab_size(teacher) * hidden_size(teacher)  # fp32 ZeRO-3 state of each head, one rank
+    floors = []
+    floor = capacity.rank_floor_bytes
+    monkeypatch.setattr(capacity, "rank_floor_bytes", lambda *a, **k: floors.append(floor(*a, **k)) or floors[-1])
+    monkeypatch.setattr(capacity, "visible_bytes", lambda device, local_ranks: (floors[-1] + heads / 2, "host"))
+    stop_at_process_group(monkeypatch)
+    path = write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"], tiny["llama_teacher"],
+                                                                str(tmp_path / "o")))
+    learn = ["learn-filters", "--config", path, "--model", "student"]
+    with pytest.raises(ProcessGroupStarted):
+        ted_main(learn)
+    capsys.readouterr()
+    assert ted_main([*learn, "distill.filter_head=trainable"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ted-ds: error: this run needs at least") and "\n" not in err, err
 
 
 def test_arch_list_that_deepspeed_can_parse():

@@ -30,7 +30,6 @@ frame ``w`` is bytes ``[h + offsets[w], h + offsets[w + 1])`` with ``h = 16 + 8�
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -61,14 +60,6 @@ def source_key(data_dir: str) -> tuple[str, str]:
     """(directory name in a cache, sha256 of the data's manifest.json) of a ``ted-prep build`` directory."""
     digest = file_sha256(os.path.join(data_dir, DATA_MANIFEST))
     return digest[:12], digest
-
-
-def weights_sha256(model_dir: str) -> str:
-    """One digest of a model's weight files (name and sha256 of each): the teacher a cache was made with."""
-    from ted_ds.weights import weight_files
-
-    lines = "".join(f"{os.path.basename(f)} {file_sha256(f)}\n" for f in weight_files(model_dir))
-    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def block_name(key: str, split: str, index: int) -> str:
@@ -211,10 +202,12 @@ class CacheRows:
 # ----------------------------------------------------------------------------- matching a run
 def identity(cfg, teacher_dir: str, data_manifest: dict, k: int) -> dict:
     """What a cache must share with a run (``cfg`` as the user wrote it: its teacher path and revision are
-    recorded, its weights in ``teacher_dir`` hashed)."""
+    recorded; the teacher is the ``weights.fingerprint`` of the weights in ``teacher_dir``)."""
+    from ted_ds.weights import fingerprint
+
     t = cfg.teacher
     return {"format": FORMAT,
-            "teacher": {"path": t.path, "revision": t.revision, "weights_sha256": weights_sha256(teacher_dir)},
+            "teacher": {"path": t.path, "revision": t.revision, "digest": fingerprint(teacher_dir)},
             "tokenizer": {"vocab_sha256": data_manifest["tokenizer"]["vocab_sha256"],
                           "vocab_size": data_manifest["vocab_size"]},
             "seq_len": cfg.data.seq_len, "k": k, "value_dtype": t.logits_dtype,
@@ -226,9 +219,9 @@ def mismatch(cache_dir: str, cache: dict, run: dict, sources: dict[str, tuple[st
     (key → (name, path)), in one line; None when it can."""
     there = f"teacher.cache {cache_dir}"
     have, want = cache["teacher"], run["teacher"]
-    if have["weights_sha256"] != want["weights_sha256"]:
-        return (f"{there} was made with another teacher ({have['path']}, weights sha256 "
-                f"{have['weights_sha256'][:12]}…; teacher.path {want['path']} has {want['weights_sha256'][:12]}…)")
+    if have["digest"] != want["digest"]:
+        return (f"{there} was made with another teacher ({have['path']}, weights digest {have['digest']}; "
+                f"teacher.path {want['path']} has {want['digest']})")
     if cache["tokenizer"]["vocab_sha256"] != run["tokenizer"]["vocab_sha256"]:
         return f"{there} was made with another tokenizer than the data's (vocabulary sha256 differs)"
     for key, (name, path) in sources.items():

@@ -1,8 +1,10 @@
 """The pipeline teacher's forward-only schedule, in plain ``torch.distributed`` point-to-point calls:
 DeepSpeed's PipelineEngine returns only last-stage outputs, sets global state that breaks a ZeRO-3
-engine created afterwards, and hangs on a tuple mismatch.  Every receive is posted before the
-schedule starts and every send is non-blocking, so the fixed order cannot deadlock; every wait has
-the run's timeout and fails with an error naming the pipeline stage, not a hang."""
+engine created afterwards, and hangs on a tuple mismatch.  A call runs in ticks: each stage runs
+one chunk, then posts that tick's sends and receives as one batch in the order ``messages.transfers``
+gives both sides, and waits for them, so no tag is needed to match a message and at most one
+tick's messages are in flight.  Every wait has the run's timeout and fails with an error naming
+the pipeline stage, not a hang."""
 
 from __future__ import annotations
 
@@ -11,19 +13,29 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.autograd.profiler import record_function
 
 from ted_ds import distributed
 from ted_ds.architectures import decoder_layers, load_hf_config
 from ted_ds.errors import ConfigError, DistributedError
 from ted_ds.filters import FilterBank
 from ted_ds.pipeline.layout import PipelineLayout
-from ted_ds.pipeline.messages import Message, MessageKind, TagAllocator
+from ted_ds.pipeline.messages import (
+    Message,
+    MessageKind,
+    Transfer,
+    buffer_shape,
+    chunk_at,
+    made_by,
+    posts,
+    returned_to,
+)
 from ted_ds.pipeline.stage import build_stage_model, run_pipeline_stage, stop_after
 from ted_ds.taps import TapRecorder
 from ted_ds.teacher import LOGITS_DTYPES, TeacherOutput, teacher_logits
 
-Received = dict[Message, torch.Tensor]  # this rank's buffer for each message it gets (or makes itself)
-Pending = list[tuple]  # (work, what) of every send and receive still in flight
+Received = dict[Message, torch.Tensor]  # this rank's buffer for each message it gets back (or makes itself)
+Made = dict[Message, torch.Tensor]  # what this stage made of a chunk, by message
 
 
 class PipelineTeacher:
@@ -54,9 +66,10 @@ class PipelineTeacher:
             self.filters = torch.nn.ModuleList(filters.filters[i] for i in self.local_taps).to(self.device,
                                                                                                layout.dtype).eval()
             self.filters.requires_grad_(False)
-        self.tags = TagAllocator(layout.stages, layout.chunks, len(layout.tap_layers))
+        self.posts = posts(layout, self.stage)
         self._check_group_agrees()
         self.stats = {"calls": 0, "busy_s": 0.0, "wall_s": 0.0}  # for the bubble fraction (benchmarks)
+        self.timed = False  # benchmarks set it: the stats' timers then wait for the device (a sync per chunk)
 
     def _join_groups(self) -> None:
         """``stage``: this rank's pipeline stage; ``members``: the ranks of its group, by stage."""
@@ -93,30 +106,34 @@ class PipelineTeacher:
                                    f"failed — a peer stage died, timed out or disagreed on shapes "
                                    f"({str(e).splitlines()[0][:160]})") from None
 
-    def _expect(self, m: Message, shape: tuple, dtype: torch.dtype, sender: int, received: Received,
-                pending: Pending, what: str) -> None:
-        """A buffer for message ``m``, and its receive unless this rank makes it itself."""
-        received[m] = buf = torch.empty(shape, dtype=dtype, device=self.device)
-        if sender != self.stage:
-            pending.append((dist.irecv(buf, self.members[sender], tag=self.tags.tag(m)), what))
-
-    def _deliver(self, m: Message, tensor: torch.Tensor, received: Received, pending: Pending, what: str) -> None:
-        if m.owner == self.stage:
-            received[m].copy_(tensor)
-        else:
-            pending.append((dist.isend(tensor.contiguous(), self.members[m.owner], tag=self.tags.tag(m)), what))
+    def _clock(self) -> float:
+        """Seconds for the stats; when ``timed``, after the device has run what was queued (at no other
+        time: a sync per chunk would slow every training step)."""
+        if self.timed:
+            distributed.synchronize(self.device)
+        return time.perf_counter()
 
     # ------------------------------------------------------------------------- one call
     @torch.no_grad()
+    @record_function("teacher")  # names the frozen side's work in a profile (bench/profile_bench.py)
     def __call__(self, input_ids: torch.Tensor) -> TeacherOutput:
-        start = time.perf_counter()
+        start = self._clock()
         out = self._call(input_ids)
         self.stats["calls"] += 1
-        self.stats["wall_s"] += time.perf_counter() - start
+        self.stats["wall_s"] += self._clock() - start
         return out
 
     def _call(self, input_ids: torch.Tensor) -> TeacherOutput:
-        input_ids = input_ids.to(self.device)
+        chunk_ids = self._gather_ids(input_ids.to(self.device))
+        received = self._buffers(chunk_ids[self.stage])
+        hidden = None
+        for tick, transfers in enumerate(self.posts):
+            made = self._run_tick(tick, chunk_ids, hidden, received)
+            hidden = self._send_and_receive(tick, transfers, made, received, chunk_ids)
+        return self._assemble(received)
+
+    def _gather_ids(self, input_ids: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Every group member's micro-batch, cut into chunks: each stage runs them all."""
         shape = torch.tensor(list(input_ids.shape), dtype=torch.int64, device=self.device)
         shapes = [torch.zeros_like(shape) for _ in self.members]
         self._wait(dist.all_gather(shapes, shape, group=self.group, async_op=True), "shape exchange")
@@ -125,62 +142,79 @@ class PipelineTeacher:
                                    f"({[tuple(s.tolist()) for s in shapes]}); every rank needs the same batch shape")
         all_ids = [torch.zeros_like(input_ids) for _ in self.members]
         self._wait(dist.all_gather(all_ids, input_ids.contiguous(), group=self.group, async_op=True), "token exchange")
-        chunk_ids = [list(torch.tensor_split(ids, self.layout.chunks)) for ids in all_ids]
-        received, pending = self._post_receives(chunk_ids[self.stage])
-        for owner in range(self.layout.stages):
-            for c, ids in enumerate(chunk_ids[owner]):
-                self._run_chunk(owner, c, ids, received, pending)
-        for work, what in pending:
-            self._wait(work, what)
-        return self._assemble(received)
+        return [list(torch.tensor_split(ids, self.layout.chunks)) for ids in all_ids]
 
-    def _post_receives(self, my_chunks: list[torch.Tensor]) -> tuple[Received, Pending]:
-        """Buffers (and irecvs) for everything this rank's chunks get back."""
-        layout, me, last = self.layout, self.stage, self.layout.stages - 1
+    def _buffers(self, my_chunks: list[torch.Tensor]) -> Received:
+        """A buffer for everything this rank's chunks get back: the call's output."""
         received: Received = {}
-        pending: Pending = []
-        for c, ids in enumerate(my_chunks):
-            b, t = ids.shape
-            for i, layer in enumerate(layout.tap_layers):
-                s = layout.stage_of_layer(layer)
-                self._expect(Message(me, c, MessageKind.TAP, i), (b, t, layout.filter_dim), torch.float32, s,
-                             received, pending, f"receiving tap {layer} from stage {s}")
-            if layout.need_logits:
-                k = layout.logits_topk
-                self._expect(Message(me, c, MessageKind.LOGITS), (b, t, k or layout.vocab), layout.logits_dtype,
-                             last, received, pending, "receiving logits from the last stage")
-                if k:
-                    self._expect(Message(me, c, MessageKind.TOPK_IDS), (b, t, k), torch.int64, last, received,
-                                 pending, "receiving top-k ids from the last stage")
-        return received, pending
+        for m in returned_to(self.layout, self.stage):
+            shape, dtype = buffer_shape(self.layout, m, *my_chunks[m.chunk].shape)
+            received[m] = torch.empty(shape, dtype=dtype, device=self.device)
+        return received
 
-    def _run_chunk(self, owner: int, c: int, ids: torch.Tensor, received: Received, pending: Pending) -> None:
+    def _run_tick(self, tick: int, chunk_ids: list, hidden: torch.Tensor | None, received: Received) -> Made:
+        """Run this tick's chunk (none in the bubble) on the ``hidden`` state received last tick; what
+        it makes for this rank lands in ``received``, the rest is returned for sending."""
+        at = chunk_at(self.layout, self.stage, tick)
+        if at is None:
+            return {}
+        self.injected.hidden = hidden
+        busy = self._clock()
+        tensors = self._forward(*at, chunk_ids[at[0]][at[1]])
+        self.stats["busy_s"] += self._clock() - busy
+        made: Made = {}
+        for m, tensor in tensors.items():
+            if m.kind != MessageKind.ACTIVATIONS and m.owner == self.stage:
+                received[m].copy_(tensor)
+            else:
+                made[m] = tensor.contiguous()
+        return made
+
+    def _forward(self, owner: int, c: int, ids: torch.Tensor) -> Made:
+        """This stage's forward of one chunk: each message it makes of it (``made_by``), as a tensor."""
         layout = self.layout
-        activations = Message(owner, c, MessageKind.ACTIVATIONS)
-        if not self.first:
-            hidden = torch.empty(*ids.shape, layout.hidden_size, dtype=layout.dtype, device=self.device)
-            self._wait(dist.irecv(hidden, self.members[self.stage - 1], tag=self.tags.tag(activations)),
-                       f"receiving activations from stage {self.stage - 1}")
-            self.injected.hidden = hidden
-        busy = time.perf_counter()
         logits, out = run_pipeline_stage(self.model, ids, layout.documents)
-        self.stats["busy_s"] += time.perf_counter() - busy
+        taps = {}
         if self.recorder is not None:
             states = self.recorder.take()
             if self.filters is not None:
                 states = [f(h) for f, h in zip(self.filters, states)]
-            for i, state in zip(self.local_taps, states):
-                self._deliver(Message(owner, c, MessageKind.TAP, i), state.float(), received, pending,
-                              f"sending tap {layout.tap_layers[i]}")
-        if not self.last:
-            pending.append((dist.isend(out.contiguous(), self.members[self.stage + 1], tag=self.tags.tag(activations)),
-                            f"sending activations to stage {self.stage + 1}"))
-        elif layout.need_logits:
+            taps = {i: state.float() for i, state in zip(self.local_taps, states)}
+        values = index = None
+        if logits is not None and layout.need_logits:
             values, index = teacher_logits(logits, layout.vocab, layout.logits_topk, layout.logits_dtype)
-            self._deliver(Message(owner, c, MessageKind.LOGITS), values.to(layout.logits_dtype), received, pending,
-                          "sending logits")
-            if index is not None:
-                self._deliver(Message(owner, c, MessageKind.TOPK_IDS), index, received, pending, "sending top-k ids")
+            values = values.to(layout.logits_dtype)
+        by_kind = {MessageKind.ACTIVATIONS: out, MessageKind.LOGITS: values, MessageKind.TOPK_IDS: index}
+        return {m: taps[m.tap] if m.kind == MessageKind.TAP else by_kind[m.kind]
+                for m in made_by(layout, self.stage, owner, c)}
+
+    def _send_and_receive(self, tick: int, transfers: list[Transfer], made: Made, received: Received,
+                          chunk_ids: list) -> torch.Tensor | None:
+        """Post this tick's sends and receives as one batch, in the call's one order, and wait for
+        them all; returns the activations received for the next tick (None: none)."""
+        ops, whats, hidden = [], [], None
+        for t in transfers:
+            m = t.message
+            if t.sender == self.stage:
+                ops.append(dist.P2POp(dist.isend, made[m], self.members[t.receiver], self.group))
+                whats.append(f"sending {self._name(m)} to stage {t.receiver}")
+                continue
+            buffer = received.get(m)
+            if buffer is None:  # activations, for this stage's next tick
+                shape, dtype = buffer_shape(self.layout, m, *chunk_ids[m.owner][m.chunk].shape)
+                buffer = hidden = torch.empty(shape, dtype=dtype, device=self.device)
+            ops.append(dist.P2POp(dist.irecv, buffer, self.members[t.sender], self.group))
+            whats.append(f"receiving {self._name(m)} from stage {t.sender}")
+        works = dist.batch_isend_irecv(ops) if ops else []
+        if len(works) != len(ops):  # NCCL: one work for the whole batch
+            whats = ["; ".join(whats)]
+        for work, what in zip(works, whats):
+            self._wait(work, f"tick {tick}: {what}")
+        return hidden
+
+    def _name(self, m: Message) -> str:
+        kind = f"tap {self.layout.tap_layers[m.tap]}" if m.kind == MessageKind.TAP else m.kind.name.lower()
+        return f"{kind} of chunk {m.chunk} of stage {m.owner}"
 
     def _assemble(self, received: Received) -> TeacherOutput:
         """This rank's micro-batch: its chunks' messages joined back together."""

@@ -1,10 +1,12 @@
 """What the tests share besides fixtures: the repository root, the bundled corpus, the marker for a
-missing requirement, the multi-rank launch (``run_launcher``, ``deepspeed_cmd``) and the rows of the
-"Faults survived" table (``record_fault``)."""
+missing requirement, the multi-rank launch (``run_launcher``, ``deepspeed_cmd``), a stop where a command
+would start its process group (``stop_at_process_group``) and the rows of the "Faults survived" table
+(``record_fault``)."""
 
 from __future__ import annotations
 
 import gzip
+import json
 import os
 
 import pytest
@@ -16,6 +18,21 @@ from ted_ds.launch import local_deepspeed_command
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 deepspeed_cmd = local_deepspeed_command  # every multi-rank launch of the tests
 FAULTS_DIR = os.path.join(REPO, ".cache", "faults")
+
+
+def losses(out_dir: str) -> dict[int, float]:
+    """The total loss of every logged step in ``out_dir``'s metrics.jsonl (a re-run step: its last value)."""
+    return {m["step"]: m["loss/total"] for m in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl")))
+            if "loss/total" in m}
+
+
+def last_launch(out_dir: str) -> tuple[str | None, list[int]]:
+    """What the newest launch did, from its own lines in metrics.jsonl: the tag it resumed from (None:
+    it started from step 0) and the steps it trained."""
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    marks = [i for i, row in enumerate(rows) if "resumed_from" in row]
+    own = rows[marks[-1] + 1:] if marks else rows
+    return (rows[marks[-1]]["resumed_from"] if marks else None), [r["step"] for r in own if "loss/total" in r]
 
 
 def corpus_lines(n: int, start: int = 0) -> list[str]:
@@ -35,6 +52,21 @@ def needs(available: bool, what: str):
     return pytest.mark.skip(reason=f"needs {what} (scripts/setup_env.sh installs it as root)")
 
 
+class ProcessGroupStarted(Exception):
+    """A command run in-process got past every check made before its process group."""
+
+
+def stop_at_process_group(monkeypatch) -> None:
+    """Make ``distributed.init`` raise ProcessGroupStarted: what a command checks up front can then be
+    tested in-process, its acceptance seen as that exception."""
+    from ted_ds import distributed
+
+    def init(*_):
+        raise ProcessGroupStarted()
+
+    monkeypatch.setattr(distributed, "init", init)
+
+
 def record_fault(fault: str, sees: str, kept: str) -> None:
     """One row of the "Faults survived" table (``python -m bench faults`` renders the rows into
     BENCHMARKS.md): called by a fault test after its assertions passed, with what it observed."""
@@ -50,8 +82,10 @@ def record_fault(fault: str, sees: str, kept: str) -> None:
         json.dump(row, f)
 
 
-def run_launcher(cmd: list[str], timeout: float = 600, env: dict | None = None, cwd: str | None = None):
-    """Run a multi-process launch; on failure the assertion shows the end of its output.
+def run_launcher(cmd: list[str], timeout: float = 600, env: dict | None = None, cwd: str | None = None,
+                 check: bool = True):
+    """Run a multi-process launch; on failure (``check``: a non-zero status) the assertion shows the
+    end of its output.
 
     The launch gets its own process group, killed whole on timeout: a hung rank must not outlive
     its test. A launch must leave no shared memory behind (see ted_ds.distributed)."""
@@ -69,7 +103,7 @@ def run_launcher(cmd: list[str], timeout: float = 600, env: dict | None = None, 
         raise AssertionError(f"{' '.join(cmd)} still running after {timeout} s; killed:\n"
                              f"{(stdout + stderr)[-6000:]}") from None
     out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed ({out.returncode}):\n{(stdout + stderr)[-6000:]}"
+    assert out.returncode == 0 or not check, f"{' '.join(cmd)} failed ({out.returncode}):\n{(stdout + stderr)[-6000:]}"
     if "--master_port" in cmd:
         port = cmd[cmd.index("--master_port") + 1]
         left = [f for f in os.listdir("/dev/shm") if f.startswith(SHM_WORKSPACE_PREFIX) and f"_{port}_" in f]

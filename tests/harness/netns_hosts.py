@@ -1,5 +1,7 @@
 """Two "hosts" on one machine for multi-node tests: network namespaces joined by a veth link,
-each running its own sshd (keys made here). Torn down on exit, also when the test fails.
+each running its own sshd (keys made here) under its own host name. Torn down on exit, also when
+the test fails.  ``local``: a path each host sees backed by a directory of its own (a node-local
+disk, ``TwoHosts.disk``); everything else is shared.
 
 Only the addresses given to the namespaces here (10.77.0.1, 10.77.0.2) are ever contacted.
 """
@@ -13,6 +15,7 @@ import time
 
 ADDRS = ("10.77.0.1", "10.77.0.2")
 IFNAME = "ted0"  # the same interface name in both namespaces, so GLOO_SOCKET_IFNAME works everywhere
+HOSTNAMES = ("ted-node0", "ted-node1")
 
 
 def netns_available() -> bool:
@@ -24,9 +27,10 @@ def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 class TwoHosts:
-    def __init__(self, root: str):
+    def __init__(self, root: str, local: str | None = None):
         tag = str(os.getpid() % 100000)
         self.root = root
+        self.local = local
         self.ns = (f"tedA{tag}", f"tedB{tag}")
         self.sshd: list[subprocess.Popen] = []
         self.key = os.path.join(root, "id_ed25519")
@@ -63,14 +67,30 @@ class TwoHosts:
                         f"AuthorizedKeysFile {self.root}/authorized_keys\nPermitRootLogin yes\n"
                         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
                         f"PidFile {self.root}/sshd_{ns}.pid\nAcceptEnv *\n")
-            self.sshd.append(subprocess.Popen(["ip", "netns", "exec", ns, shutil.which("sshd"), "-D", "-f", config,
-                                               "-E", os.path.join(self.root, f"sshd_{ns}.log")]))
+            self.sshd.append(subprocess.Popen(["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c",
+                                               self._host_setup(ns) + 'exec "$@"', "sh", shutil.which("sshd"), "-D",
+                                               "-f", config, "-E", os.path.join(self.root, f"sshd_{ns}.log")]))
         deadline = time.time() + 30
         for addr in ADDRS:
             while self.ssh(addr, "true").returncode != 0:
                 if time.time() > deadline:
                     raise RuntimeError(f"sshd on {addr} did not come up")
                 time.sleep(0.3)
+
+    def disk(self, host: int) -> str:
+        """The directory behind ``local`` on host ``host`` (0 or 1), as the test sees it."""
+        return os.path.join(self.root, f"disk-{HOSTNAMES[host]}")
+
+    def _host_setup(self, ns: str) -> str:
+        """Shell commands run in the host's namespaces before its sshd: its name, its own ``local``
+        (``ip netns exec`` gives each host a mount namespace of its own, so the mount stays there)."""
+        host = self.ns.index(ns)
+        setup = f"hostname {HOSTNAMES[host]} && "
+        if self.local is not None:
+            os.makedirs(self.local, exist_ok=True)
+            os.makedirs(self.disk(host), exist_ok=True)
+            setup += f"mount --bind {self.disk(host)} {self.local} && "
+        return setup
 
     def ssh_options(self) -> list[str]:
         return ["-i", self.key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",

@@ -9,10 +9,12 @@ the full teacher (``FrozenLM``) evaluated on that micro-batch in this process.  
 logits cut to the data tokenizer's ids (``--vocab``); with ``--documents DIR ...`` the same launch
 also checks document attention: each rank's packed
 windows go through a ZeRO-3 and a pipeline teacher built as training builds them, and every
-document's logits and raw taps must equal those of the plain teacher on the document alone.
+document's logits and raw taps must equal those of the plain teacher on the document alone.  With
+``--matching nccl`` point-to-point is matched as NCCL matches it (``harness.nccl_matching``).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -23,6 +25,7 @@ import torch
 TESTS = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, TESTS)  # for harness
 
+from harness.nccl_matching import matched_as_nccl, tags_ignored  # noqa: E402
 from harness.tiny import packed_documents, span_difference  # noqa: E402
 from ted_ds import distributed  # noqa: E402
 from ted_ds.architectures import decoder_layers, final_norm, load_hf_config  # noqa: E402
@@ -55,25 +58,37 @@ def stage_parameters(ref: FrozenLM, pipe: PipelineTeacher) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
-def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name, vocab=None):
+def chunked_reference(ref: FrozenLM, ids: torch.Tensor, chunks: int) -> tuple:
+    """The whole teacher's (taps, logits, top-k ids) on the pipeline's chunks, joined: the same
+    matmul shapes as the pipeline's, so bit-identical outputs are expected."""
+    with torch.no_grad():
+        outs = [ref(c) for c in torch.tensor_split(ids, chunks)]
+    joined = lambda parts: torch.cat(parts) if parts[0] is not None else None
+    taps, logits, index = zip(*outs)
+    return [torch.cat(t) for t in zip(*taps)], joined(logits), joined(index)
+
+
+def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name, vocab=None, need_logits=True):
     config = load_hf_config(teacher_dir)
     layout = PipelineLayout.resolve(config, TAPS, bank, stages=stages, chunks=chunks, logits_topk=topk,
-                                    logits_dtype=logits_dtype, vocab=vocab)
+                                    logits_dtype=logits_dtype, vocab=vocab, need_logits=need_logits)
     pipe = PipelineTeacher(layout, teacher_dir, config, bank, 1.0)
-    ref = FrozenLM(load_model(teacher_dir), TAPS, bank, True, topk, vocab=vocab)
+    ref = FrozenLM(load_model(teacher_dir), TAPS, bank, need_logits, topk, vocab=vocab)
     exact = True
     max_diff = 0.0
     for step in range(2):
         ids = batch(1000 * step + distributed.rank())
         got = pipe(ids)
-        with torch.no_grad():
-            taps, logits, index = ref(ids)
+        taps, logits, index = chunked_reference(ref, ids, chunks)
         for a, b in zip(got.taps, taps):
             exact &= torch.equal(a, b)
             max_diff = max(max_diff, (a - b).abs().max().item())
-        want = logits.to(logits_dtype).float()
-        exact &= got.logits.shape == want.shape and torch.equal(got.logits, want)
-        max_diff = max(max_diff, (got.logits - want).abs().max().item())
+        if need_logits:
+            want = logits.to(logits_dtype).float()
+            exact &= got.logits.shape == want.shape and torch.equal(got.logits, want)
+            max_diff = max(max_diff, (got.logits - want).abs().max().item())
+        else:
+            exact &= got.logits is None
         if topk:
             exact &= torch.equal(got.topk_index, index)
     flags = torch.tensor([float(exact), max_diff, float(pipe.local_parameters()), float(stage_parameters(ref, pipe))])
@@ -85,8 +100,8 @@ def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name
                      "full_params": full}
 
 
-def compare_documents(teacher_dir, results):
-    """Document attention in the ZeRO-3 and the pipeline (2 stages, 2 chunks) teacher, fp32."""
+def compare_documents(teacher_dir, results, stages, placements):
+    """Document attention in ZeRO-3 and pipeline (``stages`` stages, 2 chunks) teachers, fp32."""
     config = load_hf_config(teacher_dir)
     eos = config.eos_token_id
     ids, spans = packed_documents(eos, config.vocab_size, seed=distributed.rank())  # every rank its own windows
@@ -95,11 +110,11 @@ def compare_documents(teacher_dir, results):
         alone = lambda x: (lambda out: [out[1], *out[0]])(reference(x))
     kind = config.model_type
     teacher = SimpleNamespace(path=teacher_dir, trust_remote_code=False, logits_topk=0, logits_dtype="fp32",
-                              pipeline_stages=2, pipeline_layers=None, pipeline_chunks=2)
+                              pipeline_stages=stages, pipeline_layers=None, pipeline_chunks=2)
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
           "train_batch_size": 2 * distributed.world_size(), "zero_optimization": {"stage": 3}}
     loader = lambda **placement: load_model(teacher_dir, **placement)
-    for placement in ("zero3", "pipeline"):
+    for placement in placements:
         cfg = SimpleNamespace(teacher=SimpleNamespace(**vars(teacher), placement=placement),
                               train=SimpleNamespace(timeout_minutes=1.0))
         frozen = build_frozen(cfg, loader, TAPS, None, True, ds, eos)
@@ -107,6 +122,27 @@ def compare_documents(teacher_dir, results):
         diff = torch.tensor([span_difference([out.logits, *out.taps], alone, ids, spans)])
         torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
         results[f"documents_{kind}_{placement}"] = {"max_diff": float(diff[0])}
+
+
+def run_cases(args, bank) -> dict:
+    """P=2 and P=world: chunks 1 and 2, full fp32 logits, bf16 top-8, taps only; then --archs and
+    --documents (ZeRO-3 has no point-to-point: only the pipeline teacher under --matching nccl)."""
+    results = {}
+    world = distributed.world_size()
+    for stages in sorted({2, world}):
+        compare(args.teacher, bank, stages, 1, 0, torch.float32, results, f"P{stages}")
+        compare(args.teacher, bank, stages, 2, 0, torch.float32, results, f"P{stages}_chunks2")
+        compare(args.teacher, bank, stages, 2, 8, torch.bfloat16, results, f"P{stages}_chunks2_top8_bf16")
+        compare(args.teacher, bank, stages, 2, 0, torch.float32, results, f"P{stages}_chunks2_taps",
+                need_logits=False)
+    for teacher_dir in args.archs:
+        kind = load_hf_config(teacher_dir).model_type
+        compare(teacher_dir, bank, 2, 2, 0, torch.float32, results, f"{kind}_P2_chunks2", args.vocab)
+        compare(teacher_dir, bank, 2, 1, 8, torch.bfloat16, results, f"{kind}_P2_top8_bf16", args.vocab)
+    placements = ("pipeline",) if args.matching == "nccl" else ("zero3", "pipeline")
+    for teacher_dir in args.documents:
+        compare_documents(teacher_dir, results, world, placements)
+    return results
 
 
 def main():
@@ -118,6 +154,8 @@ def main():
     p.add_argument("--documents", nargs="*", default=[], help="teacher dirs for the document-attention checks")
     p.add_argument("--archs", nargs="*", default=[], help="teacher dirs of other architectures")
     p.add_argument("--vocab", type=int, help="the data tokenizer's size, for --archs")
+    p.add_argument("--matching", choices=("gloo", "nccl"), default="gloo",
+                   help="nccl: point-to-point matched as NCCL matches it (harness.nccl_matching)")
     p.add_argument("--local_rank", type=int)
     args = p.parse_args()
     distributed.init(timeout_minutes=0.25 if args.fault else 5)
@@ -136,18 +174,10 @@ def main():
             print(f"ted-ds: rank {distributed.rank()}: error: {e}", file=sys.stderr, flush=True)
             os._exit(2)
         os._exit(0)
-    results = {}
-    world = distributed.world_size()
-    for stages in sorted({2, world}):
-        compare(args.teacher, bank, stages, 1, 0, torch.float32, results, f"P{stages}")
-    compare(args.teacher, bank, 2, 2, 0, torch.float32, results, "P2_chunks2")
-    compare(args.teacher, bank, 2, 1, 8, torch.bfloat16, results, "P2_top8_bf16")
-    for teacher_dir in args.archs:
-        kind = load_hf_config(teacher_dir).model_type
-        compare(teacher_dir, bank, 2, 2, 0, torch.float32, results, f"{kind}_P2_chunks2", args.vocab)
-        compare(teacher_dir, bank, 2, 1, 8, torch.bfloat16, results, f"{kind}_P2_top8_bf16", args.vocab)
-    for teacher_dir in args.documents:
-        compare_documents(teacher_dir, results)
+    with matched_as_nccl() if args.matching == "nccl" else contextlib.nullcontext() as serial:
+        results = run_cases(args, bank)
+        if serial is not None:
+            results["matching"] = {"tags_ignored": tags_ignored(), "operations": serial.ran}
     if distributed.rank() == 0:
         json.dump(results, open(args.out, "w"), indent=1)
     distributed.shutdown()
