@@ -29,6 +29,7 @@ FilterKind = Literal["linear", "mlp"]
 FilterHead = Literal["teacher", "trainable"]
 Schedule = Literal["cosine", "wsd", "constant"]
 LogitsDtype = Literal["fp32", "bf16", "fp16"]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
 
 
 @dataclass
@@ -139,11 +140,30 @@ class DistillConfig:
     must land in the teacher's own output coordinates; the default); trainable: a head per tap,
     initialised from that same norm + unembedding, trained with its filter and discarded after (as the
     official TED code trains a task head per filter). Stage 2 is the same either way."""
+    divergence: Divergence = "forward_kl"
+    """What KD minimises between the teacher's p and the student's q (both softened by the temperature; on
+    the teacher's top-k with teacher.logits_topk): forward_kl KL(p ‖ q) (Hinton's KD; the default) |
+    reverse_kl KL(q ‖ p) (mode-seeking, as MiniLLM) | jsd a·KL(p ‖ m) + (1 − a)·KL(q ‖ m) (GKD's generalised
+    JSD) | skew_kl KL(p ‖ m) (DistiLLM), with m = a·p + (1 − a)·q and a = ``divergence_mix``. Formulas,
+    gradients and the top-k form: ted_ds/losses.py."""
+    divergence_mix: float = 0.5
+    """a: the teacher's share of the mixture m that jsd (0 < a < 1; 0.5 is the symmetric JSD) and skew_kl
+    (0 ≤ a < 1; 0 is forward KL, DistiLLM used 0.1) compare with; unused by forward_kl and reverse_kl."""
     layer_loss: LayerLoss = "normalized_mse"
     """mse (the paper) | normalized_mse (MSE ÷ variance of the teacher target, per tap; default, so one β
     works across model pairs) | cosine (1 − cosine similarity per token)."""
     filters_out: str | None = None
     """learn-filters: where to write the bank (default ``<train.out_dir>/filters-<model>``)."""
+
+
+    def __post_init__(self) -> None:
+        a = self.divergence_mix
+        if self.divergence == "jsd" and not 0 < a < 1:
+            raise ConfigError(f"distill.divergence_mix must be in (0, 1) for jsd (at 0 or 1 the mixture is q or p "
+                              f"and the loss 0), got {a:g}")
+        if self.divergence == "skew_kl" and not 0 <= a < 1:
+            raise ConfigError(f"distill.divergence_mix must be in [0, 1) for skew_kl (at 1 the mixture is p and the "
+                              f"loss 0), got {a:g}")
 
 
 @dataclass

@@ -427,8 +427,9 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
 
         cache = CacheRows(cfg.teacher.cache, p.cache, [source_key(s.path)[0] for s in cfg.data.blend],
                           cfg.teacher.logits_topk)
-    weights = ObjectiveWeights(cfg.distill.alpha, cfg.distill.beta, cfg.distill.temperature, cfg.distill.layer_loss,
-                               p.manifest["vocab_size"])
+    d = cfg.distill
+    weights = ObjectiveWeights(d.alpha, d.beta, d.temperature, d.layer_loss, p.manifest["vocab_size"], d.divergence,
+                               d.divergence_mix)
 
     def loss(batch: MicroBatch):
         t = teacher_side(frozen, cache, batch)
