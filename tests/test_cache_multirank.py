@@ -1,6 +1,6 @@
 """The teacher cache against the online teacher, in five launches.
 
-1 rank: ``cache-teacher``, then KD with the teacher online and KD from that cache.
+1 rank: ``cache-teacher``, then KD with the teacher online and KD from that cache, with forward KL and JSD.
 2 ranks: ``cache-teacher`` killed after a few blocks; then one launch that finishes that build (with the
 teacher under another placement, ZeRO-3) and trains, each online and from the cache: KD, LWD (the teacher
 runs for its taps, its logits come from the cache; k = 4 read from a k = 8 cache) and KD on a two-source
@@ -104,9 +104,12 @@ def world(tiny, tmp_path_factory) -> World:
 
 @pytest.fixture(scope="module")
 def one_rank(world) -> dict:
-    """1 rank: the cache, KD online, KD from the cache."""
+    """1 rank: the cache, KD online and from the cache, and the same with JSD as KD's divergence."""
+    jsd = {"distill.divergence": "jsd", "distill.divergence_mix": 0.3}
     return world.scenarios(1, "one", [world.cache_run("cache1"), ("kd_online", world.config("kd1"), {}),
-                                      ("kd_cached", world.config("kd1c", "cache1"), {})])
+                                      ("kd_cached", world.config("kd1c", "cache1"), {}),
+                                      ("jsd_online", world.config("jsd1", **jsd), {}),
+                                      ("jsd_cached", world.config("jsd1c", "cache1", **jsd), {})])
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +133,8 @@ def two_ranks(world, killed_build) -> dict:
 
 def test_cached_kd_equals_online_kd_on_one_rank(world, one_rank):
     _same_run(str(world.root / "kd1"), str(world.root / "kd1c"))
+    _same_run(str(world.root / "jsd1"), str(world.root / "jsd1c"))
+    assert _losses(str(world.root / "jsd1"))[1]["loss/kd"] != _losses(str(world.root / "kd1"))[1]["loss/kd"]
     one = one_rank
     assert "frozen_local_params_sum" in one["kd_online"] and "frozen_local_params_sum" not in one["kd_cached"]
 
