@@ -119,14 +119,20 @@ def _quiet_libraries() -> None:
     ds_logger.setLevel(logging.WARNING)
 
 
+def _run_config(args: argparse.Namespace):
+    """The run config of a command that takes one: ``--config``, its overrides, ``--trust-remote-code``."""
+    from ted_ds.config import load_run_config
+
+    trust = ["teacher.trust_remote_code=true", "student.trust_remote_code=true"] if args.trust_remote_code else []
+    return load_run_config(args.config, [*args.overrides, *trust])
+
+
 def run_training(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from ted_ds import distributed
-    from ted_ds.config import load_run_config
     from ted_ds.trainer import run_recipe
 
-    trust = ["teacher.trust_remote_code=true", "student.trust_remote_code=true"] if args.trust_remote_code else []
-    cfg = load_run_config(args.config, [*args.overrides, *trust])
+    cfg = _run_config(args)
     with distributed.collective_errors(cfg.train.timeout_minutes):
         recipe, _, result = run_recipe(cfg, getattr(args, "model", None))
         if distributed.rank() == 0 and not result["stopped"]:
@@ -141,10 +147,8 @@ def run_cache(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from ted_ds import distributed
     from ted_ds.cache.build import build_cache
-    from ted_ds.config import load_run_config
 
-    trust = ["teacher.trust_remote_code=true"] if args.trust_remote_code else []
-    cfg = load_run_config(args.config, [*args.overrides, *trust])
+    cfg = _run_config(args)
     with distributed.collective_errors(cfg.train.timeout_minutes):
         line = build_cache(cfg, args.out, args.batch_size, args.block_windows)
         if distributed.rank() == 0:
