@@ -56,7 +56,7 @@ class Block:
     """Windows ``[start, stop)`` of one split of one source: one file of the cache."""
 
     name: str
-    split: PackedShardDataset
+    split: PackedShardDataset  # the split's windows
     start: int
     stop: int
 
@@ -137,20 +137,23 @@ def build_cache(cfg: RunConfig, out: str, batch: int | None = None, block_window
     from ted_ds.recipes import load_teacher
 
     p, spec, blocks = plan_cache(cfg, out, block_windows)
-    batch = batch or cfg.train.micro_batch_size
-    ds = resolve_ds_config(p.cfg, distributed.expected_world_size())
+    batch, world = batch or cfg.train.micro_batch_size, distributed.expected_world_size()
+    if batch < 1:
+        raise UserError(f"--batch-size must be ≥ 1, got {batch}")
+    one_call = dataclasses.replace(p.cfg.train, micro_batch_size=batch, global_batch_size=batch * world)
+    ds = resolve_ds_config(dataclasses.replace(p.cfg, train=one_call), world)  # any rank count: no batch to split
     if os.path.isfile(os.path.join(out, MANIFEST)):
         return f"cache-teacher: {out} is complete already ({len(blocks)} blocks)"
     distributed.init(cfg.train.timeout_minutes)
-    rank, world = distributed.rank(), distributed.world_size()
+    rank = distributed.rank()
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         write_text(os.path.join(out, BUILD_SPEC), json.dumps(spec, indent=1, sort_keys=True))
     distributed.barrier()
     todo = [b for b in blocks if not os.path.isfile(os.path.join(out, b.name))]
     distributed.barrier()  # every rank listed the same blocks before any is written
-    teacher = todo and build_frozen(p.cfg, functools.partial(load_teacher, p.cfg), [], None, True, ds,
-                                    p.document_eos, p.manifest["vocab_size"])
+    teacher = None if not todo else build_frozen(p.cfg, functools.partial(load_teacher, p.cfg), [], None, True, ds,
+                                                 p.document_eos, p.manifest["vocab_size"])
     rounds = math.ceil(len(todo) / world)
     started, shown = time.perf_counter(), 0.0
     for r in range(rounds):
