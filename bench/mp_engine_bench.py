@@ -58,7 +58,7 @@ def main():
     data = training_data(p)
     jobs = {"step": lambda micro: train_step(recipe, micro)}
     if recipe.frozen is not None:
-        jobs["teacher"] = lambda micro: [recipe.frozen(x) for x, _ in micro]
+        jobs["teacher"] = lambda micro: [recipe.frozen(b.input_ids) for b in micro]
     if baseline is not None:
         jobs["lm"] = lambda micro: train_step(baseline, micro)
     names = list(jobs)

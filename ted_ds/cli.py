@@ -6,6 +6,7 @@ overrides, e.g. ``train.steps=200 distill.beta=2``)::
     ted-ds learn-filters --config run.yaml --model teacher   # TED stage 1, teacher side
     ted-ds learn-filters --config run.yaml --model student   # TED stage 1, student side
     ted-ds distill --config run.yaml                         # stage 2 (or lwd / kd / lm by distill.method)
+    ted-ds cache-teacher --config run.yaml --out cache/      # the teacher's top-k logits, once, for teacher.cache
 
 Launch on several processes with any launcher::
 
@@ -49,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "teacher's head predicts the next token from every filtered state.")
     _training_args(p)
     p.add_argument("--model", choices=("teacher", "student"), required=True)
+    p = sub.add_parser("cache-teacher", help="run the teacher once over the run's windows and keep its top-k logits",
+                       description="Run the teacher (teacher.placement, any number of ranks) over every train and "
+                                   "valid window of the run's data sources and write its top-k logits "
+                                   "(teacher.logits_topk, rounded to teacher.logits_dtype: fp16 or bf16) and their "
+                                   "ids to --out, compressed, for `teacher.cache: DIR` in later runs: KD then never "
+                                   "loads the teacher. The same bytes for any rank count; re-running the command "
+                                   "resumes an interrupted build. Format: ted_ds/cache/format.py and the README.")
+    _training_args(p)
+    p.add_argument("--out", required=True, help="the cache directory to write (or to finish)")
+    p.add_argument("--batch-size", type=int, help="windows per teacher call (default: train.micro_batch_size)")
+    p.add_argument("--block-windows", type=int, default=256,
+                   help="windows per block file: the unit of work, of resume and of the checksums (default 256)")
 
     p = sub.add_parser("export", help="checkpoint → Hugging Face directory (and/or filter bank)",
                        description="Consolidate a checkpoint's ZeRO-3 shards (DeepSpeed's zero_to_fp32), keep only "
@@ -106,14 +119,20 @@ def _quiet_libraries() -> None:
     ds_logger.setLevel(logging.WARNING)
 
 
+def _run_config(args: argparse.Namespace):
+    """The run config of a command that takes one: ``--config``, its overrides, ``--trust-remote-code``."""
+    from ted_ds.config import load_run_config
+
+    trust = ["teacher.trust_remote_code=true", "student.trust_remote_code=true"] if args.trust_remote_code else []
+    return load_run_config(args.config, [*args.overrides, *trust])
+
+
 def run_training(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from ted_ds import distributed
-    from ted_ds.config import load_run_config
     from ted_ds.trainer import run_recipe
 
-    trust = ["teacher.trust_remote_code=true", "student.trust_remote_code=true"] if args.trust_remote_code else []
-    cfg = load_run_config(args.config, [*args.overrides, *trust])
+    cfg = _run_config(args)
     with distributed.collective_errors(cfg.train.timeout_minutes):
         recipe, _, result = run_recipe(cfg, getattr(args, "model", None))
         if distributed.rank() == 0 and not result["stopped"]:
@@ -122,6 +141,20 @@ def run_training(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         distributed.shutdown()
     return EXIT_RESUMABLE if result["stopped"] else 0
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from ted_ds import distributed
+    from ted_ds.cache.build import build_cache
+
+    cfg = _run_config(args)
+    with distributed.collective_errors(cfg.train.timeout_minutes):
+        line = build_cache(cfg, args.out, args.batch_size, args.block_windows)
+        if distributed.rank() == 0:
+            print(f"ted-ds: {line}", file=sys.stderr)
+        distributed.shutdown()
+    return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -197,8 +230,9 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.command in ("distill", "learn-filters"):
-        rc = run_cli("ted-ds", lambda: run_training(args), "interrupted")
+    if args.command in ("distill", "learn-filters", "cache-teacher"):
+        command = run_cache if args.command == "cache-teacher" else run_training
+        rc = run_cli("ted-ds", lambda: command(args), "interrupted")
         if "ted_ds.distributed" not in sys.modules or not sys.modules["ted_ds.distributed"].started():
             return rc  # failed before any process group: a normal return
         sys.modules["ted_ds.distributed"].leave(rc)

@@ -28,7 +28,8 @@ LayerLoss = Literal["mse", "normalized_mse", "cosine"]
 FilterKind = Literal["linear", "mlp"]
 FilterHead = Literal["teacher", "trainable"]
 Schedule = Literal["cosine", "wsd", "constant"]
-LogitsDtype = Literal["fp32", "bf16"]
+LogitsDtype = Literal["fp32", "bf16", "fp16"]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
 
 
 @dataclass
@@ -50,9 +51,16 @@ class TeacherConfig:
     pipeline_chunks: int = 1
     """Each micro-batch of the group is cut into this many chunks to fill the pipeline."""
     logits_dtype: LogitsDtype = "fp32"
-    """fp32 | bf16: precision of the logits a pipeline teacher sends."""
+    """fp32 | bf16 | fp16: the teacher's logits are rounded to this precision under every placement (what a
+    pipeline teacher sends, what ``ted-ds cache-teacher`` stores: fp16 or bf16), so a run reading a cache
+    sees the numbers the same run with the teacher online sees (ted_ds.teacher.teacher_logits)."""
     logits_topk: int = 0
-    """> 0: the teacher sends only its top-k logits per token and KD is computed on that support."""
+    """> 0: the teacher gives only its top-k logits per token and KD is computed on that support."""
+    cache: str | None = None
+    """A ``ted-ds cache-teacher`` directory: KD (and TED's logit term) reads the teacher's top-k logits from it;
+    a logits-only method (kd) then never loads the teacher, ted/lwd still run it for its taps. The cache must
+    match the run (teacher weights, tokenizer, data, seq_len, document attention, value dtype, k ≥ logits_topk):
+    checked before any process group starts."""
     filters: str | None = None
     """Teacher filter bank from stage 1 (``learn-filters --model teacher``). Required by ``ted``."""
     trust_remote_code: bool = False
@@ -132,11 +140,30 @@ class DistillConfig:
     must land in the teacher's own output coordinates; the default); trainable: a head per tap,
     initialised from that same norm + unembedding, trained with its filter and discarded after (as the
     official TED code trains a task head per filter). Stage 2 is the same either way."""
+    divergence: Divergence = "forward_kl"
+    """What KD minimises between the teacher's p and the student's q (both softened by the temperature; on
+    the teacher's top-k with teacher.logits_topk): forward_kl KL(p ‖ q) (Hinton's KD; the default) |
+    reverse_kl KL(q ‖ p) (mode-seeking, as MiniLLM) | jsd a·KL(p ‖ m) + (1 − a)·KL(q ‖ m) (GKD's generalised
+    JSD) | skew_kl KL(p ‖ m) (DistiLLM), with m = a·p + (1 − a)·q and a = ``divergence_mix``. Formulas,
+    gradients and the top-k form: ted_ds/losses.py."""
+    divergence_mix: float = 0.5
+    """a: the teacher's share of the mixture m that jsd (0 < a < 1; 0.5 is the symmetric JSD) and skew_kl
+    (0 ≤ a < 1; 0 is forward KL, DistiLLM used 0.1) compare with; unused by forward_kl and reverse_kl."""
     layer_loss: LayerLoss = "normalized_mse"
     """mse (the paper) | normalized_mse (MSE ÷ variance of the teacher target, per tap; default, so one β
     works across model pairs) | cosine (1 − cosine similarity per token)."""
     filters_out: str | None = None
     """learn-filters: where to write the bank (default ``<train.out_dir>/filters-<model>``)."""
+
+
+    def __post_init__(self) -> None:
+        a = self.divergence_mix
+        if self.divergence == "jsd" and not 0 < a < 1:
+            raise ConfigError(f"distill.divergence_mix must be in (0, 1) for jsd (at 0 or 1 the mixture is q or p "
+                              f"and the loss 0), got {a:g}")
+        if self.divergence == "skew_kl" and not 0 <= a < 1:
+            raise ConfigError(f"distill.divergence_mix must be in [0, 1) for skew_kl (at 1 the mixture is p and the "
+                              f"loss 0), got {a:g}")
 
 
 @dataclass
@@ -236,6 +263,11 @@ class RunConfig:
                               "train.init_from")
         if self.uses_teacher and not t.path:
             raise ConfigError(f"method {d.method} needs teacher.path")
+        if t.cache and not self.uses_teacher:
+            raise ConfigError(f"method {d.method} uses no teacher: remove teacher.cache")
+        if t.cache and t.logits_topk < 1:
+            raise ConfigError("teacher.cache holds the teacher's top-k logits: set teacher.logits_topk (at most the "
+                              "cache's k)")
         if self.student.init_from_teacher is not None and not t.path:
             raise ConfigError("student.init_from_teacher needs teacher.path")
         if d.pairs is not None and (d.teacher_every or d.student_every):
@@ -253,6 +285,15 @@ class RunConfig:
     @property
     def uses_logits(self) -> bool:
         return self.distill.method != "lm" and self.distill.alpha > 0
+
+    @property
+    def logits_from_cache(self) -> bool:
+        return self.uses_logits and self.teacher.cache is not None
+
+    @property
+    def runs_teacher(self) -> bool:
+        """The teacher's forward runs during training: for its taps, or for logits that no cache holds."""
+        return self.uses_teacher and (self.uses_layers or not self.logits_from_cache)
 
 
 def _check_data(data: DataConfig) -> None:

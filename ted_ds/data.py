@@ -19,6 +19,7 @@ import itertools
 import os
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -227,3 +228,12 @@ def collate(dataset: PackedShardDataset | BlendedDataset, indices: list[int]) ->
     """(input_ids, labels), each (B, seq_len) int64."""
     window = torch.from_numpy(np.stack([dataset[i] for i in indices]))  # (B, L + 1)
     return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+
+class MicroBatch(NamedTuple):
+    """What a recipe's loss gets: the windows of one micro-batch and the sampler's indices of them, by which
+    a teacher cache finds their rows (the same on any rank count, micro-batch size or resume)."""
+
+    input_ids: torch.Tensor  # (B, seq_len)
+    labels: torch.Tensor  # (B, seq_len)
+    samples: list[int]  # index of each window in the training data (a BlendedDataset index)

@@ -22,7 +22,7 @@ from ted_ds.architectures import ndim
 from ted_ds.config import RunConfig, accumulation_steps
 from ted_ds.documents import for_model
 from ted_ds.errors import ConfigError
-from ted_ds.teacher import FrozenLM, ReplicatedTeacher, Teacher, Zero3Teacher
+from ted_ds.teacher import LOGITS_DTYPES, FrozenLM, ReplicatedTeacher, Teacher, Zero3Teacher
 from ted_ds.weights import check_dtype
 
 _DERIVED_OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay")
@@ -148,17 +148,19 @@ def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_lo
     dtype, device = compute_dtype(ds), distributed.device()
     if filters is not None:
         filters = filters.to(device, dtype)
+    t = cfg.teacher
+    logits = dict(logits_topk=t.logits_topk, vocab=vocab, logits_dtype=LOGITS_DTYPES[t.logits_dtype])
     if placement == "replicated":
         model = load_model(dtype=dtype, device=device)
-        return ReplicatedTeacher(FrozenLM(model, layers, filters, need_logits, cfg.teacher.logits_topk,
-                                          for_model(model, document_eos, dtype), vocab), device)
+        return ReplicatedTeacher(FrozenLM(model, layers, filters, need_logits,
+                                          documents=for_model(model, document_eos, dtype), **logits), device)
     if placement == "zero3":
         import deepspeed
 
         fds = frozen_ds_config(ds)
         model = load_model(dtype=dtype, zero_config=fds)
-        frozen = FrozenLM(model, layers, filters, need_logits, cfg.teacher.logits_topk,
-                          for_model(model, document_eos, dtype), vocab)
+        frozen = FrozenLM(model, layers, filters, need_logits, documents=for_model(model, document_eos, dtype),
+                          **logits)
         check_dtype(frozen, dtype, "the ZeRO-3 teacher")
         engine, *_ = deepspeed.initialize(model=frozen, config=fds)
         return Zero3Teacher(engine)

@@ -1,9 +1,30 @@
 """The training objective as small pure functions: LM, KD, layer losses, and their weighted sum.
 
-    loss = CE(student, next token) + α·T²·KL(p_t^T ‖ p_s^T) + β·mean_taps ℓ(f_s(h_s), f_t(h_t))
+    loss = CE(student, next token) + α·T²·D(p ‖ q) + β·mean_taps ℓ(f_s(h_s), f_t(h_t))
 
 ``method`` only decides which terms exist: lm → CE; kd → CE + KD; ted/lwd → all three
 (ted with stage-1 filters on both sides, lwd with raw teacher states and a fresh student map).
+
+KD's divergence D (``distill.divergence``) compares the teacher's p = softmax(z_t/T) with the student's
+q = softmax(z_s/T), per token, averaged over the tokens the LM loss counts; a is ``distill.divergence_mix``:
+
+    forward_kl  KL(p ‖ q) = Σ p·(log p − log q)
+    reverse_kl  KL(q ‖ p) = Σ q·(log q − log p)
+    jsd         a·KL(p ‖ m) + (1 − a)·KL(q ‖ m),  m = a·p + (1 − a)·q    (GKD's generalised JSD; a in (0, 1))
+    skew_kl     KL(p ‖ m),  m = a·p + (1 − a)·q                          (DistiLLM's skew KL; a in [0, 1))
+
+and their gradients in the softened student logits z_s/T, in closed form:
+
+    forward_kl  q − p
+    reverse_kl  q·(r − Σ q·r),          r = log q − log p
+    jsd         (1 − a)·q·(h − Σ q·h),  h = log q − log m
+    skew_kl     (1 − a)·q·(Σ q·w − w),  w = p / m
+
+(the loss is T²·D, so its gradient in z_s is T times these).
+With the teacher's top-k (ids K), p is renormalised on K, and so is the student: q̃ = q restricted to K ÷
+Z_K, Z_K = Σ_K q; then D_K = D(p ‖ q̃) − log Z_K, whose last term pulls the student's mass onto K and
+whose gradient is q − q̃ on top of D's (on K). For forward_kl this is Σ_K p·(log p − log q), the student's
+full-vocabulary log-probabilities read at K, computed so (the top-k KD it always was).
 
 The vocabulary-sized terms (CE, KD, stage-1 tap CE) run over chunks of ``CHUNK_TOKENS`` tokens and make
 their gradient together with their value, in closed form: at 128k vocabulary and 8k tokens one fp32
@@ -12,6 +33,7 @@ their gradient together with their value, in closed form: at 128k vocabulary and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -36,20 +58,22 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = CHUN
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
-            teacher_topk_index: torch.Tensor | None = None, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """T²·KL(softmax(t/T) ‖ softmax(s/T)), averaged over the tokens whose label is not IGNORE_INDEX (those
-    the LM loss counts); the teacher logits get no gradient.
+            teacher_topk_index: torch.Tensor | None = None, chunk_tokens: int = CHUNK_TOKENS,
+            divergence: str = "forward_kl", mix: float = 0.5) -> torch.Tensor:
+    """T²·D(softmax(t/T) ‖ softmax(s/T)) for the ``divergence`` D of the module docstring (``mix``: its a),
+    averaged over the tokens whose label is not IGNORE_INDEX (those the LM loss counts); the teacher
+    logits get no gradient.
 
-    With ``teacher_topk_index`` (B, T, k) the teacher logits are its top-k values (B, T, k): the teacher
-    distribution is renormalised on that support and compared with the student's full-vocabulary
-    log-probabilities at the same ids.
+    With ``teacher_topk_index`` (B, T, k) the teacher logits are its top-k values (B, T, k) and D is taken
+    on that support (module docstring).
     """
     labels = labels.flatten()
     teacher = (teacher_logits.flatten(0, 1), labels)
     if teacher_topk_index is not None:
         teacher += (teacher_topk_index.flatten(0, 1),)
     student = student_logits.flatten(0, 1)
-    return _chunked_mean(partial(_kd_chunk, temperature), student, teacher, kept_tokens(labels), chunk_tokens)
+    chunk = partial(_kd_chunk, DIVERGENCES[divergence], temperature, mix)
+    return _chunked_mean(chunk, student, teacher, kept_tokens(labels), chunk_tokens)
 
 
 def _chunked_mean(chunk_loss, x: torch.Tensor, others: tuple, denominator, chunk_tokens: int) -> torch.Tensor:
@@ -105,30 +129,87 @@ def _ce_chunk(grad_scale, grad_rows, logits: torch.Tensor, labels: torch.Tensor)
     return loss_sum
 
 
-def _kd_chunk(temperature: float, grad_scale, grad_rows, student: torch.Tensor, teacher: torch.Tensor,
-              labels: torch.Tensor, topk_index: torch.Tensor | None = None) -> torch.Tensor:
-    """T²·Σ KL(p_t ‖ p_s) over a chunk's kept tokens; gradient T·(softmax(s/T) − p_t) w.r.t. the student
-    logits, zero on ignored rows.
-
-    Where p_t = 0 (a teacher logit of −inf) the term p_t·(log p_t − log p_s) is 0, not 0·(−inf) = NaN.
-    With top-k, p_t lives on k ids: the KL reads the student's full-vocabulary log-probs there, and the
-    gradient scatters p_t onto those ids (Σ p_t = 1 leaves softmax(s/T) whole).
-    """
+def _kd_chunk(divergence, temperature: float, mix: float, grad_scale, grad_rows, student: torch.Tensor,
+              teacher: torch.Tensor, labels: torch.Tensor, topk_index: torch.Tensor | None = None) -> torch.Tensor:
+    """T²·Σ D(p ‖ q) over a chunk's kept tokens; T times D's gradient in z/T w.r.t. the student logits,
+    zero on ignored rows."""
     kept = (labels != IGNORE_INDEX).unsqueeze(1)  # (C, 1)
     s_logp = F.log_softmax(student.float() / temperature, dim=-1)  # (C, V)
     t_logp = F.log_softmax(teacher.float() / temperature, dim=-1)  # (C, V) or (C, k)
-    t_p = t_logp.exp()
-    s_at_teacher = s_logp if topk_index is None else s_logp.gather(1, topk_index)
-    kl = t_logp.sub_(s_at_teacher).mul_(t_p).masked_fill_((t_p == 0) | ~kept, 0.0)
-    loss_sum = temperature * temperature * kl.sum()
+    terms, grad = divergence(t_logp, s_logp, mix, topk_index)
+    loss_sum = temperature * temperature * terms.masked_fill_(~kept, 0.0).sum()
     if grad_rows is not None:
-        grad = s_logp.exp_()
-        if topk_index is None:
-            grad.sub_(t_p)
-        else:
-            grad.scatter_add_(1, topk_index, t_p.neg_())
         torch.mul(grad, kept * (temperature * grad_scale), out=grad_rows)
     return loss_sum
+
+
+def _forward_kl(t_logp, s_logp, mix, topk_index=None):
+    """KL(p ‖ q) term by term, and q − p. Where p = 0 (a teacher logit of −inf) the term p·(log p − log q) is 0,
+    not 0·(−inf) = NaN. With top-k the student's full-vocabulary log-probabilities are read at the
+    teacher's ids, and p is scattered there (Σ p = 1 leaves q whole). Overwrites its inputs."""
+    t_p = t_logp.exp()
+    s_at_teacher = s_logp if topk_index is None else s_logp.gather(1, topk_index)
+    terms = t_logp.sub_(s_at_teacher).mul_(t_p).masked_fill_(t_p == 0, 0.0)
+    grad = s_logp.exp_()
+    if topk_index is None:
+        grad.sub_(t_p)
+    else:
+        grad.scatter_add_(1, topk_index, t_p.neg_())
+    return terms, grad
+
+
+def _reverse_kl(t_logp, x_logp, mix):
+    """KL(x ‖ p) per row (C, 1), and its gradient in x's logits. Infinite where p = 0 and x > 0."""
+    x = x_logp.exp()
+    r = x_logp - t_logp
+    per_row = (x * r).sum(-1, keepdim=True)
+    return per_row, x.mul_(r.sub_(per_row))
+
+
+def _log_mixture(t_logp, x_logp, mix: float) -> torch.Tensor:
+    """log m, m = mix·p + (1 − mix)·x, without leaving log space."""
+    teacher_part = t_logp + math.log(mix) if mix > 0 else torch.full_like(t_logp, -math.inf)
+    return torch.logaddexp(teacher_part, x_logp + math.log1p(-mix))
+
+
+def _p_log_p_over(t_logp, log_m) -> torch.Tensor:
+    """Σ p·(log p − log m) per row (C, 1), 0 where p = 0."""
+    t_p = t_logp.exp()
+    return (t_p * (t_logp - log_m)).masked_fill_(t_p == 0, 0.0).sum(-1, keepdim=True)
+
+
+def _jsd(t_logp, x_logp, mix):
+    """mix·KL(p ‖ m) + (1 − mix)·KL(x ‖ m) per row, and its gradient in x's logits."""
+    log_m = _log_mixture(t_logp, x_logp, mix)
+    x = x_logp.exp()
+    h = x_logp - log_m
+    x_h = (x * h).sum(-1, keepdim=True)
+    return mix * _p_log_p_over(t_logp, log_m) + (1 - mix) * x_h, x.mul_(h.sub_(x_h)).mul_(1 - mix)
+
+
+def _skew_kl(t_logp, x_logp, mix):
+    """KL(p ‖ m) per row, and its gradient in x's logits."""
+    log_m = _log_mixture(t_logp, x_logp, mix)
+    x = x_logp.exp()
+    w = (t_logp - log_m).exp()
+    return _p_log_p_over(t_logp, log_m), x.mul_((x * w).sum(-1, keepdim=True) - w).mul_(1 - mix)
+
+
+def _renormalised(divergence, t_logp, s_logp, mix, topk_index=None):
+    """``divergence`` between p and the student's q, or with top-k: D(p ‖ q̃) − log Z_K with q̃ the student
+    renormalised on the teacher's ids (module docstring); its gradient over the whole vocabulary."""
+    if topk_index is None:
+        return divergence(t_logp, s_logp, mix)
+    at = s_logp.gather(1, topk_index)  # (C, k)
+    log_mass = at.logsumexp(-1, keepdim=True)  # log Z_K
+    q_tilde_logp = at.sub_(log_mass)
+    terms, grad_k = divergence(t_logp, q_tilde_logp, mix)
+    grad = s_logp.exp_().scatter_add_(1, topk_index, grad_k.sub_(q_tilde_logp.exp_()))
+    return terms.sub_(log_mass), grad
+
+
+DIVERGENCES = {"forward_kl": _forward_kl, "reverse_kl": partial(_renormalised, _reverse_kl),
+               "jsd": partial(_renormalised, _jsd), "skew_kl": partial(_renormalised, _skew_kl)}
 
 
 def layer_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
@@ -150,6 +231,8 @@ class ObjectiveWeights:
     temperature: float
     layer_loss: str
     vocab: int | None = None  # KD compares the first ``vocab`` logits (the tokenizer's ids); None: all
+    divergence: str = "forward_kl"  # distill.divergence
+    divergence_mix: float = 0.5  # distill.divergence_mix
 
 
 @record_function("loss")  # names the objective's work (and its closed-form gradients) in a profile
@@ -160,7 +243,7 @@ def distill_objective(student_logits, student_taps, labels, teacher_logits, teac
     total = terms["lm"]
     if teacher_logits is not None and w.alpha > 0:
         terms["kd"] = kd_loss(student_logits[..., :w.vocab], teacher_logits, labels, w.temperature,
-                              teacher_topk_index)
+                              teacher_topk_index, divergence=w.divergence, mix=w.divergence_mix)
         total = total + w.alpha * terms["kd"]
     if teacher_taps is not None and w.beta > 0:
         per_tap = [layer_loss(s, t, w.layer_loss) for s, t in zip(student_taps, teacher_taps)]

@@ -36,6 +36,7 @@ from ted_ds.architectures import (
     vocab_size,
 )
 from ted_ds.config import DataConfig, RunConfig
+from ted_ds.data import MicroBatch
 from ted_ds.documents import (
     DocumentAttention,
     check_document_attention,
@@ -51,7 +52,7 @@ from ted_ds.hub import with_local_models
 from ted_ds.losses import ObjectiveWeights, distill_objective, lm_loss, tap_lm_losses, trained_head_lm_loss
 from ted_ds.metrics import flops_per_token, matmul_parameters
 from ted_ds.taps import TapRecorder, tap_pairs
-from ted_ds.teacher import Teacher
+from ted_ds.teacher import Teacher, TeacherOutput
 from ted_ds.weights import fingerprint, load_model, load_teacher_blocks
 
 
@@ -73,6 +74,7 @@ class Plan:
     vocabularies: str = ""  # one line: the vocabulary sizes compared (check_vocabularies)
     models: dict[str, dict] = field(default_factory=dict)
     """What the filter banks of this run are learned on, per side ("teacher", "student"): learned_on."""
+    cache: dict | None = None  # teacher.cache's manifest, verified and matched to this run (check_cache)
 
     @property
     def teacher_layers(self) -> list[int]:
@@ -214,7 +216,8 @@ def plan(cfg: RunConfig, filters_for: str | None = None) -> Plan:
     if filters_for is None:  # stage 1 trains filters only; the models run without gradients
         check_trainable_attention(meta_model(student_config), "student", on_cpu=not torch.cuda.is_available())
     p = Plan(cfg, teacher_config, student_config, pairs, filter_dim, manifest, total, manifests, document_eos,
-             vocab_line, {side: learned_on(cfg, student_config, side) for side in sides})
+             vocab_line, {side: learned_on(cfg, student_config, side) for side in sides},
+             check_cache(cfg, manifest) if cfg.logits_from_cache else None)
     if cfg.distill.method == "ted" and filters_for is None:
         check_banks(p)
     return p
@@ -263,6 +266,21 @@ def check_banks(p: Plan) -> None:
             check_filter_bank(path, expected_bank(p, side), f"{side}.filters")
         elif not os.path.isdir(path):
             raise ConfigError(f"{side}.filters: filter bank not found: {path}")
+
+
+def check_cache(cfg: RunConfig, manifest: dict) -> dict:
+    """teacher.cache's manifest, once every file checks out against it (sizes and sha256) and it was made
+    with this run's teacher weights, tokenizer, data, seq_len, document attention and value dtype, with k
+    ≥ teacher.logits_topk; one line naming the first difference otherwise."""
+    from ted_ds.cache import format as cache_format
+
+    cached = cache_format.verify(cfg.teacher.cache)
+    sources = {cache_format.source_key(s.path)[0]: (s.name, s.path) for s in cfg.data.blend}
+    run = cache_format.identity(cfg, cfg.teacher.path, manifest, cfg.teacher.logits_topk)
+    why = cache_format.mismatch(cfg.teacher.cache, cached, run, sources)
+    if why is not None:
+        raise ConfigError(why)
+    return cached
 
 
 def _document_eos(cfg: RunConfig, manifest: dict, teacher_config, student_config) -> int | None:
@@ -369,7 +387,7 @@ class Recipe:
     name: str
     engine: object  # DeepSpeedEngine of the trained module
     frozen: Teacher | None  # a teacher placement (ted_ds.teacher), or None
-    loss: Callable  # (input_ids, labels) -> dict of terms with "loss"
+    loss: Callable  # (MicroBatch) -> dict of terms with "loss"
     eval_loss: Callable  # (input_ids, labels) -> scalar tensor
     flops_per_token: float  # trained forward+backward + frozen forward, for MFU
     trained_model: nn.Module  # what `finish` saves
@@ -397,24 +415,42 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
     flops = flops_per_token(matmul_parameters(student), p.student_config, cfg.data.seq_len, True)
     engine = build_trained_engine(cfg, trained, ds, p.total_steps)
     frozen = None
-    if cfg.uses_teacher:
+    if cfg.runs_teacher:
         frozen = build_frozen(cfg, functools.partial(load_teacher, cfg), p.teacher_layers if cfg.uses_layers else [],
-                              teacher_filters, cfg.uses_logits, ds, p.document_eos, p.manifest["vocab_size"])
+                              teacher_filters, cfg.uses_logits and not cfg.logits_from_cache, ds, p.document_eos,
+                              p.manifest["vocab_size"])
         flops += flops_per_token(matmul_parameters(meta_model(p.teacher_config)), p.teacher_config,
                                   cfg.data.seq_len, False)
-    weights = ObjectiveWeights(cfg.distill.alpha, cfg.distill.beta, cfg.distill.temperature, cfg.distill.layer_loss,
-                               p.manifest["vocab_size"])
+    cache = None
+    if cfg.logits_from_cache:
+        from ted_ds.cache.format import CacheRows, source_key
 
-    def loss(input_ids, labels):
-        t = frozen(input_ids) if frozen is not None else None
-        logits, taps = engine(input_ids)
-        return distill_objective(logits, taps, labels, t and t.logits, t and t.taps, weights, t and t.topk_index)
+        cache = CacheRows(cfg.teacher.cache, p.cache, [source_key(s.path)[0] for s in cfg.data.blend],
+                          cfg.teacher.logits_topk)
+    d = cfg.distill
+    weights = ObjectiveWeights(d.alpha, d.beta, d.temperature, d.layer_loss, p.manifest["vocab_size"], d.divergence,
+                               d.divergence_mix)
+
+    def loss(batch: MicroBatch):
+        t = teacher_side(frozen, cache, batch)
+        logits, taps = engine(batch.input_ids)
+        return distill_objective(logits, taps, batch.labels, t and t.logits, t and t.taps, weights, t and t.topk_index)
 
     def eval_loss(input_ids, labels):
         logits, _ = engine(input_ids)
         return lm_loss(logits, labels)
 
     return Recipe(f"distill-{method}", engine, frozen, loss, eval_loss, flops, trained)
+
+
+def teacher_side(frozen: Teacher | None, cache, batch: MicroBatch) -> TeacherOutput | None:
+    """The teacher's outputs for a micro-batch: taps (and logits) from the running teacher; the logits from
+    the cache (``CacheRows``) when the run has one, found by the batch's sample indices."""
+    t = frozen(batch.input_ids) if frozen is not None else None
+    if cache is None:
+        return t
+    values, index = (x.to(batch.input_ids.device) for x in cache.read(batch.samples))
+    return TeacherOutput(t and t.taps, values, index)
 
 
 class FiltersWithHeads(nn.Module):
@@ -454,12 +490,13 @@ def build_filter_learning(p: Plan, ds: dict, which: str) -> Recipe:
     flops = (flops_per_token(matmul_parameters(meta_model(conf)), conf, cfg.data.seq_len, False)
              + 6 * n_filter + (8 if trainable else 4) * head_mm * len(layers))  # head: forward + backward(s)
 
-    def loss(input_ids, labels):
+    def terms(input_ids, labels):
         taps, labels = [h.to(engine.device) for h in frozen(input_ids).taps], labels.to(engine.device)
         per_tap = engine(taps, labels) if trainable else tap_lm_losses(head, engine(taps), labels)
-        terms = {f"tap_lm/L{layer}": v for layer, v in zip(layers, per_tap)}
-        terms["loss"] = torch.stack(per_tap).mean()
-        return terms
+        out = {f"tap_lm/L{layer}": v for layer, v in zip(layers, per_tap)}
+        out["loss"] = torch.stack(per_tap).mean()
+        return out
 
-    eval_loss = lambda input_ids, labels: loss(input_ids, labels)["loss"]
+    loss = lambda batch: terms(batch.input_ids, batch.labels)
+    eval_loss = lambda input_ids, labels: terms(input_ids, labels)["loss"]
     return Recipe(f"filters-{which}", engine, frozen, loss, eval_loss, flops, bank)

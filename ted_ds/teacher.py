@@ -47,11 +47,19 @@ class Teacher(Protocol):
         ...
 
 
-def topk_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The k largest logits per token and their ids (k = 0: all logits, no ids)."""
-    if k <= 0:
-        return logits, None
-    values, index = logits.topk(k, dim=-1)
+LOGITS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # teacher.logits_dtype
+
+
+def teacher_logits(logits: torch.Tensor, vocab: int | None, k: int,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's logits as KD reads them: cut to the tokenizer's ``vocab`` ids, the k largest per token
+    with their ids (k = 0: all, no ids), rounded to ``dtype`` (fp32 rounds nothing; narrower logits stay
+    as they are). Every placement and ``cache-teacher`` call this one function, so a cached run and the
+    same run with the teacher online compare the student with the same numbers."""
+    logits = logits[..., :vocab]
+    values, index = (logits, None) if k <= 0 else logits.topk(k, dim=-1)
+    if dtype != torch.float32:
+        values = values.to(dtype)
     return values, index
 
 
@@ -62,7 +70,8 @@ class FrozenLM(nn.Module):
     """
 
     def __init__(self, model: nn.Module, layers: list[int], filters: FilterBank | None, need_logits: bool,
-                 logits_topk: int = 0, documents: DocumentAttention | None = None, vocab: int | None = None):
+                 logits_topk: int = 0, documents: DocumentAttention | None = None, vocab: int | None = None,
+                 logits_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.vocab = vocab  # logits keep the tokenizer's ids only (None: every row of the head)
         self.model = model
@@ -70,6 +79,7 @@ class FrozenLM(nn.Module):
         self.filters = filters
         self.need_logits = need_logits
         self.logits_topk = logits_topk
+        self.logits_dtype = logits_dtype
         self.recorder = TapRecorder(model, layers) if layers else None
         self.requires_grad_(False)
         self.eval()
@@ -81,8 +91,7 @@ class FrozenLM(nn.Module):
             taps = self.filters(taps)
         if not self.need_logits:
             return taps, None, None
-        values, index = topk_logits(out.logits[..., :self.vocab], self.logits_topk)
-        return taps, values, index
+        return taps, *teacher_logits(out.logits, self.vocab, self.logits_topk, self.logits_dtype)
 
 
 class ReplicatedTeacher:

@@ -26,7 +26,7 @@ from ted_ds import distributed
 from ted_ds.capacity import check_fits
 from ted_ds.checkpoint import Checkpointer
 from ted_ds.config import RunConfig, save_config, to_dict
-from ted_ds.data import Blend, BlendedDataset, ConsumedSamplesSampler, PackedShardDataset, collate
+from ted_ds.data import Blend, BlendedDataset, ConsumedSamplesSampler, MicroBatch, PackedShardDataset, collate
 from ted_ds.engine import resolve_ds_config
 from ted_ds.errors import TrainingError
 from ted_ds.export import save_trained_outputs
@@ -116,16 +116,16 @@ def backward_and_step(engine, loss: torch.Tensor, finite: torch.Tensor, boundary
     return skip
 
 
-def train_step(recipe: Recipe, batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = 0,
+def train_step(recipe: Recipe, batches: list[MicroBatch], step: int = 0,
                nan_steps: list[int] | None = None) -> tuple[dict[str, torch.Tensor], bool]:
-    """One optimizer step (number ``step``) over this rank's micro-batches ``(input_ids, labels)`` of
-    one global batch.  Returns the loss terms averaged over the micro-batches (still on the device: no
-    sync) and whether the step was skipped for a non-finite loss (backward_and_step)."""
+    """One optimizer step (number ``step``) over this rank's micro-batches of one global batch.  Returns
+    the loss terms averaged over the micro-batches (still on the device: no sync) and whether the step was
+    skipped for a non-finite loss (backward_and_step)."""
     sums: dict[str, torch.Tensor] = defaultdict(float)
     finite = torch.ones((), dtype=torch.bool, device=distributed.device())
-    for i, (input_ids, labels) in enumerate(batches):
+    for i, batch in enumerate(batches):
         with record_function("forward"):
-            terms = recipe.loss(input_ids, labels)
+            terms = recipe.loss(batch)
         terms["loss"] = injected_nan(terms["loss"], step, nan_steps)
         finite &= torch.isfinite(terms["loss"].detach())
         skipped = backward_and_step(recipe.engine, terms["loss"], finite, i == len(batches) - 1)
@@ -144,9 +144,9 @@ class TrainData:
     blend: Blend
     sampler: ConsumedSamplesSampler
 
-    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches ``(input_ids, labels)`` of the next global batch, on the device."""
-        return [tuple(t.to(distributed.device()) for t in collate(self.train, indices))
+    def next_batch(self) -> list[MicroBatch]:
+        """This rank's micro-batches of the next global batch, on the device, with their sample indices."""
+        return [MicroBatch(*(t.to(distributed.device()) for t in collate(self.train, indices)), indices)
                 for indices in self.sampler.next_batch()]
 
 
@@ -288,7 +288,7 @@ def setup(cfg: RunConfig, filters_for: str | None = None) -> tuple[Plan, dict]:
     p = plan(cfg, filters_for=filters_for)
     world = distributed.expected_world_size()
     ds = resolve_ds_config(cfg, world)
-    check_fits(p, ds, world, distributed.local_world_size(), with_teacher=cfg.uses_teacher or filters_for == "teacher",
+    check_fits(p, ds, world, distributed.local_world_size(), with_teacher=cfg.runs_teacher or filters_for == "teacher",
                trained_heads=len(p.pairs) if filters_for and cfg.distill.filter_head == "trainable" else 0,
                device=distributed.device())
     distributed.init(cfg.train.timeout_minutes)

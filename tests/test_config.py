@@ -3,11 +3,13 @@ code would have to run (``--trust-remote-code``), each refused in one line befor
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from harness.tiny import base_config, write_config
 from ted_ds.cli import main as ted_main
-from ted_ds.config import load_run_config
+from ted_ds.config import DistillConfig, load_run_config
 from ted_ds.errors import ConfigError
 
 
@@ -30,13 +32,23 @@ def test_bad_schedules_are_one_line_before_any_process_group(tiny, tmp_path, ove
 @pytest.mark.parametrize("key, allowed", [
     ("distill.method", "ted, lwd, kd, lm"), ("teacher.placement", "replicated, zero3, pipeline"),
     ("distill.layer_loss", "mse, normalized_mse, cosine"), ("distill.filter", "linear, mlp"),
-    ("optim.schedule", "cosine, wsd, constant"), ("teacher.logits_dtype", "fp32, bf16"),
-    ("distill.filter_head", "teacher, trainable"),
+    ("optim.schedule", "cosine, wsd, constant"), ("teacher.logits_dtype", "fp32, bf16, fp16"),
+    ("distill.filter_head", "teacher, trainable"), ("distill.divergence", "forward_kl, reverse_kl, jsd, skew_kl"),
 ])
 def test_fixed_choices_are_one_line_naming_every_choice(key, allowed):
     with pytest.raises(ConfigError) as e:
         load_run_config(None, [f"{key}=other"])
     assert str(e.value) == f"{key} must be one of {allowed}; got 'other'"
+
+
+@pytest.mark.parametrize("divergence, mix, message", [
+    ("jsd", 0.0, "must be in (0, 1) for jsd"), ("jsd", 1.0, "must be in (0, 1) for jsd"),
+    ("skew_kl", 1.0, "must be in [0, 1) for skew_kl"), ("skew_kl", -0.1, "must be in [0, 1) for skew_kl"),
+])
+def test_a_divergence_mix_out_of_range_is_refused(divergence, mix, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_run_config(None, [f"distill.divergence={divergence}", f"distill.divergence_mix={mix}"])
+    DistillConfig(divergence="skew_kl", divergence_mix=0.0)  # the edge that is allowed: forward KL
 
 
 def _fails(capsys, tmp_path, cfg: dict, *fragments, overrides=(), command="distill"):

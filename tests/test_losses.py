@@ -39,6 +39,32 @@ def test_kd_loss_by_hand_and_topk():
     assert kd_loss(s, values, y, T, index).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_divergences_by_hand_and_at_their_limits():
+    """p = (1/4, 3/4) and q = (1/2, 1/2) at T = 1; m = a·p + (1 − a)·q."""
+    s, t, y = torch.tensor([[[0.0, 0.0]]]), torch.tensor([[[0.0, math.log(3.0)]]]), torch.tensor([[0]])
+    p, q = (0.25, 0.75), (0.5, 0.5)
+    kl = lambda a, b: sum(x * math.log(x / z) for x, z in zip(a, b))
+    mix = lambda a: [a * x + (1 - a) * z for x, z in zip(p, q)]
+    by_hand = {"forward_kl": kl(p, q), "reverse_kl": kl(q, p), "jsd": 0.3 * kl(p, mix(0.3)) + 0.7 * kl(q, mix(0.3)),
+               "skew_kl": kl(p, mix(0.3))}
+    for divergence, want in by_hand.items():
+        assert kd_loss(s, t, y, 1.0, divergence=divergence, mix=0.3).item() == pytest.approx(want, rel=1e-6)
+    g = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(2, 5, 40, generator=g), torch.randn(2, 5, 40, generator=g), torch.zeros(2, 5).long()
+    values, index = t.topk(6, dim=-1)
+    for divergence in by_hand:  # 0 when the student is the teacher
+        assert kd_loss(t, t, y, 2.0, divergence=divergence, mix=0.3).item() == pytest.approx(0.0, abs=1e-6)
+    for teacher in ((t,), (values, index)):  # skew KL at a = 0 is forward KL, over all ids and on the top-k
+        forward = kd_loss(s, *teacher[:1], y, 2.0, *teacher[1:]).item()
+        assert kd_loss(s, *teacher[:1], y, 2.0, *teacher[1:], divergence="skew_kl", mix=0.0).item() == \
+            pytest.approx(forward, rel=1e-6)
+    # forward KL on the top-k is D(p ‖ q̃) − log Z_K, the form the other divergences take there
+    q = torch.log_softmax(s / 2.0, -1).gather(-1, index)
+    p_k, q_tilde = torch.log_softmax(values / 2.0, -1), torch.log_softmax(q, -1)
+    general = (p_k.exp() * (p_k - q_tilde)).sum(-1) - q.logsumexp(-1)
+    assert kd_loss(s, values, y, 2.0, index).item() == pytest.approx(4.0 * general.mean().item(), rel=1e-6)
+
+
 def test_layer_losses_by_hand():
     s = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
     t = torch.tensor([[[1.0, 0.0], [0.0, 4.0]]])

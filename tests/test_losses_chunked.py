@@ -37,6 +37,21 @@ def reference_kd(student_logits, teacher_logits, labels, temperature, teacher_to
     return temperature * temperature * kl[labels != IGNORE_INDEX].mean()
 
 
+def reference_divergence(divergence, mix, student_logits, teacher_logits, labels, temperature, topk_index=None):
+    """The divergences of ted_ds.losses written out for autograd; with top-k, D(p ‖ q̃) − log Z_K."""
+    q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    support = 0.0
+    if topk_index is not None:
+        at = q.gather(-1, topk_index)
+        support, q = -at.logsumexp(-1), F.log_softmax(at, dim=-1)
+    log_m = (mix * p.exp() + (1 - mix) * q.exp()).log()
+    kl = lambda a, b: (a.exp() * (a - b)).sum(-1)
+    d = {"reverse_kl": lambda: kl(q, p), "jsd": lambda: mix * kl(p, log_m) + (1 - mix) * kl(q, log_m),
+         "skew_kl": lambda: kl(p, log_m)}[divergence]() + support
+    return temperature * temperature * d[labels != IGNORE_INDEX].mean()
+
+
 def inputs(dtype=torch.float32):
     """Student and teacher logits, their top-k, and labels with ignored tokens (a whole chunk of them too)."""
     g = torch.Generator().manual_seed(0)
@@ -57,6 +72,14 @@ CASES = {  # name -> (chunked, reference), each called as f(student_logits, inpu
                                      chunk_tokens=CHUNK),
                 lambda s, x: reference_kd(s, x["topk_values"], x["labels"], TEMPERATURE, x["topk_index"])),
 }
+for _divergence, _mix in (("reverse_kl", 0.5), ("jsd", 0.3), ("skew_kl", 0.1)):
+    for _topk in (False, True):
+        _teacher = ("topk_values", "topk_index") if _topk else ("teacher", None)
+        CASES[_divergence + "_topk" * _topk] = (
+            lambda s, x, d=_divergence, a=_mix, t=_teacher: kd_loss(s, x[t[0]], x["labels"], TEMPERATURE,
+                                                                    t[1] and x[t[1]], CHUNK, d, a),
+            lambda s, x, d=_divergence, a=_mix, t=_teacher: reference_divergence(d, a, s, x[t[0]], x["labels"],
+                                                                                 TEMPERATURE, t[1] and x[t[1]]))
 
 
 def value_and_grad(loss_fn, leaf, *args):

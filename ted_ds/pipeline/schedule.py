@@ -32,7 +32,7 @@ from ted_ds.pipeline.messages import (
 )
 from ted_ds.pipeline.stage import build_stage_model, run_pipeline_stage, stop_after
 from ted_ds.taps import TapRecorder
-from ted_ds.teacher import TeacherOutput, topk_logits
+from ted_ds.teacher import LOGITS_DTYPES, TeacherOutput, teacher_logits
 
 Received = dict[Message, torch.Tensor]  # this rank's buffer for each message it gets back (or makes itself)
 Made = dict[Message, torch.Tensor]  # what this stage made of a chunk, by message
@@ -182,7 +182,7 @@ class PipelineTeacher:
             taps = {i: state.float() for i, state in zip(self.local_taps, states)}
         values = index = None
         if logits is not None and layout.need_logits:
-            values, index = topk_logits(logits[..., :layout.vocab], layout.logits_topk)
+            values, index = teacher_logits(logits, layout.vocab, layout.logits_topk, layout.logits_dtype)
             values = values.to(layout.logits_dtype)
         by_kind = {MessageKind.ACTIVATIONS: out, MessageKind.LOGITS: values, MessageKind.TOPK_IDS: index}
         return {m: taps[m.tap] if m.kind == MessageKind.TAP else by_kind[m.kind]
@@ -236,6 +236,6 @@ def build_pipeline_teacher(cfg, tap_layers: list[int], filters, need_logits: boo
     layout = PipelineLayout.resolve(
         config, tap_layers, filters, stages=t.pipeline_stages, explicit_layers=t.pipeline_layers,
         chunks=t.pipeline_chunks, need_logits=need_logits, logits_topk=t.logits_topk,
-        logits_dtype=torch.bfloat16 if t.logits_dtype == "bf16" else torch.float32, dtype=dtype,
+        logits_dtype=LOGITS_DTYPES[t.logits_dtype], dtype=dtype,
         document_eos=document_eos, vocab=vocab)
     return PipelineTeacher(layout, t.path, config, filters, cfg.train.timeout_minutes)

@@ -9,12 +9,14 @@ At the N-th time the run reaches POINT, rank RANK ("all": every rank) sends itse
     save-shards   DeepSpeed wrote this rank's shards; the RNG file and COMPLETE are not written yet
     save-latest   the tag is complete (COMPLETE written); ``latest`` not yet moved (rank 0 only)
     eval          an evaluation begins
+    cache-block   ``ted-ds cache-teacher`` renamed a finished block file into place
 """
 
 import os
 import signal
 import sys
 
+import ted_ds.cache.build as cache_build
 import ted_ds.checkpoint as checkpoint
 import ted_ds.trainer as trainer
 from ted_ds.cli import main
@@ -55,4 +57,5 @@ checkpoint.check_finite = after("save-start", checkpoint.check_finite)  # save's
 checkpoint.rng_state = before("save-shards", checkpoint.rng_state)
 checkpoint.write_text = before("save-latest", checkpoint.write_text, lambda path, _: path.endswith("latest"))
 trainer.evaluate = before("eval", trainer.evaluate)
+cache_build.write_block = after("cache-block", cache_build.write_block)
 sys.exit(main(argv))

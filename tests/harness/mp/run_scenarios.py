@@ -3,13 +3,14 @@
     deepspeed --num_gpus 2 tests/harness/mp/run_scenarios.py --spec spec.json --out results.json
 
 spec.json: [{"name": ..., "config": path, "filters_for": null|"teacher"|"student",
-"accelerator": "as-is"|"bf16"|"none", "build_only": bool}, ...].
+"accelerator": "as-is"|"bf16"|"none", "build_only": bool, "cache_out": dir, "block_windows": n}, ...].
 For each scenario the real command runs (``ted_ds.trainer.run_recipe``), with DeepSpeed's accelerator
 reporting the half-precision support ``accelerator`` names; afterwards this script records whether the
 frozen side (teacher and its filters, or the frozen student of stage 1) is bit-identical to what it
 was built from, how many frozen parameters this rank stores, the devices and dtypes of what it holds,
 and what a probe on the student saw during the training steps (see ``StudentProbe``).  A
-``build_only`` scenario builds the command's models and records what they hold, or its error.
+``build_only`` scenario builds the command's models and records what they hold, or its error; a
+``cache_out`` scenario runs ``ted-ds cache-teacher`` (``ted_ds.cache.build.build_cache``) into that directory.
 """
 
 import argparse
@@ -26,6 +27,7 @@ from ted_ds import (
     trainer,  # noqa: E402
 )
 from ted_ds.architectures import decoder_layers  # noqa: E402
+from ted_ds.cache.build import build_cache  # noqa: E402
 from ted_ds.cli import _quiet_libraries  # noqa: E402
 from ted_ds.config import load_run_config  # noqa: E402
 from ted_ds.export import gathered_state_dict  # noqa: E402
@@ -175,8 +177,10 @@ def main() -> None:
     for scenario in json.load(open(args.spec)):
         cfg = load_run_config(scenario["config"], scenario.get("overrides", []))
         accelerator_reports(scenario.get("accelerator", "as-is"))
-        if scenario.get("build_only"):
-            results[scenario["name"]] = build_only(cfg, scenario.get("filters_for"))
+        if scenario.get("build_only") or scenario.get("cache_out"):
+            results[scenario["name"]] = (build_only(cfg, scenario.get("filters_for")) if scenario.get("build_only")
+                                         else {"line": build_cache(cfg, scenario["cache_out"], None,
+                                                                   scenario["block_windows"])})
             distributed.barrier()
             continue
         probed, read_before = len(probes), WeightReader.process_total

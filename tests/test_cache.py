@@ -1,0 +1,129 @@
+"""The teacher cache without processes: a window's bytes round trip, ids in as few bits as the vocabulary
+needs, the rounding the online teacher and the cache share, rows found by the sampler's index across
+sources, damaged blocks refused, and ``cache-teacher``'s bad input as one line before anything is written."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+from data_prep.errors import UserError
+from harness.tiny import base_config, write_config
+from ted_ds.cache.format import (
+    Block,
+    CacheRows,
+    block_name,
+    decode_window,
+    encode_window,
+    id_bits,
+    to_bits,
+    write_block,
+)
+from ted_ds.teacher import teacher_logits
+
+L = 12
+
+
+def topk_rows(vocab: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of random logits with the awkward cases in them: ties, +0 and -0, negatives, fp16 overflow."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 6 * torch.randn(L, vocab, generator=g)
+    logits[0, :k + 2] = 0.0
+    logits[0, 1::2] = -0.0
+    logits[1] = -3.0
+    logits[2, 5] = 7e4  # inf in fp16
+    logits[3, -1] = 50.0  # the last id
+    return logits.topk(k, dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vocab,k", [(1000, 1), (1000, 8), (128256, 64)])
+def test_a_window_round_trips_bit_for_bit(dtype, vocab, k):
+    values, ids = topk_rows(vocab, k)
+    bits = to_bits(values, dtype)
+    got_bits, got_ids = decode_window(encode_window(bits, ids.numpy(), id_bits(vocab)), L, k, id_bits(vocab))
+    assert np.array_equal(got_bits, bits) and np.array_equal(got_ids, ids.numpy())
+    back = torch.from_numpy(got_bits.view(np.int16)).view(dtype)
+    assert torch.equal(back, values.to(dtype))  # the very values (and signed zeros) the teacher gave
+
+
+def test_ids_take_as_few_bits_as_the_vocabulary_needs():
+    assert [id_bits(v) for v in (2, 1000, 1024, 1025, 65536, 128256)] == [1, 10, 10, 11, 16, 17]
+    values, ids = topk_rows(128256, 64)
+    frame = encode_window(to_bits(values, torch.float16), ids.numpy(), 17)
+    raw = zstandard.ZstdDecompressor().decompress(frame)
+    assert len(raw) == 2 * L * 64 + math.ceil(L * 64 * 17 / 8)  # 16-bit values, 17-bit ids, before zstd
+
+
+def test_teacher_logits_rounds_once_for_every_path():
+    """One function makes what KD reads online and what the cache stores: cut, top-k, round."""
+    logits = 5 * torch.randn(2, L, 40, generator=torch.Generator().manual_seed(1))
+    values, index = teacher_logits(logits, 32, 4, torch.float16)
+    want_values, want_index = logits[..., :32].topk(4, dim=-1)
+    assert values.dtype == torch.float16 and torch.equal(values, want_values.half()) and torch.equal(index, want_index)
+    same, none = teacher_logits(logits.bfloat16(), None, 0, torch.float32)  # fp32 rounds nothing
+    assert none is None and same.dtype == torch.bfloat16 and torch.equal(same, logits.bfloat16())
+
+
+def _fake_cache(root: str, sizes: dict[str, int], k: int = 3, block_windows: int = 4) -> dict:
+    """A cache whose window j of source s holds the values s·100 + j (and ids j) everywhere."""
+    sources = {}
+    for s, (key, n) in enumerate(sizes.items()):
+        for b in range(math.ceil(n / block_windows)):
+            frames = []
+            for j in range(b * block_windows, min(n, (b + 1) * block_windows)):
+                values = torch.full((L, k), float(s * 100 + j))
+                frames.append(encode_window(to_bits(values, torch.float16), np.full((L, k), j), 10))
+            write_block(os.path.join(root, block_name(key, "train", b)), frames)
+        sources[key] = {"splits": {"train": {"windows": n}}}
+    return {"sources": sources, "block_windows": block_windows, "seq_len": L, "k": k, "id_bits": 10,
+            "value_dtype": "fp16"}
+
+
+def test_rows_are_found_by_the_samplers_index_across_sources(tmp_path):
+    manifest = _fake_cache(str(tmp_path), {"aaa": 10, "bbb": 6})
+    rows = CacheRows(str(tmp_path), manifest, ["bbb", "aaa"], k=2)  # this run blends them in the other order
+    values, ids = rows.read([0, 5, 6, 15])  # bbb 0 and 5; aaa 0 and 9
+    assert values.dtype == torch.float16 and values.shape == (4, L, 2) and ids.shape == (4, L, 2)
+    assert values[:, 0, 0].tolist() == [100.0, 105.0, 0.0, 9.0]
+    assert ids[:, 0, 0].tolist() == [0, 5, 0, 9]
+
+
+def test_a_damaged_block_is_refused(tmp_path):
+    _fake_cache(str(tmp_path), {"aaa": 4})
+    path = os.path.join(tmp_path, block_name("aaa", "train", 0))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 1)
+    with pytest.raises(UserError, match="its index says"):
+        Block(path)
+    with open(path, "r+b") as f:
+        f.write(b"NOTACACH")
+    with pytest.raises(UserError, match="not a teacher cache block"):
+        Block(path)
+
+
+@pytest.mark.parametrize("over,says", [
+    ({"teacher.logits_topk": 0}, "set teacher.logits_topk"),
+    ({"teacher.logits_dtype": "fp32"}, "set teacher.logits_dtype to fp16 or bf16"),
+    ({}, None),  # a good run, but --out holds something else
+])
+def test_cache_teacher_refuses_bad_input_before_writing(tiny, tmp_path, capsys, over, says):
+    from ted_ds.cli import main
+
+    cfg = base_config(tiny["llama_data"], tiny["llama_teacher"], str(tmp_path / "run"),
+                      **{"teacher.logits_topk": 8, "teacher.logits_dtype": "fp16", **over})
+    config = write_config(str(tmp_path / "run.yaml"), **cfg)
+    out = str(tmp_path / "cache")
+    if says is None:  # an --out holding something else
+        os.makedirs(out)
+        open(os.path.join(out, "notes.txt"), "w").close()
+        says = "holds no teacher cache"
+    assert main(["cache-teacher", "--config", config, "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ted-ds: error: ") and says in err[0], err
+    assert not os.path.exists(out) or os.listdir(out) == ["notes.txt"]
