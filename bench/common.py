@@ -28,10 +28,19 @@ def corpus_path(workdir: str) -> str:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), e.g. "AMD EPYC 9R45"; the platform's processor string elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
 def machine() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
-    return {"date": time.strftime("%Y-%m-%d"), "commit": commit, "cpus": os.cpu_count(),
+    return {"date": time.strftime("%Y-%m-%d"), "commit": commit, "cpus": os.cpu_count(), "cpu": cpu_model(),
             "platform": platform.platform(), "python": platform.python_version()}
 
 

@@ -1,28 +1,37 @@
-"""A small-scale study of TED's claim on real English text, end to end, tuned and paired.
+"""TED vs KD on real English text, end to end: a 2 × 2 of method × α with paired seeds (study v5).
 
     python bench/repro.py [--quick] [--seeds 5] [--jobs 2] [--out bench/results/repro]
 
-The claim (Liang et al., 2023): a TED student beats KD and layer-wise distillation (LWD), which beat
-plain LM training of the same student under the same budget. Here, on CPU:
+The claim (Liang et al., 2023): a TED student beats KD of the same student under the same budget.
+This version fixes its design before it is run (the rule below was committed before the numbers):
 
 1. data: the Wikipedia sample (../shared/data/enwiki_sample.txt when present, else the bundled copy)
-   for training and the valid split (2 % of documents, used for tuning); the **test split** is the
-   bundled public-domain books sample (~270k tokens), a corpus the teacher never trained on;
-2. a LLaMA-style teacher (6 layers, d=192, 4k vocabulary) pre-trained with `distill.method=lm`;
-3. two student geometries, each distilled from the same teacher:
-   * ``same-width``: 3 layers, d=192, initialised from teacher blocks 2, 4, 6 (1-based) — the
-     blocks student blocks 1–3 are matched to (taps: every 2nd teacher layer ↔ every student layer);
-   * ``narrow``: the paper's shape, d=96 = d_t/2 and half the depth, pre-trained on its own with
-     `lm` first, then continued with each method (filters map 96 → 192);
-4. stage 1 once per model and head kind (``distill.filter_head`` teacher | trainable); stage 2 per seed;
-5. tuning on the valid split at seed 1 (`search`): KD's α, and TED's and LWD's β then α (the other
-   held at its best), each over a window of its ladder that widens while the best value sits at an
-   edge; the chosen weights then run on every seed (same data order per seed across methods, so
-   comparisons pair); ``ted-trainable`` (TED with its own stage-1 heads) reuses TED's weights;
-6. every student exported to HF and scored on the test split (`ted-ds eval` perplexity) and by
-   lm-evaluation-harness (`loglikelihood_rolling` on test documents at max_length = training length);
-7. results.md (mean ± std, paired intervals and verdicts, tuning and stage-1 tables), results.json,
-   loss_curves.png and perplexity.png.
+   for training, its valid split (2 % of documents); the **test split** is the bundled public-domain
+   books sample, a corpus the teacher never trained on (90 % of its documents, evaluated in-run as a
+   blend source of weight 0: never trained on);
+2. a LLaMA-style teacher (6 layers, d=192, 4k vocabulary) pre-trained with ``distill.method=lm``;
+3. the student: 3 layers, d=192, initialised from teacher blocks 2, 4, 6 (1-based; the blocks its
+   blocks are matched to: every 2nd teacher layer ↔ every student layer);
+4. per seed, stage 1 (both banks, ``distill.filter_head=teacher``) is learned again, so the interval
+   includes it; then every arm trains 200 steps (same data order per seed across arms: they pair):
+
+   ``kd-a1``, ``kd-a4``      KD at α = 1 and α = 4
+   ``ted-a1``, ``ted-a4``    TED (β = 1, normalized MSE) at α = 1 and α = 4
+   ``lwd-identity-a1``       LWD (α = 1, β = 1) with an identity-initialised student map
+   ``ted-cosine-a1``         TED (α = 1, β = 1) with the cosine layer loss: 1 − cos per token is half the
+                             MSE between the states after a gain-free RMSNorm, so it sees what the
+                             stage-1 head (the teacher's final RMSNorm + unembedding) saw, up to the gain
+   ``kd-a1-matched``         KD at α = 1 with as many steps as TED α = 1 costs: measured seconds of both
+                             stage-1 banks and TED's 200 steps ÷ KD's seconds per step (median over seeds)
+
+5. evaluated in-run on both splits at steps 40, 100 and 200 (the matched arm also at its last step):
+   mean next-token loss in nats per token over the same windows for every arm.
+
+**Decision rule** (pre-registered). Primary metric: books test loss at step 200. Per seed, the TED main
+effect at matched α is M = ½[(ted-a1 − kd-a1) + (ted-a4 − kd-a4)]. "TED is worth it here" only if the
+95 % paired t interval of M (n = seeds) lies entirely below 0 **and** the 95 % paired t interval of
+ted-a1 − kd-a1-matched lies entirely below 0. Otherwise: "not shown here". Everything else (the α
+effect, the interaction, steps 40/100, Wikipedia valid, LWD and the cosine loss) is reported, not ruled on.
 
 --quick shrinks everything (tiny models, a corpus slice, two seeds, a few steps) to check the pipeline.
 """
@@ -30,7 +39,6 @@ plain LM training of the same student under the same budget. Here, on CPU:
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
@@ -45,25 +53,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import REPO, corpus_path, machine, run  # noqa: E402
 from ted_ds.launch import local_deepspeed_command as deepspeed  # noqa: E402
 
-METHODS = ("lm", "kd", "lwd", "ted", "ted-trainable")
-GEOMETRIES = ("same-width", "narrow")
-SEARCH = {"kd": ("alpha",), "lwd": ("beta", "alpha"), "ted": ("beta", "alpha")}  # the weights tuned, in order
-LADDERS = {"alpha": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "beta": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)}
 BOOKS = os.path.join(REPO, "data_prep", "sample", "books_sample.txt.gz")
+SPLITS = ("books", "wikipedia")  # the blend's sources: books (weight 0) is the test split
 
 FULL = {"vocab": 4096, "teacher_layers": 6, "hidden": 192, "heads": 4, "seq_len": 128, "micro": 8, "global": 16,
-        "teacher_steps": 600, "base_steps": 300, "filter_steps": 40, "student_steps": 40, "student_layers": 3,
-        "corpus_lines": None, "eval_samples": 256, "test_tokens": 200_000, "heldout_docs": 100,
-        "window": {"alpha": (0.5, 2.0), "beta": (0.1, 10.0)}, "widen": True}
+        "teacher_steps": 600, "filter_steps": 40, "student_steps": 200, "eval_steps": (40, 100, 200),
+        "student_layers": 3, "corpus_lines": None, "eval_samples": 1024}
 QUICK = {"vocab": 1000, "teacher_layers": 4, "hidden": 64, "heads": 4, "seq_len": 32, "micro": 2, "global": 8,
-         "teacher_steps": 20, "base_steps": 4, "filter_steps": 3, "student_steps": 4, "student_layers": 2,
-         "corpus_lines": 1500, "eval_samples": 16, "test_tokens": 2_000, "heldout_docs": 8,
-         "window": {"alpha": (1.0, 1.0), "beta": (1.0, 3.0)}, "widen": False}
+         "teacher_steps": 20, "filter_steps": 3, "student_steps": 6, "eval_steps": (2, 4, 6), "student_layers": 2,
+         "corpus_lines": 1500, "eval_samples": 32}
+
+TED = ("distill.method=ted", "distill.beta=1.0")
+ARMS = {"kd-a1": ("distill.method=kd", "distill.alpha=1.0"),
+        "kd-a4": ("distill.method=kd", "distill.alpha=4.0"),
+        "ted-a1": (*TED, "distill.alpha=1.0"),
+        "ted-a4": (*TED, "distill.alpha=4.0"),
+        "lwd-identity-a1": ("distill.method=lwd", "distill.beta=1.0", "distill.alpha=1.0",
+                            "distill.lwd_map_init=identity"),
+        "ted-cosine-a1": (*TED, "distill.alpha=1.0", "distill.layer_loss=cosine"),
+        "kd-a1-matched": ("distill.method=kd", "distill.alpha=1.0")}
+MATCHED = "kd-a1-matched"  # trains for the measured steps of TED α = 1, after the other arms
 
 
 # ----------------------------------------------------------------------------- data and models
 def prepare_data(out: str, size: dict, corpus: str | None) -> dict:
-    """Tokenizer and shards of the training corpus; the books test set as shards and as documents."""
+    """Tokenizer and shards of the training corpus; the books test split as a second build."""
     corpus = corpus or corpus_path(out)
     if size["corpus_lines"]:
         sliced = os.path.join(out, "corpus-slice.txt")
@@ -72,49 +86,27 @@ def prepare_data(out: str, size: dict, corpus: str | None) -> dict:
                 for _, line in zip(range(size["corpus_lines"]), f):
                     g.write(line)
         corpus = sliced
-    tok, data, test = (os.path.join(out, d) for d in ("tokenizer", "data", "test"))
+    tok, data, test = (os.path.join(out, d) for d in ("tokenizer", "data", "books"))
     if not os.path.isdir(tok):
         run([sys.executable, "-m", "data_prep", "tokenizer", "--input", corpus, "--vocab-size", str(size["vocab"]),
              "--out", tok])
     build = [sys.executable, "-m", "data_prep", "build", "--tokenizer", tok, "--workers", "2", "--no-progress"]
     run([*build, "--input", corpus, "--out", data, "--valid-fraction", "0.02"])
-    run([*build, "--input", BOOKS, "--out", test, "--valid-fraction", "0"])  # all of it: split "train"
-    heldout = os.path.join(out, "test-docs.jsonl")
-    with gzip.open(BOOKS, "rt", encoding="utf-8") as f, open(heldout, "w") as g:
-        docs = [line.rstrip("\n") for line in f if line.strip()]
-        for text in docs[:: max(1, len(docs) // size["heldout_docs"])][: size["heldout_docs"]]:
-            g.write(json.dumps({"text": text}) + "\n")
-    return {"tokenizer": tok, "data": data, "test": test, "test_docs": heldout}
+    run([*build, "--input", BOOKS, "--out", test, "--valid-fraction", "0.9"])  # evaluated: the valid split
+    return {"tokenizer": tok, "wikipedia": data, "books": test}
 
 
-def llama_config(out: str, name: str, tok: str, hidden: int, layers: int, heads: int) -> str:
+def llama_config(out: str, name: str, tok: str, size: dict) -> str:
     from data_prep.tokenizer import load_tokenizer
 
     path = os.path.join(out, f"{name}_config.json")
+    hidden = size["hidden"]
     with open(path, "w") as f:
         json.dump({"model_type": "llama", "vocab_size": len(load_tokenizer(tok)), "hidden_size": hidden,
-                   "intermediate_size": hidden * 8 // 3 // 8 * 8, "num_hidden_layers": layers,
-                   "num_attention_heads": heads, "num_key_value_heads": heads, "max_position_embeddings": 512,
-                   "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}, f)
-    return path
-
-
-def write_run_config(out: str, data: str, size: dict) -> str:
-    import yaml
-
-    cfg = {"teacher": {"path": f"{out}/teacher/hf"},
-           "student": {"init_from_teacher": aligned_blocks(size)},
-           "data": {"path": data, "seq_len": size["seq_len"], "eval_samples": size["eval_samples"]},
-           "distill": {"method": "ted", "alpha": 1.0, "beta": 1.0, "temperature": 2.0,
-                       "teacher_every": size["teacher_layers"] // size["student_layers"], "student_every": 1,
-                       "layer_loss": "normalized_mse"},
-           "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": max(1, size["student_steps"] // 10)},
-           "train": {"micro_batch_size": size["micro"], "global_batch_size": size["global"], "steps": 1,
-                     "log_interval": 1, "eval_interval": 10**6, "save_interval": 10**6, "progress": False,
-                     "deepspeed_config": os.path.join(REPO, "ds_configs", "zero3_cpu.json")}}
-    path = os.path.join(out, "run.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+                   "intermediate_size": hidden * 8 // 3 // 8 * 8, "num_hidden_layers": size["teacher_layers"],
+                   "num_attention_heads": size["heads"], "num_key_value_heads": size["heads"],
+                   "max_position_embeddings": 512, "tie_word_embeddings": False, "bos_token_id": 1,
+                   "eos_token_id": 2}, f)
     return path
 
 
@@ -122,6 +114,28 @@ def aligned_blocks(size: dict) -> list[int]:
     """0-based teacher blocks whose outputs student blocks 1..n are matched to: k-1, 2k-1, … (k = interval)."""
     k = size["teacher_layers"] // size["student_layers"]
     return [k * (i + 1) - 1 for i in range(size["student_layers"])]
+
+
+def write_run_config(out: str, data: dict, size: dict) -> str:
+    import yaml
+
+    cfg = {"teacher": {"path": f"{out}/teacher/hf"},
+           "student": {"init_from_teacher": aligned_blocks(size)},
+           "data": {"sources": [{"name": "wikipedia", "path": data["wikipedia"], "weight": 1.0},
+                                {"name": "books", "path": data["books"], "weight": 0.0}],
+                    "seq_len": size["seq_len"], "eval_samples": size["eval_samples"]},
+           "distill": {"method": "ted", "alpha": 1.0, "beta": 1.0, "temperature": 2.0,
+                       "teacher_every": size["teacher_layers"] // size["student_layers"], "student_every": 1,
+                       "layer_loss": "normalized_mse"},
+           "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": max(1, size["student_steps"] // 10)},
+           "train": {"micro_batch_size": size["micro"], "global_batch_size": size["global"], "steps": 1,
+                     "log_interval": 1, "eval_interval": 10**6, "eval_steps": list(size["eval_steps"]),
+                     "save_interval": 10**6, "progress": False,
+                     "deepspeed_config": os.path.join(REPO, "ds_configs", "zero3_cpu.json")}}
+    path = os.path.join(out, "run.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    return path
 
 
 class Launcher:
@@ -146,212 +160,85 @@ class Launcher:
                 f.result()
 
 
-# ----------------------------------------------------------------------------- the study
-def student_overrides(work: str, geometry: str) -> list[str]:
-    if geometry == "same-width":
-        return []
-    return ["student.init_from_teacher=null", f"train.init_from={work}/narrow-base/hf"]
-
-
-def filters(work: str, geometry: str, head: str) -> list[str]:
-    return [f"teacher.filters={work}/filters/teacher-{head}", f"student.filters={work}/filters/{geometry}-{head}",
-            f"distill.filter_head={head}"]
-
-
-Point = tuple[tuple[str, float], ...]  # a method's tuned weights, e.g. (("alpha", 1.0), ("beta", 0.3)); () for lm
-
-
-def method_overrides(work: str, geometry: str, method: str, point: Point) -> list[str]:
-    """The overrides of one stage-2 run: method, tuned weights, filters."""
-    base, head = ("ted", "trainable") if method == "ted-trainable" else (method, "teacher")
-    o = [f"distill.method={base}", *student_overrides(work, geometry)]
-    if base == "ted":
-        o += filters(work, geometry, head)
-    return o + [f"distill.{name}={value}" for name, value in point]
-
-
-def run_dir(work: str, geometry: str, method: str, seed: int, point: Point) -> str:
-    return f"{work}/{geometry}/{method}" + "".join(f"-{name[0]}{value:g}" for name, value in point) + f"/seed{seed}"
-
-
-def label(point) -> str:
-    """``alpha=1, beta=0.3`` from a point or a dict's items."""
-    return ", ".join(f"{name}={value:g}" for name, value in point)
-
-
-def pending(axes: tuple[str, ...], window: dict, widen: bool, scores: dict[Point, float]) -> list[Point]:
-    """The points a coordinate search still has to score, given the ``scores`` so far (pure: re-derived
-    on every call, so an interrupted study resumes where it stopped).
-
-    Each axis in turn (the others held at their best so far, 1.0 before they are searched) is scored
-    over the ladder's values inside ``window``; while the best of them is at the window's edge and the
-    ladder goes further, the window widens by one rung on that side. Nothing pending: the search is done
-    and its choice is the best score."""
-    held = {axis: 1.0 for axis in axes}
-    for axis in axes:
-        ladder = LADDERS[axis]
-        lo, hi = ladder.index(window[axis][0]), ladder.index(window[axis][1])
-        while True:
-            line = [tuple(sorted({**held, axis: v}.items())) for v in ladder[lo:hi + 1]]
-            todo = [p for p in line if p not in scores]
-            if todo:
-                return todo
-            best = dict(min(line, key=scores.__getitem__))[axis]
-            if widen and best == ladder[lo] and lo > 0:
-                lo -= 1
-            elif widen and best == ladder[hi] and hi < len(ladder) - 1:
-                hi += 1
-            else:
-                break
-        held[axis] = best
-    return []
-
-
-def lm_run(work: str, tok: str, size: dict, name: str, hidden: int, layers: int, steps: int):
-    """A model pre-trained from scratch with ``method: lm`` (the teacher; the narrow student's start)."""
-    config = llama_config(work, name, tok, hidden, layers, size["heads"])
+# ----------------------------------------------------------------------------- the runs
+def teacher_run(work: str, tok: str, size: dict):
+    """The teacher, pre-trained from scratch with ``method: lm`` on Wikipedia."""
+    steps = size["teacher_steps"]
+    config = llama_config(work, "teacher", tok, size)
     return (["distill"], [f"student.config={config}", "student.init_from_teacher=null", "distill.method=lm",
-                          "optim.lr=3e-3", "optim.min_lr=3e-4", f"train.out_dir={work}/{name}", f"train.steps={steps}",
-                          f"optim.warmup_steps={max(1, steps // 20)}"])
+                          "optim.lr=3e-3", "optim.min_lr=3e-4", f"train.out_dir={work}/teacher", f"train.steps={steps}",
+                          f"optim.warmup_steps={max(1, steps // 20)}", f"train.eval_interval={steps}",
+                          "train.eval_steps=[]"])
 
 
-def stage1_run(work: str, size: dict, geometry: str, head: str, which: str):
-    out = f"{work}/filters/" + (f"teacher-{head}" if which == "teacher" else f"{geometry}-{head}")
+def bank(work: str, seed: int, which: str) -> str:
+    return f"{work}/seed{seed}/filters-{which}"
+
+
+def banks(work: str, seed: int) -> list[str]:
+    return [f"teacher.filters={bank(work, seed, 'teacher')}", f"student.filters={bank(work, seed, 'student')}"]
+
+
+def stage1_run(work: str, size: dict, seed: int, which: str):
+    """One stage-1 bank of one seed, learned on the frozen model ``which`` (teacher | student)."""
+    out = bank(work, seed, which)
     return (["learn-filters", "--model", which],
-            [*student_overrides(work, geometry), *filters(work, geometry, head), f"distill.filters_out={out}",
-             f"train.out_dir={out}-run", f"train.steps={size['filter_steps']}", "optim.lr=1e-2", "train.seed=1"])
+            [*banks(work, seed), f"distill.filters_out={out}", f"train.out_dir={out}-run",
+             f"train.steps={size['filter_steps']}", "optim.lr=1e-2", f"train.seed={seed}",
+             f"train.eval_interval={size['filter_steps']}", "train.eval_steps=[]"])
 
 
-def prepare_models(launch: Launcher, work: str, tok: str, size: dict) -> None:
-    """The teacher (alone: it is the longest run), then the narrow student's pre-training next to stage 1,
-    once per frozen model and head kind (stage 2's seeds share the banks)."""
-    launch.one(*lm_run(work, tok, size, "teacher", size["hidden"], size["teacher_layers"], size["teacher_steps"]))
-    narrow = lm_run(work, tok, size, "narrow-base", size["hidden"] // 2, size["student_layers"], size["base_steps"])
-    launch.many([narrow, *(stage1_run(work, size, "same-width", head, which) for head in ("teacher", "trainable")
-                           for which in ("teacher", "student"))])
-    launch.many([stage1_run(work, size, "narrow", head, "student") for head in ("teacher", "trainable")])
+def arm_dir(work: str, seed: int, arm: str) -> str:
+    return f"{work}/seed{seed}/{arm}"
 
 
-def distill(launch: Launcher, work: str, size: dict, plan: list[tuple[str, str, int, Point]]) -> None:
-    launch.many([(["distill"], [*method_overrides(work, g, m, p), f"train.seed={seed}", f"train.steps="
-                                f"{size['student_steps']}", f"train.out_dir={run_dir(work, g, m, seed, p)}"])
-                 for g, m, seed, p in plan])
+def arm_run(work: str, size: dict, seed: int, arm: str, steps: int):
+    overrides = list(ARMS[arm]) + (banks(work, seed) if "ted" in arm else [])
+    return (["distill"], [*overrides, f"train.seed={seed}", f"train.steps={steps}",
+                          f"train.out_dir={arm_dir(work, seed, arm)}"])
 
 
-def valid_score(work: str, path: str, size: dict) -> dict:
-    """An HF model's perplexity on the whole valid split (Wikipedia): what tuning chooses by."""
-    from ted_ds.evaluate import evaluate_hf
-
-    return evaluate_hf(path, f"{work}/data", "valid", size["seq_len"], 8, None, "cpu", progress=False)
-
-
-def tune(launch: Launcher, work: str, size: dict) -> dict:
-    """Seed-1 runs scored on the valid split, round after round, until every method's search is done."""
-    scores = {g: {m: {} for m in SEARCH} for g in GEOMETRIES}
-    while todo := [(g, m, p) for g in GEOMETRIES for m in SEARCH
-                   for p in pending(SEARCH[m], size["window"], size["widen"], scores[g][m])]:
-        distill(launch, work, size, [(g, m, 1, p) for g, m, p in todo])
-        for g, m, p in todo:
-            scores[g][m][p] = valid_score(work, f"{run_dir(work, g, m, 1, p)}/hf", size)["ppl"]
-    return scores
-
-
-def choose(scores: dict) -> dict:
-    """Per geometry and tuned method, the weights with the lowest valid perplexity at seed 1."""
-    return {g: {m: min(scores[g][m], key=scores[g][m].get) for m in SEARCH} for g in GEOMETRIES}
-
-
-def tuned_as(method: str) -> str:
-    """Whose tuned weights a method runs at: ``ted-trainable`` reuses TED's."""
-    return "ted" if method == "ted-trainable" else method
-
-
-def chosen_point(chosen: dict, geometry: str, method: str) -> Point:
-    return chosen[geometry].get(tuned_as(method), ())
-
-
-def final_plan(chosen: dict, seeds: list[int]) -> list[tuple[str, str, int, Point]]:
-    """Every method at its chosen weights on every seed (seed 1 of a tuned method is already done)."""
-    return [(g, m, seed, chosen_point(chosen, g, m)) for g in GEOMETRIES for m in METHODS for seed in seeds
-            if not (m in SEARCH and seed == 1)]
-
-
-def curve(out_dir: str, key: str = "loss/lm") -> list[tuple[int, float]]:
+def metrics(out_dir: str) -> list[dict]:
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [(r["step"], r[key]) for r in rows if key in r]
+        return [json.loads(line) for line in f]
 
 
-def stage1_taps(work: str) -> dict:
+def train_seconds(out_dir: str, tokens_per_step: int) -> float:
+    """Seconds the run spent in training steps (evaluation, saving and start-up excluded), from its log."""
+    return sum(tokens_per_step / r["tokens_per_s"] for r in metrics(out_dir) if "tokens_per_s" in r)
+
+
+def matched_steps(work: str, size: dict, seeds: list[int]) -> dict:
+    """KD α = 1's step count at TED α = 1's cost: per seed, (both stage-1 runs + TED's steps) in seconds
+    over KD's seconds per step; the median over seeds, so every seed of the arm trains as long."""
+    tokens = size["global"] * size["seq_len"]
+    ratios = []
+    for seed in seeds:
+        ted = train_seconds(arm_dir(work, seed, "ted-a1"), tokens)
+        stage1 = sum(train_seconds(bank(work, seed, w) + "-run", tokens) for w in ("teacher", "student"))
+        kd_step = train_seconds(arm_dir(work, seed, "kd-a1"), tokens) / size["student_steps"]
+        ratios.append({"seed": seed, "ted_s": ted, "stage1_s": stage1, "kd_step_s": kd_step,
+                       "steps": (ted + stage1) / kd_step})
+    return {"per_seed": ratios, "steps": round(statistics.median(r["steps"] for r in ratios))}
+
+
+def evaluations(out_dir: str) -> dict[int, dict[str, float]]:
+    """{step: {split: nats per token}} of every in-run evaluation."""
+    return {r["step"]: {s: r[f"eval/{s}/loss"] for s in SPLITS} for r in metrics(out_dir) if "eval/books/loss" in r}
+
+
+def train_curve(out_dir: str) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss/lm"]) for r in metrics(out_dir) if "loss/lm" in r]
+
+
+def stage1_taps(out_dir: str) -> dict[str, float]:
     """Per tap, the next-token loss of the filtered states: the mean of the last 5 logged steps."""
-    out = {}
-    for name in sorted(os.listdir(f"{work}/filters")):
-        if name.endswith("-run"):
-            rows = [json.loads(line) for line in open(f"{work}/filters/{name}/metrics.jsonl")]
-            rows = [r for r in rows if "loss/total" in r]  # training steps, not evaluations
-            keys = sorted((k for k in rows[-1] if k.startswith("loss/tap_lm/")), key=lambda k: int(k.split("L")[-1]))
-            out[name[:-4]] = {k.split("/")[-1]: statistics.mean(r[k] for r in rows[-5:]) for k in keys}
-    return out
+    rows = [r for r in metrics(out_dir) if "loss/total" in r]  # training steps, not evaluations
+    keys = sorted((k for k in rows[-1] if k.startswith("loss/tap_lm/")), key=lambda k: int(k.split("L")[-1]))
+    return {k.split("/")[-1]: statistics.mean(r[k] for r in rows[-5:]) for k in keys}
 
 
-def lm_eval_scores(models: dict[str, str], heldout: str, workdir: str, max_length: int) -> dict[str, dict]:
-    """loglikelihood_rolling on the test documents at ``max_length`` positions, in-process, offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    from ted_ds.evaluate import write_rolling_task
-
-    task_dir = os.path.join(workdir, "lm_eval_tasks")
-    write_rolling_task(task_dir, "ted_books", heldout)
-    manager = TaskManager(include_path=task_dir, include_defaults=False)
-    scores = {}
-    for name, path in models.items():
-        result = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path},dtype=float32,"
-                                         f"max_length={max_length}", tasks=["ted_books"], device="cpu",
-                                         batch_size=8, task_manager=manager)
-        r = result["results"]["ted_books"]
-        scores[name] = {"word_perplexity": r["word_perplexity,none"], "bits_per_byte": r["bits_per_byte,none"]}
-    return scores
-
-
-def evaluate_all(work: str, paths: dict, size: dict) -> dict:
-    """Test-split (books) and valid-split (Wikipedia) perplexity of every model, one process."""
-    from ted_ds.evaluate import evaluate_hf
-
-    test_samples = size["test_tokens"] // size["seq_len"]
-    out = {}
-    for name, path in paths.items():
-        out[name] = {"test": evaluate_hf(path, f"{work}/test", "train", size["seq_len"], 8, test_samples, "cpu",
-                                         progress=False),
-                     "valid": valid_score(work, path, size)}
-    return out
-
-
-def collect(work: str, size: dict, seeds: list[int], chosen: dict, data: dict) -> dict:
-    """Scores of the teacher, the narrow student's starting point and every final student."""
-    finals = {(g, m, seed): run_dir(work, g, m, seed, chosen_point(chosen, g, m))
-              for g in GEOMETRIES for m in METHODS for seed in seeds}
-    paths = {"teacher": f"{work}/teacher/hf", "narrow-base": f"{work}/narrow-base/hf"}
-    paths.update({"/".join(map(str, k)): f"{d}/hf" for k, d in finals.items()})
-    scores = evaluate_all(work, paths, size)
-    harness = lm_eval_scores(paths, data["test_docs"], work, size["seq_len"])
-    model = lambda name: {**scores[name], "lm_eval": harness[name]}
-    return {"teacher": model("teacher"), "narrow-base": model("narrow-base"),
-            "students": {g: {m: [{"seed": seed, **model(f"{g}/{m}/{seed}"), "curve": curve(finals[g, m, seed])}
-                                 for seed in seeds] for m in METHODS} for g in GEOMETRIES}}
-
-
-# ----------------------------------------------------------------------------- report
-COMPARISONS = (("ted", "kd"), ("ted", "lwd"), ("ted-trainable", "ted"), ("ted-trainable", "kd"), ("kd", "lm"),
-               ("lwd", "lm"))
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
+# ----------------------------------------------------------------------------- statistics and the rule
 def paired_comparison(better: list[float], worse: list[float], confidence: float = 0.95,
                       power: float = 0.8) -> dict:
     """Paired t analysis of per-seed differences ``better − worse`` (negative favours ``better``).
@@ -359,9 +246,13 @@ def paired_comparison(better: list[float], worse: list[float], confidence: float
     The verdict says "holds" only when the whole interval is below 0, "reversed" when it is above,
     and "no detectable difference" otherwise; ``detectable`` is the smallest true difference the
     same number of seeds would find with ``power`` (two-sided, at this spread)."""
+    return interval([b - w for b, w in zip(better, worse)], confidence, power)
+
+
+def interval(d: list[float], confidence: float = 0.95, power: float = 0.8) -> dict:
+    """The paired t interval of per-seed differences ``d`` (see paired_comparison)."""
     from scipy import stats
 
-    d = [b - w for b, w in zip(better, worse)]
     n = len(d)
     if n < 2:
         nan = float("nan")
@@ -376,85 +267,104 @@ def paired_comparison(better: list[float], worse: list[float], confidence: float
             "detectable": (t_crit + stats.t.ppf(power, n - 1)) * se, "verdict": verdict}
 
 
-def _model_row(name: str, runs: list[dict]) -> str:
-    cells = [mean_std([r["test"]["ppl"] for r in runs]), mean_std([r["valid"]["ppl"] for r in runs]),
-             mean_std([r["lm_eval"]["word_perplexity"] for r in runs]),
-             mean_std([r["lm_eval"]["bits_per_byte"] for r in runs])]
-    fmt = lambda m, s, p: f"{m:.{p}f} ± {s:.{p}f}" if len(runs) > 1 else f"{m:.{p}f}"
-    return f"| {name} | " + " | ".join(fmt(*c, p) for c, p in zip(cells, (2, 2, 1, 4))) + " |"
+def final(scores: dict, arm: str, split: str = "books") -> list[float]:
+    """Per seed, the arm's loss on ``split`` at its last evaluation (step 200; the matched arm's last step)."""
+    return [by_step[max(by_step)][split] for by_step in scores[arm]]
 
 
-def _geometry_section(results: dict, g: str) -> list[str]:
-    students, size = results["students"][g], results["size"]
-    what = {"same-width": f"{size['student_layers']} layers, d={size['hidden']}, initialised from teacher blocks "
-                          f"{[b + 1 for b in aligned_blocks(size)]} (1-based: the blocks they are matched to)",
-            "narrow": f"{size['student_layers']} layers, d={size['hidden'] // 2} (d_t/2), pre-trained with lm for "
-                      f"{size['base_steps']} steps, then each method"}[g]
-    lines = [f"## Geometry `{g}`: {what}", "",
-             "| model | test perplexity (books) | valid perplexity (Wikipedia) | lm-eval word perplexity (books) | "
-             "lm-eval bits/byte |", "|---|---|---|---|---|", _model_row("teacher", [results["teacher"]])]
-    if g == "narrow":
-        lines.append(_model_row("narrow student before distillation", [results["narrow-base"]]))
-    chosen = results["chosen"][g]
-    for m in METHODS:
-        weights = chosen.get(tuned_as(m))
-        lines.append(_model_row(f"student {m}" + (f" ({label(weights.items())})" if weights else ""), students[m]))
-    lines += ["", "Tuning (seed 1, valid perplexity, in the order searched; chosen in bold):", ""]
-    for m, tried in results["valid_tuning"][g].items():
-        cells = [f"{label(t['weights'].items())}: {t['ppl']:.2f}" for t in tried]
-        cells = [f"**{c}**" if t["weights"] == chosen[m] else c for c, t in zip(cells, tried)]
-        lines.append(f"* {m}: " + "; ".join(cells) + _edge_note(chosen[m], [t["weights"] for t in tried]))
-    lines += ["", "Paired per seed on the test split (both students saw the same batches in the same order):", ""]
-    ppl_of = lambda m: [r["test"]["ppl"] for r in students[m]]
-    for better, worse in COMPARISONS:
-        c = paired_comparison(ppl_of(better), ppl_of(worse))
-        lines.append(f"* {better} < {worse}: **{c['verdict']}** (Δ = {c['mean']:+.2f} ppl, 95 % t interval "
-                     f"[{c['low']:+.2f}, {c['high']:+.2f}], p = {c['p']:.3f}; {better} better in {c['favourable']} of "
-                     f"{c['n']} seeds; smallest difference detectable at 80 % power: {c['detectable']:.2f} ppl)")
-    return lines + [""]
+def at(scores: dict, arm: str, step: int, split: str) -> list[float]:
+    return [by_step[step][split] for by_step in scores[arm]]
 
 
-def _edge_note(best: dict, tried: list[dict]) -> str:
-    """Names the weights whose best value is the smallest or largest tried along its line."""
-    edges = []
-    for axis, value in best.items():
-        line = [w[axis] for w in tried if all(w[a] == v for a, v in best.items() if a != axis)]
-        if len(line) > 1 and value in (min(line), max(line)):
-            edges.append(axis)
-    return f" — best {' and '.join(edges)} at the edge of the values tried" if edges else ""
+def decide(scores: dict) -> dict:
+    """The pre-registered rule on the books test split at step 200 (module docstring)."""
+    ted1, kd1, ted4, kd4 = (final(scores, a) for a in ("ted-a1", "kd-a1", "ted-a4", "kd-a4"))
+    main = interval([((t1 - k1) + (t4 - k4)) / 2 for t1, k1, t4, k4 in zip(ted1, kd1, ted4, kd4)])
+    matched = paired_comparison(ted1, final(scores, MATCHED))
+    worth = main["high"] < 0 and matched["high"] < 0
+    return {"main_effect": main, "vs_compute_matched": matched,
+            "outcome": "TED is worth it here" if worth else "not shown here"}
 
 
-def _stage1_section(stage1: dict) -> list[str]:
-    lines = ["## Stage 1: next-token loss of the filtered states per tap (mean of the last 5 steps)", "",
-             "`teacher` head: the teacher's frozen final norm + unembedding, shared by all taps; `trainable`: a "
-             "head per tap initialised from it and trained with the filter.", "",
-             "| bank | " + " | ".join(f"tap {i + 1}" for i in range(max(len(v) for v in stage1.values()))) + " |",
-             "|---|" + "---|" * max(len(v) for v in stage1.values())]
-    for name, taps in stage1.items():
-        lines.append(f"| {name} | " + " | ".join(f"{layer}: {loss:.3f}" for layer, loss in taps.items()) + " |")
-    return lines + [""]
+def effects(scores: dict, step: int, split: str) -> dict[str, dict]:
+    """The 2 × 2's effects per seed at ``step`` on ``split``, and the secondary arms against TED α = 1."""
+    get = {a: at(scores, a, step, split) for a in ("kd-a1", "kd-a4", "ted-a1", "ted-a4")}
+    rows = list(zip(*(get[a] for a in ("kd-a1", "kd-a4", "ted-a1", "ted-a4"))))
+    out = {"TED main effect (mean over α)": interval([((t1 - k1) + (t4 - k4)) / 2 for k1, k4, t1, t4 in rows]),
+           "TED − KD at α = 1": interval([t1 - k1 for k1, k4, t1, t4 in rows]),
+           "TED − KD at α = 4": interval([t4 - k4 for k1, k4, t1, t4 in rows]),
+           "α = 4 − α = 1 (mean over methods)": interval([((k4 - k1) + (t4 - t1)) / 2 for k1, k4, t1, t4 in rows]),
+           "interaction (TED − KD at α = 4) − (at α = 1)": interval([(t4 - k4) - (t1 - k1) for k1, k4, t1, t4 in rows])}
+    for arm in ("lwd-identity-a1", "ted-cosine-a1"):
+        out[f"ted-a1 − {arm}"] = paired_comparison(get["ted-a1"], at(scores, arm, step, split))
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def mean_pm(xs: list[float]) -> str:
+    m, s = mean_std(xs)
+    return f"{m:.4f} ± {s:.4f}"
+
+
+def _interval_text(c: dict) -> str:
+    return (f"{c['mean']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}], p = {c['p']:.3f}, "
+            f"{c['favourable']}/{c['n']} below 0, detectable ≥ {c['detectable']:.4f}")
 
 
 def report(out: str, results: dict) -> None:
-    size, m = results["size"], results["machine"]
+    size, m, scores = results["size"], results["machine"], results["scores"]
+    steps, arms = size["eval_steps"], list(ARMS)
     tokens = size["student_steps"] * size["global"] * size["seq_len"]
-    lines = ["# TED study (small scale, CPU)", "",
-             f"{m['date']}, commit {m['commit']}, {m['cpus']} CPUs, {results['elapsed_s'] / 60:.0f} min; seeds "
-             f"{results['seeds']}; produced by `bench/repro.py` ({results['jobs']} runs at a time, "
-             f"{results['ranks']} rank(s) each). Minutes per phase: "
+    matched = results["matched"]
+    lines = ["# TED vs KD, study v5 (small scale, CPU)", "",
+             f"{m['date']}, commit {m['commit']}, {m['cpus']} CPUs ({m.get('cpu', 'CPU not recorded')}), "
+             f"{results['elapsed_s'] / 60:.0f} min; seeds {results['seeds']}; produced by `bench/repro.py` "
+             f"({results['jobs']} runs at a time, {results['ranks']} rank(s) each). Minutes per phase: "
              + ", ".join(f"{name} {sec / 60:.0f}" for name, sec in results["phases_s"].items()) + ".", "",
              f"Teacher: LLaMA-style, {size['teacher_layers']} layers, d={size['hidden']}, {size['teacher_steps']} "
-             f"steps ({size['teacher_steps'] * size['global'] * size['seq_len']:,} Wikipedia tokens). Every "
-             f"student: {size['student_steps']} steps ({tokens:,} tokens), same data order per seed. KD/LWD/TED: "
-             f"T=2; LWD/TED: normalized MSE, taps every {size['teacher_layers'] // size['student_layers']} teacher "
-             f"layers ↔ every student layer; stage 1: {size['filter_steps']} steps per bank, seed 1, shared by "
-             "all stage-2 seeds. Test split: the bundled public-domain books sample "
-             f"({size['test_tokens']:,} tokens scored by `ted-ds eval`; lm-eval on {size['heldout_docs']} of its "
-             f"documents at max_length {size['seq_len']}), which the teacher never saw.", ""]
-    for g in GEOMETRIES:
-        lines += _geometry_section(results, g)
-    lines += _stage1_section(results["stage1"])
-    lines += ["![loss curves](loss_curves.png) ![perplexity](perplexity.png)"]
+             f"steps on Wikipedia (valid loss {results['teacher']['wikipedia']:.4f}, books "
+             f"{results['teacher']['books']:.4f} nats/token). Student: {size['student_layers']} layers, "
+             f"d={size['hidden']}, from teacher blocks {[b + 1 for b in aligned_blocks(size)]} (1-based), "
+             f"{size['student_steps']} steps ({tokens:,} tokens), same data order per seed; T = 2; stage 1: "
+             f"{size['filter_steps']} steps per bank, learned again per seed (teacher's frozen head). "
+             f"{MATCHED}: {matched['steps']} steps (TED α = 1 with its stage 1 ÷ KD's seconds per step, median "
+             f"over seeds; per seed " + ", ".join(f"{r['steps']:.0f}" for r in matched["per_seed"]) + ").", "",
+             "## Decision rule (pre-registered) and its outcome", "",
+             f"Books test loss at step {size['student_steps']}. TED is worth it here only if the TED main effect "
+             "at matched α, ½[(ted-a1 − kd-a1) + (ted-a4 − kd-a4)], has a 95 % paired t interval below 0 and "
+             f"ted-a1 − {MATCHED} (at its last step) too.", "",
+             f"* main effect: {_interval_text(results['decision']['main_effect'])} nats/token",
+             f"* ted-a1 − {MATCHED}: {_interval_text(results['decision']['vs_compute_matched'])} nats/token",
+             f"* **outcome: {results['decision']['outcome']}**", "",
+             "## Loss in nats per token (mean ± std over seeds)", "",
+             "| arm | " + " | ".join(f"{s} @ {k}" for s in SPLITS for k in steps) + " | last step |",
+             "|---|" + "---|" * (len(SPLITS) * len(steps) + 1)]
+    for arm in arms:
+        cells = []
+        for split in SPLITS:
+            for k in steps:
+                have = all(k in by for by in scores[arm])
+                cells.append(mean_pm(at(scores, arm, k, split)) if have else "—")
+        last = max(scores[arm][0])
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {last} |")
+    lines += ["", f"{MATCHED} at its last step: books " + mean_pm(final(scores, MATCHED)) +
+              ", wikipedia " + mean_pm(final(scores, MATCHED, "wikipedia")) + ".", "",
+              "## Paired differences (nats per token; 95 % t interval; negative favours the first)", ""]
+    for split in SPLITS:
+        for k in steps:
+            lines += [f"### {split} @ step {k}", ""]
+            lines += [f"* {name}: {_interval_text(c)}" for name, c in effects(scores, k, split).items()]
+            lines.append("")
+    lines += ["## Stage 1: next-token loss of the filtered states per tap (mean of the last 5 steps)", "",
+              "| seed | bank | taps |", "|---|---|---|"]
+    for seed, by_bank in results["stage1"].items():
+        for name, taps in by_bank.items():
+            lines.append(f"| {seed} | {name} | " + ", ".join(f"{t}: {v:.3f}" for t, v in taps.items()) + " |")
+    lines += ["", "![curves](curves.png)"]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(out, results)
@@ -467,41 +377,50 @@ def plot(out: str, results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(GEOMETRIES), figsize=(12, 4))
-    for ax, g in zip(axes, GEOMETRIES):
-        for m in METHODS:
-            curves = [dict(r["curve"]) for r in results["students"][g][m]]
-            steps = sorted(curves[0])
-            mean = [statistics.mean(c[s] for c in curves) for s in steps]
-            window = max(1, len(steps) // 10)  # a moving average: per-batch losses are noisy
-            ax.plot(steps, [statistics.mean(mean[max(0, i - window + 1): i + 1]) for i in range(len(mean))], label=m)
-        ax.set_xlabel("step")
-        ax.set_ylabel("train LM loss (mean of seeds, moving average)")
-        ax.set_title(f"{g} students")
-        ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for arm, curves in results["curves"].items():
+        steps = [s for s, _ in curves[0]]
+        mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
+        window = max(1, len(steps) // 10)  # a moving average: per-batch losses are noisy
+        axes[0].plot(steps, [statistics.mean(mean[max(0, i - window + 1): i + 1]) for i in range(len(mean))],
+                     label=arm)
+        by_step = results["scores"][arm]
+        evaluated = sorted(by_step[0])
+        axes[1].plot(evaluated, [statistics.mean(s[k]["books"] for s in by_step) for k in evaluated], "o-", label=arm)
+    axes[0].set(xlabel="step", ylabel="train LM loss (mean of seeds, moving average)", title="training")
+    axes[1].set(xlabel="step", ylabel="books test loss, nats/token (mean of seeds)", title="test split")
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
-    fig, axes = plt.subplots(1, len(GEOMETRIES), figsize=(12, 4))
-    for ax, g in zip(axes, GEOMETRIES):
-        stats = [mean_std([r["test"]["ppl"] for r in results["students"][g][m]]) for m in METHODS]
-        ax.bar(METHODS, [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=6, color="#4c72b0")
-        ax.set_ylim(min(s[0] - s[1] for s in stats) * 0.97, max(s[0] + s[1] for s in stats) * 1.01)
-        ax.set_ylabel("test perplexity (books; lower is better)")
-        ax.set_title(f"{g}: after the same token budget")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "perplexity.png"), dpi=110)
+    fig.savefig(os.path.join(out, "curves.png"), dpi=110)
+
+
+# ----------------------------------------------------------------------------- the study
+def collect(work: str, seeds: list[int]) -> dict:
+    """Per arm and seed, the in-run evaluations (JSON keys are strings: steps become ints again) and curves."""
+    scores = {arm: [evaluations(arm_dir(work, s, arm)) for s in seeds] for arm in ARMS}
+    curves = {arm: [train_curve(arm_dir(work, s, arm)) for s in seeds] for arm in ARMS}
+    stage1 = {str(s): {w: stage1_taps(bank(work, s, w) + "-run") for w in ("teacher", "student")} for s in seeds}
+    teacher = evaluations(f"{work}/teacher")
+    return {"scores": scores, "curves": curves, "stage1": stage1, "teacher": teacher[max(teacher)]}
+
+
+def with_int_steps(results: dict) -> dict:
+    results["scores"] = {arm: [{int(k): v for k, v in by.items()} for by in runs]
+                         for arm, runs in results["scores"].items()}
+    return results
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny models and budget: checks the pipeline only")
-    ap.add_argument("--seeds", type=int, help="seeds per method (default 5, quick 2)")
+    ap.add_argument("--seeds", type=int, help="paired seeds (default 5, quick 2)")
     ap.add_argument("--ranks", type=int, default=1, help="processes per training command (default 1)")
     ap.add_argument("--jobs", type=int, default=2, help="training commands at once (default 2: one per core)")
     ap.add_argument("--out", help="results directory (default bench/results/repro[-quick])")
     ap.add_argument("--corpus", help="training corpus, one document per line (default: ../shared/data/"
                                      "enwiki_sample.txt if present, else the bundled sample)")
-    ap.add_argument("--report-only", action="store_true", help="rebuild results.md and the plots from results.json")
+    ap.add_argument("--report-only", action="store_true", help="rebuild results.md and the plot from results.json")
     args = ap.parse_args(argv)
     size = QUICK if args.quick else FULL
     seeds = list(range(1, 1 + (args.seeds or (2 if args.quick else 5))))
@@ -509,7 +428,7 @@ def main(argv=None) -> dict:
         ap.error("--seeds must be ≥ 2 (the comparisons are paired intervals)")
     out = os.path.abspath(args.out or os.path.join(REPO, "bench", "results", "repro-quick" if args.quick else "repro"))
     if args.report_only:
-        results = json.load(open(os.path.join(out, "results.json")))
+        results = with_int_steps(json.load(open(os.path.join(out, "results.json"))))
         report(out, results)
         return results
     work = os.path.join(out, "work")
@@ -524,21 +443,20 @@ def main(argv=None) -> dict:
         return result
 
     data = phase("data", prepare_data, work, size, args.corpus)
-    launch = Launcher(write_run_config(work, data["data"], size), args.ranks, args.jobs)
-    phase("teacher, narrow student and stage 1", prepare_models, launch, work, data["tokenizer"], size)
-    scores = phase("tuning", tune, launch, work, size)
-    chosen = choose(scores)
-    phase("final runs", distill, launch, work, size, final_plan(chosen, seeds))
+    launch = Launcher(write_run_config(work, data, size), args.ranks, args.jobs)
+    phase("teacher", launch.one, *teacher_run(work, data["tokenizer"], size))
+    phase("stage 1", launch.many, [stage1_run(work, size, s, w) for s in seeds for w in ("teacher", "student")])
+    phase("arms", launch.many, [arm_run(work, size, s, a, size["student_steps"]) for s in seeds for a in ARMS
+                                if a != MATCHED])
+    matched = matched_steps(work, size, seeds)
+    phase("compute-matched KD", launch.many, [arm_run(work, size, s, MATCHED, matched["steps"]) for s in seeds])
     results = {"machine": machine(), "size": size, "seeds": seeds, "ranks": args.ranks, "jobs": args.jobs,
-               "valid_tuning": {g: {m: [{"weights": dict(p), "ppl": ppl} for p, ppl in by_point.items()]
-                                    for m, by_point in by_method.items()} for g, by_method in scores.items()},
-               "chosen": {g: {m: dict(p) for m, p in by_method.items()} for g, by_method in chosen.items()},
-               "stage1": stage1_taps(work)}
-    results.update(phase("evaluation", collect, work, size, seeds, chosen, data))
+               "arms": {a: list(o) for a, o in ARMS.items()}, "matched": matched, **collect(work, seeds)}
+    results["decision"] = decide(results["scores"])
     results["phases_s"], results["elapsed_s"] = phases, time.time() - start
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    report(out, results)
+    report(out, with_int_steps(json.load(open(os.path.join(out, "results.json")))))
     print(f"repro: {results['elapsed_s'] / 60:.1f} min; results in {out}")
     return results
 

@@ -25,6 +25,7 @@ from ted_ds.errors import ConfigError
 Method = Literal["ted", "lwd", "kd", "lm"]
 Placement = Literal["replicated", "zero3", "pipeline"]
 LayerLoss = Literal["mse", "normalized_mse", "cosine"]
+MapInit = Literal["normal", "identity"]
 FilterKind = Literal["linear", "mlp"]
 FilterHead = Literal["teacher", "trainable"]
 Schedule = Literal["cosine", "wsd", "constant"]
@@ -149,6 +150,10 @@ class DistillConfig:
     divergence_mix: float = 0.5
     """a: the teacher's share of the mixture m that jsd (0 < a < 1; 0.5 is the symmetric JSD) and skew_kl
     (0 ≤ a < 1; 0 is forward KL, DistiLLM used 0.1) compare with; unused by forward_kl and reverse_kl."""
+    lwd_map_init: MapInit = "normal"
+    """lwd: how its student map into the teacher's hidden space starts — normal: N(0, 0.02), as a fresh
+    layer | identity: the identity (cut or zero-padded when the sizes differ; linear filter only), so the
+    layer loss starts from the student's own states, as a student initialised from teacher blocks has them."""
     layer_loss: LayerLoss = "normalized_mse"
     """mse (the paper) | normalized_mse (MSE ÷ variance of the teacher target, per tap; default, so one β
     works across model pairs) | cosine (1 − cosine similarity per token)."""
@@ -157,6 +162,9 @@ class DistillConfig:
 
 
     def __post_init__(self) -> None:
+        if self.lwd_map_init == "identity" and (self.method != "lwd" or self.filter != "linear"):
+            raise ConfigError("distill.lwd_map_init=identity is for method lwd with the linear filter, got method "
+                              f"{self.method} with filter {self.filter}")
         a = self.divergence_mix
         if self.divergence == "jsd" and not 0 < a < 1:
             raise ConfigError(f"distill.divergence_mix must be in (0, 1) for jsd (at 0 or 1 the mixture is q or p "
@@ -199,6 +207,9 @@ class TrainConfig:
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 100
+    eval_steps: list[int] = field(default_factory=list)
+    """Steps evaluated besides every ``eval_interval``-th and the last, e.g. [40, 100] for a learning
+    curve at chosen points (with a large ``eval_interval``)."""
     save_interval: int = 500
     keep_last: int = 2
     """Checkpoints kept on disk (the newest K)."""
@@ -241,6 +252,8 @@ class RunConfig:
                             ("teacher.pipeline_chunks", t.pipeline_chunks)):
             if value < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {value}")
+        if any(not isinstance(k, int) or k < 1 for k in tr.eval_steps):
+            raise ConfigError(f"train.eval_steps must be steps ≥ 1, got {tr.eval_steps}")
         if tr.steps is None and tr.tokens is None:
             raise ConfigError("set train.steps or train.tokens")
         if tr.steps is not None and tr.tokens is not None:

@@ -43,13 +43,20 @@ class FilterBank(nn.Module):
     """``len(layers)`` filters, the i-th applied to the state recorded at ``layers[i]``."""
 
     def __init__(self, kind: str, in_dim: int, out_dim: int, layers: list[int], seed: int = 0,
-                 model: dict | None = None):
+                 model: dict | None = None, init: str = "normal"):
         super().__init__()
         self.kind, self.in_dim, self.out_dim, self.layers = kind, in_dim, out_dim, list(layers)
         self.model = model  # what it is learned on ({"name", "digest"}: model_record), None: not known
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.filters = nn.ModuleList(make_filter(kind, in_dim, out_dim) for _ in self.layers)
+        if init == "identity":  # h ↦ h, cut or zero-padded to out_dim (lwd's distill.lwd_map_init)
+            if kind != "linear":
+                raise ConfigError(f"an identity-initialised filter must be linear, not {kind!r}")
+            with torch.no_grad():
+                for f in self.filters:
+                    nn.init.eye_(f.weight)
+                    nn.init.zeros_(f.bias)
 
     def forward(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
         return [f(h) for f, h in zip(self.filters, states)]  # (B, T, in_dim) -> (B, T, out_dim)

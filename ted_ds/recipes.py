@@ -407,7 +407,7 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
                                                              f"{side}.filters") for side in ("student", "teacher"))
     elif method == "lwd" and cfg.uses_layers:  # a fresh projection into the teacher's raw hidden space
         student_filters = FilterBank(cfg.distill.filter, d_s, hidden_size(p.teacher_config), p.student_layers,
-                                     seed=cfg.train.seed)
+                                     seed=cfg.train.seed, init=cfg.distill.lwd_map_init)
     if student_filters is not None:  # DeepSpeed casts no module whose student is already partitioned
         student_filters = student_filters.to(compute_dtype(ds))
     trained = StudentWithFilters(student, p.student_layers if cfg.uses_layers else [], student_filters,

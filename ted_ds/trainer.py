@@ -254,7 +254,8 @@ def fit(recipe: Recipe, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -
                 last.update(source_counts(data.sampler))
             log.log(progress.step, last)
             window_time, window_steps = 0.0, 0
-        if data.valid and due(progress.step, cfg.train.eval_interval, total):
+        evaluating = due(progress.step, cfg.train.eval_interval, total) or progress.step in cfg.train.eval_steps
+        if data.valid and evaluating:
             scores = evaluate_sources(recipe, data.valid, dict(zip(data.blend.names, data.blend.weights)),
                                       cfg.data.eval_samples, cfg.train.micro_batch_size, per_source)
             last.update(scores)
