@@ -35,7 +35,7 @@ from ted_ds.architectures import (
     teacher_blocks_config,
     vocab_size,
 )
-from ted_ds.config import DataConfig, RunConfig
+from ted_ds.config import DataConfig, DistillConfig, RunConfig
 from ted_ds.data import MicroBatch
 from ted_ds.documents import (
     DocumentAttention,
@@ -393,6 +393,11 @@ class Recipe:
     trained_model: nn.Module  # what `finish` saves
 
 
+def lwd_map(d: DistillConfig, d_s: int, d_t: int, layers: list[int], seed: int) -> FilterBank:
+    """LWD's trainable student map into the teacher's raw hidden space, started as ``distill.lwd_map_init`` says."""
+    return FilterBank(d.filter, d_s, d_t, layers, seed=seed, init=d.lwd_map_init)
+
+
 def build_distill(p: Plan, ds: dict) -> Recipe:
     """Stage 2 (ted), or a baseline (lwd, kd, lm), by ``distill.method``."""
     cfg = p.cfg
@@ -405,9 +410,8 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
     if method == "ted" and cfg.uses_layers:
         student_filters, teacher_filters = (load_filter_bank(getattr(cfg, side).filters, expected_bank(p, side),
                                                              f"{side}.filters") for side in ("student", "teacher"))
-    elif method == "lwd" and cfg.uses_layers:  # a fresh projection into the teacher's raw hidden space
-        student_filters = FilterBank(cfg.distill.filter, d_s, hidden_size(p.teacher_config), p.student_layers,
-                                     seed=cfg.train.seed, init=cfg.distill.lwd_map_init)
+    elif method == "lwd" and cfg.uses_layers:
+        student_filters = lwd_map(cfg.distill, d_s, hidden_size(p.teacher_config), p.student_layers, cfg.train.seed)
     if student_filters is not None:  # DeepSpeed casts no module whose student is already partitioned
         student_filters = student_filters.to(compute_dtype(ds))
     trained = StudentWithFilters(student, p.student_layers if cfg.uses_layers else [], student_filters,

@@ -81,3 +81,26 @@ def test_a_bank_learned_on_another_teacher_of_the_same_shape_is_refused(tiny, tm
     with pytest.warns(UserWarning, match="does not record the model it was learned on"), \
             pytest.raises(ProcessGroupStarted):
         ted_main(["distill", "--config", cfg("old-bank", teacher)])
+
+
+def test_lwd_can_start_its_student_map_at_the_identity_and_refuses_it_where_it_means_nothing():
+    """distill.lwd_map_init=identity: the map LWD trains returns the student's own states (cut or
+    zero-padded to the teacher's size), so its layer loss starts from them; normal is N(0, 0.02)."""
+    from ted_ds.config import DistillConfig, load_run_config
+    from ted_ds.errors import ConfigError
+    from ted_ds.recipes import lwd_map
+
+    h = torch.randn(2, 5, 32)
+    same = lwd_map(DistillConfig(method="lwd", lwd_map_init="identity"), 32, 32, [1, 2], seed=3)
+    assert all(torch.equal(out, h) for out in same([h, h]))
+    wider = lwd_map(DistillConfig(method="lwd", lwd_map_init="identity"), 32, 48, [1], seed=3)([h])[0]
+    assert torch.equal(wider[..., :32], h) and not wider[..., 32:].any()
+    narrower = lwd_map(DistillConfig(method="lwd", lwd_map_init="identity"), 32, 16, [1], seed=3)([h])[0]
+    assert torch.equal(narrower, h[..., :16])
+    normal = lwd_map(DistillConfig(method="lwd"), 32, 32, [1], seed=3).filters[0].weight
+    assert normal.std().item() == pytest.approx(0.02, rel=0.1)
+    for overrides, message in ((["distill.method=kd"], "method kd"), (["distill.filter=mlp"], "filter mlp")):
+        with pytest.raises(ConfigError, match=message):
+            load_run_config(None, ["distill.method=lwd", *overrides, "distill.lwd_map_init=identity"])
+    with pytest.raises(ConfigError, match="distill.lwd_map_init must be one of normal, identity"):
+        load_run_config(None, ["distill.lwd_map_init=zero"])

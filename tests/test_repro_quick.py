@@ -1,4 +1,7 @@
-"""bench/repro.py --quick: the whole study on a tiny budget produces all four students and the table."""
+"""bench/repro.py (the TED study, v5): --quick runs every arm on two paired seeds with stage 1 per seed,
+the compute-matched arm and in-run evaluations at the chosen steps, and writes the rule's outcome and
+the report; the statistics, the pre-registered rule and the step matching on inputs whose answers are
+known."""
 
 from __future__ import annotations
 
@@ -9,13 +12,17 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
 
 from harness.common import REPO, corpus_lines
 
-pytestmark = pytest.mark.multirank
 
+@pytest.mark.multirank
+def test_repro_quick_runs_every_arm_on_paired_seeds_and_writes_the_rule_and_report(tmp_path):
+    from bench.repro import ARMS, MATCHED
 
-def test_repro_quick_produces_every_student_and_the_report(tmp_path):
     out = tmp_path / "repro"
     big = tmp_path / "corpus.txt"  # the bundled sample, never ../shared
     big.write_text("\n".join(corpus_lines(2000)) + "\n", encoding="utf-8")
@@ -23,50 +30,37 @@ def test_repro_quick_produces_every_student_and_the_report(tmp_path):
                         "--corpus", str(big)], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     results = json.load(open(out / "results.json"))
-    methods = {"lm", "kd", "lwd", "ted", "ted-trainable"}
-    for geometry in ("same-width", "narrow"):
-        assert set(results["students"][geometry]) == methods
-        assert set(results["chosen"][geometry]) == {"kd", "lwd", "ted"}
-        tried = results["valid_tuning"][geometry]
-        assert [t["weights"] for t in tried["ted"]] == [{"alpha": 1.0, "beta": 1.0}, {"alpha": 1.0, "beta": 3.0}]
-        assert [t["weights"] for t in tried["kd"]] == [{"alpha": 1.0}]
-        for runs in results["students"][geometry].values():
-            assert [r["seed"] for r in runs] == [1, 2]
-            assert all(r["test"]["ppl"] > 1 and r["lm_eval"]["bits_per_byte"] > 0 for r in runs)
-            assert len(runs[0]["curve"]) == 4
-    narrow = json.load(open(out / "work" / "narrow" / "lm" / "seed1" / "hf" / "config.json"))
-    assert narrow["hidden_size"] == results["size"]["hidden"] // 2
-    assert set(results["stage1"]) == {f"{m}-{h}" for m in ("teacher", "same-width", "narrow")
-                                      for h in ("teacher", "trainable")}
+    size, work = results["size"], out / "work"
+    assert set(results["scores"]) == set(ARMS) and results["seeds"] == [1, 2]
+    matched = results["matched"]["steps"]
+    assert matched > size["student_steps"]  # TED's steps and its stage 1 cost more than KD's steps
+    for arm, runs in results["scores"].items():
+        for by_step in runs:  # evaluated at train.eval_steps and the last step only, on both splits
+            steps = sorted(map(int, by_step))
+            assert steps == [*size["eval_steps"], *([matched] if arm == MATCHED else [])], (arm, steps)
+            assert all(0 < v[split] < 10 for v in by_step.values() for split in ("books", "wikipedia"))
+    for seed in (1, 2):
+        for arm, overrides in ARMS.items():
+            cfg = yaml.safe_load(open(work / f"seed{seed}" / arm / "config.yaml"))
+            assert cfg["train"]["seed"] == seed
+            assert [o for o in overrides if f"{o.split('=')[1]}" != str(_get(cfg, o.split("=")[0]))] == []
+            if arm.startswith("ted"):  # its own seed's banks
+                assert cfg["teacher"]["filters"].endswith(f"seed{seed}/filters-teacher")
+    banks = [load_file(work / f"seed{s}" / "filters-teacher" / "filters.safetensors") for s in (1, 2)]
+    assert not all(torch.equal(banks[0][k], banks[1][k]) for k in banks[0])  # stage 1 learned again per seed
+    assert set(results["stage1"]) == {"1", "2"} and all(set(b) == {"teacher", "student"}
+                                                        for b in results["stage1"].values())
     table = (out / "results.md").read_text()
-    for method in methods:
-        assert f"| student {method}" in table
-    assert table.count("ted < kd: **") == 2 and "Stage 1" in table
-    assert (out / "loss_curves.png").stat().st_size > 1000 and (out / "perplexity.png").stat().st_size > 1000
+    assert f"**outcome: {results['decision']['outcome']}**" in table and "Decision rule (pre-registered)" in table
+    for arm in ARMS:
+        assert f"| {arm} | " in table
+    assert (out / "curves.png").stat().st_size > 1000
 
 
-def test_the_search_widens_past_an_edge_then_tunes_the_next_weight_at_the_best_so_far():
-    from bench.repro import LADDERS, pending
-
-    def search(widen: bool, best: dict) -> dict:
-        """Runs the search to its end on a bowl in log-space whose minimum is ``best``."""
-        scores = {}
-        while todo := pending(("beta", "alpha"), {"alpha": (0.5, 2.0), "beta": (0.1, 10.0)}, widen, scores):
-            assert not set(todo) & set(scores)  # nothing is scored twice
-            for point in todo:
-                scores[point] = sum(math.log(v / best[k]) ** 2 for k, v in point)
-        return scores
-
-    scores = search(True, {"beta": 0.03, "alpha": 4.0})  # both outside the starting window
-    assert min(scores, key=scores.get) == (("alpha", 4.0), ("beta", 0.03))
-    betas = sorted(dict(p)["beta"] for p in scores if dict(p)["alpha"] == 1.0)
-    assert betas == [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]  # widened one rung past the best, then stopped
-    assert {dict(p)["alpha"] for p in scores if dict(p)["beta"] == 0.03} == {0.5, 1.0, 2.0, 4.0, 8.0}
-    assert all(dict(p)["beta"] in (0.03,) or dict(p)["alpha"] == 1.0 for p in scores)  # α searched at the best β
-    scores = search(True, {"beta": 0.0001, "alpha": 1.0})  # past the ladder's end: stops there
-    assert min(scores, key=scores.get) == (("alpha", 1.0), ("beta", LADDERS["beta"][0]))
-    scores = search(False, {"beta": 0.03, "alpha": 4.0})  # no widening: the window's edges
-    assert min(scores, key=scores.get) == (("alpha", 2.0), ("beta", 0.1)) and len(scores) == 7
+def _get(cfg: dict, dotted: str):
+    for key in dotted.split("."):
+        cfg = cfg[key]
+    return cfg
 
 
 def test_the_verdict_holds_only_when_the_paired_interval_excludes_zero():
@@ -87,50 +81,79 @@ def test_the_verdict_holds_only_when_the_paired_interval_excludes_zero():
     assert paired_comparison(kd, ted)["verdict"] == "reversed"
 
 
-def _runs(test_ppl: float, valid_ppl: float, noise: list[float]) -> list[dict]:
-    """Seeds of one student: test and valid perplexity (offset by ``noise`` per seed) and a short curve."""
-    return [{"seed": i + 1, "test": {"ppl": test_ppl + e}, "valid": {"ppl": valid_ppl - e},
-             "lm_eval": {"word_perplexity": test_ppl, "bits_per_byte": 1.0}, "curve": [[1, 3.0], [2, 2.5]]}
-            for i, e in enumerate(noise)]
+NOISE = [0.004, -0.003, 0.001, -0.002, 0.0]
 
 
-def test_the_report_chooses_the_lowest_valid_score_and_states_each_verdict_by_the_test_split(tmp_path):
-    """Synthetic scores whose answers are known: tuning picks the lowest valid perplexity (in bold); each
-    comparison's verdict reads the test split (valid is ordered the other way round, so reading it flips
-    them), per geometry, with the better method first."""
-    from bench.repro import GEOMETRIES, QUICK, choose, report
+def _scores(books: dict[str, float], wikipedia: float = 3.0, matched_last: int = 260) -> dict:
+    """Five seeds per arm evaluated at step 200 (the matched arm also at ``matched_last``), books loss
+    ``books[arm]`` plus a little per-seed noise; the matched arm's step-200 loss is deliberately bad."""
+    def seeds(arm: str, value: float) -> list[dict]:
+        runs = [{200: {"books": value + e * (1 + len(arm) % 3), "wikipedia": wikipedia}} for e in NOISE]
+        if arm == "kd-a1-matched":
+            for run, e in zip(runs, NOISE):
+                run[200]["books"] = 9.0
+                run[matched_last] = {"books": value + e, "wikipedia": wikipedia}
+        return runs
+    return {arm: seeds(arm, value) for arm, value in books.items()}
 
-    a, b, c = [0.1, -0.2, 0.15, -0.05, 0.0], [-0.1, 0.05, 0.2, 0.0, -0.15], [0.3, -0.3, 0.25, -0.25, 0.0]
-    test = {"same-width": {"lm": 30, "kd": 25, "lwd": 26, "ted": 20, "ted-trainable": 20.5},
-            "narrow": {"lm": 30, "kd": 25, "lwd": 26, "ted": 25, "ted-trainable": 35}}
-    students = {g: {m: _runs(ppl, 60 - ppl, [a, b, c, a[::-1], b[::-1]][i]) for i, (m, ppl) in enumerate(by.items())}
-                for g, by in test.items()}
-    point = lambda alpha, beta=None: (("alpha", alpha),) + ((("beta", beta),) if beta else ())
-    tuning = {"kd": {point(1.0): 12.0, point(2.0): 11.0, point(4.0): 13.0},
-              "lwd": {point(1.0, 1.0): 12.0}, "ted": {point(1.0, 1.0): 20.0, point(1.0, 3.0): 18.0,
-                                                     point(2.0, 3.0): 19.0}}
-    scores = {g: tuning for g in GEOMETRIES}
-    chosen = choose(scores)
-    assert chosen["narrow"] == {"kd": point(2.0), "lwd": point(1.0, 1.0), "ted": point(1.0, 3.0)}
-    results = {"machine": {"date": "today", "commit": "abc", "cpus": 2}, "size": QUICK, "seeds": [1, 2, 3, 4, 5],
-               "ranks": 1, "jobs": 2, "elapsed_s": 60, "phases_s": {"all": 60},
-               "valid_tuning": {g: {m: [{"weights": dict(p), "ppl": v} for p, v in by.items()]
-                                    for m, by in scores[g].items()} for g in GEOMETRIES},
-               "chosen": {g: {m: dict(p) for m, p in by.items()} for g, by in chosen.items()},
-               "stage1": {"teacher-teacher": {"L2": 3.0, "L4": 2.0}},
-               "teacher": _runs(10, 10, [0.0])[0], "narrow-base": _runs(40, 40, [0.0])[0], "students": students}
-    report(str(tmp_path), results)
-    table = (tmp_path / "results.md").read_text()
-    same, narrow = table.split("## Geometry `narrow`")
-    verdict = lambda section, better, worse: section.split(f"* {better} < {worse}: **")[1].split("**")[0]
-    assert [verdict(same, *pair) for pair in [("ted", "kd"), ("ted", "lwd"), ("ted-trainable", "ted"),
-                                              ("kd", "lm"), ("lwd", "lm")]] == \
-        ["holds", "holds", "reversed", "holds", "holds"]
-    assert verdict(narrow, "ted", "kd") == "no detectable difference"  # equal means, noise only
-    assert verdict(narrow, "ted-trainable", "kd") == "reversed"
-    assert "* kd: alpha=1: 12.00; **alpha=2: 11.00**; alpha=4: 13.00\n" in same
-    assert "* ted: alpha=1, beta=1: 20.00; **alpha=1, beta=3: 18.00**; alpha=2, beta=3: 19.00 — best alpha and " \
-           "beta at the edge of the values tried\n" in same
-    assert "| student ted (alpha=1, beta=3) | 20.00 ± 0.14 |" in same
-    assert "| student ted-trainable (alpha=1, beta=3) |" in same  # at TED's weights
 
+BASE = {"kd-a1": 4.00, "kd-a4": 4.02, "ted-a1": 3.95, "ted-a4": 3.97, "lwd-identity-a1": 4.0,
+        "ted-cosine-a1": 3.96, "kd-a1-matched": 3.98}
+
+
+@pytest.mark.parametrize("change, outcome, main", [
+    ({}, "TED is worth it here", -0.05),  # better at both α and than the compute-matched KD
+    ({"kd-a1-matched": 3.94}, "not shown here", -0.05),  # KD given TED's compute wins
+    ({"ted-a1": 3.90, "ted-a4": 4.12}, "not shown here", 0.0),  # a win at α = 1 undone at α = 4
+    ({"ted-a4": 4.02}, "TED is worth it here", -0.025),  # the main effect averages the two α
+])
+def test_the_pre_registered_rule_needs_the_main_effect_at_matched_alpha_and_the_compute_matched_arm(
+        change, outcome, main):
+    from bench.repro import decide, effects
+
+    scores = _scores({**BASE, **change})
+    d = decide(scores)
+    assert d["outcome"] == outcome
+    assert d["main_effect"]["mean"] == pytest.approx(main, abs=1e-12)
+    ted1 = BASE["ted-a1"] if "ted-a1" not in change else change["ted-a1"]
+    matched = change.get("kd-a1-matched", BASE["kd-a1-matched"])
+    assert d["vs_compute_matched"]["mean"] == pytest.approx(ted1 - matched, abs=1e-12)  # its last step, not 200
+    assert effects(scores, 200, "books")["TED main effect (mean over α)"]["mean"] == pytest.approx(main, abs=1e-12)
+
+
+def test_the_rule_reads_the_books_test_split_not_wikipedia():
+    from bench.repro import decide
+
+    scores = _scores({**BASE, "ted-a1": 4.05, "ted-a4": 4.07})  # TED worse on books ...
+    for arm, runs in scores.items():
+        for by_step in runs:
+            for v in by_step.values():
+                v["wikipedia"] = 3.0 if arm.startswith("ted") else 4.0  # ... far better on Wikipedia
+    assert decide(scores)["outcome"] == "not shown here" and decide(scores)["main_effect"]["mean"] > 0
+    swapped = {arm: [{k: {"books": v["wikipedia"], "wikipedia": v["books"]} for k, v in by_step.items()}
+                     for by_step in runs] for arm, runs in scores.items()}
+    assert decide(swapped)["outcome"] == "TED is worth it here"
+
+
+def test_the_matched_arm_trains_for_teds_seconds_with_its_stage_1_over_kds_seconds_per_step(tmp_path):
+    from bench.repro import QUICK, arm_dir, bank, matched_steps
+
+    tokens = QUICK["global"] * QUICK["seq_len"]
+
+    def log(path: str, seconds_per_step: float, steps: int) -> None:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+            for step in range(1, steps + 1):
+                f.write(json.dumps({"step": step, "tokens_per_s": tokens / seconds_per_step}) + "\n")
+                f.write(json.dumps({"step": step, "eval/books/loss": 5.0}) + "\n")  # evaluations cost nothing here
+
+    work = str(tmp_path)
+    for seed, (ted, kd) in enumerate([(0.3, 0.2), (0.3, 0.25), (0.3, 0.1)], start=1):
+        log(arm_dir(work, seed, "ted-a1"), ted, QUICK["student_steps"])
+        log(arm_dir(work, seed, "kd-a1"), kd, QUICK["student_steps"])
+        for which in ("teacher", "student"):
+            log(bank(work, seed, which) + "-run", 0.5, QUICK["filter_steps"])
+    m = matched_steps(work, QUICK, [1, 2, 3])
+    # per seed: (6 · 0.3 + 2 · 3 · 0.5) / kd = 4.8 / 0.2, 4.8 / 0.25, 4.8 / 0.1 = 24, 19.2, 48 → median 24
+    assert [r["steps"] for r in m["per_seed"]] == pytest.approx([24, 19.2, 48])
+    assert m["steps"] == 24 and not math.isnan(m["per_seed"][0]["stage1_s"])
