@@ -118,8 +118,8 @@ def forward_alone(config: str, data: str) -> float:
 
     from ted_ds.config import load_run_config
     from ted_ds.engine import build_frozen
-    from ted_ds.recipes import load_teacher
-    from ted_ds.trainer import setup
+    from ted_ds.models import load_teacher
+    from ted_ds.run import setup
 
     p, ds = setup(load_run_config(config, ["teacher.logits_topk=0"]))
     teacher = build_frozen(p.cfg, functools.partial(load_teacher, p.cfg), [], None, True, ds, None,
@@ -138,7 +138,7 @@ def worker(spec_path: str) -> None:
     from ted_ds.cache.build import build_cache
     from ted_ds.cli import _quiet_libraries
     from ted_ds.config import load_run_config
-    from ted_ds.trainer import run_recipe
+    from ted_ds.run import run_recipe
 
     _quiet_libraries()
     spec = json.load(open(spec_path))

@@ -27,8 +27,10 @@ from bench.profile_bench import profile_steps  # noqa: E402
 from ted_ds import distributed  # noqa: E402
 from ted_ds.cli import _quiet_libraries  # noqa: E402
 from ted_ds.config import load_run_config  # noqa: E402
-from ted_ds.recipes import plan  # noqa: E402
-from ted_ds.trainer import build_recipe, setup, train_step, training_data  # noqa: E402
+from ted_ds.plan import Job, plan  # noqa: E402
+from ted_ds.recipes import build_recipe  # noqa: E402
+from ted_ds.run import setup  # noqa: E402
+from ted_ds.trainer import train_step, training_data  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -49,12 +51,12 @@ def main():
     cfg = load_run_config(args.config, overrides)
     p, ds = setup(cfg)
     rss_before = rss_mb()
-    recipe = build_recipe(p, ds)
+    recipe = build_recipe(p, ds, Job.DISTILL)
     rss_built = rss_mb()
     baseline = None
     if args.with_lm:
         lm_cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method="lm"))
-        baseline = build_recipe(plan(lm_cfg), ds)
+        baseline = build_recipe(plan(lm_cfg), ds, Job.DISTILL)
     data = training_data(p)
     jobs = {"step": lambda micro: train_step(recipe, micro)}
     if recipe.frozen is not None:

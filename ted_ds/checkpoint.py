@@ -27,6 +27,7 @@ import shutil
 import socket
 import sys
 import warnings
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -36,12 +37,44 @@ from ted_ds import distributed
 from ted_ds.errors import CheckpointError, TrainingError
 
 TAG_PREFIX = "step-"
+TRAINER_STATE = "trainer_state.json"  # ours, in every tag directory: see the layout above
+DISTILL_PREFIX = "distill-"  # checkpoints/distill-<method>: a student is in it (stage 1's are filters-<model>)
 CONVERSION_WAIT = datetime.timedelta(hours=6)  # the others wait this long for rank 0 to convert a checkpoint
 # (a dead rank 0 ends the wait at once, see distributed.rank0_alone: only a hung one is waited for this long)
 
 
 def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
+
+
+def distill_recipe(method: str) -> str:
+    """The recipe name (and ``checkpoints/`` directory) of a run of ``distill.method``."""
+    return f"{DISTILL_PREFIX}{method}"
+
+
+def holds_student(ckpt_dir: str) -> bool:
+    """A recipe checkpoint directory of stage 2 or a baseline: its weights include a student."""
+    return os.path.basename(os.path.normpath(ckpt_dir)).startswith(DISTILL_PREFIX)
+
+
+@dataclass
+class TrainerState:
+    """``trainer_state.json``: what ted-ds saves with a tag beside DeepSpeed's files."""
+
+    step: int
+    tokens: int
+    sampler: dict  # ConsumedSamplesSampler.state_dict(): the data position
+    identity: dict  # what must match on resume (model shapes, tokenizer, taps, recipe)
+    run: dict  # what an offline export needs: run config, student HF config, filter bank layout, tokenizer
+    world_size: int  # ranks that saved it (another count resumes through the universal format)
+    tag: str
+    bad_steps: int = 0  # steps skipped for a non-finite loss so far
+
+
+def read_trainer_state(tag_dir: str) -> TrainerState:
+    """The one reader of ``trainer_state.json``."""
+    with open(os.path.join(tag_dir, TRAINER_STATE)) as f:
+        return TrainerState(**json.load(f))
 
 
 def _deepspeed_safe_globals() -> list:
@@ -142,7 +175,7 @@ def is_complete(tag_dir: str) -> str | None:
     return None
 
 
-def complete_tags(ckpt_dir: str) -> list[str]:
+def tags_newest_first(ckpt_dir: str) -> list[str]:
     """Tags on disk, newest first (completeness not yet checked)."""
     if not os.path.isdir(ckpt_dir):
         return []
@@ -186,7 +219,8 @@ class Checkpointer:
         self.identity = identity
         self.run_info = run_info or {}
 
-    def save(self, engine, step: int, trainer_state: dict) -> str:
+    def save(self, engine, step: int, progress: dict) -> str:
+        """Save the engine, every RNG and ``progress`` (TrainerState's step, tokens, sampler, bad_steps)."""
         check_finite(engine.module, step)
         tag = tag_for(step)
         tag_dir = os.path.join(self.dir, tag)
@@ -197,9 +231,9 @@ class Checkpointer:
             engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
             torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{distributed.rank()}.pt"))
             if distributed.rank() == 0:
-                state = dict(trainer_state, identity=self.identity, run=self.run_info,
-                             world_size=distributed.world_size(), tag=tag)
-                write_text(os.path.join(tag_dir, "trainer_state.json"), json.dumps(state, indent=2))
+                state = TrainerState(**progress, identity=self.identity, run=self.run_info,
+                                     world_size=distributed.world_size(), tag=tag)
+                write_text(os.path.join(tag_dir, TRAINER_STATE), json.dumps(asdict(state), indent=2))
             distributed.barrier()  # every rank's files are on disk
             if distributed.rank() == 0:
                 write_text(os.path.join(tag_dir, "COMPLETE"), json.dumps({"files": _listing(tag_dir)}, indent=1))
@@ -225,7 +259,7 @@ class Checkpointer:
                                f"latest is still {previous}: free space and re-run to resume")
 
     def _prune(self, newest: str) -> None:
-        tags = complete_tags(self.dir)
+        tags = tags_newest_first(self.dir)
         for old in [t for t in tags if t < newest][max(0, self.keep_last - 1):]:
             shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
             shutil.rmtree(os.path.join(self.dir, old + ".universal"), ignore_errors=True)
@@ -237,7 +271,7 @@ class Checkpointer:
             return None
         with open(latest_path) as f:
             latest = f.read().strip()
-        for tag in [latest] + [t for t in complete_tags(self.dir) if t < latest]:
+        for tag in [latest] + [t for t in tags_newest_first(self.dir) if t < latest]:
             problem = is_complete(os.path.join(self.dir, tag))
             if problem is None:
                 return tag
@@ -253,17 +287,16 @@ class Checkpointer:
             view = (socket.gethostname(), None, str(e))
         return agreed_tag(distributed.gather_objects(view), self.dir)
 
-    def read_state(self, tag: str) -> dict:
-        with open(os.path.join(self.dir, tag, "trainer_state.json")) as f:
-            state = json.load(f)
+    def read_state(self, tag: str) -> TrainerState:
+        state = read_trainer_state(os.path.join(self.dir, tag))
         for key, value in self.identity.items():
-            if state["identity"].get(key) != value:
+            if state.identity.get(key) != value:
                 raise CheckpointError(
-                    f"checkpoint {os.path.join(self.dir, tag)} was written with {key}={state['identity'].get(key)!r}, "
+                    f"checkpoint {os.path.join(self.dir, tag)} was written with {key}={state.identity.get(key)!r}, "
                     f"this run has {value!r}; use another train.out_dir or the matching config")
         return state
 
-    def load(self, engine, tag: str) -> dict:
+    def load(self, engine, tag: str) -> TrainerState:
         """Restore engine, RNG and trainer state from ``tag``; returns the trainer state.
 
         A checkpoint written by another number of ranks is converted once to DeepSpeed's universal
@@ -272,11 +305,11 @@ class Checkpointer:
         """
         state = self.read_state(tag)
         load_tag = tag
-        universal = state["world_size"] != distributed.world_size()
+        universal = state.world_size != distributed.world_size()
         groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
         hyper = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps")} for g in groups]
         if universal:
-            load_tag = self._universal(tag, state["world_size"])
+            load_tag = self._universal(tag, state.world_size)
             engine._config.load_universal_checkpoint = True
         try:
             with weights_only_loads():
@@ -298,7 +331,7 @@ class Checkpointer:
         if load_dir is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {load_tag} from {self.dir}")
         rng_path = os.path.join(self.dir, tag, f"rng_rank{distributed.rank()}.pt")
-        if state["world_size"] == distributed.world_size() and os.path.isfile(rng_path):
+        if state.world_size == distributed.world_size() and os.path.isfile(rng_path):
             set_rng_state(torch.load(rng_path, weights_only=True))
         return state
 
@@ -327,3 +360,29 @@ class Checkpointer:
 
         distributed.rank0_alone(convert, CONVERSION_WAIT)
         return universal
+
+
+def resolve_checkpoint(path: str, tag: str | None) -> tuple[str, str]:
+    """(recipe checkpoint dir, tag) from a run dir (its student's recipe if it has several), a recipe
+    checkpoint dir or a tag dir; ``tag`` None means the newest whole one."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, TRAINER_STATE)):  # a tag directory
+        return os.path.dirname(path), tag or os.path.basename(path)
+    candidates = [path]
+    root = os.path.join(path, "checkpoints")
+    if os.path.isdir(root):
+        candidates = [os.path.join(root, d) for d in sorted(os.listdir(root))]
+        candidates = [c for c in candidates if holds_student(c)] or candidates
+    candidates = [c for c in candidates if os.path.isfile(os.path.join(c, "latest"))]
+    if len(candidates) != 1:
+        raise CheckpointError(f"{path}: expected one checkpoint directory with a 'latest' file, found "
+                              f"{len(candidates)}; pass the checkpoints/<recipe> directory itself")
+    ckpt_dir = candidates[0]
+    if tag is None:
+        tag = Checkpointer(ckpt_dir, 1, {}).find_resumable()
+    elif not os.path.isdir(os.path.join(ckpt_dir, tag)):
+        have = ", ".join(sorted(tags_newest_first(ckpt_dir))) or "none"
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint tag {tag} (have: {have})")
+    elif is_complete(os.path.join(ckpt_dir, tag)) is not None:
+        raise CheckpointError(f"{os.path.join(ckpt_dir, tag)}: {is_complete(os.path.join(ckpt_dir, tag))}")
+    return ckpt_dir, tag

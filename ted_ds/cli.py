@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="windows per teacher call (default: train.micro_batch_size)")
     p.add_argument("--block-windows", type=int, default=256,
                    help="windows per block file: the unit of work, of resume and of the checksums (default 256)")
+    _offline_commands(sub)
+    return parser
 
+
+def _offline_commands(sub) -> None:
+    """The commands that start no training: export, launch, eval."""
     p = sub.add_parser("export", help="checkpoint → Hugging Face directory (and/or filter bank)",
                        description="Consolidate a checkpoint's ZeRO-3 shards (DeepSpeed's zero_to_fp32), keep only "
                                    "the student, and write a standard HF directory (safetensors, config, generation "
@@ -99,7 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--trust-remote-code", action="store_true", help="allow Python code in MODEL_DIR to run")
-    return parser
 
 
 def _quiet_libraries() -> None:
@@ -130,11 +134,12 @@ def _run_config(args: argparse.Namespace):
 def run_training(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from ted_ds import distributed
-    from ted_ds.trainer import run_recipe
+    from ted_ds.plan import Job
+    from ted_ds.run import run_recipe
 
     cfg = _run_config(args)
     with distributed.collective_errors(cfg.train.timeout_minutes):
-        recipe, _, result = run_recipe(cfg, getattr(args, "model", None))
+        recipe, _, result = run_recipe(cfg, Job.learning_filters_of(getattr(args, "model", None)))
         if distributed.rank() == 0 and not result["stopped"]:
             summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k in ("loss/total", "eval/ppl"))
             print(f"ted-ds: {recipe.name} finished at step {result['step']} ({summary}); wrote {result['output']}",

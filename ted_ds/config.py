@@ -333,6 +333,12 @@ def _check_data(data: DataConfig) -> None:
         raise ConfigError("data.sources: all weights are 0")
 
 
+def check_pipeline_world(stages: int, world: int) -> None:
+    """A pipeline teacher's groups tile the ranks."""
+    if world % stages:
+        raise ConfigError(f"teacher.pipeline_stages {stages} must divide the number of ranks {world}")
+
+
 def accumulation_steps(global_batch: int, micro_batch: int, ranks: int) -> int:
     """Micro-batches each data-parallel rank runs per optimizer step; one line (with a global batch
     that would split) when ``global_batch`` is not a multiple of ``micro_batch × ranks``."""

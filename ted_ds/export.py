@@ -1,6 +1,7 @@
 """Getting weights out: gather a ZeRO-3 module, write HF directories and filter banks.
 
-``save_trained_outputs`` runs at the end of training (live engine, all ranks take part);
+``save_bank`` and ``save_student`` run at the end of training (live engine, all ranks take part; a
+``Recipe`` says which of them is its output);
 ``export_checkpoint`` rebuilds weights offline from a checkpoint's ZeRO shards (no GPU, no
 process group) with DeepSpeed's own zero_to_fp32 utilities.
 """
@@ -15,7 +16,7 @@ from torch import nn
 
 from data_prep.fileio import atomically
 from ted_ds import distributed
-from ted_ds.checkpoint import is_complete, weights_only_loads
+from ted_ds.checkpoint import read_trainer_state, resolve_checkpoint, weights_only_loads
 from ted_ds.config import DataConfig, data_config
 from ted_ds.errors import CheckpointError
 from ted_ds.filters import model_record, save_filter_bank
@@ -58,31 +59,26 @@ def write_hf_dir(config, state: dict[str, torch.Tensor], out_dir: str, tokenizer
                 shutil.copy2(os.path.join(tokenizer_dir, name), tmp)
 
 
-def save_trained_outputs(recipe, p, out_dir: str) -> str:
-    """Stage 1: the filter bank. Distillation: the student as an HF directory (``<out>/hf``) and, for
-    ted/lwd, its trained filters (``<out>/student-filters``) for users who continue TED later."""
-    trained = recipe.trained_model
-    if recipe.name.startswith("filters-"):
-        which = recipe.name.split("-", 1)[1]
-        target = p.cfg.distill.filters_out or os.path.join(out_dir, f"filters-{which}")
-        _save_bank(trained, target)
-        return target
+def save_student(trained: nn.Module, student_config, tokenizer_dir: str, out_dir: str) -> str:
+    """Stage 2 and the baselines: the student as an HF directory (``<out>/hf``) and, for ted/lwd, its
+    trained filters (``<out>/student-filters``) for users who continue TED later."""
     target = os.path.join(out_dir, "hf")
     state = gathered_state_dict(trained.model)
     if distributed.rank() == 0:
-        write_hf_dir(p.student_config, state, target, os.path.join(p.cfg.data.blend[0].path, "tokenizer"))
+        write_hf_dir(student_config, state, target, tokenizer_dir)
     if trained.filters is not None:
-        _save_bank(trained.filters, os.path.join(out_dir, "student-filters"), target)
+        save_bank(trained.filters, os.path.join(out_dir, "student-filters"), target)
     distributed.barrier()
     return target
 
 
-def _save_bank(bank, target: str, student_dir: str | None = None) -> None:
+def save_bank(bank, target: str, student_dir: str | None = None) -> str:
     """Every rank gathers, rank 0 writes; a bank trained with the student records it as ``student_dir``."""
     state = gathered_state_dict(bank)
     if distributed.rank() == 0:
         save_filter_bank(state, bank.meta() if student_dir is None else with_student(bank.meta(), student_dir), target)
     distributed.barrier()
+    return target
 
 
 def with_student(meta: dict, student_dir: str | None) -> dict:
@@ -93,34 +89,6 @@ def with_student(meta: dict, student_dir: str | None) -> dict:
 
 
 # ----------------------------------------------------------------------------- offline export
-def resolve_checkpoint(path: str, tag: str | None) -> tuple[str, str]:
-    """(recipe checkpoint dir, tag) from a run dir, a recipe checkpoint dir or a tag dir."""
-    from ted_ds.checkpoint import Checkpointer
-
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, "trainer_state.json")):  # a tag directory
-        return os.path.dirname(path), tag or os.path.basename(path)
-    candidates = [path]
-    root = os.path.join(path, "checkpoints")
-    if os.path.isdir(root):
-        candidates = [os.path.join(root, d) for d in sorted(os.listdir(root))]
-        distill = [c for c in candidates if os.path.basename(c).startswith("distill-")]
-        candidates = distill or candidates
-    candidates = [c for c in candidates if os.path.isfile(os.path.join(c, "latest"))]
-    if len(candidates) != 1:
-        raise CheckpointError(f"{path}: expected one checkpoint directory with a 'latest' file, found "
-                              f"{len(candidates)}; pass the checkpoints/<recipe> directory itself")
-    ckpt_dir = candidates[0]
-    if tag is None:
-        tag = Checkpointer(ckpt_dir, 1, {}).find_resumable()
-    elif not os.path.isdir(os.path.join(ckpt_dir, tag)):
-        have = ", ".join(sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step-"))) or "none"
-        raise CheckpointError(f"{ckpt_dir}: no checkpoint tag {tag} (have: {have})")
-    elif is_complete(os.path.join(ckpt_dir, tag)) is not None:
-        raise CheckpointError(f"{os.path.join(ckpt_dir, tag)}: {is_complete(os.path.join(ckpt_dir, tag))}")
-    return ckpt_dir, tag
-
-
 def consolidated_state(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
     """fp32 master weights rebuilt from the ZeRO shards by DeepSpeed's zero_to_fp32."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -195,11 +163,8 @@ def _has_split(data_path: str, split: str) -> bool:
 def export_checkpoint(path: str, out: str | None, tag: str | None = None, dtype: str = "fp32",
                       filters_out: str | None = None, tokenizer: str | None = None) -> list[str]:
     """Checkpoint → HF directory (student only) and/or filter bank. No GPU, no process group."""
-    import json
-
     ckpt_dir, tag = resolve_checkpoint(path, tag)
-    with open(os.path.join(ckpt_dir, tag, "trainer_state.json")) as f:
-        run = json.load(f)["run"]
+    run = read_trainer_state(os.path.join(ckpt_dir, tag)).run
     state = consolidated_state(ckpt_dir, tag)
     done = []
     is_bank = not any(k.startswith("model.") for k in state)

@@ -2,7 +2,8 @@
 
 A tap is the output of one decoder block (1-based: layer L is the output of block L; the
 embedding is never tapped).  ``tap_pairs`` matches teacher and student taps from the run
-config; ``TapRecorder`` keeps exactly those outputs during a forward.
+config; ``TapRecorder`` keeps exactly those outputs during a forward; ``TappedLM`` is a model whose
+forward returns them (through its filters) beside its logits: the student, and every frozen model.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from ted_ds.architectures import decoder_layers
+from ted_ds.documents import DocumentAttention, forward_kwargs
 from ted_ds.errors import ConfigError
 
 
@@ -70,3 +72,25 @@ class TapRecorder:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+class TappedLM(nn.Module):
+    """A causal LM and the filters on its tapped layers: ``forward`` gives its logits and the tapped states,
+    filtered when it has filters (None: the raw states; no layers: no taps).  Its weights are ``model.*``
+    and ``filters.*``, the names checkpoints and exports use."""
+
+    def __init__(self, model: nn.Module, layers: list[int], filters: nn.Module | None = None,
+                 documents: DocumentAttention | None = None):
+        super().__init__()
+        self.model = model
+        self.filters = filters
+        self.documents = documents  # data.document_attention (None: off)
+        self.recorder = TapRecorder(model, layers) if layers else None
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        logits = self.model(input_ids=input_ids, use_cache=False,
+                            **forward_kwargs(self.documents, input_ids)).logits  # (B, T, V)
+        taps = self.recorder.take() if self.recorder else None
+        if taps is not None and self.filters is not None:
+            taps = self.filters(taps)  # (B, T, D_filter) each
+        return logits, taps

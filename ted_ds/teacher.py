@@ -21,9 +21,9 @@ from torch import nn
 from torch.autograd.profiler import record_function
 
 from ted_ds.architectures import count_parameters
-from ted_ds.documents import DocumentAttention, forward_kwargs
+from ted_ds.documents import DocumentAttention
 from ted_ds.filters import FilterBank
-from ted_ds.taps import TapRecorder
+from ted_ds.taps import TappedLM
 
 
 @dataclass
@@ -63,35 +63,26 @@ def teacher_logits(logits: torch.Tensor, vocab: int | None, k: int,
     return values, index
 
 
-class FrozenLM(nn.Module):
-    """A causal LM plus optional filter bank, evaluated without gradients.
-
-    ``layers`` are the 1-based taps; ``filters=None`` returns raw states (stage 1, LWD).
-    """
+class FrozenLM(TappedLM):
+    """A ``TappedLM`` evaluated without gradients, its logits cut to the tokenizer's ids (and to the top-k
+    when asked) as KD reads them.  ``filters=None`` returns raw states (stage 1, LWD)."""
 
     def __init__(self, model: nn.Module, layers: list[int], filters: FilterBank | None, need_logits: bool,
                  logits_topk: int = 0, documents: DocumentAttention | None = None, vocab: int | None = None,
                  logits_dtype: torch.dtype = torch.float32):
-        super().__init__()
+        super().__init__(model, layers, filters, documents)
         self.vocab = vocab  # logits keep the tokenizer's ids only (None: every row of the head)
-        self.model = model
-        self.documents = documents  # data.document_attention (None: off)
-        self.filters = filters
         self.need_logits = need_logits
         self.logits_topk = logits_topk
         self.logits_dtype = logits_dtype
-        self.recorder = TapRecorder(model, layers) if layers else None
         self.requires_grad_(False)
         self.eval()
 
     def forward(self, input_ids: torch.Tensor):
-        out = self.model(input_ids=input_ids, use_cache=False, **forward_kwargs(self.documents, input_ids))
-        taps = self.recorder.take() if self.recorder else None
-        if taps is not None and self.filters is not None:
-            taps = self.filters(taps)
+        logits, taps = super().forward(input_ids)
         if not self.need_logits:
             return taps, None, None
-        return taps, *teacher_logits(out.logits, self.vocab, self.logits_topk, self.logits_dtype)
+        return taps, *teacher_logits(logits, self.vocab, self.logits_topk, self.logits_dtype)
 
 
 class ReplicatedTeacher:

@@ -3,35 +3,28 @@
 The loop knows nothing of TED: a ``Recipe`` (ted_ds.recipes) gives it the engine and the loss of
 one micro-batch.  Resume is automatic from ``<out_dir>/checkpoints/latest``; SIGTERM/SIGUSR1
 (SLURM's warnings before preemption or the time limit) make every rank save and exit cleanly.
-``setup``, ``build_recipe``, ``training_data`` and ``train_step`` are the run's own set-up and step;
-the benchmarks (bench/mp_engine_bench.py) time them, not a copy.
+``training_data`` and ``train_step`` are the run's own data and step; the benchmarks
+(bench/mp_engine_bench.py) time them, not a copy.  ``ted_ds.run`` sets a command up and calls ``fit``.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import random
 import signal
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.autograd.profiler import record_function
 
 from ted_ds import distributed
-from ted_ds.capacity import check_fits
 from ted_ds.checkpoint import Checkpointer
-from ted_ds.config import RunConfig, save_config, to_dict
 from ted_ds.data import Blend, BlendedDataset, ConsumedSamplesSampler, MicroBatch, PackedShardDataset, collate
-from ted_ds.engine import resolve_ds_config
 from ted_ds.errors import TrainingError
-from ted_ds.export import save_trained_outputs
 from ted_ds.metrics import MetricsLogger, device_peak_flops
-from ted_ds.recipes import Plan, Recipe, build_distill, build_filter_learning, plan
+from ted_ds.plan import Plan
+from ted_ds.recipes import Recipe
 
 
 class StopSignal:
@@ -195,8 +188,8 @@ def resume(recipe: Recipe, checkpointer: Checkpointer, sampler: ConsumedSamplesS
     if tag is None:
         return Progress(), None
     state = checkpointer.load(recipe.engine, tag)
-    sampler.load_state_dict(state["sampler"])
-    return Progress(state["step"], state["tokens"], state.get("bad_steps", 0)), tag
+    sampler.load_state_dict(state.sampler)
+    return Progress(state.step, state.tokens, state.bad_steps), tag
 
 
 def save(recipe: Recipe, checkpointer: Checkpointer, progress: Progress, sampler: ConsumedSamplesSampler) -> None:
@@ -223,7 +216,7 @@ def due(step: int, every: int, last: int) -> bool:
 
 
 def fit(recipe: Recipe, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> dict:
-    """Train ``recipe`` (from build_recipe) to ``p.total_steps``; returns the last logged metrics."""
+    """Train ``recipe`` (from recipes.build_recipe) to ``p.total_steps``; returns the last logged metrics."""
     cfg, total = p.cfg, p.total_steps
     per_source = cfg.data.sources is not None  # data.path alone logs what it always did
     data = training_data(p)
@@ -272,62 +265,3 @@ def fit(recipe: Recipe, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -
             break
     log.close()
     return dict(last, step=progress.step, stopped=progress.step < total)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def setup(cfg: RunConfig, filters_for: str | None = None) -> tuple[Plan, dict]:
-    """Everything before a recipe is built: check the run against its files, ranks and devices, start
-    the process group, seed.  Returns the plan and the resolved DeepSpeed config (see run_recipe).
-
-    Every check happens before the process group, and the rank's GPU is chosen from its launcher's
-    variables before the first thing that touches CUDA (the free-memory check)."""
-    p = plan(cfg, filters_for=filters_for)
-    world = distributed.expected_world_size()
-    ds = resolve_ds_config(cfg, world)
-    check_fits(p, ds, world, distributed.local_world_size(), with_teacher=cfg.runs_teacher or filters_for == "teacher",
-               trained_heads=len(p.pairs) if filters_for and cfg.distill.filter_head == "trainable" else 0,
-               device=distributed.device())
-    distributed.init(cfg.train.timeout_minutes)
-    if distributed.rank() == 0 and p.vocabularies:
-        print(f"ted-ds: {p.vocabularies}", file=sys.stderr)  # the sizes the checks compared
-    seed_everything(cfg.train.seed)
-    return p, ds
-
-
-def build_recipe(p: Plan, ds: dict, filters_for: str | None = None) -> Recipe:
-    """TED stage 1 for ``filters_for`` = "teacher" | "student", else ``distill.method``; in training mode."""
-    recipe = build_filter_learning(p, ds, filters_for) if filters_for else build_distill(p, ds)
-    recipe.engine.train()  # dropout on from the first step (from_pretrained hands models over in eval mode)
-    return recipe
-
-
-def run_recipe(cfg: RunConfig, filters_for: str | None = None) -> tuple[Recipe, Plan, dict]:
-    """A whole command: check, start the process group, build, train (or resume), write outputs.
-
-    ``filters_for`` = "teacher" | "student" runs TED stage 1; None runs ``distill.method``.
-    """
-    stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step
-    p, ds = setup(cfg, filters_for)
-    recipe = build_recipe(p, ds, filters_for)
-    if distributed.rank() == 0:
-        os.makedirs(cfg.train.out_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.train.out_dir, "config.yaml"))
-    identity = {"recipe": recipe.name, "vocab_sha256": p.manifest["tokenizer"]["vocab_sha256"],
-                "student_layers": p.student_config.num_hidden_layers,
-                "student_hidden": p.student_config.hidden_size, "taps": [list(x) for x in p.pairs],
-                "seq_len": cfg.data.seq_len, "global_batch_size": cfg.train.global_batch_size}
-    bank = recipe.trained_model if filters_for else recipe.trained_model.filters
-    run_info = {"config": to_dict(cfg), "student_config": p.student_config.to_dict(),
-                "filters": bank.meta() if bank is not None else None,
-                "tokenizer": os.path.abspath(os.path.join(cfg.data.blend[0].path, "tokenizer"))}
-    ckpt = Checkpointer(os.path.join(cfg.train.out_dir, "checkpoints", recipe.name), cfg.train.keep_last, identity,
-                        run_info)
-    result = fit(recipe, p, ckpt, stop)
-    if not result["stopped"]:
-        result["output"] = save_trained_outputs(recipe, p, cfg.train.out_dir)
-    return recipe, p, result

@@ -96,6 +96,18 @@ def tiny(sp_tokenizer, gpt2_tokenizer, corpus_file, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def lwd_run(tiny, tmp_path_factory) -> tuple:
+    """One real 2-rank LWD run with checkpoints (harness.tiny.checkpointed_config), shared by the checkpoint
+    and the export tests: (its root directory, its out_dir)."""
+    from harness.common import deepspeed_cmd, run_launcher
+    from harness.tiny import checkpointed_config
+
+    root = tmp_path_factory.mktemp("ckpt")
+    run_launcher(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", checkpointed_config(tiny, root, "ref")))
+    return root, str(root / "ref")
+
+
+@pytest.fixture(scope="session")
 def arch_teachers(tiny) -> dict:
     """Tiny Qwen2 (padded embedding), Mistral, Gemma 2 and Phi-3 teachers on the LLaMA data's tokenizer."""
     from harness.tiny import ARCHITECTURES, make_arch_teacher

@@ -15,6 +15,7 @@ import torch
 from harness.common import deepspeed_cmd, run_launcher
 from harness.tiny import ARCHITECTURES, PADDED_ROWS, arch_config, base_config, stage1_first_batch, write_config
 from ted_ds.errors import ConfigError
+from ted_ds.plan import Job
 
 IDS = torch.randint(1000, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -145,7 +146,7 @@ def _student_config(tmp_path, rows: int) -> str:
 
 def test_plan_takes_different_embedding_rows_and_names_the_sizes(tiny, arch_teachers, tmp_path):
     from ted_ds.config import load_run_config
-    from ted_ds.recipes import plan
+    from ted_ds.plan import plan
 
     cfg = lambda rows: load_run_config(write_config(str(tmp_path / f"c{rows}.yaml"), **base_config(
         tiny["llama_data"], arch_teachers["qwen2"], str(tmp_path / "o"),
@@ -163,7 +164,7 @@ def test_tokenizers_must_agree_below_the_data_size_only(tiny, tmp_path):
     """Extra tokens past the data's ids are fine; a different EOS/BOS/PAD role is one warning naming it;
     a token at another id is an error naming the first id where they differ."""
     from data_prep.tokenizer import load_tokenizer
-    from ted_ds.recipes import _check_tokenizer
+    from ted_ds.plan import _check_tokenizer
 
     data = tiny["llama_data"]
     manifest = _manifest(data)
@@ -203,7 +204,7 @@ def test_tokenizers_must_agree_below_the_data_size_only(tiny, tmp_path):
     assert f"id {first[0]} is {first[1]!r} there" in str(e.value) and "\n" not in str(e.value)
     # through plan with a data mixture (data.path empty): the sources' tokenizer is the one compared
     from ted_ds.config import load_run_config
-    from ted_ds.recipes import plan
+    from ted_ds.plan import plan
 
     teacher = str(tmp_path / "teacher-eos")
     shutil.copytree(tiny["llama_teacher"], teacher)
@@ -236,7 +237,8 @@ def arch_runs(tiny, arch_teachers, tmp_path_factory):
         "distill.method": "kd", "train.steps": 2, "teacher.logits_topk": 8, "teacher.placement": "pipeline",
         "teacher.pipeline_stages": 2, "student.init_from_teacher": None,
         "student.config": _student_config(root, 1008)}), None)
-    spec = [{"name": n, "config": write_config(o(f"{n}.yaml"), **c), "filters_for": w} for n, (c, w) in configs.items()]
+    spec = [{"name": n, "config": write_config(o(f"{n}.yaml"), **c), "job": Job.learning_filters_of(w).value}
+            for n, (c, w) in configs.items()]
     json.dump(spec, open(o("spec.json"), "w"))
     run_launcher(deepspeed_cmd(2, "tests/harness/mp/run_scenarios.py", "--spec", o("spec.json"),
                                "--out", o("results.json")), timeout=900)

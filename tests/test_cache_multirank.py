@@ -21,10 +21,9 @@ import subprocess
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from data_prep.build import BuildOptions, build
-from harness.common import REPO, corpus_lines, deepspeed_cmd, run_launcher
+from harness.common import REPO, corpus_lines, deepspeed_cmd, run_launcher, student_weights
 from harness.tiny import base_config, make_teacher, write_config
 from ted_ds.cache.format import MANIFEST
 
@@ -39,14 +38,10 @@ def _losses(out_dir: str) -> dict[int, dict]:
     return {r["step"]: {k: r[k] for k in LOSS_KEYS if k in r} for r in rows if "loss/total" in r}
 
 
-def _weights(out_dir: str) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(out_dir, "hf", "model.safetensors"))
-
-
 def _same_run(a: str, b: str) -> None:
     """Two runs' loss curves and final weights, bit for bit."""
     assert _losses(a) == _losses(b) and len(_losses(a)) == 6
-    wa, wb = _weights(a), _weights(b)
+    wa, wb = student_weights(a), student_weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

@@ -15,7 +15,7 @@ from harness.common import corpus_lines
 from ted_ds.config import DataConfig, SourceConfig, load_run_config
 from ted_ds.data import Blend, BlendedDataset, ConsumedSamplesSampler, PackedShardDataset, collate, epoch_order
 from ted_ds.errors import ConfigError
-from ted_ds.recipes import check_sources
+from ted_ds.plan import check_sources
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from ted_ds.config import load_run_config
 from ted_ds.documents import DocumentAttention, document_positions, for_model
 from ted_ds.engine import build_frozen
 from ted_ds.filters import FilterBank
-from ted_ds.recipes import StudentWithFilters
+from ted_ds.taps import TappedLM
 from ted_ds.weights import load_model
 
 ATOL = 1e-5
@@ -73,8 +73,8 @@ def test_a_packed_document_equals_the_document_alone(tiny, kind, impl, tmp_path)
     ids, spans = packed_documents(eos, config.vocab_size)
     model = load_model(teacher).eval()
     bank = FilterBank("linear", config.hidden_size, 48, [2, 4], seed=1)
-    student = StudentWithFilters(model, [2, 4], bank, for_model(model, eos, torch.float32))
-    plain = StudentWithFilters(load_model(tiny[f"{kind}_teacher"]).eval(), [2, 4], bank)
+    student = TappedLM(model, [2, 4], bank, for_model(model, eos, torch.float32))
+    plain = TappedLM(load_model(tiny[f"{kind}_teacher"]).eval(), [2, 4], bank)
     with torch.no_grad():
         logits, taps = student(ids)
         alone = lambda x: (lambda out: [out[0], *out[1]])(plain(x))

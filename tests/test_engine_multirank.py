@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from harness.common import deepspeed_cmd, run_launcher
 from harness.tiny import base_config, stage1_first_batch, write_config
+from ted_ds.plan import Job
 
 pytestmark = pytest.mark.multirank
 
@@ -89,11 +90,12 @@ def runs(tiny, tmp_path_factory):
     }
     # Every run as on a machine whose accelerator reports bf16 but no fp16 support (every AMD CPU, most
     # Intel ones), whatever this machine reports; the builds below report neither.
-    spec = [{"name": name, "config": write_config(o(f"{name}.yaml"), **cfg), "filters_for": which,
+    job = lambda which: Job.learning_filters_of(which).value
+    spec = [{"name": name, "config": write_config(o(f"{name}.yaml"), **cfg), "job": job(which),
              "accelerator": "bf16"} for name, (cfg, which) in configs.items()]
     for name, (cfg, which) in BUILT_ONLY.items():
         cfg = base_config(ll, lt, o(name), **filters, **cfg)
-        spec.append({"name": name, "config": write_config(o(f"{name}.yaml"), **cfg), "filters_for": which,
+        spec.append({"name": name, "config": write_config(o(f"{name}.yaml"), **cfg), "job": job(which),
                      "accelerator": "none", "build_only": True})
     with open(o("spec.json"), "w") as f:
         json.dump(spec, f)
@@ -143,22 +145,20 @@ def _reference(config_path: str, steps: int):
     from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
     from ted_ds.documents import for_model
     from ted_ds.engine import lr_multiplier, param_groups
-    from ted_ds.filters import load_filter_bank
     from ted_ds.losses import ObjectiveWeights, distill_objective
-    from ted_ds.recipes import StudentWithFilters, load_student, plan
+    from ted_ds.models import distill_modules
+    from ted_ds.plan import plan
+    from ted_ds.run import seed_everything
     from ted_ds.teacher import FrozenLM
-    from ted_ds.trainer import seed_everything
     from ted_ds.weights import load_model
 
     cfg = load_run_config(config_path)
     p = plan(cfg)
     seed_everything(cfg.train.seed)
-    bank = lambda path: load_filter_bank(path, load_json(path), path) if path else None
-    student, teacher = load_student(p), load_model(cfg.teacher.path)
-    documents = lambda model: for_model(model, p.document_eos, torch.float32)  # data.document_attention
-    student = StudentWithFilters(student, p.student_layers, bank(cfg.student.filters), documents(student))
-    teacher = FrozenLM(teacher, p.teacher_layers, bank(cfg.teacher.filters), True, 0, documents(teacher),
-                       p.manifest["vocab_size"])
+    student, teacher_filters = distill_modules(p)  # what the run builds before its engine, in fp32
+    teacher = load_model(cfg.teacher.path)
+    teacher = FrozenLM(teacher, p.teacher_layers, teacher_filters, True, 0,
+                       for_model(teacher, p.document_eos, torch.float32), p.manifest["vocab_size"])
     opt = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg, p.total_steps))
@@ -190,10 +190,6 @@ def _reference(config_path: str, steps: int):
     return per_step, student
 
 
-def load_json(bank_dir: str) -> dict:
-    return json.load(open(os.path.join(bank_dir, "filters.json")))
-
-
 def test_zero3_ted_matches_single_process_reference(runs):
     ref_losses, ref_student = _reference(runs["configs"]["ted_replicated"], STEPS)
     got = losses(runs["dirs"]["ted_replicated"])
@@ -214,8 +210,9 @@ def test_zero3_ted_matches_single_process_reference(runs):
 
 def test_only_student_and_its_filters_change(runs):
     from ted_ds.config import load_run_config
-    from ted_ds.recipes import load_student, plan
-    from ted_ds.trainer import seed_everything
+    from ted_ds.models import load_student
+    from ted_ds.plan import plan
+    from ted_ds.run import seed_everything
 
     cfg = load_run_config(runs["configs"]["ted_replicated"])
     seed_everything(cfg.train.seed)

@@ -88,7 +88,7 @@ def test_lwd_can_start_its_student_map_at_the_identity_and_refuses_it_where_it_m
     zero-padded to the teacher's size), so its layer loss starts from them; normal is N(0, 0.02)."""
     from ted_ds.config import DistillConfig, load_run_config
     from ted_ds.errors import ConfigError
-    from ted_ds.recipes import lwd_map
+    from ted_ds.models import lwd_map
 
     h = torch.randn(2, 5, 32)
     same = lwd_map(DistillConfig(method="lwd", lwd_map_init="identity"), 32, 32, [1, 2], seed=3)

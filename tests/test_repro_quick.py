@@ -21,7 +21,7 @@ from harness.common import REPO, corpus_lines
 
 @pytest.mark.multirank
 def test_repro_quick_runs_every_arm_on_paired_seeds_and_writes_the_rule_and_report(tmp_path):
-    from bench.repro import ARMS, MATCHED
+    from bench.repro_study import ARMS, MATCHED
 
     out = tmp_path / "repro"
     big = tmp_path / "corpus.txt"  # the bundled sample, never ../shared
@@ -66,7 +66,7 @@ def _get(cfg: dict, dotted: str):
 def test_the_verdict_holds_only_when_the_paired_interval_excludes_zero():
     from scipy import stats
 
-    from bench.repro import paired_comparison
+    from bench.repro_study import paired_comparison
 
     ted, kd = [10.0, 10.2, 9.8, 10.1, 9.9], [11.0, 11.4, 10.6, 11.2, 10.8]  # differences −1 ± 0.158
     c = paired_comparison(ted, kd)
@@ -109,7 +109,7 @@ BASE = {"kd-a1": 4.00, "kd-a4": 4.02, "ted-a1": 3.95, "ted-a4": 3.97, "lwd-ident
 ])
 def test_the_pre_registered_rule_needs_the_main_effect_at_matched_alpha_and_the_compute_matched_arm(
         change, outcome, main):
-    from bench.repro import decide, effects
+    from bench.repro_study import decide, effects
 
     scores = _scores({**BASE, **change})
     d = decide(scores)
@@ -122,7 +122,7 @@ def test_the_pre_registered_rule_needs_the_main_effect_at_matched_alpha_and_the_
 
 
 def test_the_rule_reads_the_books_test_split_not_wikipedia():
-    from bench.repro import decide
+    from bench.repro_study import decide
 
     scores = _scores({**BASE, "ted-a1": 4.05, "ted-a4": 4.07})  # TED worse on books ...
     for arm, runs in scores.items():
@@ -136,7 +136,8 @@ def test_the_rule_reads_the_books_test_split_not_wikipedia():
 
 
 def test_the_matched_arm_trains_for_teds_seconds_with_its_stage_1_over_kds_seconds_per_step(tmp_path):
-    from bench.repro import QUICK, arm_dir, bank, matched_steps
+    from bench.repro_runs import arm_dir, bank, matched_steps
+    from bench.repro_study import QUICK
 
     tokens = QUICK["global"] * QUICK["seq_len"]
 

@@ -63,7 +63,7 @@ class Block:
 
 def plan_cache(cfg: RunConfig, out: str, block_windows: int):
     """Check the run for caching and what ``out`` holds; returns (plan, build spec, every block)."""
-    from ted_ds.recipes import plan
+    from ted_ds.plan import plan
 
     t = cfg.teacher
     if t.logits_topk < 1:
@@ -134,7 +134,7 @@ def build_cache(cfg: RunConfig, out: str, batch: int | None = None, block_window
     """The whole command: check, start the process group, run the teacher over the blocks left to do,
     write the manifest; returns the line to print."""
     from ted_ds.engine import build_frozen, resolve_ds_config
-    from ted_ds.recipes import load_teacher
+    from ted_ds.models import load_teacher
 
     p, spec, blocks = plan_cache(cfg, out, block_windows)
     batch, world = batch or cfg.train.micro_batch_size, distributed.expected_world_size()

@@ -17,7 +17,8 @@ from torch.autograd.profiler import record_function
 
 from ted_ds import distributed
 from ted_ds.architectures import decoder_layers, load_hf_config
-from ted_ds.errors import ConfigError, DistributedError
+from ted_ds.config import check_pipeline_world
+from ted_ds.errors import DistributedError
 from ted_ds.filters import FilterBank
 from ted_ds.pipeline.layout import PipelineLayout
 from ted_ds.pipeline.messages import (
@@ -38,19 +39,95 @@ Received = dict[Message, torch.Tensor]  # this rank's buffer for each message it
 Made = dict[Message, torch.Tensor]  # what this stage made of a chunk, by message
 
 
+class PipelineGroup:
+    """The P consecutive ranks that hold one teacher pipeline, and everything they send each other:
+    group rank ``stage`` holds pipeline stage ``stage``.  Every wait is bounded (the collective timeout)
+    and a failure names what this stage was waiting for."""
+
+    def __init__(self, layout: PipelineLayout, timeout_minutes: float):
+        self.layout = layout
+        self.timeout = datetime.timedelta(minutes=timeout_minutes)
+        world, stages = distributed.world_size(), layout.stages
+        check_pipeline_world(stages, world)
+        self.index, self.stage = divmod(distributed.rank(), stages)
+        self.members = [self.index * stages + i for i in range(stages)]
+        self.groups = [dist.new_group([g * stages + i for i in range(stages)], timeout=self.timeout)
+                       for g in range(world // stages)]  # every rank creates every group, in order
+        self.group = self.groups[self.index]
+
+    def wait(self, work, what: str):
+        try:
+            if not work.wait(self.timeout):
+                raise RuntimeError("timed out")
+        except RuntimeError as e:
+            raise DistributedError(f"pipeline teacher, stage {self.stage} (rank {distributed.rank()}): {what} "
+                                   f"failed — a peer stage died, timed out or disagreed on shapes "
+                                   f"({str(e).splitlines()[0][:160]})") from None
+
+    def check_agrees(self, device: torch.device) -> None:
+        """Every member must have built the same pipeline, or the schedule would hang."""
+        mine = torch.tensor(list(self.layout.fingerprint()), dtype=torch.int64, device=device)
+        gathered = [torch.zeros_like(mine) for _ in self.members]
+        self.wait(dist.all_gather(gathered, mine, group=self.group, async_op=True), "layout handshake")
+        bad = [self.members[i] for i, g in enumerate(gathered) if not torch.equal(g, mine)]
+        if bad:
+            raise DistributedError(f"pipeline group {self.members}: ranks {bad} built a different teacher pipeline "
+                                   "(stages, layers, taps, filters or logits options differ); check their configs")
+
+    def gather_ids(self, input_ids: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Every member's micro-batch, cut into chunks: each stage runs them all."""
+        shape = torch.tensor(list(input_ids.shape), dtype=torch.int64, device=input_ids.device)
+        shapes = [torch.zeros_like(shape) for _ in self.members]
+        self.wait(dist.all_gather(shapes, shape, group=self.group, async_op=True), "shape exchange")
+        if any(not torch.equal(s, shape) for s in shapes):
+            raise DistributedError(f"pipeline group {self.members}: micro-batch shapes differ "
+                                   f"({[tuple(s.tolist()) for s in shapes]}); every rank needs the same batch shape")
+        all_ids = [torch.zeros_like(input_ids) for _ in self.members]
+        self.wait(dist.all_gather(all_ids, input_ids.contiguous(), group=self.group, async_op=True), "token exchange")
+        return [list(torch.tensor_split(ids, self.layout.chunks)) for ids in all_ids]
+
+    def exchange(self, tick: int, transfers: list[Transfer], made: Made, received: Received,
+                 chunk_ids: list) -> torch.Tensor | None:
+        """Post this tick's sends and receives as one batch, in the call's one order, and wait for
+        them all; returns the activations received for the next tick (None: none)."""
+        ops, whats, hidden = [], [], None
+        for t in transfers:
+            m = t.message
+            if t.sender == self.stage:
+                ops.append(dist.P2POp(dist.isend, made[m], self.members[t.receiver], self.group))
+                whats.append(f"sending {self._name(m)} to stage {t.receiver}")
+                continue
+            buffer = received.get(m)
+            if buffer is None:  # activations, for this stage's next tick
+                shape, dtype = buffer_shape(self.layout, m, *chunk_ids[m.owner][m.chunk].shape)
+                buffer = hidden = torch.empty(shape, dtype=dtype, device=chunk_ids[m.owner][m.chunk].device)
+            ops.append(dist.P2POp(dist.irecv, buffer, self.members[t.sender], self.group))
+            whats.append(f"receiving {self._name(m)} from stage {t.sender}")
+        works = dist.batch_isend_irecv(ops) if ops else []
+        if len(works) != len(ops):  # NCCL: one work for the whole batch
+            whats = ["; ".join(whats)]
+        for work, what in zip(works, whats):
+            self.wait(work, f"tick {tick}: {what}")
+        return hidden
+
+    def _name(self, m: Message) -> str:
+        kind = f"tap {self.layout.tap_layers[m.tap]}" if m.kind == MessageKind.TAP else m.kind.name.lower()
+        return f"{kind} of chunk {m.chunk} of stage {m.owner}"
+
+
 class PipelineTeacher:
-    """Group rank ``s`` of each group of P consecutive ranks holds pipeline stage ``s``.  A call (every
-    rank of the group, each with its own micro-batch) runs the group's P micro-batches, C chunks each,
-    through the stages (bubble (P-1)/(P·C + P-1)); each stage sends its filtered taps, and the last
-    the logits, straight to the rank that owns the chunk.  Teacher weights never travel."""
+    """Each rank of a ``PipelineGroup`` of P ranks holds one pipeline stage.  A call (every rank of the
+    group, each with its own micro-batch) runs the group's P micro-batches, C chunks each, through the
+    stages (bubble (P-1)/(P·C + P-1)); each stage sends its filtered taps, and the last the logits,
+    straight to the rank that owns the chunk.  Teacher weights never travel."""
 
     placement = "pipeline"
 
     def __init__(self, layout: PipelineLayout, path: str, config, filters: FilterBank | None,
                  timeout_minutes: float):
         self.layout = layout
-        self.timeout = datetime.timedelta(minutes=timeout_minutes)
-        self._join_groups()
+        self.comm = PipelineGroup(layout, timeout_minutes)
+        self.stage = self.comm.stage
         start, end = layout.blocks[self.stage]
         self.first, self.last = self.stage == 0, self.stage == layout.stages - 1
         self.device = distributed.device()
@@ -67,44 +144,13 @@ class PipelineTeacher:
                                                                                                layout.dtype).eval()
             self.filters.requires_grad_(False)
         self.posts = posts(layout, self.stage)
-        self._check_group_agrees()
+        self.comm.check_agrees(self.device)
         self.stats = {"calls": 0, "busy_s": 0.0, "wall_s": 0.0}  # for the bubble fraction (benchmarks)
         self.timed = False  # benchmarks set it: the stats' timers then wait for the device (a sync per chunk)
-
-    def _join_groups(self) -> None:
-        """``stage``: this rank's pipeline stage; ``members``: the ranks of its group, by stage."""
-        world, stages = distributed.world_size(), self.layout.stages
-        if world % stages:
-            raise ConfigError(f"teacher.pipeline_stages {stages} must divide the number of ranks {world}")
-        self.group_index, self.stage = divmod(distributed.rank(), stages)
-        self.members = [self.group_index * stages + i for i in range(stages)]
-        self.groups = [dist.new_group([g * stages + i for i in range(stages)], timeout=self.timeout)
-                       for g in range(world // stages)]  # every rank creates every group, in order
-        self.group = self.groups[self.group_index]
-
-    def _check_group_agrees(self) -> None:
-        """Every member must have built the same pipeline, or the schedule would hang."""
-        mine = torch.tensor(list(self.layout.fingerprint()), dtype=torch.int64, device=self.device)
-        gathered = [torch.zeros_like(mine) for _ in self.members]
-        self._wait(dist.all_gather(gathered, mine, group=self.group, async_op=True), "layout handshake")
-        bad = [self.members[i] for i, g in enumerate(gathered) if not torch.equal(g, mine)]
-        if bad:
-            raise DistributedError(f"pipeline group {self.members}: ranks {bad} built a different teacher pipeline "
-                                   "(stages, layers, taps, filters or logits options differ); check their configs")
 
     def local_parameters(self) -> int:
         n = sum(p.numel() for p in self.model.parameters() if not p.is_meta)
         return n + (sum(p.numel() for p in self.filters.parameters()) if self.filters is not None else 0)
-
-    # ------------------------------------------------------------------------- communication
-    def _wait(self, work, what: str):
-        try:
-            if not work.wait(self.timeout):
-                raise RuntimeError("timed out")
-        except RuntimeError as e:
-            raise DistributedError(f"pipeline teacher, stage {self.stage} (rank {distributed.rank()}): {what} "
-                                   f"failed — a peer stage died, timed out or disagreed on shapes "
-                                   f"({str(e).splitlines()[0][:160]})") from None
 
     def _clock(self) -> float:
         """Seconds for the stats; when ``timed``, after the device has run what was queued (at no other
@@ -124,25 +170,13 @@ class PipelineTeacher:
         return out
 
     def _call(self, input_ids: torch.Tensor) -> TeacherOutput:
-        chunk_ids = self._gather_ids(input_ids.to(self.device))
+        chunk_ids = self.comm.gather_ids(input_ids.to(self.device))
         received = self._buffers(chunk_ids[self.stage])
         hidden = None
         for tick, transfers in enumerate(self.posts):
             made = self._run_tick(tick, chunk_ids, hidden, received)
-            hidden = self._send_and_receive(tick, transfers, made, received, chunk_ids)
+            hidden = self.comm.exchange(tick, transfers, made, received, chunk_ids)
         return self._assemble(received)
-
-    def _gather_ids(self, input_ids: torch.Tensor) -> list[list[torch.Tensor]]:
-        """Every group member's micro-batch, cut into chunks: each stage runs them all."""
-        shape = torch.tensor(list(input_ids.shape), dtype=torch.int64, device=self.device)
-        shapes = [torch.zeros_like(shape) for _ in self.members]
-        self._wait(dist.all_gather(shapes, shape, group=self.group, async_op=True), "shape exchange")
-        if any(not torch.equal(s, shape) for s in shapes):
-            raise DistributedError(f"pipeline group {self.members}: micro-batch shapes differ "
-                                   f"({[tuple(s.tolist()) for s in shapes]}); every rank needs the same batch shape")
-        all_ids = [torch.zeros_like(input_ids) for _ in self.members]
-        self._wait(dist.all_gather(all_ids, input_ids.contiguous(), group=self.group, async_op=True), "token exchange")
-        return [list(torch.tensor_split(ids, self.layout.chunks)) for ids in all_ids]
 
     def _buffers(self, my_chunks: list[torch.Tensor]) -> Received:
         """A buffer for everything this rank's chunks get back: the call's output."""
@@ -187,34 +221,6 @@ class PipelineTeacher:
         by_kind = {MessageKind.ACTIVATIONS: out, MessageKind.LOGITS: values, MessageKind.TOPK_IDS: index}
         return {m: taps[m.tap] if m.kind == MessageKind.TAP else by_kind[m.kind]
                 for m in made_by(layout, self.stage, owner, c)}
-
-    def _send_and_receive(self, tick: int, transfers: list[Transfer], made: Made, received: Received,
-                          chunk_ids: list) -> torch.Tensor | None:
-        """Post this tick's sends and receives as one batch, in the call's one order, and wait for
-        them all; returns the activations received for the next tick (None: none)."""
-        ops, whats, hidden = [], [], None
-        for t in transfers:
-            m = t.message
-            if t.sender == self.stage:
-                ops.append(dist.P2POp(dist.isend, made[m], self.members[t.receiver], self.group))
-                whats.append(f"sending {self._name(m)} to stage {t.receiver}")
-                continue
-            buffer = received.get(m)
-            if buffer is None:  # activations, for this stage's next tick
-                shape, dtype = buffer_shape(self.layout, m, *chunk_ids[m.owner][m.chunk].shape)
-                buffer = hidden = torch.empty(shape, dtype=dtype, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, buffer, self.members[t.sender], self.group))
-            whats.append(f"receiving {self._name(m)} from stage {t.sender}")
-        works = dist.batch_isend_irecv(ops) if ops else []
-        if len(works) != len(ops):  # NCCL: one work for the whole batch
-            whats = ["; ".join(whats)]
-        for work, what in zip(works, whats):
-            self._wait(work, f"tick {tick}: {what}")
-        return hidden
-
-    def _name(self, m: Message) -> str:
-        kind = f"tap {self.layout.tap_layers[m.tap]}" if m.kind == MessageKind.TAP else m.kind.name.lower()
-        return f"{kind} of chunk {m.chunk} of stage {m.owner}"
 
     def _assemble(self, received: Received) -> TeacherOutput:
         """This rank's micro-batch: its chunks' messages joined back together."""

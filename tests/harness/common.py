@@ -20,6 +20,13 @@ deepspeed_cmd = local_deepspeed_command  # every multi-rank launch of the tests
 FAULTS_DIR = os.path.join(REPO, ".cache", "faults")
 
 
+def student_weights(out_dir: str) -> dict:
+    """The trained student a run wrote (``<out_dir>/hf``), tensor by name."""
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out_dir, "hf", "model.safetensors"))
+
+
 def losses(out_dir: str) -> dict[int, float]:
     """The total loss of every logged step in ``out_dir``'s metrics.jsonl (a re-run step: its last value)."""
     return {m["step"]: m["loss/total"] for m in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl")))

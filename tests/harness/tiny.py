@@ -115,10 +115,10 @@ def stage1_first_batch(config_path: str):
     from ted_ds.config import load_run_config
     from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset
     from ted_ds.filters import FilterBank
-    from ted_ds.recipes import plan
+    from ted_ds.plan import Job, plan
 
     cfg = load_run_config(config_path)
-    p = plan(cfg, "teacher")
+    p = plan(cfg, Job.FILTERS_TEACHER)
     bank = FilterBank(cfg.distill.filter, hidden_size(p.teacher_config), p.filter_dim, p.teacher_layers,
                       seed=cfg.train.seed)
     data = PackedShardDataset(cfg.data.path, "train", cfg.data.seq_len)
@@ -187,3 +187,15 @@ def span_difference(packed: list[torch.Tensor], alone, ids: torch.Tensor, spans)
         for got, want in zip(packed, alone(ids[b:b + 1, start:end])):
             worst = max(worst, (got[b, start:end].float() - want[0].float()).abs().max().item())
     return worst
+
+
+STEPS = 16  # a checkpointed run's length (checkpointed_config)
+
+
+def checkpointed_config(tiny, root, name, teacher=None, **over) -> str:
+    """A 2-rank LWD run of ``STEPS`` steps on the tiny LLaMA pair saving every 4 steps (keeping 2), written
+    as ``root/<name>.yaml`` with its out_dir ``root/<name>``: what the checkpoint and export tests run."""
+    cfg = base_config(tiny["llama_data"], teacher or tiny["llama_teacher"], str(root / name),
+                      **{"distill.method": "lwd", "train.steps": STEPS, "train.save_interval": 4,
+                         "train.keep_last": 2, **over})
+    return write_config(str(root / f"{name}.yaml"), **cfg)

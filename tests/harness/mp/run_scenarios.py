@@ -2,9 +2,9 @@
 
     deepspeed --num_gpus 2 tests/harness/mp/run_scenarios.py --spec spec.json --out results.json
 
-spec.json: [{"name": ..., "config": path, "filters_for": null|"teacher"|"student",
+spec.json: [{"name": ..., "config": path, "job": "distill" (default)|"filters-teacher"|"filters-student",
 "accelerator": "as-is"|"bf16"|"none", "build_only": bool, "cache_out": dir, "block_windows": n}, ...].
-For each scenario the real command runs (``ted_ds.trainer.run_recipe``), with DeepSpeed's accelerator
+For each scenario the real command runs (``ted_ds.run.run_recipe``), with DeepSpeed's accelerator
 reporting the half-precision support ``accelerator`` names; afterwards this script records whether the
 frozen side (teacher and its filters, or the frozen student of stage 1) is bit-identical to what it
 was built from, how many frozen parameters this rank stores, the devices and dtypes of what it holds,
@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from ted_ds import (
     distributed,  # noqa: E402
-    trainer,  # noqa: E402
+    recipes,  # noqa: E402
+    run,  # noqa: E402
 )
 from ted_ds.architectures import decoder_layers  # noqa: E402
 from ted_ds.cache.build import build_cache  # noqa: E402
@@ -32,7 +33,8 @@ from ted_ds.cli import _quiet_libraries  # noqa: E402
 from ted_ds.config import load_run_config  # noqa: E402
 from ted_ds.export import gathered_state_dict  # noqa: E402
 from ted_ds.filters import load_filter_bank  # noqa: E402
-from ted_ds.recipes import load_student, plan  # noqa: E402
+from ted_ds.models import load_student  # noqa: E402
+from ted_ds.plan import Job, plan  # noqa: E402
 from ted_ds.weights import (
     WeightReader,  # noqa: E402
     load_model,  # noqa: E402
@@ -69,22 +71,22 @@ class StudentProbe:
 
 def probe_students(probes: list) -> None:
     """Every student the trainer builds from now on gets a ``StudentProbe``, appended to ``probes``."""
-    build = trainer.build_distill
+    build = recipes.build_distill
 
     def build_and_probe(p, ds):
         recipe = build(p, ds)
         probes.append(StudentProbe(recipe.trained_model.model))
         return recipe
 
-    trainer.build_distill = build_and_probe
+    recipes.build_distill = build_and_probe
 
 
-def frozen_source(cfg, filters_for):
+def frozen_source(cfg, job: Job):
     """The frozen model as built from disk: the teacher, or the student in stage 1 on the student side."""
-    return load_student(plan(cfg, filters_for)) if filters_for == "student" else load_model(cfg.teacher.path)
+    return load_student(plan(cfg, job)) if job is Job.FILTERS_STUDENT else load_model(cfg.teacher.path)
 
 
-def frozen_matches_disk(recipe, cfg, filters_for) -> bool:
+def frozen_matches_disk(recipe, cfg, job: Job) -> bool:
     if recipe.frozen.placement == "pipeline":
         return pipeline_matches_disk(recipe.frozen, cfg)
     frozen = recipe.frozen.frozen if recipe.frozen.placement == "replicated" else recipe.frozen.engine.module
@@ -92,7 +94,7 @@ def frozen_matches_disk(recipe, cfg, filters_for) -> bool:
     state = gathered_state_dict(frozen)
     if distributed.rank() != 0:
         return True
-    disk = frozen_source(cfg, filters_for).state_dict()
+    disk = frozen_source(cfg, job).state_dict()
     ok = all(torch.equal(state[f"model.{k}"], v.to(dtype).float()) for k, v in disk.items())
     if frozen.filters is not None:
         bank = load_filter_bank(cfg.teacher.filters, frozen.filters.meta(), "teacher.filters")
@@ -154,13 +156,13 @@ def accelerator_reports(support: str) -> None:
             setattr(acc, attr, (lambda answer: lambda: answer)(kind in support))
 
 
-def build_only(cfg, filters_for) -> dict:
+def build_only(cfg, job: Job) -> dict:
     """A recipe built as the command builds it, not trained: what every rank holds, or the one-line error."""
     from ted_ds.errors import UserError
 
     try:
-        p, ds = trainer.setup(cfg, filters_for)
-        return held_by(trainer.build_recipe(p, ds, filters_for))
+        p, ds = run.setup(cfg, job)
+        return held_by(recipes.build_recipe(p, ds, job))
     except UserError as e:
         return {"error": str(e)}
 
@@ -177,14 +179,15 @@ def main() -> None:
     for scenario in json.load(open(args.spec)):
         cfg = load_run_config(scenario["config"], scenario.get("overrides", []))
         accelerator_reports(scenario.get("accelerator", "as-is"))
+        job = Job(scenario.get("job", Job.DISTILL.value))
         if scenario.get("build_only") or scenario.get("cache_out"):
-            results[scenario["name"]] = (build_only(cfg, scenario.get("filters_for")) if scenario.get("build_only")
+            results[scenario["name"]] = (build_only(cfg, job) if scenario.get("build_only")
                                          else {"line": build_cache(cfg, scenario["cache_out"], None,
                                                                    scenario["block_windows"])})
             distributed.barrier()
             continue
         probed, read_before = len(probes), WeightReader.process_total
-        recipe, _, result = trainer.run_recipe(cfg, scenario.get("filters_for"))
+        recipe, _, result = run.run_recipe(cfg, job)
         record = {"result": {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}}
         if len(probes) > probed:
             record["student"] = probes[-1].record()
@@ -193,7 +196,7 @@ def main() -> None:
         record["elements_read_max"] = float(read[0])  # what the busiest rank read from weight files
         record.update(held_by(recipe))
         if recipe.frozen is not None:
-            record["frozen_matches_disk"] = frozen_matches_disk(recipe, cfg, scenario.get("filters_for"))
+            record["frozen_matches_disk"] = frozen_matches_disk(recipe, cfg, job)
             local = torch.tensor([float(recipe.frozen.local_parameters())])
             record["frozen_local_params_rank0"] = float(local[0])
             record["frozen_local_params_sum"] = float(distributed.all_reduce_sum(local)[0])

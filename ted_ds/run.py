@@ -1,0 +1,79 @@
+"""A whole command: check, start the process group, build the recipe, train (or resume), save its outputs.
+
+``setup`` is everything before a recipe exists; ``run_recipe`` the rest.  The benchmarks and the
+multi-rank tests call these, not a copy.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+from ted_ds import distributed
+from ted_ds.capacity import check_fits
+from ted_ds.checkpoint import Checkpointer
+from ted_ds.config import RunConfig, save_config, to_dict
+from ted_ds.engine import resolve_ds_config
+from ted_ds.plan import Job, Plan, plan
+from ted_ds.recipes import Recipe, build_recipe
+from ted_ds.trainer import StopSignal, fit
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[Plan, dict]:
+    """Everything before a recipe is built: check the run against its files, ranks and devices, start
+    the process group, seed.  Returns the plan and the resolved DeepSpeed config.
+
+    Every check happens before the process group, and the rank's GPU is chosen from its launcher's
+    variables before the first thing that touches CUDA (the free-memory check)."""
+    p = plan(cfg, job)
+    world = distributed.expected_world_size()
+    ds = resolve_ds_config(cfg, world)
+    own_heads = job is not Job.DISTILL and cfg.distill.filter_head == "trainable"
+    check_fits(p, ds, world, distributed.local_world_size(),
+               with_teacher=cfg.runs_teacher or job is Job.FILTERS_TEACHER,
+               trained_heads=len(p.pairs) if own_heads else 0, device=distributed.device())
+    distributed.init(cfg.train.timeout_minutes)
+    if distributed.rank() == 0 and p.vocabularies:
+        print(f"ted-ds: {p.vocabularies}", file=sys.stderr)  # the sizes the checks compared
+    seed_everything(cfg.train.seed)
+    return p, ds
+
+
+def checkpointer(recipe: Recipe, p: Plan) -> Checkpointer:
+    """The recipe's checkpoints: what must match on resume (identity) and what an offline export needs."""
+    cfg = p.cfg
+    identity = {"recipe": recipe.name, "vocab_sha256": p.manifest["tokenizer"]["vocab_sha256"],
+                "student_layers": p.student_config.num_hidden_layers,
+                "student_hidden": p.student_config.hidden_size, "taps": [list(x) for x in p.pairs],
+                "seq_len": cfg.data.seq_len, "global_batch_size": cfg.train.global_batch_size}
+    bank = recipe.trained_filters
+    run_info = {"config": to_dict(cfg), "student_config": p.student_config.to_dict(),
+                "filters": bank.meta() if bank is not None else None,
+                "tokenizer": os.path.abspath(os.path.join(cfg.data.blend[0].path, "tokenizer"))}
+    return Checkpointer(os.path.join(cfg.train.out_dir, "checkpoints", recipe.name), cfg.train.keep_last, identity,
+                        run_info)
+
+
+def run_recipe(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[Recipe, Plan, dict]:
+    """A whole command of ``job``; returns the recipe, its plan and the last metrics (with ``output``,
+    the path the recipe saved, unless a signal stopped the run first)."""
+    stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step
+    p, ds = setup(cfg, job)
+    recipe = build_recipe(p, ds, job)
+    if distributed.rank() == 0:
+        os.makedirs(cfg.train.out_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.train.out_dir, "config.yaml"))
+    result = fit(recipe, p, checkpointer(recipe, p), stop)
+    if not result["stopped"]:
+        result["output"] = recipe.save_outputs(cfg.train.out_dir)
+    return recipe, p, result
