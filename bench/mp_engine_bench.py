@@ -86,7 +86,7 @@ def main():
             "rss_before_build_mb": rss_before, "rss_after_build_mb": rss_built,
             "teacher_local_params": recipe.frozen.local_parameters() if recipe.frozen is not None else 0,
             "bubble": 1 - stats["busy_s"] / stats["wall_s"] if stats else None,
-            "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len}
+            "tokens_per_step": cfg.tokens_per_step}
     if args.profile_steps:
         mine["profile"] = profile_steps(jobs["step"], [data.next_batch() for _ in range(args.profile_steps)],
                                         distributed.device().type != "cpu")

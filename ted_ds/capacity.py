@@ -17,6 +17,7 @@ import math
 import torch
 
 from ted_ds.architectures import decoder_layers, hidden_size, meta_model, vocab_size
+from ted_ds.config import check_pipeline_world
 from ted_ds.errors import ConfigError
 
 GIB = 2**30
@@ -105,8 +106,8 @@ def check_fits(p, ds: dict, world: int, local_ranks: int, with_teacher: bool, tr
     cfg = p.cfg
     t = cfg.teacher
     teacher_config = p.teacher_config if with_teacher else None
-    if teacher_config is not None and t.placement == "pipeline" and world % t.pipeline_stages:
-        raise ConfigError(f"teacher.pipeline_stages {t.pipeline_stages} must divide the number of ranks {world}")
+    if teacher_config is not None and t.placement == "pipeline":
+        check_pipeline_world(t.pipeline_stages, world)
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     need = rank_floor_bytes(teacher_config, p.student_config, t.placement, world, t.pipeline_stages,
                             t.pipeline_layers, compute_dtype(ds), tokens, reduce_bucket_elements(ds),

@@ -34,6 +34,13 @@ Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
 AttnImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
 
 
+def _at_least_one(section: str, values: dict) -> None:
+    """Counts and sizes of ``section`` that must be ≥ 1."""
+    for name, value in values.items():
+        if value < 1:
+            raise ConfigError(f"{section}.{name} must be ≥ 1, got {value}")
+
+
 @dataclass
 class TeacherConfig:
     path: str | None = None
@@ -70,6 +77,14 @@ class TeacherConfig:
     default, sdpa): eager | sdpa | flash_attention_2 | flash_attention_3 | flex_attention. One the installed
     stack or the model cannot run is refused before any process group starts."""
     trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _at_least_one("teacher", {"pipeline_stages": self.pipeline_stages, "pipeline_chunks": self.pipeline_chunks})
+        if self.logits_topk < 0:
+            raise ConfigError(f"teacher.logits_topk must be ≥ 0 (0: every logit), got {self.logits_topk}")
+        if self.cache and self.logits_topk < 1:
+            raise ConfigError("teacher.cache holds the teacher's top-k logits: set teacher.logits_topk (at most the "
+                              "cache's k)")
 
 
 @dataclass
@@ -115,6 +130,10 @@ class DataConfig:
     and no token attends across a document boundary — in the student and the teacher, in training,
     stage 1 and evaluation. Targets are unchanged (the token after an EOS is predicted from the EOS).
     Costs a dense (B, 1, T, T) mask under sdpa/eager; see ted_ds.documents."""
+
+    def __post_init__(self) -> None:
+        _at_least_one("data", {"seq_len": self.seq_len})
+        _check_sources(self)
 
     @property
     def blend(self) -> list[SourceConfig]:
@@ -169,6 +188,10 @@ class DistillConfig:
 
 
     def __post_init__(self) -> None:
+        if min(self.alpha, self.beta, self.temperature) < 0 or self.temperature == 0:
+            raise ConfigError("distill.alpha and distill.beta must be ≥ 0 and distill.temperature > 0")
+        if self.pairs is not None and (self.teacher_every or self.student_every):
+            raise ConfigError("give distill.pairs or distill.teacher_every/student_every, not both")
         if self.lwd_map_init == "identity" and (self.method != "lwd" or self.filter != "linear"):
             raise ConfigError("distill.lwd_map_init=identity is for method lwd with the linear filter, got method "
                               f"{self.method} with filter {self.filter}")
@@ -198,6 +221,17 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Global-norm gradient clipping; 0 turns it off."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr or self.warmup_steps < 0:
+            raise ConfigError("need optim.lr > 0, 0 ≤ optim.min_lr ≤ optim.lr and optim.warmup_steps ≥ 0")
+        if not 0 <= self.warmup_start_lr <= self.lr:
+            raise ConfigError(f"optim.warmup_start_lr must be in [0, optim.lr = {self.lr:g}], got "
+                              f"{self.warmup_start_lr:g}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction:g}")
+        if len(self.betas) != 2:
+            raise ConfigError("optim.betas must be two numbers")
 
 
 @dataclass
@@ -242,6 +276,17 @@ class TrainConfig:
     """Test hook, not for real runs: these 1-based steps' loss reads NaN on rank 0 only (gradients
     stay finite), so a test sees the trainer itself, agreed over ranks, skip the step."""
 
+    def __post_init__(self) -> None:
+        _at_least_one("train", {key: getattr(self, key) for key in (
+            "micro_batch_size", "global_batch_size", "log_interval", "eval_interval", "save_interval", "keep_last",
+            "max_bad_steps")})
+        if any(not isinstance(k, int) or k < 1 for k in self.eval_steps):
+            raise ConfigError(f"train.eval_steps must be steps ≥ 1, got {self.eval_steps}")
+        if self.steps is not None and self.tokens is not None:
+            raise ConfigError("set only one of train.steps and train.tokens")
+        if (self.steps or 1) < 1 or (self.tokens or 1) < 1:
+            raise ConfigError("train.steps / train.tokens must be ≥ 1")
+
 
 @dataclass
 class RunConfig:
@@ -253,34 +298,12 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        d, t, tr, o = self.distill, self.teacher, self.train, self.optim
-        for name, value in (("train.micro_batch_size", tr.micro_batch_size),
-                            ("train.global_batch_size", tr.global_batch_size), ("data.seq_len", self.data.seq_len),
-                            ("train.log_interval", tr.log_interval), ("train.eval_interval", tr.eval_interval),
-                            ("train.save_interval", tr.save_interval), ("train.keep_last", tr.keep_last),
-                            ("train.max_bad_steps", tr.max_bad_steps),
-                            ("teacher.pipeline_stages", t.pipeline_stages),
-                            ("teacher.pipeline_chunks", t.pipeline_chunks)):
-            if value < 1:
-                raise ConfigError(f"{name} must be ≥ 1, got {value}")
-        if any(not isinstance(k, int) or k < 1 for k in tr.eval_steps):
-            raise ConfigError(f"train.eval_steps must be steps ≥ 1, got {tr.eval_steps}")
+        """What spans sections; each section checks its own fields when it is built."""
+        d, t, tr = self.distill, self.teacher, self.train
         if tr.steps is None and tr.tokens is None:
             raise ConfigError("set train.steps or train.tokens")
-        if tr.steps is not None and tr.tokens is not None:
-            raise ConfigError("set only one of train.steps and train.tokens")
-        if (tr.steps or 1) < 1 or (tr.tokens or 1) < 1:
-            raise ConfigError("train.steps / train.tokens must be ≥ 1")
-        if min(d.alpha, d.beta, d.temperature) < 0 or d.temperature == 0:
-            raise ConfigError("distill.alpha and distill.beta must be ≥ 0 and distill.temperature > 0")
-        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr or o.warmup_steps < 0:
-            raise ConfigError("need optim.lr > 0, 0 ≤ optim.min_lr ≤ optim.lr and optim.warmup_steps ≥ 0")
-        if not 0 <= o.warmup_start_lr <= o.lr:
-            raise ConfigError(f"optim.warmup_start_lr must be in [0, optim.lr = {o.lr:g}], got {o.warmup_start_lr:g}")
-        if not 0 < o.decay_fraction <= 1:
-            raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction:g}")
-        if len(o.betas) != 2:
-            raise ConfigError("optim.betas must be two numbers")
+        if not self.data.path and self.data.sources is None:
+            raise ConfigError("data.path is required (a ted-prep build directory), or data.sources")
         if sum(x is not None for x in (self.student.path, self.student.config, self.student.init_from_teacher,
                                        tr.init_from)) != 1:
             raise ConfigError("give exactly one of student.path, student.config, student.init_from_teacher and "
@@ -289,14 +312,17 @@ class RunConfig:
             raise ConfigError(f"method {d.method} needs teacher.path")
         if t.cache and not self.uses_teacher:
             raise ConfigError(f"method {d.method} uses no teacher: remove teacher.cache")
-        if t.cache and t.logits_topk < 1:
-            raise ConfigError("teacher.cache holds the teacher's top-k logits: set teacher.logits_topk (at most the "
-                              "cache's k)")
         if self.student.init_from_teacher is not None and not t.path:
             raise ConfigError("student.init_from_teacher needs teacher.path")
-        if d.pairs is not None and (d.teacher_every or d.student_every):
-            raise ConfigError("give distill.pairs or distill.teacher_every/student_every, not both")
-        _check_data(self.data)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.data.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        """The run's optimizer steps: ``train.steps``, or ``train.tokens`` rounded up to whole steps."""
+        return self.train.steps or math.ceil(self.train.tokens / self.tokens_per_step)
 
     @property
     def uses_teacher(self) -> bool:
@@ -320,13 +346,11 @@ class RunConfig:
         return self.uses_teacher and (self.uses_layers or not self.logits_from_cache)
 
 
-def _check_data(data: DataConfig) -> None:
-    """Exactly one of data.path and data.sources; sources named, located and weighted sensibly."""
+def _check_sources(data: DataConfig) -> None:
+    """At most one of data.path and data.sources; sources named, located and weighted sensibly."""
     if data.path and data.sources is not None:
         raise ConfigError("give data.path (one source) or data.sources, not both")
     if data.sources is None:
-        if not data.path:
-            raise ConfigError("data.path is required (a ted-prep build directory), or data.sources")
         return
     if not data.sources:
         raise ConfigError("data.sources is empty")

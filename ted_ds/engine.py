@@ -3,7 +3,8 @@
 * ``resolve_ds_config`` fills a ds_configs/ JSON from the run config ("auto") and refuses values
   that disagree with it, so batch size, accumulation, clipping and LR have one source of truth.
 * ``build_trained_engine`` puts the trained module (student + its filters, or a filter bank in
-  stage 1) under ``deepspeed.initialize`` with our AdamW (or the JSON's optimizer) and schedule.
+  stage 1) under ``deepspeed.initialize`` with our AdamW (or the JSON's optimizer) and the schedule
+  of ted_ds.optim.
 * ``build_frozen`` places a frozen model by ``teacher.placement``.
 """
 
@@ -11,17 +12,17 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 
 import torch
 from torch import nn
 
 from ted_ds import distributed
-from ted_ds.architectures import compile_blocks, ndim
+from ted_ds.architectures import compile_blocks
 from ted_ds.config import RunConfig, accumulation_steps
 from ted_ds.documents import for_model
 from ted_ds.errors import ConfigError
+from ted_ds.optim import lr_multiplier, param_groups
 from ted_ds.teacher import LOGITS_DTYPES, FrozenLM, ReplicatedTeacher, Teacher, Zero3Teacher
 from ted_ds.weights import check_dtype
 
@@ -85,48 +86,10 @@ def frozen_ds_config(ds: dict) -> dict:
     return frozen
 
 
-def lr_multiplier(step: int, cfg: RunConfig, total_steps: int) -> float:
-    """LR ÷ optim.lr at 0-based ``step``: linear warmup from ``warmup_start_lr`` (0 by default; a
-    continual run re-warms from its predecessor's final LR), then ``schedule``:
-
-    cosine    decay to min_lr over the remaining steps
-    wsd       warmup-stable-decay: constant, then linear decay to min_lr over the last
-              ``decay_fraction`` of the run, reaching min_lr at the last step
-    constant  stay at lr
-    """
-    o = cfg.optim
-    floor, start = o.min_lr / o.lr, o.warmup_start_lr / o.lr
-    if step < o.warmup_steps:
-        return start + (1.0 - start) * (step + 1) / o.warmup_steps
-    if o.schedule == "constant":
-        return 1.0
-    if o.schedule == "wsd":
-        decay_steps = wsd_decay_steps(cfg, total_steps)
-        into_decay = step - (total_steps - decay_steps) + 1
-        return 1.0 if into_decay <= 0 else 1.0 - (1.0 - floor) * min(1.0, into_decay / decay_steps)
-    progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def wsd_decay_steps(cfg: RunConfig, total_steps: int) -> int:
-    """Steps of WSD's final decay: ``optim.decay_fraction`` of the run, at least one."""
-    return max(1, round(cfg.optim.decay_fraction * total_steps))
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; leave biases, norms and other vectors alone."""
-    decay, no_decay = [], []
-    for p in module.parameters():
-        if p.requires_grad:
-            (decay if ndim(p) >= 2 else no_decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay},
-                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-
-
 def build_trained_engine(cfg: RunConfig, module: nn.Module, ds: dict, total_steps: int):
     import deepspeed
 
-    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg, total_steps))
+    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg.optim, total_steps))
     check_dtype(module, compute_dtype(ds), "the trained parameters", trained_only=True)
     groups = param_groups(module, cfg.optim.weight_decay)
     optimizer = None

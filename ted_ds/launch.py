@@ -12,7 +12,7 @@ import shlex
 import shutil
 import sys
 
-from ted_ds.config import RunConfig, accumulation_steps
+from ted_ds.config import RunConfig, accumulation_steps, check_pipeline_world
 from ted_ds.errors import ConfigError
 
 LAUNCHERS = ("deepspeed", "srun", "torchrun", "mpirun")
@@ -22,8 +22,8 @@ def check_world(cfg: RunConfig, world: int) -> str:
     """One line describing how the batch splits over ``world`` ranks, or a ConfigError."""
     mb, gb = cfg.train.micro_batch_size, cfg.train.global_batch_size
     accumulation = accumulation_steps(gb, mb, world)
-    if cfg.teacher.placement == "pipeline" and world % cfg.teacher.pipeline_stages:
-        raise ConfigError(f"teacher.pipeline_stages {cfg.teacher.pipeline_stages} does not divide {world} ranks")
+    if cfg.teacher.placement == "pipeline":
+        check_pipeline_world(cfg.teacher.pipeline_stages, world)
     line = f"{world} ranks: micro-batch {mb} × accumulation {accumulation} × {world} ranks = global batch {gb}"
     if cfg.teacher.placement == "pipeline":
         line += f"; teacher in {world // cfg.teacher.pipeline_stages} pipeline groups of {cfg.teacher.pipeline_stages}"

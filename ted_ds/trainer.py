@@ -227,7 +227,7 @@ def fit(recipe: Recipe, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -
         log.resumed(tag, progress.step, data.sampler.consumed)
     dtype = next(recipe.trained_model.parameters()).dtype  # the run's compute dtype (engine.check_dtype)
     peak = device_peak_flops(cfg.train.peak_tflops, distributed.device(), dtype) * distributed.world_size()
-    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    tokens_per_step = cfg.tokens_per_step
     last: dict = {}
     window_time, window_steps = 0.0, 0  # training time only: evaluation and saving excluded
 

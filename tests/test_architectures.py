@@ -357,7 +357,7 @@ def test_attention_switches_reach_the_models_and_unrunnable_ones_are_refused(tin
     assert not dist.is_initialized()
 
 
-def test_compile_without_a_toolchain_is_one_line_at_start_up(tiny, tmp_path, capsys, monkeypatch):
+def test_compile_without_a_toolchain_is_one_line_at_start_up(tiny, tmp_path, capsys):
     """train.compile_blocks where inductor finds no C++ compiler (a CPU) is refused before any process
     group, not at the first forward."""
     import torch._inductor.config as inductor
@@ -365,10 +365,10 @@ def test_compile_without_a_toolchain_is_one_line_at_start_up(tiny, tmp_path, cap
 
     from ted_ds.cli import main as ted_main
 
-    monkeypatch.setattr(inductor.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
     cfg = write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"], tiny["llama_teacher"],
                                                                str(tmp_path / "o"), **{"distill.method": "kd"}))
-    assert ted_main(["distill", "--config", cfg, "train.compile_blocks=true"]) == 2
+    with inductor.patch({"cpp.cxx": (str(tmp_path / "no-such-c++"),)}):
+        assert ted_main(["distill", "--config", cfg, "train.compile_blocks=true"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train.compile_blocks: torch.compile needs a C++ compiler" in err, err
     assert not dist.is_initialized()

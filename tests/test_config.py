@@ -105,3 +105,31 @@ def test_code_in_a_model_directory_never_runs_without_trust_remote_code(tiny, tm
     _fails(capsys, tmp_path, base_config(tiny["llama_data"], str(model), str(tmp_path / "o"),
                                          **{"distill.method": "kd"}), "not a loadable HF model config")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("section,fields,message", [
+    ("TeacherConfig", {"pipeline_stages": 0}, "teacher.pipeline_stages must be ≥ 1, got 0"),
+    ("TeacherConfig", {"cache": "c"}, "teacher.cache holds the teacher's top-k logits"),
+    ("DataConfig", {"path": "d", "seq_len": 0}, "data.seq_len must be ≥ 1, got 0"),
+    ("DataConfig", {"path": "d", "sources": []}, "give data.path (one source) or data.sources, not both"),
+    ("DistillConfig", {"temperature": 0.0}, "distill.temperature > 0"),
+    ("DistillConfig", {"pairs": [[2, 1]], "teacher_every": 2}, "give distill.pairs or"),
+    ("OptimConfig", {"lr": 1e-4, "min_lr": 1e-3}, "0 ≤ optim.min_lr ≤ optim.lr"),
+    ("OptimConfig", {"decay_fraction": 0.0}, "optim.decay_fraction must be in (0, 1], got 0"),
+    ("TrainConfig", {"keep_last": 0}, "train.keep_last must be ≥ 1, got 0"),
+    ("TrainConfig", {"steps": 10, "tokens": 100}, "set only one of train.steps and train.tokens"),
+])
+def test_each_section_checks_its_own_fields_when_built(section, fields, message):
+    """A section built on its own (a test, a library caller, dataclasses.replace) is checked as a loaded config is."""
+    from ted_ds import config
+
+    with pytest.raises(ConfigError) as e:
+        getattr(config, section)(**fields)
+    assert message in str(e.value)
+
+
+def test_total_steps_from_tokens_round_up_to_whole_steps(tiny, tmp_path):
+    cfg = load_run_config(write_config(str(tmp_path / "c.yaml"), **base_config(
+        tiny["llama_data"], tiny["llama_teacher"], str(tmp_path / "o"), **{"train.steps": None,
+                                                                          "train.tokens": 8 * 32 * 5 + 1})))
+    assert cfg.tokens_per_step == 8 * 32 and cfg.total_steps == 6

@@ -149,9 +149,9 @@ def _reference(config_path: str, steps: int):
     from ted_ds.config import load_run_config
     from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
     from ted_ds.documents import for_model
-    from ted_ds.engine import lr_multiplier, param_groups
     from ted_ds.losses import ObjectiveWeights, distill_objective
     from ted_ds.models import distill_modules
+    from ted_ds.optim import lr_multiplier, param_groups
     from ted_ds.plan import plan
     from ted_ds.run import seed_everything
     from ted_ds.teacher import FrozenLM
@@ -166,7 +166,7 @@ def _reference(config_path: str, steps: int):
                        for_model(teacher, p.document_eos, torch.float32), p.manifest["vocab_size"])
     opt = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg, p.total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg.optim, p.total_steps))
     data = PackedShardDataset(cfg.data.path, "train", cfg.data.seq_len)
     sampler = ConsumedSamplesSampler(len(data), cfg.train.global_batch_size, cfg.train.micro_batch_size, 0, 1,
                                      cfg.train.seed)
