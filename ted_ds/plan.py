@@ -172,6 +172,31 @@ def check_sources(data: DataConfig) -> list[dict]:
     return manifests
 
 
+def model_configs(cfg: RunConfig, needs_teacher: bool) -> tuple:
+    """The HF configs the run builds its teacher (None without one) and student from, each with the run's
+    attention kernel, checked to run here and to hold ``data.seq_len`` positions."""
+    t, s = cfg.teacher, cfg.student
+    teacher_file_config = load_hf_config(t.path, t.trust_remote_code) if t.path and needs_teacher else None
+    if cfg.train.init_from:
+        student_config = init_from_config(cfg.train.init_from, s.trust_remote_code)
+    elif s.path:
+        student_config = load_hf_config(s.path, s.trust_remote_code)
+    elif s.config:
+        student_config = load_hf_config(s.config, s.trust_remote_code)
+    else:  # teacher blocks: from the teacher's own file config, not inheriting teacher.attn_implementation
+        student_config = teacher_blocks_config(teacher_file_config, s.init_from_teacher)
+    teacher_config = teacher_hf_config(t) if teacher_file_config is not None else None
+    student_config = with_attention(student_config, s.attn_implementation)
+    for what, conf in (("teacher", teacher_config), ("student", student_config)):
+        if conf is None:
+            continue
+        check_attention(conf, what)
+        limit = max_positions(conf)
+        if limit is not None and cfg.data.seq_len > limit:
+            raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the {what}'s {limit} positions")
+    return teacher_config, student_config
+
+
 def plan(cfg: RunConfig, job: Job = Job.DISTILL) -> Plan:
     """Validate a run of ``job`` against the files it names.  Every shard is checked against the
     manifest here, before any process group: a damaged one is named.  Hub ids in the config are
@@ -183,24 +208,7 @@ def plan(cfg: RunConfig, job: Job = Job.DISTILL) -> Plan:
     needs_teacher = cfg.uses_teacher or cfg.student.init_from_teacher is not None or learning
     cfg = with_local_models(cfg, teacher=needs_teacher)  # hub ids → directories of the local HF cache
     t, s = cfg.teacher, cfg.student
-    teacher_file_config = load_hf_config(t.path, t.trust_remote_code) if t.path and needs_teacher else None
-    if cfg.train.init_from:
-        student_config = init_from_config(cfg.train.init_from, s.trust_remote_code)
-    elif s.path:
-        student_config = load_hf_config(s.path, s.trust_remote_code)
-    elif s.config:
-        student_config = load_hf_config(s.config, s.trust_remote_code)
-    else:
-        student_config = teacher_blocks_config(teacher_file_config, s.init_from_teacher)
-    teacher_config = teacher_hf_config(t) if teacher_file_config is not None else None
-    student_config = with_attention(student_config, s.attn_implementation)
-    for what, conf in (("teacher", teacher_config), ("student", student_config)):
-        if conf is None:
-            continue
-        check_attention(conf, what)
-        limit = max_positions(conf)
-        if limit is not None and cfg.data.seq_len > limit:
-            raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the {what}'s {limit} positions")
+    teacher_config, student_config = model_configs(cfg, needs_teacher)
     vocab_line = check_vocabularies(manifest, {"teacher": (teacher_config, t.path),
                                                "student": (student_config, s.path or s.config or cfg.train.init_from)})
     hf_start = cfg.train.init_from if cfg.train.init_from and is_hf_dir(cfg.train.init_from) else s.path
