@@ -62,6 +62,11 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
         ds["zero_allow_untested_optimizer"] = True  # our torch AdamW under ZeRO
     if "scheduler" in ds:
         raise ConfigError(f"{path}: remove the 'scheduler' section; the schedule comes from optim.* in the run config")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        raise ConfigError(f"{path}: zero_optimization.stage is {stage}; ted-ds builds and trains the student under "
+                          "ZeRO-3 (for a student that fits every rank, keep its parameters whole with "
+                          "zero_optimization.stage3_param_persistence_threshold above its largest tensor)")
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds

@@ -3,6 +3,7 @@ code would have to run (``--trust-remote-code``), each refused in one line befor
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -77,6 +78,10 @@ def test_bad_configs_fail_before_any_process_group(tiny, gpt2_tokenizer, tmp_pat
            "noteacher")
     _fails(capsys, tmp_path, good(**{"distill.method": "kd", "train.deepspeed_config": "nope.json"}),
            "DeepSpeed config not found")
+    stage2 = tmp_path / "zero2.json"
+    stage2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    _fails(capsys, tmp_path, good(**{"distill.method": "kd", "train.deepspeed_config": str(stage2)}),
+           "zero_optimization.stage is 2", "stage3_param_persistence_threshold")
     # a teacher whose tokenizer is not the data's
     _fails(capsys, tmp_path, base_config(tiny["llama_data"], tiny["gpt2_teacher"], str(tmp_path / "o"),
                                          **{"distill.method": "kd"}), "different tokenizer")
