@@ -53,6 +53,9 @@ def runs(tiny, tmp_path_factory):
     o = lambda name: str(root / name)
     bf16_config = o("zero3_cpu_bf16.json")  # the CPU config with one switch flipped, as a GPU user would
     ds = json.load(open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "ds_configs", "zero3_cpu.json")))
+    persistent_config = o("zero3_cpu_persistent.json")  # every parameter whole: ZeRO-3 without gathers
+    json.dump(ds | {"zero_optimization": ds["zero_optimization"] | {"stage3_param_persistence_threshold": 1e12}},
+              open(persistent_config, "w"))
     ds["bf16"] = {"enabled": True}
     json.dump(ds, open(bf16_config, "w"))
     ll, gp = tiny["llama_data"], tiny["gpt2_data"]
@@ -78,6 +81,8 @@ def runs(tiny, tmp_path_factory):
         "ted_compiled_pipeline": (base_config(ll, lt, o("ted_cpp"), **filters, **{
             "teacher.placement": "pipeline", "teacher.pipeline_stages": 2, "train.compile_blocks": True,
             "train.steps": 2}), None),
+        "ted_persistent": (base_config(ll, lt, o("ted_persist"), **filters, **{
+            "train.deepspeed_config": persistent_config, "train.steps": 2}), None),
         "ted_bf16": (base_config(ll, lt, o("ted_bf16"), **filters, **{"train.deepspeed_config": bf16_config}), None),
         "lwd": (base_config(ll, lt, o("lwd"), **{"distill.method": "lwd", "train.steps": 2}), None),
         "kd": (base_config(ll, lt, o("kd"), **{"distill.method": "kd", "train.steps": 2}), None),
@@ -390,6 +395,15 @@ def test_deepspeed_ops_were_built_into_this_cpus_cache(runs):
 
     keyed = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], this_cpu_key())
     assert any("shm_comm" in name for _, dirs, _ in os.walk(keyed) for name in dirs), keyed
+
+
+def test_persistent_parameters_keep_the_student_whole_and_change_no_number(runs):
+    """stage3_param_persistence_threshold above every tensor: each rank holds the whole student as a
+    training forward starts (nothing left to gather; with threshold 0 nothing is whole there), and the
+    losses are ZeRO-3's exactly."""
+    sharded, whole = runs["results"]["ted_zero3"]["student"], runs["results"]["ted_persistent"]["student"]
+    assert whole["resident_share"] == 1 and sharded["resident_share"] < 0.01, (whole, sharded)
+    assert losses(runs["dirs"]["ted_persistent"]) == losses(runs["dirs"]["ted_replicated"])[:2]
 
 
 def test_compiled_blocks_run_compiled_and_change_no_number(runs):

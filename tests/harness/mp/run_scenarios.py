@@ -47,13 +47,20 @@ class StudentProbe:
     times the first sub-module of its first block runs per forward of the whole model (2 under
     activation checkpointing: the forward and its recomputation in the backward; transformers keeps
     the block's own hooks outside the checkpoint, so the probe sits inside it), the dtypes of that
-    module's weights and output, and whether it was in train mode (dropout live)."""
+    module's weights and output, whether it was in train mode (dropout live), and the share of the
+    student's parameters whole as a training forward starts (ZeRO-3 persistence)."""
 
     def __init__(self, model):
-        self.forwards, self.block_calls = 0, 0
+        self.forwards, self.block_calls, self.resident = 0, 0, 0
+        self.full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         self.weights, self.activations, self.train_mode = set(), set(), set()
+        model.register_forward_pre_hook(self._model_starts)
         model.register_forward_hook(self._model_ran)
         next(decoder_layers(model)[0].children()).register_forward_hook(self._block_ran)
+
+    def _model_starts(self, module, _inputs):
+        if torch.is_grad_enabled():  # ZeRO-3 gathers a block at the block: what is whole here stayed whole
+            self.resident = max(self.resident, sum(p.data.numel() for p in module.parameters()))
 
     def _model_ran(self, _module, _inputs, _output):
         self.forwards += torch.is_grad_enabled()
@@ -67,6 +74,7 @@ class StudentProbe:
 
     def record(self) -> dict:
         return {"block_calls_per_forward": self.block_calls / self.forwards, "weight_dtypes": sorted(self.weights),
+                "resident_share": self.resident / self.full,
                 "activation_dtypes": sorted(self.activations), "train_mode": sorted(self.train_mode)}
 
 
