@@ -8,7 +8,9 @@ micro-batches, peak RSS, and (pipeline) the stages' busy time inside teacher cal
 the same process also builds the student-only LM baseline (same initialisation) and times its step on
 the same micro-batches, interleaved with the others, so that the overhead ratio is not at the mercy of
 run-to-run noise between launches.  Every timed job ends with ``distributed.synchronize``: on a GPU a
-timer that stops before the device is done times the kernel launches, not the work.
+timer that stops before the device is done times the kernel launches, not the work.  Also reported:
+the step's FLOPs per token as the trainer counts them for MFU, and (GPU) the peak memory allocated
+during the timed steps.
 """
 
 import argparse
@@ -67,8 +69,11 @@ def main():
     times = {name: [] for name in names}
     if hasattr(recipe.frozen, "timed"):
         recipe.frozen.timed = True  # the pipeline's bubble timers wait for the device
+    on_gpu = distributed.device().type == "cuda"
     for i in range(args.warmup + args.steps):
         micro = data.next_batch()
+        if i == args.warmup and on_gpu:
+            torch.cuda.reset_peak_memory_stats()  # the peak of the timed steps: optimizer states exist by now
         for name in names[i % len(names):] + names[:i % len(names)]:  # rotate: no fixed order advantage
             distributed.barrier()
             start = time.perf_counter()
@@ -83,6 +88,8 @@ def main():
             "teacher_forward_s": median(times.get("teacher", [])),
             "lm_step_s": median(times["lm"]) if "lm" in times else None,
             "peak_rss_mb": rss_mb(),
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+            "flops_per_token": recipe.flops_per_token,
             "rss_before_build_mb": rss_before, "rss_after_build_mb": rss_built,
             "teacher_local_params": recipe.frozen.local_parameters() if recipe.frozen is not None else 0,
             "bubble": 1 - stats["busy_s"] / stats["wall_s"] if stats else None,
