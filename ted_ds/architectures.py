@@ -129,6 +129,31 @@ def teacher_blocks_config(teacher_config, layers: list[int]):
     return config
 
 
+def with_attention(config, attn_implementation: str | None):
+    """``config`` set to build its model with ``attn_implementation`` (None: leave the config's own)."""
+    if attn_implementation is not None:
+        config = copy.deepcopy(config)
+        config._attn_implementation = attn_implementation
+    return config
+
+
+def teacher_hf_config(teacher) -> object:
+    """The HF config the run builds its teacher from (``teacher``: the run's TeacherConfig): the directory's,
+    with the run's attention kernel."""
+    return with_attention(load_hf_config(teacher.path, teacher.trust_remote_code), teacher.attn_implementation)
+
+
+def check_attention(config, what: str) -> None:
+    """Refuse, in one line, an attention kernel the installed stack or the model class cannot run:
+    transformers' own check, which otherwise fails only when a rank builds the model."""
+    try:
+        meta_model(config)
+    except (ImportError, ValueError) as e:
+        impl = getattr(config, "_attn_implementation", None)
+        raise ConfigError(f"{what}.attn_implementation {impl!r} cannot run here: {str(e).splitlines()[0]} "
+                          f"(install what it names, or choose sdpa)") from None
+
+
 # ----------------------------------------------------------------------------- module trees
 def instantiate(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The causal LM of ``config``, built in the caller's context (device, ``no_init_weights``,
@@ -137,6 +162,42 @@ def instantiate(config, dtype: torch.dtype = torch.float32) -> nn.Module:
 
     quiet_transformers()
     return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trusted(config))
+
+
+def compile_blocks(model: nn.Module, zero3: bool = False) -> nn.Module:
+    """``train.compile_blocks``: each decoder block's forward through ``torch.compile``.  The block's own
+    hooks (ZeRO-3's gathers, tap recorders, transformers' activation checkpointing) stay outside the
+    compiled code.  Under ZeRO-3 (``zero3``; call before ``deepspeed.initialize``) the blocks become
+    DeepSpeed leaf modules, so one hook gathers a whole block before its compiled forward instead of a
+    hook per linear layer inside it.  Blocks without parameters (a pipeline stage's stand-ins for the
+    other stages' blocks) stay as they are."""
+    blocks = [block for block in decoder_layers(model) if any(True for _ in block.parameters())]
+    if zero3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, [type(blocks[0])])
+    for block in blocks:
+        block.forward = torch.compile(block.forward)
+    return model
+
+
+def check_compile(on_gpu: bool) -> None:
+    """``train.compile_blocks`` at start-up: torch.compile's inductor writes Triton kernels for a GPU and
+    C++ for a CPU; a missing toolchain is one line here, not a failure at the first forward."""
+    if on_gpu:
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError("train.compile_blocks: torch.compile needs Triton on a GPU and this environment has "
+                              "none (pip install triton), or turn train.compile_blocks off")
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # inductor's own search: InvalidCxxCompiler and what a broken setting raises
+        raise ConfigError(f"train.compile_blocks: torch.compile needs a C++ compiler on a CPU ({str(e).splitlines()[0]}"
+                          "); install g++ or set CXX, or turn train.compile_blocks off") from None
 
 
 def meta_model(config) -> nn.Module:

@@ -31,6 +31,7 @@ FilterHead = Literal["teacher", "trainable"]
 Schedule = Literal["cosine", "wsd", "constant"]
 LogitsDtype = Literal["fp32", "bf16", "fp16"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
 
 
 @dataclass
@@ -64,6 +65,10 @@ class TeacherConfig:
     checked before any process group starts."""
     filters: str | None = None
     """Teacher filter bank from stage 1 (``learn-filters --model teacher``). Required by ``ted``."""
+    attn_implementation: AttnImplementation | None = None
+    """The teacher's attention kernel under every placement (None: what its config.json says, else transformers'
+    default, sdpa): eager | sdpa | flash_attention_2 | flash_attention_3 | flex_attention. One the installed
+    stack or the model cannot run is refused before any process group starts."""
     trust_remote_code: bool = False
 
 
@@ -80,6 +85,8 @@ class StudentConfig:
     head are copied too). The usual way to start a small student well."""
     filters: str | None = None
     """Student filter bank from stage 1 (``learn-filters --model student``). Required by ``ted``."""
+    attn_implementation: AttnImplementation | None = None
+    """The student's attention kernel, as ``teacher.attn_implementation`` (flex_attention trains on GPUs only)."""
     activation_checkpointing: bool = False
     trust_remote_code: bool = False
 
@@ -224,6 +231,10 @@ class TrainConfig:
     """Per-device peak used for MFU; default: looked up for known GPUs (dense bf16), else measured by a
     matmul in the run's dtype on the run's device (a CPU, or a GPU the table does not know)."""
     progress: bool = True
+    compile_blocks: bool = False
+    """torch.compile every decoder block of the student and of the frozen teacher (every placement, and
+    stage 1's frozen model); under ZeRO-3 each block's parameters are then gathered by one hook.  The same
+    numbers within rounding.  Needs Triton on a GPU and a C++ compiler on a CPU (checked at start-up)."""
     max_bad_steps: int = 5
     """A step whose loss is NaN/inf on any rank is skipped (no optimizer update) and counted as
     ``bad_steps``; this many in a row stop the run with an error, the last good checkpoint kept."""

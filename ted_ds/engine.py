@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ted_ds import distributed
-from ted_ds.architectures import ndim
+from ted_ds.architectures import compile_blocks, ndim
 from ted_ds.config import RunConfig, accumulation_steps
 from ted_ds.documents import for_model
 from ted_ds.errors import ConfigError
@@ -137,6 +137,11 @@ def build_trained_engine(cfg: RunConfig, module: nn.Module, ds: dict, total_step
     return engine
 
 
+def compiled(cfg: RunConfig, model: nn.Module, zero3: bool = False) -> nn.Module:
+    """``model`` with its decoder blocks compiled where ``train.compile_blocks`` asks (see compile_blocks)."""
+    return compile_blocks(model, zero3) if cfg.train.compile_blocks else model
+
+
 def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_logits: bool, ds: dict,
                  document_eos: int | None = None, vocab: int | None = None) -> Teacher:
     """Place a frozen model by ``teacher.placement``; ``load_model(dtype=, device=, zero_config=)``
@@ -151,14 +156,14 @@ def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_lo
     t = cfg.teacher
     logits = dict(logits_topk=t.logits_topk, vocab=vocab, logits_dtype=LOGITS_DTYPES[t.logits_dtype])
     if placement == "replicated":
-        model = load_model(dtype=dtype, device=device)
+        model = compiled(cfg, load_model(dtype=dtype, device=device))
         return ReplicatedTeacher(FrozenLM(model, layers, filters, need_logits,
                                           documents=for_model(model, document_eos, dtype), **logits), device)
     if placement == "zero3":
         import deepspeed
 
         fds = frozen_ds_config(ds)
-        model = load_model(dtype=dtype, zero_config=fds)
+        model = compiled(cfg, load_model(dtype=dtype, zero_config=fds), zero3=True)
         frozen = FrozenLM(model, layers, filters, need_logits, documents=for_model(model, document_eos, dtype),
                           **logits)
         check_dtype(frozen, dtype, "the ZeRO-3 teacher")
@@ -167,5 +172,7 @@ def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_lo
     if placement == "pipeline":
         from ted_ds.pipeline.schedule import build_pipeline_teacher
 
-        return build_pipeline_teacher(cfg, layers, filters, need_logits, dtype, document_eos, vocab)
+        teacher = build_pipeline_teacher(cfg, layers, filters, need_logits, dtype, document_eos, vocab)
+        compiled(cfg, teacher.model)
+        return teacher
     raise ConfigError(f"unknown teacher.placement {placement!r}")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ted_ds import distributed
-from ted_ds.architectures import hidden_size, model_from_config
+from ted_ds.architectures import hidden_size, model_from_config, teacher_hf_config
 from ted_ds.checkpoint import resolve_checkpoint
 from ted_ds.config import DistillConfig, RunConfig
 from ted_ds.documents import for_model
@@ -27,7 +27,8 @@ from ted_ds.weights import load_model, load_teacher_blocks
 
 def load_teacher(cfg: RunConfig, **placement) -> nn.Module:
     """The teacher's weights as ``placement`` says (dtype, device, zero_config: see weights.load_model)."""
-    return load_model(cfg.teacher.path, cfg.teacher.trust_remote_code, **placement)
+    return load_model(cfg.teacher.path, cfg.teacher.trust_remote_code, config=teacher_hf_config(cfg.teacher),
+                      **placement)
 
 
 def init_from_hf_dir(cfg: RunConfig) -> str:
@@ -53,14 +54,14 @@ def load_student(p: Plan, **placement) -> nn.Module:
 
     A random student is built whole in fp32 on every rank (then cast and partitioned): only small
     students start from scratch, and so every rank and the single-process reference agree."""
-    s = p.cfg.student
+    s, config = p.cfg.student, p.student_config  # the plan's: with the run's attention kernel
     if p.cfg.train.init_from:
-        return load_model(init_from_hf_dir(p.cfg), s.trust_remote_code, **placement)
+        return load_model(init_from_hf_dir(p.cfg), s.trust_remote_code, config=config, **placement)
     if s.path:
-        return load_model(s.path, s.trust_remote_code, **placement)
+        return load_model(s.path, s.trust_remote_code, config=config, **placement)
     if s.init_from_teacher is not None:
         return load_teacher_blocks(p.cfg.teacher.path, s.init_from_teacher, p.cfg.teacher.trust_remote_code,
-                                     **placement)
+                                   config=config, **placement)
     model = model_from_config(p.student_config, p.cfg.train.seed)
     return model.to(placement.get("dtype", torch.float32))
 

@@ -22,13 +22,17 @@ import torch
 from data_prep.tokenizer import TOKENIZER_FILES, load_tokenizer, vocab_fingerprint
 from data_prep.verify import verify_dataset
 from ted_ds.architectures import (
+    check_attention,
+    check_compile,
     hidden_size,
     load_hf_config,
     max_positions,
     meta_model,
     num_layers,
     teacher_blocks_config,
+    teacher_hf_config,
     vocab_size,
+    with_attention,
 )
 from ted_ds.checkpoint import holds_student, read_trainer_state, resolve_checkpoint
 from ted_ds.config import DataConfig, RunConfig
@@ -180,7 +184,7 @@ def plan(cfg: RunConfig, job: Job = Job.DISTILL) -> Plan:
     needs_teacher = cfg.uses_teacher or cfg.student.init_from_teacher is not None or learning
     cfg = with_local_models(cfg, teacher=needs_teacher)  # hub ids → directories of the local HF cache
     t, s = cfg.teacher, cfg.student
-    teacher_config = load_hf_config(t.path, t.trust_remote_code) if t.path and needs_teacher else None
+    teacher_file_config = load_hf_config(t.path, t.trust_remote_code) if t.path and needs_teacher else None
     if cfg.train.init_from:
         student_config = init_from_config(cfg.train.init_from, s.trust_remote_code)
     elif s.path:
@@ -188,10 +192,13 @@ def plan(cfg: RunConfig, job: Job = Job.DISTILL) -> Plan:
     elif s.config:
         student_config = load_hf_config(s.config, s.trust_remote_code)
     else:
-        student_config = teacher_blocks_config(teacher_config, s.init_from_teacher)
+        student_config = teacher_blocks_config(teacher_file_config, s.init_from_teacher)
+    teacher_config = teacher_hf_config(t) if teacher_file_config is not None else None
+    student_config = with_attention(student_config, s.attn_implementation)
     for what, conf in (("teacher", teacher_config), ("student", student_config)):
         if conf is None:
             continue
+        check_attention(conf, what)
         limit = max_positions(conf)
         if limit is not None and cfg.data.seq_len > limit:
             raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the {what}'s {limit} positions")
@@ -222,6 +229,8 @@ def plan(cfg: RunConfig, job: Job = Job.DISTILL) -> Plan:
     sides = [job.filters_of] if learning else ["teacher", "student"] if cfg.distill.method == "ted" else []
     if not learning:  # stage 1 trains filters only; the models run without gradients
         check_trainable_attention(meta_model(student_config), "student", on_cpu=not torch.cuda.is_available())
+    if cfg.train.compile_blocks:
+        check_compile(on_gpu=torch.cuda.is_available())
     p = Plan(cfg, teacher_config, student_config, pairs, filter_dim, manifest, total, manifests, document_eos,
              vocab_line, {side: learned_on(cfg, student_config, side) for side in sides},
              check_cache(cfg, manifest) if cfg.logits_from_cache else None)

@@ -20,7 +20,7 @@ from ted_ds import distributed
 from ted_ds.architectures import hidden_size, meta_model, vocab_size
 from ted_ds.checkpoint import distill_recipe
 from ted_ds.data import MicroBatch
-from ted_ds.engine import build_frozen, build_trained_engine, compute_dtype
+from ted_ds.engine import build_frozen, build_trained_engine, compiled, compute_dtype
 from ted_ds.export import save_bank, save_student
 from ted_ds.filters import FilterBank
 from ted_ds.heads import TaskHead
@@ -51,6 +51,7 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
     trained, teacher_filters = distill_modules(p, dtype=compute_dtype(ds), zero_config=ds)
     if cfg.student.activation_checkpointing:
         trained.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compiled(cfg, trained.model, zero3=ds.get("zero_optimization", {}).get("stage") == 3)
     flops = flops_per_token(matmul_parameters(trained.model), p.student_config, cfg.data.seq_len, True)
     engine = build_trained_engine(cfg, trained, ds, p.total_steps)
     frozen = None

@@ -352,10 +352,12 @@ def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = 
     return model
 
 
-def load_teacher_blocks(teacher_path: str, layers: list[int], trust_remote_code: bool = False, **placement):
+def load_teacher_blocks(teacher_path: str, layers: list[int], trust_remote_code: bool = False, config=None,
+                        **placement):
     """A student with the teacher's embeddings, head, final norm and the chosen blocks, in order,
-    reading only those tensors from the teacher's files."""
+    reading only those tensors from the teacher's files (built from ``config``: default, the teacher's
+    config cut to those blocks)."""
     teacher_config = load_hf_config(teacher_path, trust_remote_code)
     blocks_path = layout(meta_model(teacher_config))[0]
-    return load_model(teacher_path, config=teacher_blocks_config(teacher_config, layers),
-                      rename=layer_rename(blocks_path, layers), **placement)
+    config = config if config is not None else teacher_blocks_config(teacher_config, layers)
+    return load_model(teacher_path, config=config, rename=layer_rename(blocks_path, layers), **placement)

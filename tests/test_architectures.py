@@ -316,3 +316,59 @@ def test_architectures_export_exactly_with_their_own_rows(arch_runs, tmp_path):
         assert "weights and logits" in line and "identical to the checkpoint's" in line, (name, line)
     rows = lambda d: load_file(os.path.join(d, "model.safetensors"))["model.embed_tokens.weight"].shape[0]
     assert rows(str(tmp_path / "qwen2_kd_rows")) == 1008 and rows(str(tmp_path / "qwen2_kd")) == 1000 + PADDED_ROWS
+
+
+def test_attention_switches_reach_the_models_and_unrunnable_ones_are_refused(tiny, tmp_path, capsys):
+    """student/teacher.attn_implementation: the planned configs and every model the run builds (student from
+    teacher blocks, from a directory, at random; the teacher) run the chosen kernel, which changes no number
+    (eager = sdpa within 1e-5); a student built from teacher blocks does not inherit the teacher's choice.
+    A kernel the installed stack cannot run (FlashAttention-2 on a CPU) is one line, before any process group."""
+    import torch.distributed as dist
+
+    from ted_ds.cli import main as ted_main
+    from ted_ds.config import load_run_config
+    from ted_ds.documents import attn_implementation
+    from ted_ds.models import load_student, load_teacher
+    from ted_ds.plan import plan
+
+    def planned(**overrides):
+        return plan(load_run_config(write_config(str(tmp_path / "c.yaml"), **base_config(
+            tiny["llama_data"], tiny["llama_teacher"], str(tmp_path / "o"), **{"distill.method": "kd", **overrides}))))
+
+    p = planned(**{"teacher.attn_implementation": "eager"})
+    assert attn_implementation(load_teacher(p.cfg)) == "eager" and attn_implementation(load_student(p)) == "sdpa"
+    logits = {}
+    for impl in ("eager", "sdpa"):
+        for start in ({}, {"student.init_from_teacher": None, "student.path": tiny["llama_teacher"]},
+                      {"student.init_from_teacher": None, "student.config": tiny["llama_teacher"]}):
+            student = load_student(planned(**{"student.attn_implementation": impl, **start})).eval()
+            assert attn_implementation(student) == impl, (impl, start)
+        with torch.no_grad():
+            logits[impl] = student(input_ids=IDS % 1000).logits
+    assert (logits["eager"] - logits["sdpa"]).abs().max() < 1e-5
+
+    cfg = write_config(str(tmp_path / "bad.yaml"), **base_config(tiny["llama_data"], tiny["llama_teacher"],
+                                                                 str(tmp_path / "o"), **{"distill.method": "kd"}))
+    for side in ("student", "teacher"):
+        assert ted_main(["distill", "--config", cfg, f"{side}.attn_implementation=flash_attention_2"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{side}.attn_implementation 'flash_attention_2' cannot run here" \
+            in err and "FlashAttention2" in err, err
+    assert not dist.is_initialized()
+
+
+def test_compile_without_a_toolchain_is_one_line_at_start_up(tiny, tmp_path, capsys, monkeypatch):
+    """train.compile_blocks where inductor finds no C++ compiler (a CPU) is refused before any process
+    group, not at the first forward."""
+    import torch._inductor.config as inductor
+    import torch.distributed as dist
+
+    from ted_ds.cli import main as ted_main
+
+    monkeypatch.setattr(inductor.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
+    cfg = write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"], tiny["llama_teacher"],
+                                                               str(tmp_path / "o"), **{"distill.method": "kd"}))
+    assert ted_main(["distill", "--config", cfg, "train.compile_blocks=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.compile_blocks: torch.compile needs a C++ compiler" in err, err
+    assert not dist.is_initialized()

@@ -73,6 +73,11 @@ def runs(tiny, tmp_path_factory):
                                                                          "teacher.pipeline_stages": 2}), None),
         "ted_checkpointing": (base_config(ll, lt, o("ted_ac"), **filters, **{"student.activation_checkpointing": True}),
                               None),
+        "ted_compiled_zero3": (base_config(ll, lt, o("ted_cz3"), **filters, **{
+            "teacher.placement": "zero3", "train.compile_blocks": True, "train.steps": 2}), None),
+        "ted_compiled_pipeline": (base_config(ll, lt, o("ted_cpp"), **filters, **{
+            "teacher.placement": "pipeline", "teacher.pipeline_stages": 2, "train.compile_blocks": True,
+            "train.steps": 2}), None),
         "ted_bf16": (base_config(ll, lt, o("ted_bf16"), **filters, **{"train.deepspeed_config": bf16_config}), None),
         "lwd": (base_config(ll, lt, o("lwd"), **{"distill.method": "lwd", "train.steps": 2}), None),
         "kd": (base_config(ll, lt, o("kd"), **{"distill.method": "kd", "train.steps": 2}), None),
@@ -385,3 +390,14 @@ def test_deepspeed_ops_were_built_into_this_cpus_cache(runs):
 
     keyed = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], this_cpu_key())
     assert any("shm_comm" in name for _, dirs, _ in os.walk(keyed) for name in dirs), keyed
+
+
+def test_compiled_blocks_run_compiled_and_change_no_number(runs):
+    """train.compile_blocks: every block of the student (ZeRO-3 leaf modules, one gather per block) and
+    of the frozen teacher (ZeRO-3: all 4; a pipeline stage: its own 2) runs a compiled forward, and the
+    losses are the uncompiled runs' within fp32 rounding (inductor may order a reduction otherwise)."""
+    uncompiled = losses(runs["dirs"]["ted_replicated"])[:2]
+    assert runs["results"]["ted_zero3"]["compiled_blocks"] == {"trained": 0, "frozen": 0}
+    for name, teacher_blocks in (("ted_compiled_zero3", 4), ("ted_compiled_pipeline", 2)):
+        assert runs["results"][name]["compiled_blocks"] == {"trained": 2, "frozen": teacher_blocks}, name
+        assert losses(runs["dirs"][name]) == pytest.approx(uncompiled, rel=1e-5), name

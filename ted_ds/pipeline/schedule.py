@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
 from ted_ds import distributed
-from ted_ds.architectures import decoder_layers, load_hf_config
+from ted_ds.architectures import decoder_layers, teacher_hf_config
 from ted_ds.config import check_pipeline_world
 from ted_ds.errors import DistributedError
 from ted_ds.filters import FilterBank
@@ -238,7 +238,7 @@ class PipelineTeacher:
 def build_pipeline_teacher(cfg, tap_layers: list[int], filters, need_logits: bool, dtype: torch.dtype,
                            document_eos: int | None = None, vocab: int | None = None) -> PipelineTeacher:
     t = cfg.teacher
-    config = load_hf_config(t.path, t.trust_remote_code)
+    config = teacher_hf_config(t)
     layout = PipelineLayout.resolve(
         config, tap_layers, filters, stages=t.pipeline_stages, explicit_layers=t.pipeline_layers,
         chunks=t.pipeline_chunks, need_logits=need_logits, logits_topk=t.logits_topk,

@@ -15,6 +15,7 @@ document's logits and raw taps must equal those of the plain teacher on the docu
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -29,9 +30,11 @@ from harness.nccl_matching import matched_as_nccl, tags_ignored  # noqa: E402
 from harness.tiny import packed_documents, span_difference  # noqa: E402
 from ted_ds import distributed  # noqa: E402
 from ted_ds.architectures import decoder_layers, final_norm, load_hf_config  # noqa: E402
+from ted_ds.documents import attn_implementation  # noqa: E402
 from ted_ds.engine import build_frozen  # noqa: E402
 from ted_ds.errors import DistributedError  # noqa: E402
 from ted_ds.filters import load_filter_bank  # noqa: E402
+from ted_ds.models import load_teacher  # noqa: E402
 from ted_ds.pipeline.layout import PipelineLayout  # noqa: E402
 from ted_ds.pipeline.schedule import PipelineTeacher  # noqa: E402
 from ted_ds.teacher import FrozenLM  # noqa: E402
@@ -100,8 +103,16 @@ def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name
                      "full_params": full}
 
 
+def running_attention(frozen) -> str:
+    """The attention implementation the model inside a placed teacher runs."""
+    if hasattr(frozen, "engine"):  # ZeRO-3: the engine's module is the FrozenLM
+        return attn_implementation(frozen.engine.module.model)
+    return attn_implementation(getattr(frozen, "frozen", frozen).model)
+
+
 def compare_documents(teacher_dir, results, stages, placements):
-    """Document attention in ZeRO-3 and pipeline (``stages`` stages, 2 chunks) teachers, fp32."""
+    """Document attention in ZeRO-3 and pipeline (``stages`` stages, 2 chunks) teachers, fp32, built by
+    the run's own loader with ``teacher.attn_implementation: eager`` (recorded: what each placement runs)."""
     config = load_hf_config(teacher_dir)
     eos = config.eos_token_id
     ids, spans = packed_documents(eos, config.vocab_size, seed=distributed.rank())  # every rank its own windows
@@ -110,18 +121,18 @@ def compare_documents(teacher_dir, results, stages, placements):
         alone = lambda x: (lambda out: [out[1], *out[0]])(reference(x))
     kind = config.model_type
     teacher = SimpleNamespace(path=teacher_dir, trust_remote_code=False, logits_topk=0, logits_dtype="fp32",
-                              pipeline_stages=stages, pipeline_layers=None, pipeline_chunks=2)
+                              pipeline_stages=stages, pipeline_layers=None, pipeline_chunks=2,
+                              attn_implementation="eager")
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
           "train_batch_size": 2 * distributed.world_size(), "zero_optimization": {"stage": 3}}
-    loader = lambda **placement: load_model(teacher_dir, **placement)
     for placement in placements:
         cfg = SimpleNamespace(teacher=SimpleNamespace(**vars(teacher), placement=placement),
-                              train=SimpleNamespace(timeout_minutes=1.0))
-        frozen = build_frozen(cfg, loader, TAPS, None, True, ds, eos)
+                              train=SimpleNamespace(timeout_minutes=1.0, compile_blocks=False))
+        frozen = build_frozen(cfg, functools.partial(load_teacher, cfg), TAPS, None, True, ds, eos)
         out = frozen(ids)
         diff = torch.tensor([span_difference([out.logits, *out.taps], alone, ids, spans)])
         torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
-        results[f"documents_{kind}_{placement}"] = {"max_diff": float(diff[0])}
+        results[f"documents_{kind}_{placement}"] = {"max_diff": float(diff[0]), "attn": running_attention(frozen)}
 
 
 def run_cases(args, bank) -> dict:

@@ -35,6 +35,7 @@ from ted_ds.export import gathered_state_dict  # noqa: E402
 from ted_ds.filters import load_filter_bank  # noqa: E402
 from ted_ds.models import load_student  # noqa: E402
 from ted_ds.plan import Job, plan  # noqa: E402
+from ted_ds.taps import TappedLM  # noqa: E402
 from ted_ds.weights import (
     WeightReader,  # noqa: E402
     load_model,  # noqa: E402
@@ -133,6 +134,18 @@ def frozen_modules(frozen) -> list:
     return [frozen.frozen if frozen.placement == "replicated" else frozen.engine.module]
 
 
+def compiled_blocks(recipe) -> dict[str, int]:
+    """How many decoder blocks of the trained student and of the frozen model run a torch.compile'd forward."""
+    models = {}
+    if isinstance(recipe.trained_model, TappedLM):  # stage 2 and the baselines (stage 1 trains filters only)
+        models["trained"] = recipe.trained_model.model
+    if recipe.frozen is not None:  # a pipeline stage's own model; the FrozenLM of the other placements
+        f = recipe.frozen
+        models["frozen"] = f.model if f.placement == "pipeline" else frozen_modules(f)[0].model
+    return {side: sum(hasattr(b.forward, "_torchdynamo_orig_callable") for b in decoder_layers(m))
+            for side, m in models.items()}
+
+
 def held_by(recipe) -> dict[str, dict[str, list[str]]]:
     """Device types of every tensor this rank holds, and dtypes of its floating-point parameters, for the
     trained module and the frozen side."""
@@ -195,6 +208,7 @@ def main() -> None:
         torch.distributed.all_reduce(read, op=torch.distributed.ReduceOp.MAX)
         record["elements_read_max"] = float(read[0])  # what the busiest rank read from weight files
         record.update(held_by(recipe))
+        record["compiled_blocks"] = compiled_blocks(recipe)
         if recipe.frozen is not None:
             record["frozen_matches_disk"] = frozen_matches_disk(recipe, cfg, job)
             local = torch.tensor([float(recipe.frozen.local_parameters())])
