@@ -1,14 +1,16 @@
 """The GPU check: the large-scale path end to end on one GPU, with the figures that matter.
 
-    python -m bench.gpu_check [--out DIR]      (make gpu-check; one GPU, world size 1, NCCL)
-    python -m bench.gpu_check --dry-run        (CPU, tiny shapes, gloo: what the tests run)
+    python -m bench.gpu_check [--out DIR] [--sections a,b]   (make gpu-check; one GPU, world size 1, NCCL)
+    python -m bench.gpu_check --dry-run                      (CPU, tiny shapes, gloo: what the tests run)
 
 A random LLaMA-shaped teacher (~3.6 B: d=3072, 28 layers, vocab 128k, bf16 safetensors written
 here) is distilled with TED into a LLaMA-shaped student (~1.2 B: d=2048, 16 layers, tied
 embeddings) under ``ds_configs/zero3_bf16.json`` (DeepSpeed's fused AdamW): stage 1 on both sides,
 ~30 distillation steps, export to HF, ``ted-ds eval``; then the engine worker times a TED step
 against a student-only step + the teacher forward on the same batches, and the KD bench compares
-chunked and unchunked losses.  Every phase is the real command in its own process.
+chunked and unchunked losses.  Every phase that trains is the real command (or the engine worker)
+in its own process; the attention kernels, the teacher forward and the plain PyTorch step, which
+need no DeepSpeed, are measured in this one.
 
 Printed: tokens/s and MFU (teacher forward FLOPs counted), TED step ÷ (student step + teacher
 forward), peak GPU memory ÷ the floor (teacher in bf16 + student and filters at 16 bytes/param:
@@ -234,8 +236,8 @@ def prepare(c: Check) -> None:
     if not os.path.isdir(os.path.join(work, "tok")):
         run([py, "-m", "data_prep", "tokenizer", "--input", SAMPLE, "--vocab-size", str(shape["tokenizer_vocab"]),
              "--out", os.path.join(work, "tok")], c.log, "tokenizer")
-    run([py, "-m", "data_prep", "build", "--input", SAMPLE, "--tokenizer", os.path.join(work, "tok"), "--out",
-         os.path.join(work, "data"), "--workers", str(min(8, os.cpu_count() or 1)), "--no-progress"], c.log, "shards")
+    run([py, "-m", "data_prep", "build", "--input", SAMPLE, "--tokenizer", os.path.join(work, "tok"), "--out", c.data,
+         "--workers", str(min(8, os.cpu_count() or 1)), "--no-progress"], c.log, "shards")
     start = time.perf_counter()
     paths = c.paths = make_models(shape, work, "cpu" if c.dry_run else "cuda")
     c.log.append({"phase": "random models", "seconds": round(time.perf_counter() - start, 1), "rc": 0})

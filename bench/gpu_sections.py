@@ -32,9 +32,8 @@ def attention_section(c) -> None:
     """Section A: the attention kernels at the teacher's and the student's (heads, kv heads, head dim)."""
     s = c.shape
     for side in ("teacher", "student"):
-        m = s[side]
-        heads, kv_heads, head_dim = m["num_attention_heads"], m["num_key_value_heads"], m["hidden_size"] // m[
-            "num_attention_heads"]
+        heads, kv_heads = s[side]["num_attention_heads"], s[side]["num_key_value_heads"]
+        head_dim = s[side]["hidden_size"] // heads
         c.result.setdefault("attention", {})[side] = c.call(f"attention {side}", functools.partial(
             attention, heads, kv_heads, head_dim, s["micro_batch"], s["attention_seq"], s["documents"], c.device,
             c.dtype, s["attention_calls"]))

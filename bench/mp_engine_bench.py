@@ -39,6 +39,26 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def timed_jobs(jobs: dict, data, warmup: int, steps: int, on_gpu: bool) -> dict[str, list[float]]:
+    """Seconds of each job on the same micro-batches, rotated so that no job always runs first; the GPU's
+    peak memory is counted from the first timed step (optimizer states exist by then)."""
+    names = list(jobs)
+    times = {name: [] for name in names}
+    for i in range(warmup + steps):
+        micro = data.next_batch()
+        if i == warmup and on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            distributed.barrier()
+            start = time.perf_counter()
+            jobs[name](micro)
+            distributed.synchronize()  # the device's work done, not just queued (barrier: only ranks wait)
+            distributed.barrier()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
@@ -65,23 +85,10 @@ def main():
         jobs["teacher"] = lambda micro: [recipe.frozen(b.input_ids) for b in micro]
     if baseline is not None:
         jobs["lm"] = lambda micro: train_step(baseline, micro)
-    names = list(jobs)
-    times = {name: [] for name in names}
     if hasattr(recipe.frozen, "timed"):
         recipe.frozen.timed = True  # the pipeline's bubble timers wait for the device
     on_gpu = distributed.device().type == "cuda"
-    for i in range(args.warmup + args.steps):
-        micro = data.next_batch()
-        if i == args.warmup and on_gpu:
-            torch.cuda.reset_peak_memory_stats()  # the peak of the timed steps: optimizer states exist by now
-        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate: no fixed order advantage
-            distributed.barrier()
-            start = time.perf_counter()
-            jobs[name](micro)
-            distributed.synchronize()  # the device's work done, not just queued (barrier: only ranks wait)
-            distributed.barrier()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+    times = timed_jobs(jobs, data, args.warmup, args.steps, on_gpu)
     stats = getattr(recipe.frozen, "stats", None)
     median = lambda xs: sorted(xs)[len(xs) // 2] if xs else 0.0
     mine = {"rank": distributed.rank(), "step_s": median(times["step"]),
