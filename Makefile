@@ -34,8 +34,10 @@ gpu-wheels: $(STAMP)
 	bash scripts/gpu_wheels.sh
 
 # The large-scale path on one GPU (bench/gpu_check.py): TED with a ~3.6B teacher and a ~1.2B student,
-# export, eval, step overhead, KD memory. On a GPU machine without network, carry .whl (make
-# gpu-wheels). `make gpu-check ARGS=--dry-run` runs the same phases on CPU with tiny shapes.
+# export, eval, step overhead, KD memory; attention kernels, teacher forward, the student step against plain
+# PyTorch and each speed lever, the TED step with the best of them. `ARGS=--sections attention,student` picks
+# sections (see --help). On a GPU machine without network, carry .whl (make gpu-wheels).
+# `make gpu-check ARGS=--dry-run` runs the same phases on CPU with tiny shapes.
 GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 gpu-check:
 	$(if $(wildcard .whl/*.whl),. scripts/gpu_install.sh &&) $(GPU_PYTHON) -m bench.gpu_check $(ARGS)

@@ -1,35 +1,61 @@
 """The GPU check: the large-scale path end to end on one GPU, with the figures that matter.
 
-    python -m bench.gpu_check [--out DIR]      (make gpu-check; one GPU, world size 1, NCCL)
-    python -m bench.gpu_check --dry-run        (CPU, tiny shapes, gloo: what the tests run)
+    python -m bench.gpu_check [--out DIR] [--sections a,b]   (make gpu-check; one GPU, world size 1, NCCL)
+    python -m bench.gpu_check --dry-run                      (CPU, tiny shapes, gloo: what the tests run)
 
 A random LLaMA-shaped teacher (~3.6 B: d=3072, 28 layers, vocab 128k, bf16 safetensors written
 here) is distilled with TED into a LLaMA-shaped student (~1.2 B: d=2048, 16 layers, tied
 embeddings) under ``ds_configs/zero3_bf16.json`` (DeepSpeed's fused AdamW): stage 1 on both sides,
 ~30 distillation steps, export to HF, ``ted-ds eval``; then the engine worker times a TED step
 against a student-only step + the teacher forward on the same batches, and the KD bench compares
-chunked and unchunked losses.  Every phase is the real command in its own process.
+chunked and unchunked losses.  Every phase that trains is the real command (or the engine worker)
+in its own process; the attention kernels, the teacher forward and the plain PyTorch step, which
+need no DeepSpeed, are measured in this one.
 
 Printed: tokens/s and MFU (teacher forward FLOPs counted), TED step ÷ (student step + teacher
 forward), peak GPU memory ÷ the floor (teacher in bf16 + student and filters at 16 bytes/param:
 bf16 weights and gradients, fp32 master weights and Adam moments — activations excluded), the KD
-memory and time ratios.  The last line is one JSON object; ``--out`` also gets it as
-``gpu_check.json``.  Random weights: the losses mean nothing, the speed and memory do.
+memory and time ratios; and what the sections below measure.  The last line is one JSON object
+(``student_mfu``, ``student_vs_plain``, ``ted_mfu`` and ``doc_attention_ratio`` always among its
+keys, None where their section did not run); ``--out`` also gets it as ``gpu_check.json``, saved
+after every phase.  Random weights: the losses mean nothing, the speed and memory do.
+
+Sections (``--sections``, comma-separated, default all, run in this order):
+  attention  SDPA causal, SDPA with ted_ds.documents' dense document mask and FlexAttention with its
+             BlockMask at T=4096 for the teacher's and the student's attention shapes: SDPA backend
+             (the dispatcher's choice, and ms under each backend alone), ms, TFLOP/s of the work the
+             mask leaves, max abs error against the dense mask (bench/gpu_measure.py)
+  teacher    the frozen teacher's forward at micro-batch 1 and 2, document attention off and on
+             (sdpa; FlexAttention): ms per 4,096 tokens and MFU
+  student    the ted-ds student step (ZeRO-3, engine worker) at micro-batch 1, 2, 4 against a plain
+             PyTorch step of the same model (``student_vs_plain``), then each lever alone: every
+             parameter persistent, activation checkpointing, eager / flex attention, compiled
+             blocks; step s, tokens/s, MFU, peak memory; a profile of the configured step by phase
+             and kind of work (bench/profile_bench.py)
+  ted        the TED step with the fastest student settings (``ted_mfu``, teacher forward counted)
+             and the same with data.document_attention (``doc_attention_ratio``), on random banks
+  distill    stage 1, ~30 TED steps, export, eval, the engine bench under every teacher placement
+  kd         the chunked vs unchunked CE + KD loss (bench/kd_bench.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
+
+from bench.gpu_sections import DS_CONFIG, attention_section, student_section, teacher_section, ted_section, worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "data_prep", "sample", "enwiki_sample.txt.gz")
+HEADLINES = ("student_mfu", "student_vs_plain", "ted_mfu", "doc_attention_ratio")  # always in the last line
 
 def llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool) -> dict:
     return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -39,10 +65,12 @@ def llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int
 SHAPES = {  # (teacher, student) LLaMA shapes and run sizes: full size on a GPU, tiny for the CPU dry run
     "gpu": dict(teacher=llama(3072, 8192, 28, 24, 8, tied=False), student=llama(2048, 8192, 16, 32, 8, tied=True),
                 vocab=128256, tokenizer_vocab=4000, seq_len=2048, micro_batch=2, global_batch=4, filter_steps=10,
-                distill_steps=30, bench_steps=6, kd_tokens=8192, taps=(7, 4)),
+                distill_steps=30, bench_steps=6, kd_tokens=8192, taps=(7, 4), attention_seq=4096, documents=8,
+                attention_calls=10, forward_steps=3, step_steps=4, micro_batches=(1, 2, 4), profile_steps=2),
     "dry": dict(teacher=llama(64, 128, 4, 4, 2, tied=False), student=llama(32, 64, 2, 2, 1, tied=True),
                 vocab=1536, tokenizer_vocab=1000, seq_len=64, micro_batch=2, global_batch=4, filter_steps=2,
-                distill_steps=3, bench_steps=2, kd_tokens=256, taps=(2, 1)),
+                distill_steps=3, bench_steps=2, kd_tokens=256, taps=(2, 1), attention_seq=128, documents=4,
+                attention_calls=2, forward_steps=1, step_steps=2, micro_batches=(1, 2, 4), profile_steps=1),
 }
 
 
@@ -51,15 +79,19 @@ def run(cmd: list[str], log: list, what: str, env: dict | None = None) -> str | 
     stdout, or None when it failed: the phases that do not depend on it still run."""
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, **(env or {})))
-    entry = {"phase": what, "seconds": round(time.perf_counter() - start, 1), "rc": proc.returncode}
-    if proc.returncode != 0:
-        entry["tail"] = (proc.stdout + proc.stderr)[-3000:]
+    record(log, what, start, proc.returncode, proc.stdout + proc.stderr)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def record(log: list, what: str, start: float, rc: int, output: str) -> None:
+    """A finished phase in ``log`` (and on the console): its time, exit status and, failed, its output's tail."""
+    entry = {"phase": what, "seconds": round(time.perf_counter() - start, 1), "rc": rc}
+    if rc != 0:
+        entry["tail"] = output[-3000:]
     log.append(entry)
-    print(f"[{what}] {entry['seconds']} s, exit {proc.returncode}", flush=True)
-    if proc.returncode != 0:
+    print(f"[{what}] {entry['seconds']} s, exit {rc}", flush=True)
+    if rc != 0:
         print(entry["tail"], flush=True)
-        return None
-    return proc.stdout
 
 
 def make_models(shape: dict, work: str, device: str) -> dict:
@@ -133,15 +165,64 @@ class Check:
     dry_run: bool
     out: str | None
     config: str = ""  # the distillation run's YAML (run_config)
+    paths: dict = field(default_factory=dict)  # the random teacher's and student's HF directories
     log: list = field(default_factory=list)
     result: dict = field(default_factory=dict)
+    peaks: dict = field(default_factory=dict)  # peak FLOP/s by dtype, found once
 
     @property
     def env(self) -> dict:
         return {"DS_ACCELERATOR": "cpu"} if self.dry_run else {}
 
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cpu" if self.dry_run else "cuda")
+
+    @property
+    def dtype(self):
+        """What the in-process measurements compute in: bf16 on the GPU, fp32 on the CPU (exact comparisons)."""
+        import torch
+
+        return torch.float32 if self.dry_run else torch.bfloat16
+
+    @property
+    def data(self) -> str:
+        return os.path.join(self.work, "data")
+
+    @property
+    def manifest(self) -> dict:
+        from data_prep.format import read_manifest
+
+        return read_manifest(self.data)
+
+    def peak_flops(self, dtype) -> float:
+        """The device's peak in ``dtype`` as the trainer finds it for MFU (ted_ds.metrics)."""
+        from ted_ds.metrics import device_peak_flops
+
+        if dtype not in self.peaks:
+            self.peaks[dtype] = device_peak_flops(None, self.device, dtype)
+        return self.peaks[dtype]
+
     def run(self, cmd: list[str], what: str) -> str | None:
         return run(cmd, self.log, what, self.env)
+
+    def call(self, what: str, measure):
+        """An in-process phase: ``measure()``'s result, or None when it raised (logged as a failed phase,
+        the other phases still run); the GPU memory it cached is handed back for the phases after it."""
+        import torch
+
+        start, rc, output, result = time.perf_counter(), 0, "", None
+        try:
+            result = measure()
+        except Exception:  # a phase's failure is a figure of the check, not its end
+            rc, output = 1, traceback.format_exc()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        record(self.log, what, start, rc, output)
+        return result
 
     def save(self) -> None:
         _save(self.result, self.out)
@@ -155,15 +236,15 @@ def prepare(c: Check) -> None:
     if not os.path.isdir(os.path.join(work, "tok")):
         run([py, "-m", "data_prep", "tokenizer", "--input", SAMPLE, "--vocab-size", str(shape["tokenizer_vocab"]),
              "--out", os.path.join(work, "tok")], c.log, "tokenizer")
-    run([py, "-m", "data_prep", "build", "--input", SAMPLE, "--tokenizer", os.path.join(work, "tok"), "--out",
-         os.path.join(work, "data"), "--workers", str(min(8, os.cpu_count() or 1)), "--no-progress"], c.log, "shards")
+    run([py, "-m", "data_prep", "build", "--input", SAMPLE, "--tokenizer", os.path.join(work, "tok"), "--out", c.data,
+         "--workers", str(min(8, os.cpu_count() or 1)), "--no-progress"], c.log, "shards")
     start = time.perf_counter()
-    paths = make_models(shape, work, "cpu" if c.dry_run else "cuda")
+    paths = c.paths = make_models(shape, work, "cpu" if c.dry_run else "cuda")
     c.log.append({"phase": "random models", "seconds": round(time.perf_counter() - start, 1), "rc": 0})
-    c.config = run_config(shape, work, paths, os.path.join(REPO, "ds_configs", "zero3_bf16.json"))
+    c.config = run_config(shape, work, paths, DS_CONFIG)
     c.result = {"device": "cpu (dry run)" if c.dry_run else torch.cuda.get_device_name(0),
                 "teacher_params": parameters(paths["teacher"]), "student_params": parameters(paths["student"]),
-                "floor_gib": floor_gib(shape, paths), "phases": c.log}
+                "floor_gib": floor_gib(shape, paths), **dict.fromkeys(HEADLINES), "phases": c.log}
 
 
 def learn_filters(c: Check) -> bool:
@@ -199,12 +280,10 @@ def distill(c: Check) -> None:
 
 def engine_bench(c: Check, placement: str) -> None:
     """The engine worker on the same batches: TED step, and (replicated) student step + teacher forward."""
-    bench_out = os.path.join(c.work, f"engine-{placement}.json")
     with_lm = ["--with-lm"] if placement == "replicated" else []
-    if c.run([sys.executable, os.path.join(REPO, "bench", "mp_engine_bench.py"), "--config", c.config, "--out",
-              bench_out, *with_lm, "--warmup", "2", "--steps", str(c.shape["bench_steps"]),
-              f"teacher.placement={placement}", "teacher.pipeline_stages=1"], f"engine bench {placement}") is not None:
-        e = json.load(open(bench_out))[0]
+    e = worker(c, f"engine bench {placement}", [*with_lm, "--warmup", "2", "--steps", str(c.shape["bench_steps"])],
+               [f"teacher.placement={placement}", "teacher.pipeline_stages=1"])
+    if e is not None:
         c.result[f"ted_step_s_{placement}"] = e["step_s"]
         if with_lm:
             both = e["lm_step_s"] + e["teacher_forward_s"]
@@ -222,11 +301,34 @@ def kd_bench(c: Check) -> None:
     c.save()
 
 
+def distill_section(c: Check) -> None:
+    """The distillation run end to end: stage 1, stage 2, export, eval, the engine bench per placement."""
+    if learn_filters(c):
+        distill(c)
+        for placement in ("zero3", "pipeline"):  # each placement's step on the device
+            engine_bench(c, placement)
+    c.save()
+
+
+SECTIONS = {"attention": attention_section, "teacher": teacher_section, "student": student_section,
+            "ted": ted_section, "distill": distill_section, "kd": kd_bench}  # in the order they run
+
+
+def sections(text: str) -> list[str]:
+    """``--sections``: names from SECTIONS, comma-separated, run in SECTIONS' order."""
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    if not names or names - set(SECTIONS):
+        raise argparse.ArgumentTypeError(f"choose among {', '.join(SECTIONS)} (got {text!r})")
+    return [n for n in SECTIONS if n in names]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, gloo (what the tests run)")
     ap.add_argument("--work", default=None, help="work directory (default: a fresh temporary one)")
     ap.add_argument("--out", default=None, help="also write gpu_check.json here")
+    ap.add_argument("--sections", type=sections, default=list(SECTIONS),
+                    help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)}; see above)")
     args = ap.parse_args(argv)
     import torch
 
@@ -236,13 +338,10 @@ def main(argv=None) -> dict:
     os.makedirs(work, exist_ok=True)
     c = Check(SHAPES["dry" if args.dry_run else "gpu"], work, args.dry_run, args.out)
     prepare(c)
-    filters = learn_filters(c)
+    c.result["sections"] = args.sections
     c.save()
-    if filters:
-        distill(c)
-    for placement in ("zero3", "pipeline") if filters else ():  # each placement's step on the device
-        engine_bench(c, placement)
-    kd_bench(c)
+    for name in args.sections:
+        SECTIONS[name](c)
     report(c.result)
     if any(p["rc"] for p in c.log):
         sys.exit(f"gpu-check: failed phases: {', '.join(p['phase'] for p in c.log if p['rc'])}")
@@ -256,7 +355,7 @@ def floor_gib(shape: dict, paths: dict) -> float:
     from ted_ds.architectures import load_hf_config
     from ted_ds.capacity import rank_floor_bytes, reduce_bucket_elements
 
-    with open(os.path.join(REPO, "ds_configs", "zero3_bf16.json")) as f:
+    with open(DS_CONFIG) as f:
         bucket = reduce_bucket_elements(json.load(f))
     floor = rank_floor_bytes(load_hf_config(paths["teacher"]), load_hf_config(paths["student"]), "replicated", 1, 1,
                              None, torch.bfloat16, shape["micro_batch"] * shape["seq_len"], bucket)
@@ -278,7 +377,42 @@ def report(r: dict) -> None:
     print(f"peak GPU memory {fmt('peak_gpu_gib', '.1f')} GiB / floor {fmt('floor_gib', '.1f')} GiB = "
           f"{fmt('peak_over_floor', '.2f')}")
     print(f"KD chunked/unchunked: memory {fmt('kd_memory_ratio', '.2f')}, time {fmt('kd_time_ratio', '.2f')}")
+    report_attention(r.get("attention") or {})
+    report_steps(r)
+    print(f"student MFU {fmt('student_mfu', '.3f')}, ted-ds / plain step {fmt('student_vs_plain', '.2f')}, "
+          f"TED MFU {fmt('ted_mfu', '.3f')}, TED step with / without documents {fmt('doc_attention_ratio', '.2f')}")
     print(json.dumps({k: v for k, v in r.items() if k != "phases"}))
+
+
+def report_attention(attention: dict) -> None:
+    for side, a in attention.items():
+        if a is None:
+            continue
+        print(f"\nattention, {side}: {a['batch']} × {a['seq_len']} tokens, {a['heads']} heads ({a['kv_heads']} kv) × "
+              f"{a['head_dim']}, {a['documents_per_row']} documents a row, {a['dtype']}")
+        for name in ("causal", "document_dense", "document_flex"):
+            v = a[name]
+            kernel = v.get("backend") or ("flex, compiled" if v.get("compiled") else "flex")
+            print(f"  {name:<16}{kernel:<22}{v['ms']:>10.3f} ms{v['tflops']:>9.2f} TFLOP/s   "
+                  f"max abs err {v['max_abs_err']:.1e}")
+
+
+def report_steps(r: dict) -> None:
+    for row in r.get("teacher_forward") or []:
+        documents = "on " if row["document_attention"] else "off"
+        print(f"teacher forward, {row['attn_implementation']:<15} documents {documents} mb {row['micro_batch']}: "
+              f"{row['ms_per_4096_tokens']:.1f} ms / 4096 tokens, MFU {row['mfu']:.3f}")
+    for row in r.get("student_steps") or []:
+        head = f"student step {row['variant']:<25} mb {row['micro_batch']}: "
+        if "step_s" not in row:
+            print(head + row.get("skipped", "failed"))
+            continue
+        memory = f", peak {row['peak_gpu_gib']:.1f} GiB" if row.get("peak_gpu_gib") is not None else ""
+        print(head + f"{row['step_s']:.4f} s, {row['tokens_per_s']:.0f} tokens/s, MFU {row['mfu']:.3f}{memory}")
+    if r.get("student_profile"):
+        from bench.profile_bench import report as profile_report
+
+        print("profile of the ted-ds student step:\n" + profile_report(r["student_profile"]))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ micro-batches, peak RSS, and (pipeline) the stages' busy time inside teacher cal
 the same process also builds the student-only LM baseline (same initialisation) and times its step on
 the same micro-batches, interleaved with the others, so that the overhead ratio is not at the mercy of
 run-to-run noise between launches.  Every timed job ends with ``distributed.synchronize``: on a GPU a
-timer that stops before the device is done times the kernel launches, not the work.
+timer that stops before the device is done times the kernel launches, not the work.  Also reported:
+the step's FLOPs per token as the trainer counts them for MFU, and (GPU) the peak memory allocated
+during the timed steps.
 """
 
 import argparse
@@ -37,6 +39,26 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def timed_jobs(jobs: dict, data, warmup: int, steps: int, on_gpu: bool) -> dict[str, list[float]]:
+    """Seconds of each job on the same micro-batches, rotated so that no job always runs first; the GPU's
+    peak memory is counted from the first timed step (optimizer states exist by then)."""
+    names = list(jobs)
+    times = {name: [] for name in names}
+    for i in range(warmup + steps):
+        micro = data.next_batch()
+        if i == warmup and on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            distributed.barrier()
+            start = time.perf_counter()
+            jobs[name](micro)
+            distributed.synchronize()  # the device's work done, not just queued (barrier: only ranks wait)
+            distributed.barrier()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
@@ -63,26 +85,18 @@ def main():
         jobs["teacher"] = lambda micro: [recipe.frozen(b.input_ids) for b in micro]
     if baseline is not None:
         jobs["lm"] = lambda micro: train_step(baseline, micro)
-    names = list(jobs)
-    times = {name: [] for name in names}
     if hasattr(recipe.frozen, "timed"):
         recipe.frozen.timed = True  # the pipeline's bubble timers wait for the device
-    for i in range(args.warmup + args.steps):
-        micro = data.next_batch()
-        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate: no fixed order advantage
-            distributed.barrier()
-            start = time.perf_counter()
-            jobs[name](micro)
-            distributed.synchronize()  # the device's work done, not just queued (barrier: only ranks wait)
-            distributed.barrier()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+    on_gpu = distributed.device().type == "cuda"
+    times = timed_jobs(jobs, data, args.warmup, args.steps, on_gpu)
     stats = getattr(recipe.frozen, "stats", None)
     median = lambda xs: sorted(xs)[len(xs) // 2] if xs else 0.0
     mine = {"rank": distributed.rank(), "step_s": median(times["step"]),
             "teacher_forward_s": median(times.get("teacher", [])),
             "lm_step_s": median(times["lm"]) if "lm" in times else None,
             "peak_rss_mb": rss_mb(),
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+            "flops_per_token": recipe.flops_per_token,
             "rss_before_build_mb": rss_before, "rss_after_build_mb": rss_built,
             "teacher_local_params": recipe.frozen.local_parameters() if recipe.frozen is not None else 0,
             "bubble": 1 - stats["busy_s"] / stats["wall_s"] if stats else None,

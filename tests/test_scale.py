@@ -28,16 +28,60 @@ def _bench(*args: str, timeout: float = 1200) -> dict:
 @pytest.mark.multirank
 def test_gpu_check_dry_run_runs_every_phase_on_cpu(tmp_path):
     """The GPU check's own code path (bf16 ZeRO-3 config, fused AdamW, TED stage 1 and 2 from
-    partitioned loads, export, eval, engine and KD benches) with tiny shapes on CPU."""
+    partitioned loads, export, eval, engine and KD benches; attention kernels, teacher forward, the
+    ted-ds student step against a plain PyTorch step and each lever, the TED step with and without
+    documents) with tiny shapes on CPU."""
     result = _bench("gpu", "--dry-run", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"))
     written = json.load(open(tmp_path / "o" / "gpu_check.json"))
     phases = {p["phase"]: p["rc"] for p in written["phases"]}
     assert {"kd bench", "learn-filters teacher", "learn-filters student", "distill ted", "export", "eval",
-            "engine bench replicated", "engine bench zero3", "engine bench pipeline"} <= set(phases)
+            "engine bench replicated", "engine bench zero3", "engine bench pipeline", "attention teacher",
+            "attention student", "teacher forward", "plain step"} <= set(phases)
     assert not any(phases.values()), phases
     assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
     assert result["ted_over_student_plus_teacher"] > 0 and result["eval_ppl"] > 1
     assert result["kd_memory_ratio"] > 0 and result["kd_time_ratio"] > 0
+    for side in ("teacher", "student"):
+        _assert_attention(result["attention"][side])
+    _assert_teacher_forward(result["teacher_forward"])
+    _assert_student_steps(result)
+    assert result["ted_mfu"] > 0 and result["ted_step"]["step_s"] > 0
+    assert 0 < result["doc_attention_ratio"] < float("inf")
+    assert result["ted_settings"] == result["best_student"]
+
+
+def _assert_attention(a: dict) -> None:
+    """Every kernel ran and timed; in fp32 the flex document path and causal SDPA equal the dense masks."""
+    for name in ("causal", "document_dense", "document_flex"):
+        assert a[name]["ms"] > 0 and a[name]["tflops"] > 0, (name, a[name])
+    assert a["causal"]["backend"] in a["causal"]["ms_by_backend"] and a["document_dense"]["backend"]
+    assert isinstance(a["document_dense"]["ms_by_backend"]["MATH"], float)
+    assert a["document_dense"]["max_abs_err"] == 0
+    assert a["document_flex"]["max_abs_err"] <= 1e-5 and a["causal"]["max_abs_err"] <= 1e-5
+
+
+def _assert_teacher_forward(rows: list[dict]) -> None:
+    assert {(r["attn_implementation"], r["document_attention"], r["micro_batch"]) for r in rows} == {
+        (impl, docs, mb) for impl, docs in (("sdpa", False), ("sdpa", True), ("flex_attention", True)) for mb in (1, 2)}
+    assert all(r["ms_per_4096_tokens"] > 0 and r["mfu"] > 0 for r in rows)
+
+
+def _assert_student_steps(result: dict) -> None:
+    """The ted-ds and the plain step at every micro-batch, each lever (flex skipped on a CPU), the headlines."""
+    rows = {(r["variant"], r["micro_batch"]): r for r in result["student_steps"]}
+    levers = ("persistent_params", "activation_checkpointing", "eager", "compile_blocks")
+    timed = [*((v, mb) for v in ("ted-ds", "plain") for mb in (1, 2, 4)), *((v, 2) for v in levers)]
+    for key in timed:
+        assert rows[key]["step_s"] > 0 and rows[key]["tokens_per_s"] > 0 and rows[key]["mfu"] > 0, key
+        assert rows[key]["peak_gpu_gib"] is None  # no GPU
+    assert "no backward on a CPU" in rows[("flex_attention", 2)]["skipped"]
+    assert result["student_mfu"] == rows[("ted-ds", 2)]["mfu"]
+    assert result["student_vs_plain"] == pytest.approx(rows[("ted-ds", 2)]["step_s"] / rows[("plain", 2)]["step_s"])
+    assert set(result["student_vs_plain_by_micro_batch"]) == {"1", "2", "4"}
+    assert all(0 < r < float("inf") for r in result["student_vs_plain_by_micro_batch"].values())
+    profile = result["student_profile"]
+    assert sum(profile["phase"].values()) == pytest.approx(1) and profile["kind"]["GEMM"] > 0
+    assert {"forward", "backward", "step"} <= set(profile["phase"]) and profile["total_s"]["wall"] > 0
 
 
 @pytest.mark.multirank
