@@ -70,7 +70,7 @@ SHAPES = {  # (teacher, student) LLaMA shapes and run sizes: full size on a GPU,
     "dry": dict(teacher=llama(64, 128, 4, 4, 2, tied=False), student=llama(32, 64, 2, 2, 1, tied=True),
                 vocab=1536, tokenizer_vocab=1000, seq_len=64, micro_batch=2, global_batch=4, filter_steps=2,
                 distill_steps=3, bench_steps=2, kd_tokens=256, taps=(2, 1), attention_seq=128, documents=4,
-                attention_calls=2, forward_steps=1, step_steps=2, micro_batches=(1, 2, 4), profile_steps=1),
+                attention_calls=2, forward_steps=1, step_steps=2, micro_batches=(1, 2), profile_steps=1),
 }
 
 

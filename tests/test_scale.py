@@ -67,17 +67,18 @@ def _assert_teacher_forward(rows: list[dict]) -> None:
 
 
 def _assert_student_steps(result: dict) -> None:
-    """The ted-ds and the plain step at every micro-batch, each lever (flex skipped on a CPU), the headlines."""
+    """The ted-ds and the plain step at every micro-batch (1 and 2 in the dry run), each lever (flex skipped on
+    a CPU), the headlines."""
     rows = {(r["variant"], r["micro_batch"]): r for r in result["student_steps"]}
     levers = ("persistent_params", "activation_checkpointing", "eager", "compile_blocks")
-    timed = [*((v, mb) for v in ("ted-ds", "plain") for mb in (1, 2, 4)), *((v, 2) for v in levers)]
+    timed = [*((v, mb) for v in ("ted-ds", "plain") for mb in (1, 2)), *((v, 2) for v in levers)]
     for key in timed:
         assert rows[key]["step_s"] > 0 and rows[key]["tokens_per_s"] > 0 and rows[key]["mfu"] > 0, key
         assert rows[key]["peak_gpu_gib"] is None  # no GPU
     assert "no backward on a CPU" in rows[("flex_attention", 2)]["skipped"]
     assert result["student_mfu"] == rows[("ted-ds", 2)]["mfu"]
     assert result["student_vs_plain"] == pytest.approx(rows[("ted-ds", 2)]["step_s"] / rows[("plain", 2)]["step_s"])
-    assert set(result["student_vs_plain_by_micro_batch"]) == {"1", "2", "4"}
+    assert set(result["student_vs_plain_by_micro_batch"]) == {"1", "2"}
     assert all(0 < r < float("inf") for r in result["student_vs_plain_by_micro_batch"].values())
     profile = result["student_profile"]
     assert sum(profile["phase"].values()) == pytest.approx(1) and profile["kind"]["GEMM"] > 0
