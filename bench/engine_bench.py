@@ -5,6 +5,9 @@
 * Overhead: on 2 ranks, the TED step time ÷ (student-only LM step + teacher forward on the same
   micro-batches), all three timed in one launch, interleaved step by step (medians). Goal ≤ 1.10: TED
   adds only filters and two losses to what distillation must do anyway.
+* Levers (``--levers``): the same 2-rank TED step with each speed switch alone (compiled blocks,
+  every parameter persistent, eager attention), time ÷ the configured step of the same launch
+  series.  On a CPU this says what they cost or buy here, nothing about a GPU (make gpu-check).
 * Placements: replicated / zero3 / pipeline teacher at 2 and 4 ranks: step time, peak RSS per rank,
   teacher parameters held per rank, and the pipeline bubble (share of a teacher call a stage is not
   computing). Goals: pipeline teacher memory per rank ≤ 0.6× replicated at P=2; step time ≤ 1.5×.
@@ -69,10 +72,13 @@ def summarize(ranks: list[dict]) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps, 2 ranks only")
+    ap.add_argument("--levers", action="store_true", help="only the speed switches against the configured step")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ted-ds-bench"))
     args = ap.parse_args(argv)
     steps = 2 if args.quick else 10
     world = tiny_world(args.workdir)
+    if args.levers:
+        return levers(world, args.workdir, 2 * steps)
     results = {"machine": machine(), "overhead": {}, "placements": {}}
 
     # the three timings interleaved in one process (TED, student-only LM, teacher forward), same batches
@@ -91,6 +97,30 @@ def main(argv=None) -> dict:
     report(results)
     os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
     with open(os.path.join(REPO, "bench", "results", "engine.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def levers(world: dict, workdir: str, steps: int) -> dict:
+    """The TED step on 2 ranks as configured and with each speed switch alone, then as configured again
+    (launch-to-launch noise); bench/results/levers.json."""
+    persistent = os.path.join(workdir, "zero3_cpu_persistent.json")
+    with open(os.path.join(REPO, "ds_configs", "zero3_cpu.json")) as f:
+        ds = json.load(f)
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 1e12
+    with open(persistent, "w") as f:
+        json.dump(ds, f)
+    switches = {"configured": {}, "compile_blocks": {"train.compile_blocks": True},
+                "persistent_params": {"train.deepspeed_config": persistent},
+                "eager_attention": {"student.attn_implementation": "eager", "teacher.attn_implementation": "eager"},
+                "configured_again": {}}  # the noise between launches: ratios nearer 1 than this one mean nothing
+    rows = {name: summarize(measure(world, workdir, f"lever-{name}", 2, steps, **over))["step_s"]
+            for name, over in switches.items()}
+    results = {"machine": machine(), "steps": steps, "step_s": rows,
+               "ratio": {name: s / rows["configured"] for name, s in rows.items()}}
+    for name, ratio in results["ratio"].items():
+        print(f"{name:<20}{rows[name]:>8.3f} s   {ratio:.3f}x the configured step")
+    with open(os.path.join(REPO, "bench", "results", "levers.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results
 
