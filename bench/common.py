@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -50,6 +51,19 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> str:
     if proc.returncode != 0:
         sys.exit(f"benchmark step failed: {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-4000:]}")
     return proc.stdout + proc.stderr
+
+
+def persistent_config(source: str, work: str) -> str:
+    """The DeepSpeed JSON ``source`` with every parameter persistent (threshold 10¹²: ZeRO-3 gathers none),
+    written into ``work``; its path."""
+    with open(source) as f:
+        ds = json.load(f)
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 10**12
+    name, ext = os.path.splitext(os.path.basename(source))
+    path = os.path.join(work, f"{name}_persistent{ext}")
+    with open(path, "w") as f:
+        json.dump(ds, f, indent=2)
+    return path
 
 
 def _world_key(corpus: str, *shape) -> str:

@@ -29,7 +29,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO, machine, run, tiny_world  # noqa: E402
+from bench.common import REPO, machine, persistent_config, run, tiny_world  # noqa: E402
 from ted_ds.config import apply_override  # noqa: E402
 from ted_ds.launch import local_deepspeed_command as deepspeed  # noqa: E402
 
@@ -104,12 +104,7 @@ def main(argv=None) -> dict:
 def levers(world: dict, workdir: str, steps: int) -> dict:
     """The TED step on 2 ranks as configured and with each speed switch alone, then as configured again
     (launch-to-launch noise); bench/results/levers.json."""
-    persistent = os.path.join(workdir, "zero3_cpu_persistent.json")
-    with open(os.path.join(REPO, "ds_configs", "zero3_cpu.json")) as f:
-        ds = json.load(f)
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 1e12
-    with open(persistent, "w") as f:
-        json.dump(ds, f)
+    persistent = persistent_config(os.path.join(REPO, "ds_configs", "zero3_cpu.json"), workdir)
     switches = {"configured": {}, "compile_blocks": {"train.compile_blocks": True},
                 "persistent_params": {"train.deepspeed_config": persistent},
                 "eager_attention": {"student.attn_implementation": "eager", "teacher.attn_implementation": "eager"},

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from bench.common import REPO
+from bench.common import REPO, persistent_config
 from bench.gpu_measure import attention, plain_steps, teacher_forwards
 
 DS_CONFIG = os.path.join(REPO, "ds_configs", "zero3_bf16.json")
@@ -84,21 +84,10 @@ def levers(c) -> dict[str, list[str]]:
     """Each lever of the ted-ds step as the CLI's overrides; the attention ones and compilation apply to
     student and teacher alike (a student-only step loads no teacher)."""
     both = lambda impl: [f"student.attn_implementation={impl}", f"teacher.attn_implementation={impl}"]
-    return {"persistent_params": [f"train.deepspeed_config={persistent_config(c.work)}"],
+    return {"persistent_params": [f"train.deepspeed_config={persistent_config(DS_CONFIG, c.work)}"],
             "activation_checkpointing": ["student.activation_checkpointing=true"],
             "eager": both("eager"), "flex_attention": both("flex_attention"),
             "compile_blocks": ["train.compile_blocks=true"]}
-
-
-def persistent_config(work: str) -> str:
-    """ds_configs/zero3_bf16.json with every parameter persistent (threshold 10¹²): ZeRO-3 gathers none."""
-    with open(DS_CONFIG) as f:
-        ds = json.load(f)
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 10**12
-    path = os.path.join(work, "zero3_bf16_persistent.json")
-    with open(path, "w") as f:
-        json.dump(ds, f, indent=2)
-    return path
 
 
 def student_section(c) -> None:

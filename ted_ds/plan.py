@@ -29,7 +29,6 @@ from ted_ds.architectures import (
     meta_model,
     num_layers,
     teacher_blocks_config,
-    teacher_hf_config,
     vocab_size,
     with_attention,
 )
@@ -185,7 +184,7 @@ def model_configs(cfg: RunConfig, needs_teacher: bool) -> tuple:
         student_config = load_hf_config(s.config, s.trust_remote_code)
     else:  # teacher blocks: from the teacher's own file config, not inheriting teacher.attn_implementation
         student_config = teacher_blocks_config(teacher_file_config, s.init_from_teacher)
-    teacher_config = teacher_hf_config(t) if teacher_file_config is not None else None
+    teacher_config = None if teacher_file_config is None else with_attention(teacher_file_config, t.attn_implementation)
     student_config = with_attention(student_config, s.attn_implementation)
     for what, conf in (("teacher", teacher_config), ("student", student_config)):
         if conf is None:

@@ -51,7 +51,7 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
     trained, teacher_filters = distill_modules(p, dtype=compute_dtype(ds), zero_config=ds)
     if cfg.student.activation_checkpointing:
         trained.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    compiled(cfg, trained.model, zero3=ds.get("zero_optimization", {}).get("stage") == 3)
+    compiled(cfg, trained.model, zero3=True)  # the student is always ZeRO-3 (resolve_ds_config)
     flops = flops_per_token(matmul_parameters(trained.model), p.student_config, cfg.data.seq_len, True)
     engine = build_trained_engine(cfg, trained, ds, p.total_steps)
     frozen = None
