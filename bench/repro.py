@@ -63,6 +63,9 @@ from bench.repro_study import ARMS, FULL, MATCHED, QUICK, decide  # noqa: E402
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--study", choices=("v5", "v6"), default="v5",
+                    help="v5 (this docstring) or v6 (domain-adaptive continual pre-training, bench/repro_v6.py)")
+    ap.add_argument("--cells", default="BA", choices=("BA", "B", "A"), help="v6: which cells, in order (default BA)")
     ap.add_argument("--quick", action="store_true", help="tiny models and budget: checks the pipeline only")
     ap.add_argument("--seeds", type=int, help="paired seeds (default 5, quick 2)")
     ap.add_argument("--ranks", type=int, default=1, help="processes per training command (default 1)")
@@ -72,6 +75,8 @@ def main(argv=None) -> dict:
                                      "enwiki_sample.txt if present, else the bundled sample)")
     ap.add_argument("--report-only", action="store_true", help="rebuild results.md and the plot from results.json")
     args = ap.parse_args(argv)
+    if args.study == "v6":
+        return study_v6(args)
     size = QUICK if args.quick else FULL
     seeds = list(range(1, 1 + (args.seeds or (2 if args.quick else 5))))
     if len(seeds) < 2:
@@ -108,6 +113,22 @@ def main(argv=None) -> dict:
         json.dump(results, f, indent=1)
     report(out, with_int_steps(json.load(open(os.path.join(out, "results.json")))))
     print(f"repro: {results['elapsed_s'] / 60:.1f} min; results in {out}")
+    return results
+
+
+def study_v6(args) -> dict:
+    """Study v6 (its design and rule: bench/repro_v6.py), into bench/results/repro-v6[-quick]."""
+    from bench.repro_v6_report import report as report_v6
+    from bench.repro_v6_runs import Study
+
+    out = os.path.abspath(args.out or os.path.join(REPO, "bench", "results", "repro-v6-quick" if args.quick
+                                                   else "repro-v6"))
+    if args.report_only:
+        results = json.load(open(os.path.join(out, "results.json")))
+    else:
+        results = Study(out, args.quick, args.ranks, args.jobs, args.corpus, args.cells).run()
+        print(f"repro v6: {results['elapsed_s'] / 60:.1f} min; results in {out}")
+    report_v6(out, results)
     return results
 
 

@@ -38,14 +38,16 @@ def prepare_data(out: str, size: dict, corpus: str | None) -> dict:
     return {"tokenizer": tok, "wikipedia": data, "books": test}
 
 
-def llama_config(out: str, name: str, tok: str, size: dict) -> str:
+def llama_config(out: str, name: str, tok: str, size: dict, layers: int | None = None,
+                 hidden: int | None = None) -> str:
+    """A LLaMA-style config of ``layers`` × ``hidden`` (default: the study's teacher) for the tokenizer."""
     from data_prep.tokenizer import load_tokenizer
 
     path = os.path.join(out, f"{name}_config.json")
-    hidden = size["hidden"]
+    hidden = hidden or size["hidden"]
     with open(path, "w") as f:
         json.dump({"model_type": "llama", "vocab_size": len(load_tokenizer(tok)), "hidden_size": hidden,
-                   "intermediate_size": hidden * 8 // 3 // 8 * 8, "num_hidden_layers": size["teacher_layers"],
+                   "intermediate_size": hidden * 8 // 3 // 8 * 8, "num_hidden_layers": layers or size["teacher_layers"],
                    "num_attention_heads": size["heads"], "num_key_value_heads": size["heads"],
                    "max_position_embeddings": 512, "tie_word_embeddings": False, "bos_token_id": 1,
                    "eos_token_id": 2}, f)
@@ -53,9 +55,12 @@ def llama_config(out: str, name: str, tok: str, size: dict) -> str:
 
 
 def write_run_config(out: str, data: dict, size: dict) -> str:
-    import yaml
+    return write_yaml(run_config(out, data, size), os.path.join(out, "run.yaml"))
 
-    cfg = {"teacher": {"path": f"{out}/teacher/hf"},
+
+def run_config(out: str, data: dict, size: dict) -> dict:
+    """The study's run config (v5; v6's cell A): the teacher pre-trained in ``out``, Wikipedia + books (test)."""
+    return {"teacher": {"path": f"{out}/teacher/hf"},
            "student": {"init_from_teacher": aligned_blocks(size)},
            "data": {"sources": [{"name": "wikipedia", "path": data["wikipedia"], "weight": 1.0},
                                 {"name": "books", "path": data["books"], "weight": 0.0}],
@@ -68,7 +73,11 @@ def write_run_config(out: str, data: dict, size: dict) -> str:
                      "log_interval": 1, "eval_interval": 10**6, "eval_steps": list(size["eval_steps"]),
                      "save_interval": 10**6, "progress": False,
                      "deepspeed_config": os.path.join(REPO, "ds_configs", "zero3_cpu.json")}}
-    path = os.path.join(out, "run.yaml")
+
+
+def write_yaml(cfg: dict, path: str) -> str:
+    import yaml
+
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     return path
@@ -115,21 +124,23 @@ def banks(work: str, seed: int) -> list[str]:
     return [f"teacher.filters={bank(work, seed, 'teacher')}", f"student.filters={bank(work, seed, 'student')}"]
 
 
-def stage1_run(work: str, size: dict, seed: int, which: str):
-    """One stage-1 bank of one seed, learned on the frozen model ``which`` (teacher | student)."""
-    out = bank(work, seed, which)
+def stage1_run(work: str, size: dict, seed: int, which: str, warmup: int | None = None):
+    """One stage-1 bank of one seed, learned on the frozen model ``which`` (teacher | student); ``warmup``
+    steps (default: the run config's)."""
+    out, steps = bank(work, seed, which), size["filter_steps"]
     return (["learn-filters", "--model", which],
             [*banks(work, seed), f"distill.filters_out={out}", f"train.out_dir={out}-run",
-             f"train.steps={size['filter_steps']}", "optim.lr=1e-2", f"train.seed={seed}",
-             f"train.eval_interval={size['filter_steps']}", "train.eval_steps=[]"])
+             f"train.steps={steps}", "optim.lr=1e-2", f"train.seed={seed}", f"train.eval_interval={steps}",
+             "train.eval_steps=[]", *([f"optim.warmup_steps={warmup}"] if warmup is not None else [])])
 
 
 def arm_dir(work: str, seed: int, arm: str) -> str:
     return f"{work}/seed{seed}/{arm}"
 
 
-def arm_run(work: str, size: dict, seed: int, arm: str, steps: int):
-    overrides = list(ARMS[arm]) + (banks(work, seed) if "ted" in arm else [])
+def arm_run(work: str, size: dict, seed: int, arm: str, steps: int, overrides: tuple | None = None):
+    """The arm's training command for one seed (``overrides``: its settings, default v5's ARMS[arm])."""
+    overrides = list(ARMS[arm] if overrides is None else overrides) + (banks(work, seed) if "ted" in arm else [])
     return (["distill"], [*overrides, f"train.seed={seed}", f"train.steps={steps}",
                           f"train.out_dir={arm_dir(work, seed, arm)}"])
 
@@ -144,23 +155,24 @@ def train_seconds(out_dir: str, tokens_per_step: int) -> float:
     return sum(tokens_per_step / r["tokens_per_s"] for r in metrics(out_dir) if "tokens_per_s" in r)
 
 
-def matched_steps(work: str, size: dict, seeds: list[int]) -> dict:
-    """KD α = 1's step count at TED α = 1's cost: per seed, (both stage-1 runs + TED's steps) in seconds
-    over KD's seconds per step; the median over seeds, so every seed of the arm trains as long."""
+def matched_steps(work: str, size: dict, seeds: list[int], ted_arm: str = "ted-a1", kd_arm: str = "kd-a1") -> dict:
+    """KD's step count at TED's cost: per seed, (both stage-1 runs + TED's steps) in seconds over KD's
+    seconds per step; the median over seeds, so every seed of the arm trains as long."""
     tokens = size["global"] * size["seq_len"]
     ratios = []
     for seed in seeds:
-        ted = train_seconds(arm_dir(work, seed, "ted-a1"), tokens)
+        ted = train_seconds(arm_dir(work, seed, ted_arm), tokens)
         stage1 = sum(train_seconds(bank(work, seed, w) + "-run", tokens) for w in ("teacher", "student"))
-        kd_step = train_seconds(arm_dir(work, seed, "kd-a1"), tokens) / size["student_steps"]
+        kd_step = train_seconds(arm_dir(work, seed, kd_arm), tokens) / size["student_steps"]
         ratios.append({"seed": seed, "ted_s": ted, "stage1_s": stage1, "kd_step_s": kd_step,
                        "steps": (ted + stage1) / kd_step})
     return {"per_seed": ratios, "steps": round(statistics.median(r["steps"] for r in ratios))}
 
 
-def evaluations(out_dir: str) -> dict[int, dict[str, float]]:
+def evaluations(out_dir: str, splits: tuple = SPLITS) -> dict[int, dict[str, float]]:
     """{step: {split: nats per token}} of every in-run evaluation."""
-    return {r["step"]: {s: r[f"eval/{s}/loss"] for s in SPLITS} for r in metrics(out_dir) if "eval/books/loss" in r}
+    return {r["step"]: {s: r[f"eval/{s}/loss"] for s in splits} for r in metrics(out_dir)
+            if f"eval/{splits[0]}/loss" in r}
 
 
 def train_curve(out_dir: str) -> list[tuple[int, float]]:

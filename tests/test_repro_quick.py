@@ -158,3 +158,91 @@ def test_the_matched_arm_trains_for_teds_seconds_with_its_stage_1_over_kds_secon
     # per seed: (6 · 0.3 + 2 · 3 · 0.5) / kd = 4.8 / 0.2, 4.8 / 0.25, 4.8 / 0.1 = 24, 19.2, 48 → median 24
     assert [r["steps"] for r in m["per_seed"]] == pytest.approx([24, 19.2, 48])
     assert m["steps"] == 24 and not math.isnan(m["per_seed"][0]["stage1_s"])
+
+
+# ----------------------------------------------------------------------------- study v6
+def test_v6_rule_needs_both_cell_b_comparisons_at_97_5_percent():
+    from bench.repro_v6 import decide_v6
+
+    kd, matched = [5.00, 5.01, 4.99, 5.02], [4.98, 4.99, 4.97, 5.00]
+    better = [x - 0.05 for x in kd]  # beats KD by 0.05, and the matched arm by 0.03, at no spread
+    d = decide_v6({"B": {"ted-cosine": [b + e for b, e in zip(better, NOISE)], "kd": kd, "kd-matched": matched}})
+    assert d["H_B"]["holds"] and d["H_B"]["outcome"].startswith("TED is worth it")
+    assert d["H_A"]["holds"] is None and d["H_A"]["outcome"] == "cell A not run"
+    d = decide_v6({"B": {"ted-cosine": better, "kd": kd, "kd-matched": [x - 0.06 for x in kd]}})
+    assert not d["H_B"]["holds"] and d["H_B"]["outcome"].endswith("KD is the default")  # the matched KD wins
+
+
+def test_v6_rule_uses_the_bonferroni_interval_not_the_95_percent_one():
+    from bench.repro_study import interval
+    from bench.repro_v6 import decide_v6
+
+    kd = [5.0] * 5
+    ted = [5.0 - 0.01 + e for e in (0.006, -0.004, 0.011, -0.003, 0.0)]  # 95 % below 0, 97.5 % not
+    diffs = [t - k for t, k in zip(ted, kd)]
+    assert interval(diffs)["high"] < 0 < interval(diffs, confidence=0.975)["high"]
+    d = decide_v6({"A": {"ted-cosine": ted, "kd": kd}})
+    assert not d["H_A"]["holds"] and "does not replicate" in d["H_A"]["outcome"]
+
+
+def test_v6_tuning_takes_the_lowest_books_valid_loss_and_ties_go_to_grid_order(tmp_path):
+    from bench.repro_runs import arm_dir
+    from bench.repro_v6 import KD_GRID, TUNING_SEED, tuned
+
+    for i, loss in enumerate([4.2, 4.1, 4.3, 4.1]):
+        d = arm_dir(str(tmp_path), TUNING_SEED, f"tune-kd-{i}")
+        os.makedirs(d)
+        rows = [{"step": 10, "eval/books-test/loss": 1.0, "eval/books-valid/loss": 9.0, "eval/wikipedia/loss": 1.0},
+                {"step": 20, "eval/books-test/loss": 1.0, "eval/books-valid/loss": loss, "eval/wikipedia/loss": 1.0}]
+        with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+    best = tuned(str(tmp_path), KD_GRID, "tune-kd")
+    assert {k: best[k] for k in KD_GRID[1]} == KD_GRID[1] and best["losses"] == [4.2, 4.1, 4.3, 4.1]
+
+
+def test_v6_filters_add_nothing_only_inside_the_margin():
+    from bench.repro_v6 import filters_add_nothing
+
+    lwd = [5.0, 5.1, 4.9, 5.0]
+    assert filters_add_nothing([x + e / 10 for x, e in zip(lwd, NOISE)], lwd)["within_margin"]
+    assert not filters_add_nothing([x - 0.01 + e / 10 for x, e in zip(lwd, NOISE)], lwd)["within_margin"]
+
+
+@pytest.mark.multirank
+def test_repro_v6_quick_runs_cell_b_end_to_end_and_rules_on_it(tmp_path):
+    from bench.repro_v6 import B_ARMS, B_MATCHED, B_QUICK, KD_GRID, TED_GRID
+
+    out = tmp_path / "v6"
+    big = tmp_path / "corpus.txt"  # the bundled sample, never ../shared
+    big.write_text("\n".join(corpus_lines(2000)) + "\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "bench", "repro.py"), "--study", "v6", "--quick",
+                        "--cells", "B", "--out", str(out), "--corpus", str(big)], cwd=REPO, capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    results = json.load(open(out / "results.json"))
+    b, work = results["cells"]["B"], out / "work" / "cellB"
+    assert set(b["scores"]) == {*B_ARMS, B_MATCHED} and b["seeds"] == list(B_QUICK["seeds"])
+    assert b["matched"]["steps"] > B_QUICK["student_steps"]
+    assert results["decision"]["H_A"]["outcome"] == "cell A not run" and results["decision"]["H_B"]["holds"] is not None
+    for arm, runs in b["scores"].items():  # every split evaluated at the chosen steps and the last only
+        for by_step in runs:
+            assert sorted(map(int, by_step)) == [*B_QUICK["eval_steps"], *([b["matched"]["steps"]]
+                                                                            if arm == B_MATCHED else [])]
+            assert all(set(v) == {"books-test", "books-valid", "wikipedia"} for v in by_step.values())
+    tuned_kd, tuned_ted = b["tuned"]["kd"], b["tuned"]["ted-cosine"]
+    assert len(tuned_kd["losses"]) == len(KD_GRID) and len(tuned_ted["losses"]) == len(TED_GRID)
+    cfg = yaml.safe_load(open(work / "seed1" / "ted-cosine" / "config.yaml"))
+    assert cfg["distill"]["temperature"] == tuned_kd["temperature"] and cfg["distill"]["beta"] == tuned_ted["beta"]
+    assert cfg["teacher"]["path"].endswith("cellB/teacher-books/hf")  # the adapted teacher
+    assert cfg["student"]["path"].endswith("cellB/student-base/hf")  # the pre-trained small student
+    student = json.load(open(work / "student-base" / "hf" / "config.json"))
+    teacher = json.load(open(work / "teacher-books" / "hf" / "config.json"))
+    assert student["hidden_size"] < teacher["hidden_size"] and student["num_hidden_layers"] < teacher[
+        "num_hidden_layers"]
+    tune_cfg = yaml.safe_load(open(work / "seed0" / "tune-ted-cosine-0" / "config.yaml"))
+    assert tune_cfg["distill"]["temperature"] == tuned_kd["temperature"]  # TED tuned at KD's tuned T
+    books = {s: set(open(work / f"books-{s}.txt", encoding="utf-8")) for s in ("train", "valid", "test")}
+    assert not (books["train"] & books["test"]) and not (books["valid"] & books["test"])  # split by document
+    assert all(b["filters"][s]["student"][0]["shape"] == [teacher["hidden_size"], student["hidden_size"]]
+               for s in b["filters"])
+    assert "H_B outcome" in (out / "results.md").read_text() and (out / "curves.png").stat().st_size > 1000
