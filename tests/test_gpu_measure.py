@@ -42,3 +42,25 @@ def test_sections_run_in_their_own_order_and_unknown_ones_are_refused():
     assert sections("ted, attention") == ["attention", "ted"]
     with pytest.raises(argparse.ArgumentTypeError, match="choose among"):
         sections("attention,gemm")
+
+
+@pytest.mark.parametrize("name, dtype, tflops", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.0),  # SXM
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756.0),
+    ("NVIDIA H100 NVL", torch.bfloat16, 835.0),
+    ("NVIDIA H100 NVL", torch.float32, 60.0),
+    ("NVIDIA H200", torch.bfloat16, 989.0),
+    ("NVIDIA H200 NVL", torch.bfloat16, 835.0),
+    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312.0),
+    ("NVIDIA A100 80GB PCIe", torch.float32, 19.5),
+    ("NVIDIA L40S", torch.bfloat16, 362.0),
+    ("NVIDIA L4", torch.bfloat16, 121.0),
+    ("Tesla V100-SXM2-16GB", torch.bfloat16, None),  # no bf16 unit
+    ("NVIDIA RTX PRO 6000 Blackwell", torch.bfloat16, None),  # not in the table
+])
+def test_peak_flops_by_gpu_model_and_dtype(name, dtype, tflops):
+    """The datasheet's dense peak per model and dtype: PCIe and NVL parts are not taken for the SXM one,
+    L4 is not L40S, and a GPU (or dtype) the table lacks has no peak rather than a guessed one."""
+    from ted_ds.metrics import gpu_peak_tflops
+
+    assert gpu_peak_tflops(name, dtype) == tflops
