@@ -56,7 +56,7 @@ class TeacherConfig:
     """P, the number of pipeline stages (placement: pipeline). World size must be a multiple of P."""
     pipeline_layers: list[int] | None = None
     """Explicit stage boundaries: number of decoder layers on each stage (sums to the layer count).
-    Default: balanced by parameter count."""
+    Default: balanced by forward FLOPs (the output head on the last stage; the embedding, a lookup, on none)."""
     pipeline_chunks: int = 1
     """Each micro-batch of the group is cut into this many chunks to fill the pipeline."""
     logits_dtype: LogitsDtype = "fp32"
