@@ -1,41 +1,42 @@
-"""The GPU check: the large-scale path end to end on one GPU, with the figures that matter.
+"""The GPU check: the large-scale path end to end on one GPU, with the figures that matter, in
+sections that fit short GPU slots.
 
-    python -m bench.gpu_check [--out DIR] [--sections a,b]   (make gpu-check; one GPU, world size 1, NCCL)
-    python -m bench.gpu_check --dry-run                      (CPU, tiny shapes, gloo: what the tests run)
+    python -m bench.gpu_check [--work DIR] [--out DIR] [--sections a,b] [--budget-s S]   (make gpu-check)
+    python -m bench.gpu_check --dry-run [...]         (CPU, tiny shapes, gloo: what the tests run)
+    bash scripts/gpu_slot.sh [BUDGET_S] [RESULTS_DIR] (one command for one short GPU slot)
 
-A random LLaMA-shaped teacher (~3.6 B: d=3072, 28 layers, vocab 128k, bf16 safetensors written
-here) is distilled with TED into a LLaMA-shaped student (~1.2 B: d=2048, 16 layers, tied
-embeddings) under ``ds_configs/zero3_bf16.json`` (DeepSpeed's fused AdamW): stage 1 on both sides,
-~30 distillation steps, export to HF, ``ted-ds eval``; then the engine worker times a TED step
-against a student-only step + the teacher forward on the same batches, and the KD bench compares
-chunked and unchunked losses.  Every phase that trains is the real command (or the engine worker)
-in its own process; the attention kernels, the teacher forward and the plain PyTorch step, which
-need no DeepSpeed, are measured in this one.
+A random LLaMA-shaped teacher (~3.6 B: d=3072, 28 layers) and student (~1.2 B: d=2048, 16 layers, tied
+embeddings), bf16 safetensors written here, at a real vocabulary: 128,256 rows in both and as many ids
+in the data's tokenizer (a small BPE padded with ids text never produces), so that KD and the losses
+run over a real run's vocabulary; ``ds_configs/zero3_bf16.json`` (DeepSpeed's fused AdamW).  Every
+phase that trains is the real command or the engine worker (bench/mp_engine_bench.py) in its own
+process; the attention kernels, the teacher forward and the plain PyTorch step are measured in this one.
+Random weights: the losses mean nothing, the speed and memory do.
 
-Printed: tokens/s and MFU (teacher forward FLOPs counted), TED step ÷ (student step + teacher
-forward), peak GPU memory ÷ the floor (teacher in bf16 + student and filters at 16 bytes/param:
-bf16 weights and gradients, fp32 master weights and Adam moments — activations excluded), the KD
-memory and time ratios; and what the sections below measure.  The last line is one JSON object
-(``student_mfu``, ``student_vs_plain``, ``ted_mfu`` and ``doc_attention_ratio`` always among its
-keys, None where their section did not run); ``--out`` also gets it as ``gpu_check.json``, saved
-after every phase.  Random weights: the losses mean nothing, the speed and memory do.
+Resumable: ``--work`` (default .cache/gpu-check, kept) holds the data, the models (built for the
+sections that need them only), compiled kernels and each finished section's figures
+(bench/gpu_resume.py); a second call reuses them and runs what is left (``--redo`` measures again).
+``--budget-s`` starts no section whose estimate (ESTIMATE_S) would end past the budget and prints one
+line saying what is left.  Printed at the end: the figures, one summary line (the four headlines and
+what ran, was reused, failed or is left) and one JSON object (``student_mfu``, ``student_vs_plain``,
+``ted_mfu``, ``doc_attention_ratio`` always among its keys, None where their section did not run);
+``--out`` also gets it as ``gpu_check.json``, saved after every phase.
 
-Sections (``--sections``, comma-separated, default all, run in this order):
-  attention  SDPA causal, SDPA with ted_ds.documents' dense document mask and FlexAttention with its
-             BlockMask at T=4096 for the teacher's and the student's attention shapes: SDPA backend
-             (the dispatcher's choice, and ms under each backend alone), ms, TFLOP/s of the work the
-             mask leaves, max abs error against the dense mask (bench/gpu_measure.py)
+Sections (``--sections``, comma-separated, default all, run in this order: headline figures first):
+  student    the ted-ds student step (ZeRO-3, engine worker, ``distill.method=lm``) at the check's
+             micro-batch, profiled by phase and kind of work, against a plain PyTorch step of the same
+             model (fp32 master weights, bf16 autocast, ted-ds's chunked loss, clipping, fused AdamW):
+             ``student_mfu``, ``student_vs_plain``
+  ted        the TED step as configured, on random banks (``ted_mfu``, the teacher's forward counted)
+  levers     both steps at the other micro-batches, then each lever alone: every parameter persistent,
+             activation checkpointing, eager / flex attention, compiled blocks (``best_student``)
+  documents  the TED step with data.document_attention (``doc_attention_ratio``: ÷ the step without)
+  attention  SDPA causal, SDPA with ted_ds.documents' dense document mask (KV heads repeated, as
+             transformers does with a mask) and FlexAttention with its BlockMask at T=4096 for both
+             models' attention shapes: backend, ms, TFLOP/s of the work the mask leaves, error
   teacher    the frozen teacher's forward at micro-batch 1 and 2, document attention off and on
-             (sdpa; FlexAttention): ms per 4,096 tokens and MFU
-  student    the ted-ds student step (ZeRO-3, engine worker) at micro-batch 1, 2, 4 against a plain
-             PyTorch step of the same model (``student_vs_plain``), then each lever alone: every
-             parameter persistent, activation checkpointing, eager / flex attention, compiled
-             blocks; step s, tokens/s, MFU, peak memory; a profile of the configured step by phase
-             and kind of work (bench/profile_bench.py)
-  ted        the TED step with the fastest student settings (``ted_mfu``, teacher forward counted)
-             and the same with data.document_attention (``doc_attention_ratio``), on random banks
+  kd         the chunked vs unchunked CE + KD loss (bench/kd_bench.py) at the check's vocabulary
   distill    stage 1, ~30 TED steps, export, eval, the engine bench under every teacher placement
-  kd         the chunked vs unchunked CE + KD loss (bench/kd_bench.py)
 """
 
 from __future__ import annotations
