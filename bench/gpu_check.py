@@ -362,12 +362,13 @@ SECTIONS = {"student": (student_section, ("data", "student")),
             "kd": (kd_bench, ()),
             "distill": (distill_section, ("data", "teacher", "student"))}
 # Seconds each section and each build is expected to take, for --budget-s. gpu: planning figures for a
-# fresh H100 (DeepSpeed import and ZeRO-3 build ~30-40 s per engine worker, fused Adam built once), not
-# measurements; dry: seen on 2 shared CPU cores.
-ESTIMATE_S = {"gpu": {"student": 120, "ted": 90, "levers": 360, "documents": 90, "attention": 30, "teacher": 60,
-                      "kd": 30, "distill": 420, "data": 40, "teacher model": 60, "student model": 25},
-              "dry": {"student": 25, "ted": 25, "levers": 60, "documents": 20, "attention": 5, "teacher": 5,
-                      "kd": 10, "distill": 120, "data": 10, "teacher model": 2, "student model": 2}}
+# fresh H100 (data and models built; DeepSpeed import and ZeRO-3 build ~30-40 s per engine worker, fused
+# Adam JIT-compiled by the first), not measurements; dry: seen on 2 CPU cores shared with other jobs,
+# DeepSpeed's CPU Adam already compiled.
+ESTIMATE_S = {"gpu": {"student": 200, "ted": 90, "levers": 420, "documents": 90, "attention": 40, "teacher": 60,
+                      "kd": 40, "distill": 450, "data": 40, "teacher model": 60, "student model": 30},
+              "dry": {"student": 45, "ted": 40, "levers": 350, "documents": 45, "attention": 10, "teacher": 20,
+                      "kd": 40, "distill": 420, "data": 10, "teacher model": 10, "student model": 10}}
 
 
 def sections(text: str) -> list[str]:
@@ -474,8 +475,8 @@ def check_for(args) -> Check:
 
 def summary_line(r: dict, status: dict[str, list[str]]) -> str:
     """One line: the four headline figures and what became of each section."""
-    figure = lambda key: "-" if r.get(key) is None else f"{r[key]:.3f}"
-    return (f"gpu-check summary: {' '.join(f'{k}={figure(k)}' for k in HEADLINES)} "
+    figures = " ".join(f"{k}={number(r.get(k), '.3f')}" for k in HEADLINES)
+    return (f"gpu-check summary: {figures} "
             + " ".join(f"{what}={','.join(names) or '-'}" for what, names in status.items()))
 
 
@@ -500,8 +501,13 @@ def _save(result: dict, out: str | None) -> None:
             json.dump(result, f, indent=2)
 
 
+def number(value: float | None, spec: str) -> str:
+    """A figure as printed: "-" where there is none (a section not run, no MFU for an unknown GPU)."""
+    return "-" if value is None else format(value, spec)
+
+
 def report(r: dict, summary: str) -> None:
-    fmt = lambda key, spec: format(r[key], spec) if r.get(key) is not None else "-"
+    fmt = lambda key, spec: number(r.get(key), spec)
     size = lambda key: f"{r[key] / 1e9:.2f} B" if r.get(key) else "not built"
     print(f"\nteacher {size('teacher_params')}, student {size('student_params')}, vocabulary {r['vocab']} on "
           f"{r['device']}")
@@ -535,14 +541,15 @@ def report_steps(r: dict) -> None:
     for row in r.get("teacher_forward") or []:
         documents = "on " if row["document_attention"] else "off"
         print(f"teacher forward, {row['attn_implementation']:<15} documents {documents} mb {row['micro_batch']}: "
-              f"{row['ms_per_4096_tokens']:.1f} ms / 4096 tokens, MFU {row['mfu']:.3f}")
-    for row in r.get("student_steps") or []:
+              f"{row['ms_per_4096_tokens']:.1f} ms / 4096 tokens, MFU {number(row['mfu'], '.3f')}")
+    for row in [*(r.get("student_steps") or []), *(r.get("lever_steps") or [])]:
         head = f"student step {row['variant']:<25} mb {row['micro_batch']}: "
         if "step_s" not in row:
             print(head + row.get("skipped", "failed"))
             continue
         memory = f", peak {row['peak_gpu_gib']:.1f} GiB" if row.get("peak_gpu_gib") is not None else ""
-        print(head + f"{row['step_s']:.4f} s, {row['tokens_per_s']:.0f} tokens/s, MFU {row['mfu']:.3f}{memory}")
+        print(head + f"{row['step_s']:.4f} s, {row['tokens_per_s']:.0f} tokens/s, MFU {number(row['mfu'], '.3f')}"
+                     f"{memory}")
     if r.get("student_profile"):
         from bench.profile_bench import report as profile_report
 

@@ -93,28 +93,32 @@ def levers(c) -> dict[str, list[str]]:
 def student_section(c) -> None:
     """The headline student figures: the ted-ds student step (with a profile) and the plain PyTorch step of
     the same model at the check's micro-batch (``student_mfu``, ``student_vs_plain``)."""
-    student_steps(c, (c.shape["micro_batch"],))
+    rows = student_steps(c, "student_steps", (c.shape["micro_batch"],))
+    summary = student_summary(rows, c.shape["micro_batch"])
+    c.result.update({k: summary[k] for k in ("student_mfu", "student_vs_plain")})
+    c.save()
 
 
 def levers_section(c) -> None:
-    """The ted-ds and the plain step at the other micro-batches, then each lever alone at the check's."""
+    """The ted-ds and the plain step at the other micro-batches, then each lever alone at the check's, as
+    rows of ``lever_steps`` (its own key: a section measured again never mixes with another's rows)."""
     s = c.shape
-    student_steps(c, tuple(mb for mb in s["micro_batches"] if mb != s["micro_batch"]))
-    rows = c.result.setdefault("student_steps", [])
+    rows = student_steps(c, "lever_steps", tuple(mb for mb in s["micro_batches"] if mb != s["micro_batch"]))
     for name, overrides in levers(c).items():
         if c.dry_run and name in SKIPPED_ON_CPU:
             rows.append({"variant": name, "micro_batch": s["micro_batch"], "skipped": SKIPPED_ON_CPU[name]})
         else:
             rows.append(engine_step(c, "lm", name, s["micro_batch"], overrides))
         c.save()
-    c.result.update(student_summary(rows, s["micro_batch"]))
+    summary = student_summary([*c.result.get("student_steps", []), *rows], s["micro_batch"])
+    c.result.update({k: summary[k] for k in ("student_vs_plain_by_micro_batch", "best_student")})
     c.save()
 
 
-def student_steps(c, micro_batches: tuple[int, ...]) -> None:
+def student_steps(c, key: str, micro_batches: tuple[int, ...]) -> list[dict]:
     """The plain step (bench/gpu_measure.plain_steps) and the ted-ds student step at each of ``micro_batches``
-    (profiled at the check's micro-batch), as rows of ``student_steps``; the summary updated."""
-    s, rows = c.shape, c.result.setdefault("student_steps", [])
+    (profiled at the check's micro-batch), as rows of ``result[key]``; those rows."""
+    s, rows = c.shape, c.result.setdefault(key, [])
     plain = c.call("plain step", lambda: plain_steps(c.paths["student"], c.data, s["seq_len"], micro_batches,
                                                      c.device, c.dtype, s["step_steps"], c.peak_flops(c.dtype),
                                                      plain_settings(c.config)))
@@ -125,8 +129,7 @@ def student_steps(c, micro_batches: tuple[int, ...]) -> None:
         if plain:
             rows.append({"variant": "plain", "micro_batch": mb, "overrides": [], **plain[mb]})
         c.save()
-    c.result.update(student_summary(rows, s["micro_batch"]))
-    c.save()
+    return rows
 
 
 def plain_settings(config: str) -> dict:

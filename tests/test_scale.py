@@ -81,7 +81,8 @@ def _assert_teacher_forward(rows: list[dict]) -> None:
 def _assert_student_steps(result: dict) -> None:
     """The ted-ds and the plain step at every micro-batch (1 and 2 in the dry run), each lever (flex skipped on
     a CPU), the headlines."""
-    rows = {(r["variant"], r["micro_batch"]): r for r in result["student_steps"]}
+    rows = {(r["variant"], r["micro_batch"]): r for r in [*result["student_steps"], *result["lever_steps"]]}
+    assert {(r["variant"], r["micro_batch"]) for r in result["student_steps"]} == {("ted-ds", 2), ("plain", 2)}
     levers = ("persistent_params", "activation_checkpointing", "eager", "compile_blocks")
     timed = [*((v, mb) for v in ("ted-ds", "plain") for mb in (1, 2)), *((v, 2) for v in levers)]
     for key in timed:
