@@ -440,6 +440,9 @@ def main(argv=None) -> dict:
                     help="start no section that would end past this many seconds; say what is left")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary of the models and data (GPU default 128256)")
     args = ap.parse_args(argv)
+    smallest = SHAPES["dry" if args.dry_run else "gpu"]["tokenizer_vocab"]
+    if args.vocab is not None and args.vocab < smallest:
+        ap.error(f"--vocab {args.vocab} is below the check's tokenizer of {smallest} ids")
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
