@@ -33,11 +33,12 @@ bench: $(STAMP)
 gpu-wheels: $(STAMP)
 	bash scripts/gpu_wheels.sh
 
-# The large-scale path on one GPU (bench/gpu_check.py): TED with a ~3.6B teacher and a ~1.2B student,
-# export, eval, step overhead, KD memory; attention kernels, teacher forward, the student step against plain
-# PyTorch and each speed lever, the TED step with the best of them. `ARGS=--sections attention,student` picks
-# sections (see --help). On a GPU machine without network, carry .whl (make gpu-wheels).
-# `make gpu-check ARGS=--dry-run` runs the same phases on CPU with tiny shapes.
+# The large-scale path on one GPU (bench/gpu_check.py): a ~3.6B teacher and a ~1.2B student at a 128k
+# vocabulary, in resumable sections, headline figures first (student, ted, levers, documents, attention,
+# teacher, kd, distill). `ARGS="--sections student,ted --budget-s 500"` picks sections and a time budget
+# (see --help); a second call with the same --work (default .cache/gpu-check) reuses finished sections.
+# One short GPU slot, as one command: bash scripts/gpu_slot.sh [BUDGET_S] [RESULTS_DIR]. On a GPU machine
+# without network, carry .whl (make gpu-wheels). `make gpu-check ARGS=--dry-run` runs it on CPU, tiny shapes.
 GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 gpu-check:
 	$(if $(wildcard .whl/*.whl),. scripts/gpu_install.sh &&) $(GPU_PYTHON) -m bench.gpu_check $(ARGS)

@@ -1,41 +1,42 @@
-"""The GPU check: the large-scale path end to end on one GPU, with the figures that matter.
+"""The GPU check: the large-scale path end to end on one GPU, with the figures that matter, in
+sections that fit short GPU slots.
 
-    python -m bench.gpu_check [--out DIR] [--sections a,b]   (make gpu-check; one GPU, world size 1, NCCL)
-    python -m bench.gpu_check --dry-run                      (CPU, tiny shapes, gloo: what the tests run)
+    python -m bench.gpu_check [--work DIR] [--out DIR] [--sections a,b] [--budget-s S]   (make gpu-check)
+    python -m bench.gpu_check --dry-run [...]         (CPU, tiny shapes, gloo: what the tests run)
+    bash scripts/gpu_slot.sh [BUDGET_S] [RESULTS_DIR] (one command for one short GPU slot)
 
-A random LLaMA-shaped teacher (~3.6 B: d=3072, 28 layers, vocab 128k, bf16 safetensors written
-here) is distilled with TED into a LLaMA-shaped student (~1.2 B: d=2048, 16 layers, tied
-embeddings) under ``ds_configs/zero3_bf16.json`` (DeepSpeed's fused AdamW): stage 1 on both sides,
-~30 distillation steps, export to HF, ``ted-ds eval``; then the engine worker times a TED step
-against a student-only step + the teacher forward on the same batches, and the KD bench compares
-chunked and unchunked losses.  Every phase that trains is the real command (or the engine worker)
-in its own process; the attention kernels, the teacher forward and the plain PyTorch step, which
-need no DeepSpeed, are measured in this one.
+A random LLaMA-shaped teacher (~3.6 B: d=3072, 28 layers) and student (~1.2 B: d=2048, 16 layers, tied
+embeddings), bf16 safetensors written here, at a real vocabulary: 128,256 rows in both and as many ids
+in the data's tokenizer (a small BPE padded with ids text never produces), so that KD and the losses
+run over a real run's vocabulary; ``ds_configs/zero3_bf16.json`` (DeepSpeed's fused AdamW).  Every
+phase that trains is the real command or the engine worker (bench/mp_engine_bench.py) in its own
+process; the attention kernels, the teacher forward and the plain PyTorch step are measured in this one.
+Random weights: the losses mean nothing, the speed and memory do.
 
-Printed: tokens/s and MFU (teacher forward FLOPs counted), TED step ÷ (student step + teacher
-forward), peak GPU memory ÷ the floor (teacher in bf16 + student and filters at 16 bytes/param:
-bf16 weights and gradients, fp32 master weights and Adam moments — activations excluded), the KD
-memory and time ratios; and what the sections below measure.  The last line is one JSON object
-(``student_mfu``, ``student_vs_plain``, ``ted_mfu`` and ``doc_attention_ratio`` always among its
-keys, None where their section did not run); ``--out`` also gets it as ``gpu_check.json``, saved
-after every phase.  Random weights: the losses mean nothing, the speed and memory do.
+Resumable: ``--work`` (default .cache/gpu-check, kept) holds the data, the models (built for the
+sections that need them only), compiled kernels and each finished section's figures
+(bench/gpu_resume.py); a second call reuses them and runs what is left (``--redo`` measures again).
+``--budget-s`` starts no section whose estimate (ESTIMATE_S) would end past the budget and prints one
+line saying what is left.  Printed at the end: the figures, one summary line (the four headlines and
+what ran, was reused, failed or is left) and one JSON object (``student_mfu``, ``student_vs_plain``,
+``ted_mfu``, ``doc_attention_ratio`` always among its keys, None where their section did not run);
+``--out`` also gets it as ``gpu_check.json``, saved after every phase.
 
-Sections (``--sections``, comma-separated, default all, run in this order):
-  attention  SDPA causal, SDPA with ted_ds.documents' dense document mask and FlexAttention with its
-             BlockMask at T=4096 for the teacher's and the student's attention shapes: SDPA backend
-             (the dispatcher's choice, and ms under each backend alone), ms, TFLOP/s of the work the
-             mask leaves, max abs error against the dense mask (bench/gpu_measure.py)
+Sections (``--sections``, comma-separated, default all, run in this order: headline figures first):
+  student    the ted-ds student step (ZeRO-3, engine worker, ``distill.method=lm``) at the check's
+             micro-batch, profiled by phase and kind of work, against a plain PyTorch step of the same
+             model (fp32 master weights, bf16 autocast, ted-ds's chunked loss, clipping, fused AdamW):
+             ``student_mfu``, ``student_vs_plain``
+  ted        the TED step as configured, on random banks (``ted_mfu``, the teacher's forward counted)
+  levers     both steps at the other micro-batches, then each lever alone: every parameter persistent,
+             activation checkpointing, eager / flex attention, compiled blocks (``best_student``)
+  documents  the TED step with data.document_attention (``doc_attention_ratio``: ÷ the step without)
+  attention  SDPA causal, SDPA with ted_ds.documents' dense document mask (KV heads repeated, as
+             transformers does with a mask) and FlexAttention with its BlockMask at T=4096 for both
+             models' attention shapes: backend, ms, TFLOP/s of the work the mask leaves, error
   teacher    the frozen teacher's forward at micro-batch 1 and 2, document attention off and on
-             (sdpa; FlexAttention): ms per 4,096 tokens and MFU
-  student    the ted-ds student step (ZeRO-3, engine worker) at micro-batch 1, 2, 4 against a plain
-             PyTorch step of the same model (``student_vs_plain``), then each lever alone: every
-             parameter persistent, activation checkpointing, eager / flex attention, compiled
-             blocks; step s, tokens/s, MFU, peak memory; a profile of the configured step by phase
-             and kind of work (bench/profile_bench.py)
-  ted        the TED step with the fastest student settings (``ted_mfu``, teacher forward counted)
-             and the same with data.document_attention (``doc_attention_ratio``), on random banks
+  kd         the chunked vs unchunked CE + KD loss (bench/kd_bench.py) at the check's vocabulary
   distill    stage 1, ~30 TED steps, export, eval, the engine bench under every teacher placement
-  kd         the chunked vs unchunked CE + KD loss (bench/kd_bench.py)
 """
 
 from __future__ import annotations
@@ -44,25 +45,40 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
+from functools import partial
 
-from bench.gpu_sections import DS_CONFIG, attention_section, student_section, teacher_section, ted_section, worker
+from bench.gpu_resume import changed, fingerprints, fits, left_line, load_done, save_done, shape_key
+from bench.gpu_sections import (
+    DS_CONFIG,
+    attention_section,
+    documents_section,
+    levers_section,
+    student_section,
+    teacher_section,
+    ted_section,
+    worker,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "data_prep", "sample", "enwiki_sample.txt.gz")
 HEADLINES = ("student_mfu", "student_vs_plain", "ted_mfu", "doc_attention_ratio")  # always in the last line
+WORK = os.path.join(REPO, ".cache", "gpu-check")  # --work's default: kept from one call to the next
+
 
 def llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool) -> dict:
     return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied)
 
 
-SHAPES = {  # (teacher, student) LLaMA shapes and run sizes: full size on a GPU, tiny for the CPU dry run
+SHAPES = {  # (teacher, student) LLaMA shapes and run sizes: full size on a GPU, tiny for the CPU dry run.
+    # vocab: the models' rows and the data tokenizer's ids (a tokenizer_vocab BPE padded to it): KD and the
+    # LM loss run over all of them, as at a real run's 128k vocabulary
     "gpu": dict(teacher=llama(3072, 8192, 28, 24, 8, tied=False), student=llama(2048, 8192, 16, 32, 8, tied=True),
                 vocab=128256, tokenizer_vocab=4000, seq_len=2048, micro_batch=2, global_batch=4, filter_steps=10,
                 distill_steps=30, bench_steps=6, kd_tokens=8192, taps=(7, 4), attention_seq=4096, documents=8,
@@ -94,28 +110,39 @@ def record(log: list, what: str, start: float, rc: int, output: str) -> None:
         print(entry["tail"], flush=True)
 
 
-def make_models(shape: dict, work: str, device: str) -> dict:
-    """Random teacher and student saved as bf16 safetensors (initialised on ``device``: fast)."""
+def make_model(shape: dict, side: str, tok_dir: str, path: str, device: str) -> None:
+    """A random ``side`` model saved as bf16 safetensors in ``path`` (initialised on ``device``: fast),
+    with the data's tokenizer; the memory it took is handed back before the phases after it."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from data_prep.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(os.path.join(work, "tok"))
-    paths = {}
-    for side in ("teacher", "student"):
-        paths[side] = os.path.join(work, side)
-        if os.path.isfile(os.path.join(paths[side], "config.json")):
-            continue
-        config = LlamaConfig(vocab_size=shape["vocab"], max_position_embeddings=max(4096, shape["seq_len"]),
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape[side])
-        torch.manual_seed(0 if side == "teacher" else 1)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.save_pretrained(paths[side], safe_serialization=True)
-        tok.save_pretrained(paths[side])
-        del model
-    return paths
+    tok = load_tokenizer(tok_dir)
+    config = LlamaConfig(vocab_size=shape["vocab"], max_position_embeddings=max(4096, shape["seq_len"]),
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape[side])
+    torch.manual_seed(0 if side == "teacher" else 1)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def pad_vocabulary(tok_dir: str, size: int) -> None:
+    """Pad the BPE tokenizer in ``tok_dir`` to ``size`` ids with tokens that text never produces, so that
+    the data's vocabulary (what KD and the losses run over) is a real run's, not the small BPE's."""
+    path = os.path.join(tok_dir, "tokenizer.json")
+    with open(path) as f:
+        spec = json.load(f)
+    vocab = spec["model"]["vocab"]
+    taken = 1 + max([*vocab.values(), *(t["id"] for t in spec.get("added_tokens") or [])])
+    vocab.update({f"<unused_{i}>": i for i in range(taken, size)})
+    with open(path, "w") as f:
+        json.dump(spec, f, ensure_ascii=False)
 
 
 def run_config(shape: dict, work: str, paths: dict, ds_config: str) -> str:
@@ -161,11 +188,10 @@ class Check:
     measured."""
 
     shape: dict
-    work: str
+    work: str  # this shape's directory under --work: data, models, results (gpu_resume)
     dry_run: bool
     out: str | None
-    config: str = ""  # the distillation run's YAML (run_config)
-    paths: dict = field(default_factory=dict)  # the random teacher's and student's HF directories
+    config: str = ""  # the distillation run's YAML (run_config), once data and a model exist
     log: list = field(default_factory=list)
     result: dict = field(default_factory=dict)
     peaks: dict = field(default_factory=dict)  # peak FLOP/s by dtype, found once
@@ -190,6 +216,11 @@ class Check:
     @property
     def data(self) -> str:
         return os.path.join(self.work, "data")
+
+    @property
+    def paths(self) -> dict:
+        """The random teacher's and student's HF directories (built by the sections that need them)."""
+        return {side: os.path.join(self.work, side) for side in ("teacher", "student")}
 
     @property
     def manifest(self) -> dict:
@@ -228,23 +259,31 @@ class Check:
         _save(self.result, self.out)
 
 
-def prepare(c: Check) -> None:
-    """Tokenizer, shards, random models and the run's config; the models' sizes and floor in ``result``."""
-    import torch
-
+def build(c: Check, needs: tuple[str, ...]) -> bool:
+    """What a section needs and this work directory lacks: "data" (the padded tokenizer and shards),
+    "teacher", "student" (random models); then the run's config. True when all of it exists."""
     py, work, shape = sys.executable, c.work, c.shape
-    if not os.path.isdir(os.path.join(work, "tok")):
-        run([py, "-m", "data_prep", "tokenizer", "--input", SAMPLE, "--vocab-size", str(shape["tokenizer_vocab"]),
-             "--out", os.path.join(work, "tok")], c.log, "tokenizer")
-    run([py, "-m", "data_prep", "build", "--input", SAMPLE, "--tokenizer", os.path.join(work, "tok"), "--out", c.data,
-         "--workers", str(min(8, os.cpu_count() or 1)), "--no-progress"], c.log, "shards")
-    start = time.perf_counter()
-    paths = c.paths = make_models(shape, work, "cpu" if c.dry_run else "cuda")
-    c.log.append({"phase": "random models", "seconds": round(time.perf_counter() - start, 1), "rc": 0})
-    c.config = run_config(shape, work, paths, DS_CONFIG)
-    c.result = {"device": "cpu (dry run)" if c.dry_run else torch.cuda.get_device_name(0),
-                "teacher_params": parameters(paths["teacher"]), "student_params": parameters(paths["student"]),
-                "floor_gib": floor_gib(shape, paths), **dict.fromkeys(HEADLINES), "phases": c.log}
+    tok = os.path.join(work, "tok")
+    if "data" in needs and not os.path.isfile(os.path.join(c.data, "manifest.json")):
+        if not os.path.isfile(os.path.join(tok, "tokenizer.json")) and run(
+                [py, "-m", "data_prep", "tokenizer", "--input", SAMPLE, "--vocab-size", str(shape["tokenizer_vocab"]),
+                 "--out", tok], c.log, "tokenizer") is None:
+            return False
+        pad_vocabulary(tok, shape["vocab"])
+        if run([py, "-m", "data_prep", "build", "--input", SAMPLE, "--tokenizer", tok, "--out", c.data, "--workers",
+                str(min(8, os.cpu_count() or 1)), "--no-progress"], c.log, "shards") is None:
+            return False
+    for side in ("teacher", "student"):
+        path = c.paths[side]
+        if side in needs and not os.path.isfile(os.path.join(path, "config.json")):
+            c.call(f"random {side}", partial(make_model, shape, side, tok, path, "cpu" if c.dry_run else "cuda"))
+        if side in needs and not os.path.isfile(os.path.join(path, "config.json")):
+            return False
+        if os.path.isfile(os.path.join(path, "config.json")):
+            c.result[f"{side}_params"] = parameters(path)
+    if os.path.isfile(os.path.join(c.data, "manifest.json")):
+        c.config = run_config(shape, work, c.paths, DS_CONFIG)
+    return True
 
 
 def learn_filters(c: Check) -> bool:
@@ -260,6 +299,8 @@ def learn_filters(c: Check) -> bool:
 def distill(c: Check) -> None:
     """Stage 2 (its tokens/s, MFU and peak memory), the engine bench (replicated), export and eval."""
     ted, work = [sys.executable, "-m", "ted_ds"], c.work
+    shutil.rmtree(os.path.join(work, "run"), ignore_errors=True)  # a re-run measures afresh, never resumes
+    c.result["floor_gib"] = floor_gib(c.shape, c.paths)
     if c.run([*ted, "distill", "--config", c.config, f"train.steps={c.shape['distill_steps']}"],
              "distill ted") is None:
         return
@@ -310,8 +351,24 @@ def distill_section(c: Check) -> None:
     c.save()
 
 
-SECTIONS = {"attention": attention_section, "teacher": teacher_section, "student": student_section,
-            "ted": ted_section, "distill": distill_section, "kd": kd_bench}  # in the order they run
+# name: (what it measures, what it needs built first), in the order they run: the headline figures
+# first (student vs plain, the TED step at the real vocabulary), then the levers, then documents
+SECTIONS = {"student": (student_section, ("data", "student")),
+            "ted": (ted_section, ("data", "teacher", "student")),
+            "levers": (levers_section, ("data", "student")),
+            "documents": (documents_section, ("data", "teacher", "student")),
+            "attention": (attention_section, ()),
+            "teacher": (teacher_section, ("data", "teacher")),
+            "kd": (kd_bench, ()),
+            "distill": (distill_section, ("data", "teacher", "student"))}
+# Seconds each section and each build is expected to take, for --budget-s. gpu: planning figures for a
+# fresh H100 (data and models built; DeepSpeed import and ZeRO-3 build ~30-40 s per engine worker, fused
+# Adam JIT-compiled by the first), not measurements; dry: seen on 2 CPU cores shared with other jobs,
+# DeepSpeed's CPU Adam already compiled.
+ESTIMATE_S = {"gpu": {"student": 200, "ted": 90, "levers": 420, "documents": 90, "attention": 40, "teacher": 60,
+                      "kd": 40, "distill": 450, "data": 40, "teacher model": 60, "student model": 30},
+              "dry": {"student": 45, "ted": 40, "levers": 350, "documents": 45, "attention": 10, "teacher": 20,
+                      "kd": 40, "distill": 420, "data": 10, "teacher model": 10, "student model": 10}}
 
 
 def sections(text: str) -> list[str]:
@@ -322,30 +379,108 @@ def sections(text: str) -> list[str]:
     return [n for n in SECTIONS if n in names]
 
 
+def estimate(c: Check, name: str) -> float:
+    """Seconds section ``name`` is expected to take here, with the builds it needs that are missing."""
+    table = ESTIMATE_S["dry" if c.dry_run else "gpu"]
+    needs = SECTIONS[name][1]
+    missing = [n for n in needs if n == "data" and not os.path.isfile(os.path.join(c.data, "manifest.json"))]
+    missing += [f"{n} model" for n in needs if n in c.paths and not os.path.isfile(os.path.join(c.paths[n],
+                                                                                                 "config.json"))]
+    return table[name] + sum(table[n] for n in missing)
+
+
+def run_section(c: Check, name: str) -> str:
+    """Section ``name`` with what it needs built; its figures kept (gpu_resume) unless a phase failed.
+    Returns "ran" or "failed"."""
+    function, needs = SECTIONS[name]
+    first, before = len(c.log), fingerprints(c.result)
+    if build(c, needs):
+        function(c)
+    phases = c.log[first:]
+    if not phases or any(p["rc"] for p in phases):
+        return "failed"
+    save_done(c.work, name, changed(before, c.result), phases)
+    return "ran"
+
+
+def run_sections(c: Check, names: list[str], budget_s: float | None, redo: set[str]) -> dict[str, list[str]]:
+    """Each section in order: reused when this work directory holds its figures (and it is not in
+    ``redo``), else run while ``budget_s`` allows; the sections by what became of them."""
+    start, status, stopped = time.perf_counter(), {"ran": [], "reused": [], "failed": [], "left": []}, None
+    for name in names:
+        done = None if name in redo else load_done(c.work, name)
+        if done is not None:
+            c.result.update(done["figures"])
+            c.log.append({"phase": name, "reused": True, "rc": 0})
+            print(f"[{name}] reused ({c.work}/results/{name}.json)", flush=True)
+            status["reused"].append(name)
+        elif stopped or not fits(estimate(c, name), budget_s, time.perf_counter() - start):
+            stopped = stopped or (name, estimate(c, name), time.perf_counter() - start)
+            status["left"].append(name)
+        else:
+            status[run_section(c, name)].append(name)
+        c.result["sections"] = status
+        c.save()
+    if stopped:
+        name, need, elapsed = stopped
+        print(left_line(budget_s, elapsed, name, need, status["left"], os.path.dirname(c.work)), flush=True)
+    return status
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, gloo (what the tests run)")
-    ap.add_argument("--work", default=None, help="work directory (default: a fresh temporary one)")
+    ap.add_argument("--work", default=WORK, help=f"work directory, kept: models, data, compiled kernels and each "
+                                                 f"finished section's figures, reused by the next call ({WORK})")
     ap.add_argument("--out", default=None, help="also write gpu_check.json here")
     ap.add_argument("--sections", type=sections, default=list(SECTIONS),
                     help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)}; see above)")
+    ap.add_argument("--redo", type=sections, default=[], help="sections to measure again though their figures exist")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no section that would end past this many seconds; say what is left")
+    ap.add_argument("--vocab", type=int, default=None, help="vocabulary of the models and data (GPU default 128256)")
     args = ap.parse_args(argv)
+    smallest = SHAPES["dry" if args.dry_run else "gpu"]["tokenizer_vocab"]
+    if args.vocab is not None and args.vocab < smallest:
+        ap.error(f"--vocab {args.vocab} is below the check's tokenizer of {smallest} ids")
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("gpu-check: no CUDA device visible; use --dry-run on a CPU machine")
-    work = args.work or tempfile.mkdtemp(prefix="ted-gpu-check-")
-    os.makedirs(work, exist_ok=True)
-    c = Check(SHAPES["dry" if args.dry_run else "gpu"], work, args.dry_run, args.out)
-    prepare(c)
-    c.result["sections"] = args.sections
-    c.save()
-    for name in args.sections:
-        SECTIONS[name](c)
-    report(c.result)
-    if any(p["rc"] for p in c.log):
+    c = check_for(args)
+    status = run_sections(c, args.sections, args.budget_s, set(args.redo))
+    report(c.result, summary_line(c.result, status))
+    if status["failed"]:
         sys.exit(f"gpu-check: failed phases: {', '.join(p['phase'] for p in c.log if p['rc'])}")
     return c.result
+
+
+def check_for(args) -> Check:
+    """The check of these arguments: its shape's directory under ``--work`` (another shape, another
+    directory), compiled kernels cached beside it for every call and process."""
+    import torch
+
+    shape = dict(SHAPES["dry" if args.dry_run else "gpu"])
+    if args.vocab:
+        shape["vocab"] = args.vocab
+    work = os.path.join(os.path.abspath(args.work), ("dry-" if args.dry_run else "gpu-") + shape_key(shape))
+    os.makedirs(work, exist_ok=True)
+    caches = {"TORCH_EXTENSIONS_DIR": os.path.join(REPO, ".cache", "torch_extensions"),  # as the Makefile sets it
+              "TORCHINDUCTOR_CACHE_DIR": os.path.join(os.path.abspath(args.work), "inductor"),
+              "TRITON_CACHE_DIR": os.path.join(os.path.abspath(args.work), "triton")}
+    for var, path in caches.items():
+        os.environ.setdefault(var, path)
+    c = Check(shape, work, args.dry_run, args.out)
+    c.result = {"device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(0), "vocab": shape["vocab"],
+                "work": work, **dict.fromkeys(HEADLINES), "phases": c.log}
+    return c
+
+
+def summary_line(r: dict, status: dict[str, list[str]]) -> str:
+    """One line: the four headline figures and what became of each section."""
+    figures = " ".join(f"{k}={number(r.get(k), '.3f')}" for k in HEADLINES)
+    return (f"gpu-check summary: {figures} "
+            + " ".join(f"{what}={','.join(names) or '-'}" for what, names in status.items()))
 
 
 def floor_gib(shape: dict, paths: dict) -> float:
@@ -369,9 +504,16 @@ def _save(result: dict, out: str | None) -> None:
             json.dump(result, f, indent=2)
 
 
-def report(r: dict) -> None:
-    fmt = lambda key, spec: format(r[key], spec) if r.get(key) is not None else "-"
-    print(f"\nteacher {r['teacher_params'] / 1e9:.2f} B, student {r['student_params'] / 1e9:.2f} B on {r['device']}")
+def number(value: float | None, spec: str) -> str:
+    """A figure as printed: "-" where there is none (a section not run, no MFU for an unknown GPU)."""
+    return "-" if value is None else format(value, spec)
+
+
+def report(r: dict, summary: str) -> None:
+    fmt = lambda key, spec: number(r.get(key), spec)
+    size = lambda key: f"{r[key] / 1e9:.2f} B" if r.get(key) else "not built"
+    print(f"\nteacher {size('teacher_params')}, student {size('student_params')}, vocabulary {r['vocab']} on "
+          f"{r['device']}")
     print(f"tokens/s {fmt('tokens_per_s', '.0f')}, MFU {fmt('mfu', '.3f')} (teacher forward counted)")
     print(f"TED step / (student step + teacher forward) = {fmt('ted_over_student_plus_teacher', '.3f')}")
     print(f"peak GPU memory {fmt('peak_gpu_gib', '.1f')} GiB / floor {fmt('floor_gib', '.1f')} GiB = "
@@ -381,6 +523,7 @@ def report(r: dict) -> None:
     report_steps(r)
     print(f"student MFU {fmt('student_mfu', '.3f')}, ted-ds / plain step {fmt('student_vs_plain', '.2f')}, "
           f"TED MFU {fmt('ted_mfu', '.3f')}, TED step with / without documents {fmt('doc_attention_ratio', '.2f')}")
+    print(summary)
     print(json.dumps({k: v for k, v in r.items() if k != "phases"}))
 
 
@@ -401,14 +544,15 @@ def report_steps(r: dict) -> None:
     for row in r.get("teacher_forward") or []:
         documents = "on " if row["document_attention"] else "off"
         print(f"teacher forward, {row['attn_implementation']:<15} documents {documents} mb {row['micro_batch']}: "
-              f"{row['ms_per_4096_tokens']:.1f} ms / 4096 tokens, MFU {row['mfu']:.3f}")
-    for row in r.get("student_steps") or []:
+              f"{row['ms_per_4096_tokens']:.1f} ms / 4096 tokens, MFU {number(row['mfu'], '.3f')}")
+    for row in [*(r.get("student_steps") or []), *(r.get("lever_steps") or [])]:
         head = f"student step {row['variant']:<25} mb {row['micro_batch']}: "
         if "step_s" not in row:
             print(head + row.get("skipped", "failed"))
             continue
         memory = f", peak {row['peak_gpu_gib']:.1f} GiB" if row.get("peak_gpu_gib") is not None else ""
-        print(head + f"{row['step_s']:.4f} s, {row['tokens_per_s']:.0f} tokens/s, MFU {row['mfu']:.3f}{memory}")
+        print(head + f"{row['step_s']:.4f} s, {row['tokens_per_s']:.0f} tokens/s, MFU {number(row['mfu'], '.3f')}"
+                     f"{memory}")
     if r.get("student_profile"):
         from bench.profile_bench import report as profile_report
 

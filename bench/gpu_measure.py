@@ -32,6 +32,7 @@ from ted_ds.documents import (
     for_model,
     restarted_positions,
 )
+from ted_ds.losses import lm_loss
 from ted_ds.metrics import flops_per_token, matmul_parameters
 from ted_ds.taps import tap_layers
 from ted_ds.teacher import FrozenLM, ReplicatedTeacher
@@ -99,8 +100,8 @@ def sdpa_figures(q, k, v, reference, flops: float, calls: int, **kwargs) -> dict
     """One SDPA call as the dispatcher runs it, and ms per call under each backend alone (or why it refuses)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    call = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
-    out = {"backend": sdpa_backend(q, k, v, enable_gqa=True, **kwargs),
+    call = lambda: F.scaled_dot_product_attention(q, k, v, **kwargs)
+    out = {"backend": sdpa_backend(q, k, v, **kwargs),
            **kernel_figures(call, reference, flops, q.device, calls), "ms_by_backend": {}}
     for name in SDPA_BACKENDS:
         try:
@@ -110,6 +111,12 @@ def sdpa_figures(q, k, v, reference, flops: float, calls: int, **kwargs) -> dict
         except RuntimeError as e:
             out["ms_by_backend"][name] = f"refused: {str(e).split('.')[0]}"
     return out
+
+
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, kv_heads, T, D) → (B, heads, T, D), each KV head repeated for its group of query heads: what
+    transformers does before SDPA with a mask (``enable_gqa`` with a mask leaves only the math kernel)."""
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 def attention(heads: int, kv_heads: int, head_dim: int, batch: int, seq: int, documents: int,
@@ -125,21 +132,23 @@ def attention(heads: int, kv_heads: int, head_dim: int, batch: int, seq: int, do
     causal_mask = document_positions(torch.full_like(ids, EOS + 1), EOS, dtype)[1]  # no EOS: one document a row
     per_pair = 4 * heads * head_dim
     causal_flops, doc_flops = per_pair * attended_pairs(torch.zeros_like(ids)), per_pair * attended_pairs(document)
-    sdpa = lambda mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    k_all, v_all = repeat_kv(k, heads), repeat_kv(v, heads)  # a mask: KV heads repeated, as transformers does
+    sdpa = lambda mask: F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
     doc_reference = sdpa(doc_mask)
     block_mask = document_block_mask(document)
     flex = lambda: flex_on_cpu_uncompiled(torch.nn.Module().eval(), q, k, v, block_mask)[0].transpose(1, 2)
     return {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "batch": batch, "seq_len": seq,
             "documents_per_row": documents, "dtype": str(dtype).removeprefix("torch."),
-            "causal": sdpa_figures(q, k, v, sdpa(causal_mask), causal_flops, calls, is_causal=True),
-            "document_dense": sdpa_figures(q, k, v, doc_reference, doc_flops, calls, attn_mask=doc_mask),
+            "causal": sdpa_figures(q, k, v, sdpa(causal_mask), causal_flops, calls, is_causal=True, enable_gqa=True),
+            "document_dense": sdpa_figures(q, k_all, v_all, doc_reference, doc_flops, calls, attn_mask=doc_mask),
             "document_flex": {"compiled": device.type != "cpu",
                               **kernel_figures(flex, doc_reference, doc_flops, device, calls)}}
 
 
-def windows(data: str, seq: int, micro_batch: int) -> torch.Tensor:
-    """The first ``micro_batch`` training windows of a ted-prep build: real packed documents."""
-    return collate(PackedShardDataset(data, "train", seq), list(range(micro_batch)))[0]
+def windows(data: str, seq: int, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) of the first ``micro_batch`` training windows of a ted-prep build: real packed
+    documents."""
+    return collate(PackedShardDataset(data, "train", seq), list(range(micro_batch)))
 
 
 TEACHER_VARIANTS = ((None, False), (None, True), ("flex_attention", True))  # (attn_implementation, documents)
@@ -161,36 +170,53 @@ def teacher_forwards(path: str, every: int, data: str, seq: int, micro_batches: 
                           vocab=vocab)
         teacher = ReplicatedTeacher(frozen, device)
         for mb in micro_batches:
-            ids = windows(data, seq, mb).to(device)
+            ids = windows(data, seq, mb)[0].to(device)
             seconds = timed(functools.partial(teacher, ids), device, 1, steps)
             rows.append({"attn_implementation": impl or default, "document_attention": documents, "micro_batch": mb,
                          "documents_per_window": float((ids == eos).sum()) / mb + 1, "ms": seconds * 1e3,
                          "ms_per_4096_tokens": seconds * 1e3 * 4096 / (mb * seq),
-                         "mfu": flops * mb * seq / seconds / peak_flops})
+                         "mfu": mfu(flops * mb * seq / seconds, peak_flops)})
         frozen.recorder.remove()
     return rows
 
 
+def mfu(flops_per_s: float, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation; None on a device without a known peak (ted_ds.metrics.device_peak_flops)."""
+    return flops_per_s / peak_flops if peak_flops else None
+
+
+def plain_step(model, optimizer, input_ids: torch.Tensor, labels: torch.Tensor, compute: torch.dtype,
+               clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the plain PyTorch baseline: forward under autocast to ``compute`` (the fp32 weights are
+    the master copy), ted-ds's chunked LM loss (ted_ds.losses.lm_loss, what ted-ds's student step
+    computes), backward, the gradient clipped to ``clip`` as ted-ds clips it, optimizer step. Returns
+    the loss and the gradient norm before clipping."""
+    with torch.autocast(input_ids.device.type, dtype=compute, enabled=compute != torch.float32):
+        logits = model(input_ids=input_ids, use_cache=False).logits
+    loss = lm_loss(logits, labels)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), norm
+
+
 def plain_steps(path: str, data: str, seq: int, micro_batches: tuple[int, ...], device: torch.device,
-                dtype: torch.dtype, steps: int, peak_flops: float) -> dict[int, dict]:
-    """The baseline a ted-ds student step is held to: the same HF model in ``dtype`` trained by plain
-    PyTorch (forward with labels, backward, AdamW — fused on CUDA — step, zero_grad), no DeepSpeed, on
-    the same windows.  Its Adam keeps ``dtype`` moments and no fp32 master weights: less work than
-    ZeRO-3's bf16 mixed precision, which is part of what the ratio shows.  Per micro-batch: step
-    seconds, tokens/s, MFU (3 × forward FLOPs, ted_ds.metrics), peak memory of the timed steps."""
-    model = load_model(path, dtype=dtype, device=device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda" or None)
+                compute: torch.dtype, steps: int, peak_flops: float | None, optim: dict) -> dict[int, dict]:
+    """The baseline a ted-ds student step is held to (BENCHMARKS: student_vs_plain): the same HF model
+    with fp32 weights trained by plain PyTorch (``plain_step``: bf16 autocast on a GPU, the same chunked
+    loss, clipping) with AdamW — fused on CUDA — of the run's settings (``optim``: lr, betas, eps,
+    weight_decay, clip), no DeepSpeed, on the same windows.  Per micro-batch: step seconds, tokens/s,
+    MFU (3 × forward FLOPs, ted_ds.metrics), peak memory of the timed steps."""
+    model = load_model(path, dtype=torch.float32, device=device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim["lr"], betas=optim["betas"], eps=optim["eps"],
+                                  weight_decay=optim["weight_decay"], fused=device.type == "cuda" or None)
     flops = flops_per_token(matmul_parameters(model), model.config, seq, training=True)
-
-    def step(ids):
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     out = {}
     for mb in micro_batches:
-        ids = windows(data, seq, mb).to(device)
-        seconds = timed(functools.partial(step, ids), device, 2, steps)
+        input_ids, labels = (t.to(device) for t in windows(data, seq, mb))
+        step = functools.partial(plain_step, model, optimizer, input_ids, labels, compute, optim["clip"])
+        seconds = timed(step, device, 2, steps)
         out[mb] = {"step_s": seconds, "tokens_per_s": mb * seq / seconds,
-                   "mfu": flops * mb * seq / seconds / peak_flops, "peak_gpu_gib": peak_gib(device)}
+                   "mfu": mfu(flops * mb * seq / seconds, peak_flops), "peak_gpu_gib": peak_gib(device)}
     return out

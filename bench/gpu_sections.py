@@ -20,7 +20,7 @@ import os
 import sys
 
 from bench.common import REPO, persistent_config
-from bench.gpu_measure import attention, plain_steps, teacher_forwards
+from bench.gpu_measure import attention, mfu, plain_steps, teacher_forwards
 
 DS_CONFIG = os.path.join(REPO, "ds_configs", "zero3_bf16.json")
 WORKER = os.path.join(REPO, "bench", "mp_engine_bench.py")
@@ -65,7 +65,7 @@ def step_figures(c, e: dict) -> dict:
 
     tokens_per_s = e["tokens_per_step"] / e["step_s"]
     return {"step_s": e["step_s"], "tokens_per_s": tokens_per_s, "peak_gpu_gib": e["peak_gpu_gib"],
-            "mfu": e["flops_per_token"] * tokens_per_s / c.peak_flops(torch.bfloat16)}
+            "mfu": mfu(e["flops_per_token"] * tokens_per_s, c.peak_flops(torch.bfloat16))}
 
 
 def engine_step(c, method: str, name: str, micro_batch: int, overrides: list[str], profile: int = 0) -> dict:
@@ -91,26 +91,54 @@ def levers(c) -> dict[str, list[str]]:
 
 
 def student_section(c) -> None:
-    """Section C: the ted-ds student step against the plain PyTorch step at each micro-batch, then each
-    lever at the check's micro-batch; the fastest settings are what section D runs."""
-    s, rows = c.shape, c.result.setdefault("student_steps", [])
-    plain = c.call("plain step", lambda: plain_steps(c.paths["student"], c.data, s["seq_len"], s["micro_batches"],
-                                                     c.device, c.dtype, s["step_steps"], c.peak_flops(c.dtype)))
-    for mb in s["micro_batches"]:
-        rows.append(engine_step(c, "lm", "ted-ds", mb, [], s["profile_steps"] if mb == s["micro_batch"] else 0))
-        if "profile" in rows[-1]:
-            c.result["student_profile"] = rows[-1].pop("profile")
-        if plain:
-            rows.append({"variant": "plain", "micro_batch": mb, "overrides": [], **plain[mb]})
-        c.save()
+    """The headline student figures: the ted-ds student step (with a profile) and the plain PyTorch step of
+    the same model at the check's micro-batch (``student_mfu``, ``student_vs_plain``)."""
+    rows = student_steps(c, "student_steps", (c.shape["micro_batch"],))
+    summary = student_summary(rows, c.shape["micro_batch"])
+    c.result.update({k: summary[k] for k in ("student_mfu", "student_vs_plain")})
+    c.save()
+
+
+def levers_section(c) -> None:
+    """The ted-ds and the plain step at the other micro-batches, then each lever alone at the check's, as
+    rows of ``lever_steps`` (its own key: a section measured again never mixes with another's rows)."""
+    s = c.shape
+    rows = student_steps(c, "lever_steps", tuple(mb for mb in s["micro_batches"] if mb != s["micro_batch"]))
     for name, overrides in levers(c).items():
         if c.dry_run and name in SKIPPED_ON_CPU:
             rows.append({"variant": name, "micro_batch": s["micro_batch"], "skipped": SKIPPED_ON_CPU[name]})
         else:
             rows.append(engine_step(c, "lm", name, s["micro_batch"], overrides))
         c.save()
-    c.result.update(student_summary(rows, s["micro_batch"]))
+    summary = student_summary([*c.result.get("student_steps", []), *rows], s["micro_batch"])
+    c.result.update({k: summary[k] for k in ("student_vs_plain_by_micro_batch", "best_student")})
     c.save()
+
+
+def student_steps(c, key: str, micro_batches: tuple[int, ...]) -> list[dict]:
+    """The plain step (bench/gpu_measure.plain_steps) and the ted-ds student step at each of ``micro_batches``
+    (profiled at the check's micro-batch), as rows of ``result[key]``; those rows."""
+    s, rows = c.shape, c.result.setdefault(key, [])
+    plain = c.call("plain step", lambda: plain_steps(c.paths["student"], c.data, s["seq_len"], micro_batches,
+                                                     c.device, c.dtype, s["step_steps"], c.peak_flops(c.dtype),
+                                                     plain_settings(c.config)))
+    for mb in micro_batches:
+        rows.append(engine_step(c, "lm", "ted-ds", mb, [], s["profile_steps"] if mb == s["micro_batch"] else 0))
+        if "profile" in rows[-1]:
+            c.result["student_profile"] = rows[-1].pop("profile")
+        if plain:
+            rows.append({"variant": "plain", "micro_batch": mb, "overrides": [], **plain[mb]})
+        c.save()
+    return rows
+
+
+def plain_settings(config: str) -> dict:
+    """What the plain step takes from the run ted-ds would make: learning rate, betas, eps, weight decay
+    and the gradient clipping norm (``optim.*``)."""
+    from ted_ds.config import load_run_config
+
+    o = load_run_config(config, []).optim
+    return {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay, "clip": o.grad_clip}
 
 
 def student_summary(rows: list[dict], micro_batch: int) -> dict:
@@ -128,17 +156,28 @@ def student_summary(rows: list[dict], micro_batch: int) -> dict:
             "best_student": best and {k: best[k] for k in ("variant", "micro_batch", "overrides")}}
 
 
+CONFIGURED = {"variant": "ted-ds", "overrides": []}  # the TED step as a run is configured
+
+
 def ted_section(c) -> None:
-    """Section D: the TED step with the fastest settings of section C (the configured ones when it did
-    not run), then the same with ``data.document_attention=true``; MFU counts the teacher's forward."""
-    best = c.result.get("best_student") or {"variant": "ted-ds", "micro_batch": c.shape["micro_batch"],
-                                            "overrides": []}
-    overrides = [*best["overrides"], *random_banks(c)]
-    plain = engine_step(c, "ted", best["variant"], best["micro_batch"], overrides)
-    documents = engine_step(c, "ted", best["variant"] + " documents", best["micro_batch"],
-                            [*overrides, "data.document_attention=true"])
-    c.result.update({"ted_settings": best, "ted_step": plain, "ted_documents_step": documents,
-                     "ted_mfu": plain.get("mfu"),
+    """The TED step as configured, on random banks, at the real vocabulary (``ted_mfu``: teacher forward
+    counted)."""
+    settings = {**CONFIGURED, "micro_batch": c.shape["micro_batch"]}
+    step = engine_step(c, "ted", settings["variant"], settings["micro_batch"], [*settings["overrides"],
+                                                                                  *random_banks(c)])
+    c.result.update({"ted_settings": settings, "ted_step": step, "ted_mfu": step.get("mfu")})
+    c.save()
+
+
+def documents_section(c) -> None:
+    """The TED step of section ``ted`` with ``data.document_attention=true`` (``doc_attention_ratio``: its
+    time ÷ the step without; the step without is measured here too when section ``ted`` has not run)."""
+    if "step_s" not in (c.result.get("ted_step") or {}):
+        ted_section(c)
+    settings, plain = c.result["ted_settings"], c.result["ted_step"]
+    documents = engine_step(c, "ted", settings["variant"] + " documents", settings["micro_batch"],
+                            [*settings["overrides"], *random_banks(c), "data.document_attention=true"])
+    c.result.update({"ted_documents_step": documents,
                      "doc_attention_ratio": documents["step_s"] / plain["step_s"]
                      if "step_s" in plain and "step_s" in documents else None})
     c.save()

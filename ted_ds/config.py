@@ -56,7 +56,7 @@ class TeacherConfig:
     """P, the number of pipeline stages (placement: pipeline). World size must be a multiple of P."""
     pipeline_layers: list[int] | None = None
     """Explicit stage boundaries: number of decoder layers on each stage (sums to the layer count).
-    Default: balanced by parameter count."""
+    Default: balanced by forward FLOPs (the output head on the last stage; the embedding, a lookup, on none)."""
     pipeline_chunks: int = 1
     """Each micro-batch of the group is cut into this many chunks to fill the pipeline."""
     logits_dtype: LogitsDtype = "fp32"
@@ -262,8 +262,8 @@ class TrainConfig:
     timeout_minutes: float = 10.0
     """Every collective fails with a clear error after this long instead of hanging."""
     peak_tflops: float | None = None
-    """Per-device peak used for MFU; default: looked up for known GPUs (dense bf16), else measured by a
-    matmul in the run's dtype on the run's device (a CPU, or a GPU the table does not know)."""
+    """Per-device peak used for MFU; default: the datasheet's dense peak of the GPU model in the run's
+    dtype (ted_ds.metrics), on a CPU measured by a matmul; a GPU the table does not know: no MFU."""
     progress: bool = True
     compile_blocks: bool = False
     """torch.compile every decoder block of the student and of the frozen teacher (every placement, and

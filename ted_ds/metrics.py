@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -20,9 +22,23 @@ from data_prep.fileio import write_text
 from ted_ds.architectures import hidden_size, ndim, num_layers
 from ted_ds.distributed import synchronize
 
-# Dense bf16 peak TFLOPs per device of common GPUs (vendor datasheets, no sparsity).
-_GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0,
-                    "V100": 125.0, "MI300X": 1307.0, "B200": 2250.0}
+# Dense peak TFLOP/s per GPU model and dtype (vendor datasheets, no sparsity; fp32 without tensor cores).
+# First match wins: each variant (PCIe, NVL) before its family's SXM default. None: no such unit.
+_GPU_PEAKS = (  # (name pattern, {dtype: TFLOP/s})
+    (r"\bH100\b.*\bPCIE\b", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
+    (r"\bH100\b.*\bNVL\b", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
+    (r"\bH100\b|\bGH200\b", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    (r"\bH200\b.*\bNVL\b", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
+    (r"\bH200\b", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    (r"\bA100\b", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),  # SXM and PCIe alike
+    (r"\bL40S\b", {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6}),
+    (r"\bL4\b", {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
+    (r"\bA10G?\b", {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2}),
+    (r"\bV100\b", {"bf16": None, "fp16": 125.0, "fp32": 15.7}),
+    (r"\bMI300X\b", {"bf16": 1307.0, "fp16": 1307.0, "fp32": 163.4}),
+    (r"\bB200\b", {"bf16": 2250.0, "fp16": 2250.0, "fp32": None}),
+)
+_DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def matmul_parameters(model: nn.Module) -> int:
@@ -42,18 +58,32 @@ def flops_per_token(n_matmul: int, config, seq_len: int, training: bool) -> floa
     return per_token if training else per_token / 3
 
 
-def device_peak_flops(configured_tflops: float | None, device: torch.device, dtype: torch.dtype) -> float:
-    """Peak FLOP/s of one device: configured (``train.peak_tflops``), looked up by GPU name (dense
-    bf16), else measured by a matmul in the run's ``dtype`` on ``device`` itself — never a CPU figure
-    for a GPU the table does not know, and on a CPU what its vector units do in that dtype."""
+def device_peak_flops(configured_tflops: float | None, device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s of one device: configured (``train.peak_tflops``), a GPU's datasheet figure for its
+    model and ``dtype`` (``gpu_peak_tflops``), on a CPU what its vector units do in ``dtype`` (measured).
+    A GPU the table does not know gives None and one warning: no MFU rather than a guessed one (a small
+    matmul understates the peak, so MFU would be overstated)."""
     if configured_tflops:
         return configured_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in _GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-    return measured_matmul_flops(device, dtype)
+    if device.type != "cuda":
+        return measured_matmul_flops(device, dtype)
+    name = torch.cuda.get_device_name(device)
+    tflops = gpu_peak_tflops(name, dtype)
+    if tflops is None:
+        warnings.warn(f"no datasheet peak for {name} in {str(dtype).removeprefix('torch.')}: MFU not reported "
+                      "(set train.peak_tflops to the device's dense peak)", stacklevel=2)
+        return None
+    return tflops * 1e12
+
+
+def gpu_peak_tflops(name: str, dtype: torch.dtype) -> float | None:
+    """The dense peak TFLOP/s of the GPU called ``name`` (``torch.cuda.get_device_name``) in ``dtype``;
+    None when the table has no figure for it."""
+    key = _DTYPE_KEYS.get(dtype)
+    for pattern, peaks in _GPU_PEAKS:
+        if re.search(pattern, name.upper()):
+            return peaks.get(key)
+    return None
 
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 8) -> float:

@@ -198,14 +198,15 @@ def save(recipe: Recipe, checkpointer: Checkpointer, progress: Progress, sampler
 
 
 def step_metrics(recipe: Recipe, sums: dict[str, torch.Tensor], lr: float, progress: Progress, tokens_per_s: float,
-                 peak_flops: float) -> dict:
+                 peak_flops: float | None) -> dict:
     """What a logged step reports: the loss terms averaged over ranks, LR, throughput, MFU, grad norm."""
     losses = distributed.all_reduce_mean({k: v.item() for k, v in sums.items()})
     out = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in losses.items()}
     grad_norm = recipe.engine.get_global_grad_norm()
     out.update({"lr": lr, "tokens": progress.tokens, "tokens_per_s": tokens_per_s, "bad_steps": progress.bad_steps,
-                "mfu": tokens_per_s * recipe.flops_per_token / peak_flops,
                 "grad_norm": float(grad_norm) if grad_norm is not None else math.nan})
+    if peak_flops is not None:  # None: a GPU without a datasheet peak (ted_ds.metrics.device_peak_flops)
+        out["mfu"] = tokens_per_s * recipe.flops_per_token / peak_flops
     if distributed.device().type == "cuda":
         out["mem/peak_gib"] = torch.cuda.max_memory_allocated(distributed.device()) / 2**30
     return out
@@ -226,7 +227,8 @@ def fit(recipe: Recipe, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -
     if tag is not None:
         log.resumed(tag, progress.step, data.sampler.consumed)
     dtype = next(recipe.trained_model.parameters()).dtype  # the run's compute dtype (engine.check_dtype)
-    peak = device_peak_flops(cfg.train.peak_tflops, distributed.device(), dtype) * distributed.world_size()
+    peak = device_peak_flops(cfg.train.peak_tflops, distributed.device(), dtype)
+    peak = peak * distributed.world_size() if peak is not None else None
     tokens_per_step = cfg.tokens_per_step
     last: dict = {}
     window_time, window_steps = 0.0, 0  # training time only: evaluation and saving excluded

@@ -58,7 +58,7 @@ CASES = ["", "_chunks2", "_chunks2_top8_bf16", "_chunks2_taps"]  # chunks 1 and 
 def check_cases(r: dict, stages: list[int]) -> None:
     """Each case bit-identical (fp32 taps and logits, bf16 logits = the teacher's rounded to bf16, top-k
     ids equal) to the whole teacher in one process on the same chunks, and every rank holds exactly its
-    stage: whole blocks balanced by parameter count (about 1/P of the teacher), the embeddings on the
+    stage: whole blocks balanced by forward FLOPs (about 1/P of the teacher), the embeddings on the
     first stage and the head on the last, nothing else."""
     for name in [f"P{p}{case}" for p in stages for case in CASES]:
         assert r[name]["exact"], (name, r[name]["max_diff"])

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -18,11 +19,15 @@ from ted_ds.cli import main as ted_main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _bench(*args: str, timeout: float = 1200) -> dict:
+def _bench_output(*args: str, timeout: float = 1200) -> str:
     proc = subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ, DS_ACCELERATOR="cpu"))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.stdout
+
+
+def _bench(*args: str, timeout: float = 1200) -> dict:
+    return json.loads(_bench_output(*args, timeout=timeout).strip().splitlines()[-1])
 
 
 @pytest.mark.multirank
@@ -31,13 +36,19 @@ def test_gpu_check_dry_run_runs_every_phase_on_cpu(tmp_path):
     partitioned loads, export, eval, engine and KD benches; attention kernels, teacher forward, the
     ted-ds student step against a plain PyTorch step and each lever, the TED step with and without
     documents) with tiny shapes on CPU."""
-    result = _bench("gpu", "--dry-run", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"))
+    args = ["gpu", "--dry-run", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]
+    result = _bench(*args)
     written = json.load(open(tmp_path / "o" / "gpu_check.json"))
     phases = {p["phase"]: p["rc"] for p in written["phases"]}
     assert {"kd bench", "learn-filters teacher", "learn-filters student", "distill ted", "export", "eval",
             "engine bench replicated", "engine bench zero3", "engine bench pipeline", "attention teacher",
-            "attention student", "teacher forward", "plain step"} <= set(phases)
+            "attention student", "teacher forward", "plain step", "random teacher", "random student"} <= set(phases)
     assert not any(phases.values()), phases
+    every = ["student", "ted", "levers", "documents", "attention", "teacher", "kd", "distill"]
+    assert result["sections"] == {"ran": every, "reused": [], "failed": [], "left": []} and result["vocab"] == 1536
+    again = _bench(*args)  # the same work directory: every section's figures reused, nothing measured again
+    assert again["sections"] == {"ran": [], "reused": every, "failed": [], "left": []}
+    assert {k: v for k, v in again.items() if k != "sections"} == {k: v for k, v in result.items() if k != "sections"}
     assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
     assert result["ted_over_student_plus_teacher"] > 0 and result["eval_ppl"] > 1
     assert result["kd_memory_ratio"] > 0 and result["kd_time_ratio"] > 0
@@ -47,7 +58,8 @@ def test_gpu_check_dry_run_runs_every_phase_on_cpu(tmp_path):
     _assert_student_steps(result)
     assert result["ted_mfu"] > 0 and result["ted_step"]["step_s"] > 0
     assert 0 < result["doc_attention_ratio"] < float("inf")
-    assert result["ted_settings"] == result["best_student"]
+    assert result["ted_settings"] == {"variant": "ted-ds", "overrides": [], "micro_batch": 2}  # as configured
+    assert result["ted_documents_step"]["step_s"] > 0 and result["best_student"]["variant"] != "plain"
 
 
 def _assert_attention(a: dict) -> None:
@@ -69,7 +81,8 @@ def _assert_teacher_forward(rows: list[dict]) -> None:
 def _assert_student_steps(result: dict) -> None:
     """The ted-ds and the plain step at every micro-batch (1 and 2 in the dry run), each lever (flex skipped on
     a CPU), the headlines."""
-    rows = {(r["variant"], r["micro_batch"]): r for r in result["student_steps"]}
+    rows = {(r["variant"], r["micro_batch"]): r for r in [*result["student_steps"], *result["lever_steps"]]}
+    assert {(r["variant"], r["micro_batch"]) for r in result["student_steps"]} == {("ted-ds", 2), ("plain", 2)}
     levers = ("persistent_params", "activation_checkpointing", "eager", "compile_blocks")
     timed = [*((v, mb) for v in ("ted-ds", "plain") for mb in (1, 2)), *((v, 2) for v in levers)]
     for key in timed:
@@ -83,6 +96,26 @@ def _assert_student_steps(result: dict) -> None:
     profile = result["student_profile"]
     assert sum(profile["phase"].values()) == pytest.approx(1) and profile["kind"]["GEMM"] > 0
     assert {"forward", "backward", "step"} <= set(profile["phase"]) and profile["total_s"]["wall"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_reuses_finished_sections_and_stops_within_its_budget(tmp_path):
+    """A GPU slot is short: a second call with the same --work reuses every finished section (the data,
+    the models and the figures) in well under a third of the first call's time, and --budget-s starts no
+    section that would end past it, saying in one line what is left."""
+    args = ["gpu", "--dry-run", "--work", str(tmp_path / "w"), "--sections", "attention,teacher"]
+    times, results = [], []
+    for _ in range(2):
+        start = time.perf_counter()
+        results.append(_bench(*args))
+        times.append(time.perf_counter() - start)
+    first, second = results
+    assert first["sections"]["ran"] == ["attention", "teacher"] and first["teacher_params"] > 0
+    assert second["sections"] == {"ran": [], "reused": ["attention", "teacher"], "failed": [], "left": []}
+    assert second["teacher_forward"] == first["teacher_forward"] and times[1] < times[0] / 3, times
+    out = _bench_output(*args[:-1], "attention,teacher,kd", "--budget-s", "1")
+    assert "gpu-check: budget 1 s: stopped before kd" in out and "left: kd — run again with --work" in out
+    assert "ran=- reused=attention,teacher failed=- left=kd" in out
 
 
 @pytest.mark.multirank

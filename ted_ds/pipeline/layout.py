@@ -41,8 +41,8 @@ def balanced_partition(costs: list[int], parts: int) -> list[int]:
 
 
 def stage_blocks(config, stages: int, explicit: list[int] | None) -> list[tuple[int, int]]:
-    """[start, end) block ranges per pipeline stage: explicit sizes, or balanced by parameter count
-    with the embeddings counted on stage 0 and the head on the last stage."""
+    """[start, end) block ranges per pipeline stage: explicit sizes, or balanced by forward FLOPs
+    (``stage_costs``)."""
     n = num_layers(config)
     if explicit is not None:
         if len(explicit) != stages or sum(explicit) != n or min(explicit) < 1:
@@ -50,19 +50,22 @@ def stage_blocks(config, stages: int, explicit: list[int] | None) -> list[tuple[
                               f"the teacher's {n} layers")
         sizes = explicit
     else:
-        meta = meta_model(config)
-        blocks = [sum(p.numel() for p in b.parameters()) for b in decoder_layers(meta)]
-        embed = vocab_size(config) * hidden_size(config)
-        # stage 0 also embeds and the last stage also projects to the vocabulary: weigh them in
-        costs = list(blocks)
-        costs[0] += embed
-        costs[-1] += embed
-        sizes = balanced_partition(costs, stages)
+        sizes = balanced_partition(block_costs(config), stages)
     bounds, start = [], 0
     for size in sizes:
         bounds.append((start, start + size))
         start += size
     return bounds
+
+
+def block_costs(config) -> list[int]:
+    """Forward matmul FLOPs per token of each block (2 per parameter), the last one also carrying the
+    output head's (2·V·d): a stage's time is its FLOPs. The input embedding is a lookup, no FLOPs, so
+    stage 0 is charged nothing for it; attention's score work (4·d·T a block) is the same in every block
+    and left out, which weighs the head a little more than it costs."""
+    costs = [2 * sum(p.numel() for p in b.parameters()) for b in decoder_layers(meta_model(config))]
+    costs[-1] += 2 * vocab_size(config) * hidden_size(config)
+    return costs
 
 
 @dataclass(frozen=True)
