@@ -153,15 +153,30 @@ def test_slurm_task_counts_per_node():
     assert local_world_size({**env, "SLURM_NTASKS_PER_NODE": "4"}) == 4  # --ntasks-per-node, when given
 
 
-def _rank0_works_longer_than_the_timeout(rank: int, port: int, outcomes) -> None:
+def _slow_export(path: str, out: str) -> list[str]:
+    """``export_checkpoint`` of a student too big to export within the collective timeout (4 s)."""
+    import os
+    import time
+
+    time.sleep(4)
+    os.makedirs(out)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write("{}")
+    return [f"wrote {out} from {os.path.basename(path)}"]
+
+
+def _rank0_works_longer_than_the_timeout(rank: int, port: int, run_dir: str, outcomes) -> None:
     """One of 2 gloo ranks with a 2 s collective timeout: rank 0 works 4 s while rank 1 waits, first
-    in ``rank0_alone`` (60 s), then in a plain barrier."""
+    in ``rank0_alone`` (60 s), then in ``train.init_from``'s export of a checkpoint, then in a plain
+    barrier."""
     import datetime
     import time
+    from types import SimpleNamespace
 
     import torch.distributed as dist
 
-    from ted_ds import distributed
+    from ted_ds import distributed, export
+    from ted_ds.models import init_from_hf_dir
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=2))
@@ -169,7 +184,10 @@ def _rank0_works_longer_than_the_timeout(rank: int, port: int, outcomes) -> None
     def work() -> None:
         time.sleep(4)
 
+    export.export_checkpoint = _slow_export
+    cfg = SimpleNamespace(train=SimpleNamespace(init_from=f"{run_dir}/checkpoints/distill-lm", out_dir=run_dir))
     for name, wait in (("rank0_alone", lambda: distributed.rank0_alone(work, datetime.timedelta(seconds=60))),
+                       ("init_from", lambda: init_from_hf_dir(cfg)),
                        ("barrier", lambda: (work() if rank == 0 else None, distributed.barrier()))):
         try:
             wait()
@@ -178,17 +196,30 @@ def _rank0_works_longer_than_the_timeout(rank: int, port: int, outcomes) -> None
             outcomes.put((rank, name, "timed out" if "Timed out" in str(e) else str(e)[:200]))
 
 
-def test_ranks_wait_for_rank0_working_alone_beyond_the_collective_timeout():
-    """What a resume on another rank count does (rank 0 converts the checkpoint): the others outwait
-    the collective timeout in ``rank0_alone``, where a plain barrier times out (the control)."""
+def _checkpoint(ckpt_dir) -> None:
+    """A whole checkpoint as ``resolve_checkpoint`` finds it (its weights are the slow export's)."""
+    tag = ckpt_dir / "step-00000002"
+    tag.mkdir(parents=True)
+    (tag / "trainer_state.json").write_text("{}")
+    (tag / "COMPLETE").write_text('{"files": {}}')
+    (ckpt_dir / "latest").write_text("step-00000002")
+
+
+def test_ranks_wait_for_rank0_working_alone_beyond_the_collective_timeout(tmp_path):
+    """What a resume on another rank count does (rank 0 converts the checkpoint), and a run started
+    from another run's checkpoint (``train.init_from``: rank 0 exports its student): the others outwait
+    the collective timeout, where a plain barrier times out (the control)."""
     import torch.multiprocessing as mp
 
     from ted_ds.distributed import free_port
 
+    _checkpoint(tmp_path / "checkpoints" / "distill-lm")
     ctx = mp.get_context("spawn")
     outcomes = ctx.Queue()
-    mp.start_processes(_rank0_works_longer_than_the_timeout, args=(free_port(), outcomes), nprocs=2,
+    mp.start_processes(_rank0_works_longer_than_the_timeout, args=(free_port(), str(tmp_path), outcomes), nprocs=2,
                        start_method="spawn")
-    seen = {(rank, name): outcome for rank, name, outcome in (outcomes.get(timeout=5) for _ in range(4))}
+    seen = {(rank, name): outcome for rank, name, outcome in (outcomes.get(timeout=5) for _ in range(6))}
     assert seen[(0, "rank0_alone")] == seen[(1, "rank0_alone")] == "waited", seen
+    assert seen[(0, "init_from")] == seen[(1, "init_from")] == "waited", seen
+    assert (tmp_path / "init-from-step-00000002" / "config.json").is_file()
     assert seen[(1, "barrier")] == "timed out", seen
