@@ -106,3 +106,27 @@ def test_the_layout_handshake_covers_every_field():
     assert [LAYOUT.taps_of(s) for s in range(LAYOUT.stages)] == [[0], [1]]
     with pytest.raises(ConfigError, match="tap layer 5 is outside"):
         dataclasses.replace(LAYOUT, tap_layers=(2, 5))
+
+
+class _RecordedWork:
+    """A transfer's handle that records how it was waited for."""
+
+    def __init__(self):
+        self.waits = []
+
+    def wait(self, *timeout) -> bool:
+        self.waits.append(timeout)
+        return True
+
+
+@pytest.mark.parametrize("backend,timed", [("nccl", False), ("gloo", True)])
+def test_nccl_transfers_are_waited_for_without_a_timeout_gloo_ones_with_it(backend, timed):
+    """NCCL's wait(timeout) would block the CPU on the GPU every tick; its group's timeout bounds the
+    plain wait.  gloo's transfers keep the caller's timeout."""
+    import datetime
+
+    from ted_ds.pipeline.schedule import wait_for
+
+    work, timeout = _RecordedWork(), datetime.timedelta(seconds=3)
+    assert wait_for(work, backend, timeout)
+    assert work.waits == [(timeout,) if timed else ()]

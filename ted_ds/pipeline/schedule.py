@@ -39,6 +39,17 @@ Received = dict[Message, torch.Tensor]  # this rank's buffer for each message it
 Made = dict[Message, torch.Tensor]  # what this stage made of a chunk, by message
 
 
+def wait_for(work, backend: str, timeout: datetime.timedelta) -> bool:
+    """Wait for ``work`` of a group of ``backend``; False if it timed out.  NCCL's ``wait(timeout)``
+    blocks the CPU until the GPU has run the transfer (every tick a host–device sync, kernel launches
+    no longer overlapping), while its plain ``wait()`` only orders the current stream after it: the
+    group's own timeout (its watchdog) bounds an NCCL transfer, a gloo one is waited for with it."""
+    if backend == "nccl":
+        work.wait()
+        return True
+    return work.wait(timeout)
+
+
 class PipelineGroup:
     """The P consecutive ranks that hold one teacher pipeline, and everything they send each other:
     group rank ``stage`` holds pipeline stage ``stage``.  Every wait is bounded (the collective timeout)
@@ -57,7 +68,7 @@ class PipelineGroup:
 
     def wait(self, work, what: str):
         try:
-            if not work.wait(self.timeout):
+            if not wait_for(work, dist.get_backend(self.group), self.timeout):
                 raise RuntimeError("timed out")
         except RuntimeError as e:
             raise DistributedError(f"pipeline teacher, stage {self.stage} (rank {distributed.rank()}): {what} "
