@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ted_ds.documents import DocumentAttention
-from ted_ds.errors import ConfigError
+from ted_ds.errors import ConfigError, DistributedError
 from ted_ds.pipeline.layout import PipelineLayout
 from ted_ds.pipeline.messages import Message, MessageKind, posts, returned_to, ticks, transfers
 
@@ -130,3 +130,75 @@ def test_nccl_transfers_are_waited_for_without_a_timeout_gloo_ones_with_it(backe
     work, timeout = _RecordedWork(), datetime.timedelta(seconds=3)
     assert wait_for(work, backend, timeout)
     assert work.waits == [(timeout,) if timed else ()]
+
+
+class _PostedOp:
+    """``dist.P2POp`` as ``exchange`` builds it, kept instead of posted."""
+
+    def __init__(self, op, tensor, peer, group):
+        self.op, self.tensor, self.peer = op, tensor, peer
+
+
+def _group_of(layout: PipelineLayout, stage: int):
+    """Stage ``stage``'s ``PipelineGroup`` as its constructor leaves it (group 0: members 0..P-1),
+    without a process group."""
+    import datetime
+
+    from ted_ds.pipeline.schedule import PipelineGroup
+
+    group = PipelineGroup.__new__(PipelineGroup)
+    group.layout, group.stage, group.members, group.group = layout, stage, list(range(layout.stages)), None
+    group.timeout = datetime.timedelta(seconds=1)
+    return group
+
+
+def _tick_tensors(layout: PipelineLayout, stage: int, tick_posts):
+    """What a stage holds at a tick: every owner's chunk ids, its receive buffers, and what it made."""
+    from ted_ds.pipeline.messages import buffer_shape
+
+    chunk_ids = [[torch.zeros(2, 5, dtype=torch.int64)] * layout.chunks for _ in range(layout.stages)]
+    tensor = lambda m: torch.zeros(*buffer_shape(layout, m, 2, 5)[0], dtype=buffer_shape(layout, m, 2, 5)[1])
+    received = {m: tensor(m) for m in returned_to(layout, stage)}
+    made = {t.message: tensor(t.message) for t in tick_posts if t.sender == stage}
+    return chunk_ids, received, made
+
+
+def test_exchange_posts_each_ticks_transfers_in_the_one_order(monkeypatch):
+    """What ``exchange`` hands to ``batch_isend_irecv`` (not only what ``posts`` plans): each tick's
+    sends and receives in the order both sides share, to the right peer, with the tensor made or the
+    buffer meant for that message (P=3, C=2, every tap, top-8 logits)."""
+    import torch.distributed as dist
+
+    batches = []
+    monkeypatch.setattr(dist, "P2POp", _PostedOp)
+    monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: batches.append(ops) or [])
+    layout = layout_of(3, 2, "every", "top8")
+    for stage in range(layout.stages):
+        group = _group_of(layout, stage)
+        for tick, tick_posts in enumerate(posts(layout, stage)):
+            chunk_ids, received, made = _tick_tensors(layout, stage, tick_posts)
+            batches.clear()
+            group.exchange(tick, tick_posts, made, received, chunk_ids)
+            ops = batches[0] if batches else []
+            assert [(op.op is dist.isend, op.peer) for op in ops] == \
+                [(t.sender == stage, t.receiver if t.sender == stage else t.sender) for t in tick_posts]
+            for op, t in zip(ops, tick_posts):
+                expected = made.get(t.message) if t.sender == stage else received.get(t.message)
+                assert expected is None or op.tensor is expected, (stage, tick, t)
+
+
+def test_a_sent_tensor_that_does_not_fit_the_receivers_buffer_is_refused_before_it_goes(monkeypatch):
+    """NCCL checks no byte counts: logits of the wrong dtype (or shape) would land silently wrong."""
+    import torch.distributed as dist
+
+    posted = []
+    monkeypatch.setattr(dist, "P2POp", _PostedOp)
+    monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: posted.append(ops) or [])
+    layout = layout_of(2, 1, "none", "full")
+    tick_posts = next(p for p in posts(layout, 1) if any(t.sender == 1 for t in p))
+    chunk_ids, received, made = _tick_tensors(layout, 1, tick_posts)
+    sent = next(t.message for t in tick_posts if t.sender == 1)
+    for bad in (made[sent].to(torch.float16), made[sent][:, :4]):
+        with pytest.raises(DistributedError, match=r"pipeline teacher, stage 1: logits of chunk 0 of stage 0 is \(2, "):
+            _group_of(layout, 1).exchange(0, tick_posts, {**made, sent: bad}, received, chunk_ids)
+    assert not posted

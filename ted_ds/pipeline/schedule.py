@@ -105,6 +105,7 @@ class PipelineGroup:
         for t in transfers:
             m = t.message
             if t.sender == self.stage:
+                self._check_sent(t, made[m], chunk_ids[m.owner][m.chunk].shape)
                 ops.append(dist.P2POp(dist.isend, made[m], self.members[t.receiver], self.group))
                 whats.append(f"sending {self._name(m)} to stage {t.receiver}")
                 continue
@@ -120,6 +121,15 @@ class PipelineGroup:
         for work, what in zip(works, whats):
             self.wait(work, f"tick {tick}: {what}")
         return hidden
+
+    def _check_sent(self, t: Transfer, tensor: torch.Tensor, chunk_shape) -> None:
+        """The receiver posts a buffer of ``buffer_shape``; NCCL checks no byte counts, so a tensor of
+        another shape or dtype would land silently wrong (or hang): refused on the sender, before it goes."""
+        shape, dtype = buffer_shape(self.layout, t.message, *chunk_shape)
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise DistributedError(f"pipeline teacher, stage {self.stage}: {self._name(t.message)} is "
+                                   f"{tuple(tensor.shape)} {tensor.dtype}, stage {t.receiver} expects {tuple(shape)} "
+                                   f"{dtype}")
 
     def _name(self, m: Message) -> str:
         kind = f"tap {self.layout.tap_layers[m.tap]}" if m.kind == MessageKind.TAP else m.kind.name.lower()
