@@ -202,3 +202,57 @@ def test_a_sent_tensor_that_does_not_fit_the_receivers_buffer_is_refused_before_
         with pytest.raises(DistributedError, match=r"pipeline teacher, stage 1: logits of chunk 0 of stage 0 is \(2, "):
             _group_of(layout, 1).exchange(0, tick_posts, {**made, sent: bad}, received, chunk_ids)
     assert not posted
+
+
+def _matched_as_nccl_checks(rank: int, port: int, outcomes) -> None:
+    """One of 2 gloo ranks under the NCCL-matching harness: blocking ``send``/``recv`` with tags that
+    NCCL ignores, then rank 0 alone in ``tags_ignored`` (a peer that never posts: a timeout, not a hang)."""
+    import datetime
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from harness.nccl_matching import matched_as_nccl, tags_ignored
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    with matched_as_nccl():
+        if rank == 0:
+            dist.send(torch.ones(1), dst=1, tag=7)
+            dist.send(torch.full((1,), 2.0), 1, tag=8)
+        else:
+            first, second = torch.zeros(1), torch.zeros(1)
+            outcomes.put(("recv", dist.recv(first, src=0, tag=8), dist.recv(second, 0, tag=7),
+                          first.item(), second.item()))
+            time.sleep(60)  # alive, posting nothing, until the test ends it
+        if rank == 0:
+            start = time.time()
+            try:
+                tags_ignored(datetime.timedelta(seconds=2))
+                outcomes.put(("alone", "returned"))
+            except RuntimeError as e:
+                outcomes.put(("alone", "timed out" if "timed out" in str(e) else str(e)[:200], time.time() - start))
+    outcomes.close()
+    outcomes.join_thread()
+    os._exit(0)  # rank 0's harness thread still waits on its peer
+
+
+@pytest.mark.multirank
+def test_the_nccl_matching_harness_emulates_blocking_recv_and_times_out():
+    """``dist.recv(src=...)`` goes through the harness (NCCL order: the first message, whatever its
+    tag), and ``tags_ignored`` fails within its timeout when a peer never posts."""
+    import torch.multiprocessing as mp
+
+    from ted_ds.distributed import free_port
+
+    outcomes = mp.get_context("spawn").Queue()
+    procs = mp.start_processes(_matched_as_nccl_checks, args=(free_port(), outcomes), nprocs=2,
+                               start_method="spawn", join=False)
+    try:
+        seen = {o[0]: o[1:] for o in (outcomes.get(timeout=60) for _ in range(2))}
+    finally:
+        for p in procs.processes:
+            p.kill()
+    assert seen["recv"] == (0, 0, 1.0, 2.0), seen
+    assert seen["alone"][0] == "timed out" and seen["alone"][1] < 10, seen
