@@ -116,3 +116,48 @@ def test_complete_records_what_every_rank_wrote_not_what_rank_0_lists(tmp_path):
     assert is_complete(str(tag)) is None and (tmp_path / "latest").read_text() == "step-00000003"
     (tag / "zero_pp_rank_1_model_states.pt").unlink()
     assert is_complete(str(tag)) == "missing file zero_pp_rank_1_model_states.pt"
+
+
+def _resume_from_node_local_disks(rank: int, port: int, root: str, outcomes) -> None:
+    """One of 2 gloo ranks resumes the trainer from a ``train.out_dir`` of its own (a node-local disk):
+    rank 0's holds a checkpoint, rank 1's none."""
+    import datetime
+    import os
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from ted_ds.checkpoint import Checkpointer
+    from ted_ds.errors import CheckpointError
+    from ted_ds.trainer import resume
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        tag = resume(SimpleNamespace(engine=None), Checkpointer(os.path.join(root, f"disk{rank}"), 2, {}), None)[1]
+        outcomes.put((rank, f"resumed from {tag}"))
+    except CheckpointError as e:
+        outcomes.put((rank, str(e)))
+    except Exception as e:  # noqa: BLE001 — reported to the test, which names it
+        outcomes.put((rank, f"{type(e).__name__}: {e}"[:200]))
+
+
+@pytest.mark.multirank
+def test_ranks_that_see_different_checkpoints_refuse_to_resume_together(tmp_path):
+    """The trainer's resume compares every rank's view in one gather: a rank that sees no checkpoint
+    where another sees one stops both with one line (alone, one would load weights the other never
+    has, the other start over)."""
+    import torch.multiprocessing as mp
+
+    from harness.common import empty_checkpoint
+    from ted_ds.distributed import free_port
+
+    empty_checkpoint(tmp_path / "disk0", 2)
+    (tmp_path / "disk1").mkdir()
+    outcomes = mp.get_context("spawn").Queue()
+    mp.start_processes(_resume_from_node_local_disks, args=(free_port(), str(tmp_path), outcomes), nprocs=2,
+                       start_method="spawn")
+    seen = dict(outcomes.get(timeout=5) for _ in range(2))
+    for rank in (0, 1):
+        assert seen[rank].startswith(str(tmp_path / f"disk{rank}")) and "cannot see checkpoint step-00000002, which " \
+            "" in seen[rank] and seen[rank].endswith("train.out_dir must be on storage every node shares"), seen

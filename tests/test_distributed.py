@@ -196,24 +196,16 @@ def _rank0_works_longer_than_the_timeout(rank: int, port: int, run_dir: str, out
             outcomes.put((rank, name, "timed out" if "Timed out" in str(e) else str(e)[:200]))
 
 
-def _checkpoint(ckpt_dir) -> None:
-    """A whole checkpoint as ``resolve_checkpoint`` finds it (its weights are the slow export's)."""
-    tag = ckpt_dir / "step-00000002"
-    tag.mkdir(parents=True)
-    (tag / "trainer_state.json").write_text("{}")
-    (tag / "COMPLETE").write_text('{"files": {}}')
-    (ckpt_dir / "latest").write_text("step-00000002")
-
-
 def test_ranks_wait_for_rank0_working_alone_beyond_the_collective_timeout(tmp_path):
     """What a resume on another rank count does (rank 0 converts the checkpoint), and a run started
     from another run's checkpoint (``train.init_from``: rank 0 exports its student): the others outwait
     the collective timeout, where a plain barrier times out (the control)."""
     import torch.multiprocessing as mp
 
+    from harness.common import empty_checkpoint
     from ted_ds.distributed import free_port
 
-    _checkpoint(tmp_path / "checkpoints" / "distill-lm")
+    empty_checkpoint(tmp_path / "checkpoints" / "distill-lm", 2)
     ctx = mp.get_context("spawn")
     outcomes = ctx.Queue()
     mp.start_processes(_rank0_works_longer_than_the_timeout, args=(free_port(), str(tmp_path), outcomes), nprocs=2,
