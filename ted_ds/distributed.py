@@ -67,8 +67,8 @@ def srun_task(env: Mapping[str, str]) -> bool:
 
 def mpi_fill(env: Mapping[str, str]) -> dict[str, str]:
     """RANK / WORLD_SIZE / LOCAL_RANK of an MPI launcher's rank (Open MPI: OMPI_COMM_WORLD_*; MPICH and
-    Intel MPI: PMI_* and MPI_LOCALRANKID), and the master the user gave, if any; a local rank or master
-    the variables do not give is left out (``init`` asks MPI, ``mpi_discovered``)."""
+    Intel MPI: PMI_* and MPI_LOCALRANKID); a local rank the variables do not give, and the master, are
+    left to ``mpi_discovered``."""
     ompi = "OMPI_COMM_WORLD_SIZE" in env
     fill = {"RANK": env["OMPI_COMM_WORLD_RANK" if ompi else "PMI_RANK"],
             "WORLD_SIZE": env["OMPI_COMM_WORLD_SIZE" if ompi else "PMI_SIZE"]}
@@ -116,7 +116,12 @@ def mpi_discovered(fill: dict[str, str], env: Mapping[str, str] | None = None) -
     needed = [key for key in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if key not in fill and key not in env]
     if not needed:
         return {}
-    from mpi4py import MPI
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise DistributedError(f"an MPI launch without {', '.join(needed)} needs mpi4py to find them: pip install "
+                               "mpi4py, or export them (mpirun -x MASTER_ADDR=<rank 0's host> -x MASTER_PORT=<p>)"
+                               ) from None
 
     comm = MPI.COMM_WORLD
     hosts = comm.allgather(MPI.Get_processor_name())
