@@ -1,6 +1,7 @@
 """The process-group helpers, without a GPU: a communication failure named by its collective and
-caller; each rank's GPU under every launcher (pure functions of the launcher's variables); rank 0
-working alone for longer than the collective timeout."""
+caller; each rank's rank, world and GPU under every launcher (pure functions of the launcher's
+variables) and the refusal of ranks sharing a device; rank 0 working alone (a conversion, the export
+of ``train.init_from``) for longer than the collective timeout."""
 
 from __future__ import annotations
 
