@@ -5,11 +5,11 @@ Layout of ``<out_dir>/checkpoints``::
     step-00000100/            DeepSpeed's files (ZeRO-3 shards, optimizer, scheduler) + ours:
         trainer_state.json    step, tokens, consumed samples, world size, run config, recipe
         rng_rank{r}.pt        every RNG of rank r (torch CPU, CUDA per local device, numpy, python), tensors only
-        COMPLETE              written last: every file of the tag with its size
+        COMPLETE              written last: every file the ranks wrote, with its size
     latest                    the tag of the newest COMPLETE checkpoint (atomic rename)
 
-A save writes everything, waits for every rank, then rank 0 writes ``COMPLETE`` and only then
-moves ``latest``.  A crash mid-save leaves the previous checkpoint as ``latest``.  Loading checks
+A save writes everything, gathers what every rank wrote, then rank 0 writes ``COMPLETE`` and only
+then moves ``latest``.  A crash mid-save leaves the previous checkpoint as ``latest``.  Loading checks
 ``COMPLETE`` against the files and falls back to the newest older checkpoint that passes, with
 a warning.  Every rank reads its own files, so every node must see the same directory: before a
 resume the ranks compare what they see, and refuse to start if they differ.
@@ -145,15 +145,26 @@ def _set_cuda_rng_state(states: list[torch.Tensor]) -> None:
     torch.cuda.set_rng_state_all(states)
 
 
-def _listing(tag_dir: str) -> dict[str, int]:
-    out = {}
-    for root, _, files in os.walk(tag_dir):
-        for name in files:
-            if name == "COMPLETE":
-                continue
-            path = os.path.join(root, name)
-            out[os.path.relpath(path, tag_dir)] = os.path.getsize(path)
-    return out
+@contextlib.contextmanager
+def recorded_saves(checkpoint_engine, paths: list[str]):
+    """Append to ``paths`` every file DeepSpeed's ``checkpoint_engine`` saves inside (all of a tag's
+    shards, model and optimizer states, go through its ``save``)."""
+    save = checkpoint_engine.save
+
+    def recorded(state_dict, path):
+        save(state_dict, path)
+        paths.append(path)
+
+    checkpoint_engine.save = recorded
+    try:
+        yield
+    finally:
+        checkpoint_engine.save = save
+
+
+def sizes(paths: list[str], tag_dir: str) -> dict[str, int]:
+    """What this rank wrote, as ``COMPLETE`` records it: each file's path in the tag and its size."""
+    return {os.path.relpath(path, tag_dir): os.path.getsize(path) for path in paths}
 
 
 def is_complete(tag_dir: str) -> str | None:
@@ -228,15 +239,12 @@ class Checkpointer:
             shutil.rmtree(tag_dir)  # a partial save of the same step from a crashed attempt
         distributed.barrier()
         try:
-            engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
-            torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{distributed.rank()}.pt"))
+            wrote = self._write(engine, tag_dir, progress)
+            # each rank reports what it wrote (a listing by rank 0 can be stale on NFS), once all have
+            files = {rel: size for own in distributed.gather_objects(wrote) for rel, size in own.items()}
             if distributed.rank() == 0:
-                state = TrainerState(**progress, identity=self.identity, run=self.run_info,
-                                     world_size=distributed.world_size(), tag=tag)
-                write_text(os.path.join(tag_dir, TRAINER_STATE), json.dumps(asdict(state), indent=2))
-            distributed.barrier()  # every rank's files are on disk
-            if distributed.rank() == 0:
-                write_text(os.path.join(tag_dir, "COMPLETE"), json.dumps({"files": _listing(tag_dir)}, indent=1))
+                write_text(os.path.join(tag_dir, "COMPLETE"), json.dumps({"files": dict(sorted(files.items()))},
+                                                                          indent=1))
                 write_text(os.path.join(self.dir, "latest"), tag)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             if distributed.failed_collective(e):
@@ -246,6 +254,21 @@ class Checkpointer:
             self._prune(tag)
         distributed.barrier()
         return tag
+
+    def _write(self, engine, tag_dir: str, progress: dict) -> dict[str, int]:
+        """This rank's part of a save: DeepSpeed's files, its RNG, and (rank 0) the trainer state;
+        returns what it wrote (``sizes``)."""
+        paths: list[str] = []
+        with recorded_saves(engine.checkpoint_engine, paths):
+            engine.save_checkpoint(self.dir, tag=os.path.basename(tag_dir), save_latest=False)
+        paths.append(os.path.join(tag_dir, f"rng_rank{distributed.rank()}.pt"))
+        torch.save(rng_state(), paths[-1])
+        if distributed.rank() == 0:
+            state = TrainerState(**progress, identity=self.identity, run=self.run_info,
+                                 world_size=distributed.world_size(), tag=os.path.basename(tag_dir))
+            paths.append(os.path.join(tag_dir, TRAINER_STATE))
+            write_text(paths[-1], json.dumps(asdict(state), indent=2))
+        return sizes(paths, tag_dir)
 
     def _save_failed(self, tag: str, error: Exception) -> CheckpointError:
         """One line for a save that could not write (a full disk, most often): what failed, how much

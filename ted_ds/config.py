@@ -314,6 +314,9 @@ class RunConfig:
             raise ConfigError(f"method {d.method} uses no teacher: remove teacher.cache")
         if self.student.init_from_teacher is not None and not t.path:
             raise ConfigError("student.init_from_teacher needs teacher.path")
+        if t.placement == "pipeline" and t.pipeline_chunks > tr.micro_batch_size:
+            raise ConfigError(f"teacher.pipeline_chunks {t.pipeline_chunks} exceeds train.micro_batch_size "
+                              f"{tr.micro_batch_size}: a chunk would hold no sequence")
 
     @property
     def tokens_per_step(self) -> int:

@@ -3,15 +3,19 @@
 Launchers and what they give us:
 
 * ``deepspeed`` / ``torchrun``: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
-* ``mpirun``: OMPI_COMM_WORLD_* (MPICH: PMI_*, MPI_LOCALRANKID); DeepSpeed's MPI discovery
-  (mpi4py) fills in the rest.
-* ``srun``: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the job's first host.
+* ``mpirun``: OMPI_COMM_WORLD_* (MPICH: PMI_*, MPI_LOCALRANKID); ``init`` fills RANK, WORLD_SIZE,
+  LOCAL_RANK and, unless exported, MASTER_ADDR / MASTER_PORT (rank 0's, through mpi4py) itself, so
+  DeepSpeed's MPI discovery, which would reset MASTER_PORT to 29500, never runs.
+* ``srun``: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (they win over the PMI_* / PMIX_* variables of
+  srun's MPI plugins); the master is the job's first host.
 * nothing (plain ``ted-ds ...``): one process, a free local port.
 
 Each rank drives GPU ``local rank % visible GPUs`` (``gpu_index``), chosen from these variables
-before anything touches CUDA; ``init`` hands it to DeepSpeed as LOCAL_RANK, which DeepSpeed takes
-for the device index.  Every collective runs under the timeout given to ``init`` so a dead peer
-ends the job with an error instead of a hang.
+before anything touches CUDA: one GPU visible per rank (srun --gpus-per-task=1, a wrapper setting
+CUDA_VISIBLE_DEVICES) is GPU 0 of each.  Once the group exists the ranks compare their devices'
+UUIDs and refuse two ranks of a host on one device.  ``init`` hands the index to DeepSpeed as
+LOCAL_RANK, which DeepSpeed takes for the device index.  Every collective runs under the timeout
+given to ``init`` so a dead peer ends the job with an error instead of a hang.
 """
 
 from __future__ import annotations
@@ -49,19 +53,43 @@ def _first_slurm_host() -> str:
         return nodelist.split(",")[0] or "127.0.0.1"
 
 
+def srun_task(env: Mapping[str, str]) -> bool:
+    """Whether ``srun`` started this process as one task of several.  srun's MPI plugins (PMI2, PMIx)
+    also set PMI_RANK / PMIX_RANK, equal to SLURM_PROCID; an MPI launcher inside a Slurm allocation
+    (Open MPI's mpirun, MPICH's hydra) starts its ranks from srun-started daemons, whose SLURM_PROCID
+    numbers the daemons, not the ranks: Open MPI's OMPI_COMM_WORLD_* or a PMI rank that disagrees
+    says so."""
+    if "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "OMPI_COMM_WORLD_SIZE" in env:
+        return False
+    return all(env.get(key, env["SLURM_PROCID"]) == env["SLURM_PROCID"] for key in ("PMI_RANK", "PMIX_RANK")) \
+        and env.get("PMI_SIZE", env["SLURM_NTASKS"]) == env["SLURM_NTASKS"]
+
+
+def mpi_fill(env: Mapping[str, str]) -> dict[str, str]:
+    """RANK / WORLD_SIZE / LOCAL_RANK of an MPI launcher's rank (Open MPI: OMPI_COMM_WORLD_*; MPICH and
+    Intel MPI: PMI_* and MPI_LOCALRANKID); a local rank the variables do not give, and the master, are
+    left to ``mpi_discovered``."""
+    ompi = "OMPI_COMM_WORLD_SIZE" in env
+    fill = {"RANK": env["OMPI_COMM_WORLD_RANK" if ompi else "PMI_RANK"],
+            "WORLD_SIZE": env["OMPI_COMM_WORLD_SIZE" if ompi else "PMI_SIZE"]}
+    local = env.get("OMPI_COMM_WORLD_LOCAL_RANK" if ompi else "MPI_LOCALRANKID")
+    if local is not None:
+        fill["LOCAL_RANK"] = local
+    return fill
+
+
 def launcher_env(env: Mapping[str, str] | None = None) -> tuple[str, dict[str, str]]:
     """Which launcher started us, and the torch.distributed variables it left for us to fill.
 
-    Pure: reads ``env`` (default ``os.environ``) and writes nothing; ``init`` writes the fill, so a
-    run that fails its checks leaves the environment as it found it.
+    In this order: deepspeed / torchrun (RANK and WORLD_SIZE set), srun (``srun_task``, PMI2 and PMIx
+    included), an MPI launcher (with or without Slurm around it), one process.  Pure: reads ``env``
+    (default ``os.environ``) and writes nothing; ``init`` writes the fill, so a run that fails its
+    checks leaves the environment as it found it.
     """
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         return "torch", {}
-    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
-        # deepspeed.init_distributed discovers the rest through mpi4py; the GPU is chosen before it
-        return "mpi", {"LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", "0"))}
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    if srun_task(env):
         fill = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
                 "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
         if "MASTER_ADDR" not in env:
@@ -69,12 +97,47 @@ def launcher_env(env: Mapping[str, str] | None = None) -> tuple[str, dict[str, s
         if "MASTER_PORT" not in env:
             fill["MASTER_PORT"] = str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
         return "slurm", fill
+    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
+        return "mpi", mpi_fill(env)
     fill = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     if "MASTER_ADDR" not in env:
         fill["MASTER_ADDR"] = "127.0.0.1"
     if "MASTER_PORT" not in env:
         fill["MASTER_PORT"] = str(free_port())
     return "single", fill
+
+
+def mpi_discovered(fill: dict[str, str], env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What an MPI launch's variables leave open, from MPI itself (mpi4py): the local rank (ranks
+    before this one on its host) and rank 0's address and a free port of it, broadcast.  A
+    MASTER_ADDR / MASTER_PORT the user exported (``mpirun -x``) holds: DeepSpeed's own discovery
+    would replace the port with 29500, so ``init`` fills all five variables and skips it."""
+    env = os.environ if env is None else env
+    needed = [key for key in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if key not in fill and key not in env]
+    if not needed:
+        return {}
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise DistributedError(f"an MPI launch without {', '.join(needed)} needs mpi4py to find them: pip install "
+                               "mpi4py, or export them (mpirun -x MASTER_ADDR=<rank 0's host> -x MASTER_PORT=<p>)"
+                               ) from None
+
+    comm = MPI.COMM_WORLD
+    hosts = comm.allgather(MPI.Get_processor_name())
+    master = comm.bcast((_own_address(), str(free_port())) if comm.Get_rank() == 0 else None, root=0)
+    found = {"LOCAL_RANK": str(hosts[:comm.Get_rank()].count(hosts[comm.Get_rank()])),
+             "MASTER_ADDR": master[0], "MASTER_PORT": master[1]}
+    return {key: found[key] for key in needed}
+
+
+def _own_address() -> str:
+    """This host's first address (``hostname -I``, as DeepSpeed's MPI discovery takes it)."""
+    try:
+        return subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return socket.gethostbyname(socket.gethostname())
 
 
 def expected_world_size(env: Mapping[str, str] | None = None) -> int:
@@ -109,32 +172,48 @@ def local_world_size(env: Mapping[str, str] | None = None) -> int:
     return expected_world_size(env)
 
 
-def own_gpus(launcher: str, env: Mapping[str, str], visible: int) -> bool:
-    """Whether each rank of this host sees GPUs no other rank sees.  Only srun binds GPUs to tasks
-    (--gpus-per-task, --gpu-bind); a bound task then sees fewer than the node's SLURM_GPUS_ON_NODE
-    (absent: taken as bound).  deepspeed, torchrun and mpirun show every rank all of the host's."""
-    return launcher == "slurm" and visible < int(env.get("SLURM_GPUS_ON_NODE", visible + 1))
-
-
-def gpu_index(local_rank: int, local_ranks: int, visible: int, own: bool) -> int:
-    """The GPU, among the ``visible`` ones, that local rank ``local_rank`` of ``local_ranks`` drives:
-    ``local_rank % visible``.  Refused when two ranks of the host would drive the same GPU (fewer
-    GPUs than ranks, not ``own``): NCCL refuses two ranks on one device at its first collective."""
+def gpu_index(local_rank: int, visible: int) -> int:
+    """The GPU, among the ``visible`` ones, that local rank ``local_rank`` drives: ``local_rank %
+    visible``.  With one GPU visible per rank (srun --gpus-per-task=1, or an mpirun wrapper setting
+    CUDA_VISIBLE_DEVICES=$OMPI_COMM_WORLD_LOCAL_RANK) that is GPU 0 of each, under any launcher;
+    whether ranks really got devices of their own is known only by comparing them (``shared_device``)."""
     if visible < 1:
         raise DeviceError("no GPU visible to this rank: check CUDA_VISIBLE_DEVICES, or DS_ACCELERATOR=cpu for CPU")
-    if visible < local_ranks and not own:
-        raise DeviceError(f"{local_ranks} ranks on this host but {visible} GPU{'s' * (visible > 1)} visible to each: "
-                          "ranks would share a GPU, which NCCL refuses; start one rank per GPU (deepspeed --num_gpus, "
-                          "torchrun --nproc_per_node, srun --ntasks-per-node) or give each srun task its own "
-                          "(--gpus-per-task=1), and check CUDA_VISIBLE_DEVICES")
     return local_rank % visible
 
 
 def gpu_for(env: Mapping[str, str], visible: int) -> int:
     """This rank's GPU index from its launcher's variables (``env``) and the GPUs it sees (pure)."""
-    launcher, fill = launcher_env(env)
-    env = {**env, **fill}
-    return gpu_index(int(env.get("LOCAL_RANK", "0")), local_world_size(env), visible, own_gpus(launcher, env, visible))
+    env = {**env, **launcher_env(env)[1]}
+    return gpu_index(int(env.get("LOCAL_RANK", "0")), visible)
+
+
+def shared_device(devices: list[tuple[str, str]]) -> str | None:
+    """Given every rank's ``(host, device UUID)`` in rank order, one line naming ranks of a host that
+    drive the same device (NCCL refuses two ranks on one device), or None."""
+    first: dict[tuple[str, str], int] = {}
+    for r, device_ in enumerate(devices):
+        if device_ in first:
+            return (f"ranks {first[device_]} and {r} on {device_[0]} would share GPU {device_[1]}, which NCCL "
+                    "refuses: start one rank per GPU (deepspeed --num_gpus, torchrun --nproc_per_node, srun "
+                    "--ntasks-per-node) or give each rank its own (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES)")
+        first[device_] = r
+    return None
+
+
+def _refuse_shared_devices(gpu: int) -> None:
+    """Every rank's device, compared once the group exists, over a gloo group: an NCCL collective
+    between two ranks on one device fails with NCCL's own, less clear, error."""
+    if world_size() == 1:
+        return
+    uuid = str(getattr(torch.cuda.get_device_properties(gpu), "uuid", gpu))
+    group = dist.new_group(backend="gloo")
+    devices: list = [None] * world_size()
+    dist.all_gather_object(devices, (socket.gethostname(), uuid), group=group)
+    dist.destroy_process_group(group)
+    problem = shared_device(devices)
+    if problem:
+        raise DeviceError(problem)
 
 
 _STARTED = False
@@ -156,15 +235,20 @@ def init(timeout_minutes: float) -> None:
     if dist.is_initialized():
         return
     launcher, fill = launcher_env()
+    if launcher == "mpi":
+        fill.update(mpi_discovered(fill))
     acc = get_accelerator()
     if acc.device_name() != "cpu":
-        _GPU = gpu_for(os.environ, acc.device_count())
+        _GPU = gpu_for({**os.environ, **fill}, acc.device_count())
         fill["LOCAL_RANK"] = str(_GPU)  # DeepSpeed reads LOCAL_RANK as the device index (engine, zero.Init)
         acc.set_device(_GPU)
     os.environ.update(fill)
     use_cpu_keyed_extensions()  # the shared-memory communicator is compiled (or reused) in init_distributed
+    # all five variables are set: DeepSpeed's MPI discovery, which would reset MASTER_PORT, stays off
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False,
-                               auto_mpi_discovery=launcher == "mpi")
+                               auto_mpi_discovery=False)
+    if acc.device_name() == "cuda":
+        _refuse_shared_devices(_GPU)
     if acc.device_name() != "cpu":
         _numeric_arch_list()
         return

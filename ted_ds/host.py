@@ -1,11 +1,12 @@
-"""What depends on the machine a process runs on, made explicit: the CPU that DeepSpeed's
-JIT-compiled ops are built for.
+"""What depends on the machine a process runs on, made explicit: the CPU (and the Python, torch and
+CUDA) that DeepSpeed's JIT-compiled ops are built for.
 
 DeepSpeed compiles its CPU ops (the shared-memory communicator, CPU Adam) with ``-march=native``,
 and torch reuses a cached build whenever the sources and flags match — the flag text, not the CPU it
 stood for. A cache built on one CPU and read on another (a shared home directory, a CI cache, a
-cluster of mixed nodes) then dies with an illegal instruction. Keying the cache directory by the CPU
-makes a different CPU build its own copy instead.
+cluster of mixed nodes) then dies with an illegal instruction; one built against another torch or
+Python (two environments sharing the cache path) fails to load or crashes. Keying the cache directory
+by the CPU and those versions makes each build its own copy instead.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 
 CPU_KEY_PREFIX = "cpu-"
 
 
-def cpu_key(cpuinfo: str) -> str:
+def cpu_key(cpuinfo: str, build: str = "") -> str:
     """A short name for the CPU ``/proc/cpuinfo`` describes: its vendor, model and instruction-set flags
-    (what ``-march=native`` compiles for), so two CPUs share it only if their builds can be shared."""
+    (what ``-march=native`` compiles for), and the ``build`` (``this_build``) that compiles the ops, so
+    two processes share it only if their builds can be shared."""
     first = cpuinfo.split("\n\n")[0]
     fields = {}
     for line in first.splitlines():
@@ -28,16 +31,24 @@ def cpu_key(cpuinfo: str) -> str:
     wanted = ("vendor_id", "cpu family", "model", "model name", "flags", "CPU implementer", "CPU part", "Features")
     described = "\n".join(f"{k}={' '.join(sorted(fields[k].split())) if k in ('flags', 'Features') else fields[k]}"
                           for k in wanted if k in fields)
-    described = described or f"{platform.machine()} {platform.processor()}"
+    described = (described or f"{platform.machine()} {platform.processor()}") + f"\nbuild={build}"
     return CPU_KEY_PREFIX + hashlib.sha256(described.encode()).hexdigest()[:12]
+
+
+def this_build() -> str:
+    """What an op's build is bound to besides the CPU: the Python, torch and CUDA versions."""
+    import torch
+
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return f"python {python} torch {torch.__version__} cuda {torch.version.cuda}"
 
 
 def this_cpu_key() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return cpu_key(f.read())
+            return cpu_key(f.read(), this_build())
     except OSError:  # not Linux
-        return cpu_key("")
+        return cpu_key("", this_build())
 
 
 def keyed_extensions_dir(current: str | None, key: str) -> str:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ted_ds import distributed
 from ted_ds.architectures import hidden_size, model_from_config, teacher_hf_config
-from ted_ds.checkpoint import resolve_checkpoint
+from ted_ds.checkpoint import CONVERSION_WAIT, resolve_checkpoint
 from ted_ds.config import DistillConfig, RunConfig
 from ted_ds.documents import for_model
 from ted_ds.filters import FilterBank, load_filter_bank
@@ -33,18 +33,24 @@ def load_teacher(cfg: RunConfig, **placement) -> nn.Module:
 
 def init_from_hf_dir(cfg: RunConfig) -> str:
     """``train.init_from`` as an HF directory: itself, or (a checkpoint) its student exported once by
-    rank 0 into ``<out_dir>/init-from-<tag>`` with ``ted-ds export``'s own check; every rank waits."""
+    rank 0 into ``<out_dir>/init-from-<tag>`` with ``ted-ds export``'s own check.  The others wait as
+    for a checkpoint conversion (``distributed.rank0_alone``, up to ``CONVERSION_WAIT``), not
+    train.timeout_minutes: the export reads and writes the whole student."""
     from ted_ds.export import export_checkpoint
 
     if is_hf_dir(cfg.train.init_from):
         return cfg.train.init_from
     ckpt_dir, tag = resolve_checkpoint(cfg.train.init_from, None)
     target = os.path.join(cfg.train.out_dir, f"init-from-{tag}")
-    if distributed.rank() == 0 and not is_hf_dir(target):
+
+    def export() -> None:
+        if is_hf_dir(target):
+            return
         os.makedirs(cfg.train.out_dir, exist_ok=True)
         for line in export_checkpoint(os.path.join(ckpt_dir, tag), target):
             print(f"ted-ds: train.init_from: {line}", flush=True)
-    distributed.barrier()
+
+    distributed.rank0_alone(export, CONVERSION_WAIT)
     return target
 
 

@@ -127,3 +127,27 @@ def test_cache_teacher_refuses_bad_input_before_writing(tiny, tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ted-ds: error: ") and says in err[0], err
     assert not os.path.exists(out) or os.listdir(out) == ["notes.txt"]
+
+
+def _cache_identity(**over) -> dict:
+    """A cache manifest's identity (``format.identity`` of the run that built it), with ``over`` changed."""
+    identity = {"format": 1, "teacher": {"path": "t", "revision": None, "digest": "d0"},
+                "tokenizer": {"vocab_sha256": "v0", "vocab_size": 500}, "seq_len": 64, "k": 8,
+                "value_dtype": "bf16", "document_attention": False, "sources": {"s0": {"name": "wiki", "path": "w"}}}
+    return {**identity, **over}
+
+
+@pytest.mark.parametrize("run_over, says", [
+    ({"tokenizer": {"vocab_sha256": "v1", "vocab_size": 500}},
+     "was made with another tokenizer than the data's (vocabulary sha256 differs)"),
+    ({"document_attention": True}, "was made with data.document_attention false; this run has true"),
+    ({"seq_len": 128}, "holds windows of seq_len 64; this run has data.seq_len 128"),
+])
+def test_a_cache_of_another_tokenizer_or_attention_is_refused(run_over, says):
+    """What a run and its cache must share, checked before any window is read (the teacher, the data,
+    the top-k and the value dtype: test_cache_multirank.py)."""
+    from ted_ds.cache.format import mismatch
+
+    sources = {"s0": ("wiki", "w")}
+    assert mismatch("/c", _cache_identity(), _cache_identity(), sources) is None
+    assert mismatch("/c", _cache_identity(), _cache_identity(**run_over), sources) == f"teacher.cache /c {says}"

@@ -55,3 +55,109 @@ def test_ranks_agree_on_the_checkpoint_or_name_the_hosts_that_cannot_see_it():
                             "(no checkpoint, step-00000002 there): train.out_dir must be on storage every node shares")
     with pytest.raises(CheckpointError, match="^/c: no complete checkpoint left"):
         agreed_tag([("node0", None, "/c: no complete checkpoint left"), ("node1", "step-00000002", None)], "/c")
+
+
+class _Engine:
+    """What ``Checkpointer.save`` uses of a DeepSpeed engine: its module, and a save that writes this
+    rank's shard through its ``checkpoint_engine``, as DeepSpeed's does."""
+
+    def __init__(self, rank: int):
+        from types import SimpleNamespace
+
+        self.rank, self.module = rank, torch.nn.Linear(2, 2)
+        self.checkpoint_engine = SimpleNamespace(save=torch.save)
+
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool) -> None:
+        import os
+
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        self.checkpoint_engine.save({"shard": torch.zeros(100 * (self.rank + 1))},
+                                    os.path.join(save_dir, tag, f"zero_pp_rank_{self.rank}_model_states.pt"))
+
+
+def _save_with_a_stale_listing(rank: int, port: int, ckpt_dir: str) -> None:
+    """One of 2 gloo ranks saves; rank 0's view of the directory lacks rank 1's files, as an NFS
+    client's cached listing can just after another node wrote them."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    from ted_ds.checkpoint import Checkpointer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    if rank == 0:
+        walk, listdir = os.walk, os.listdir
+        os.listdir = lambda path=".": [n for n in listdir(path) if "rank_1" not in n and "rank1" not in n]
+        os.walk = lambda top, **kw: ((d, sub, [n for n in files if "rank_1" not in n and "rank1" not in n])
+                                     for d, sub, files in walk(top, **kw))
+    Checkpointer(ckpt_dir, 2, {}).save(_Engine(rank), 3, {"step": 3, "tokens": 0, "sampler": {}})
+    dist.destroy_process_group()
+
+
+def test_complete_records_what_every_rank_wrote_not_what_rank_0_lists(tmp_path):
+    """``COMPLETE`` holds every rank's files with their sizes, reported by the rank that wrote them:
+    rank 0's listing of the directory (stale for rank 1's files here) is not asked."""
+    import json
+    import os
+
+    import torch.multiprocessing as mp
+
+    from ted_ds.checkpoint import is_complete
+    from ted_ds.distributed import free_port
+
+    mp.start_processes(_save_with_a_stale_listing, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    tag = tmp_path / "step-00000003"
+    files = json.loads((tag / "COMPLETE").read_text())["files"]
+    assert sorted(files) == ["rng_rank0.pt", "rng_rank1.pt", "trainer_state.json", "zero_pp_rank_0_model_states.pt",
+                             "zero_pp_rank_1_model_states.pt"]
+    assert files["zero_pp_rank_1_model_states.pt"] == os.path.getsize(tag / "zero_pp_rank_1_model_states.pt")
+    assert is_complete(str(tag)) is None and (tmp_path / "latest").read_text() == "step-00000003"
+    (tag / "zero_pp_rank_1_model_states.pt").unlink()
+    assert is_complete(str(tag)) == "missing file zero_pp_rank_1_model_states.pt"
+
+
+def _resume_from_node_local_disks(rank: int, port: int, root: str, outcomes) -> None:
+    """One of 2 gloo ranks resumes the trainer from a ``train.out_dir`` of its own (a node-local disk):
+    rank 0's holds a checkpoint, rank 1's none."""
+    import datetime
+    import os
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from ted_ds.checkpoint import Checkpointer
+    from ted_ds.errors import CheckpointError
+    from ted_ds.trainer import resume
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        tag = resume(SimpleNamespace(engine=None), Checkpointer(os.path.join(root, f"disk{rank}"), 2, {}), None)[1]
+        outcomes.put((rank, f"resumed from {tag}"))
+    except CheckpointError as e:
+        outcomes.put((rank, str(e)))
+    except Exception as e:  # noqa: BLE001 — reported to the test, which names it
+        outcomes.put((rank, f"{type(e).__name__}: {e}"[:200]))
+
+
+@pytest.mark.multirank
+def test_ranks_that_see_different_checkpoints_refuse_to_resume_together(tmp_path):
+    """The trainer's resume compares every rank's view in one gather: a rank that sees no checkpoint
+    where another sees one stops both with one line (alone, one would load weights the other never
+    has, the other start over)."""
+    import torch.multiprocessing as mp
+
+    from harness.common import empty_checkpoint
+    from ted_ds.distributed import free_port
+
+    empty_checkpoint(tmp_path / "disk0", 2)
+    (tmp_path / "disk1").mkdir()
+    outcomes = mp.get_context("spawn").Queue()
+    mp.start_processes(_resume_from_node_local_disks, args=(free_port(), str(tmp_path), outcomes), nprocs=2,
+                       start_method="spawn")
+    seen = dict(outcomes.get(timeout=5) for _ in range(2))
+    for rank in (0, 1):
+        assert seen[rank].startswith(str(tmp_path / f"disk{rank}")) and "cannot see checkpoint step-00000002, which " \
+            "" in seen[rank] and seen[rank].endswith("train.out_dir must be on storage every node shares"), seen

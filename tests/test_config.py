@@ -138,3 +138,25 @@ def test_total_steps_from_tokens_round_up_to_whole_steps(tiny, tmp_path):
         tiny["llama_data"], tiny["llama_teacher"], str(tmp_path / "o"), **{"train.steps": None,
                                                                           "train.tokens": 8 * 32 * 5 + 1})))
     assert cfg.tokens_per_step == 8 * 32 and cfg.total_steps == 6
+
+
+RUN = ["train.steps=1", "data.path=d", "student.config=s", "teacher.path=t", "distill.method=kd"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teacher.logits_topk=-1"], "teacher.logits_topk must be ≥ 0 (0: every logit), got -1"),
+    (["distill.method=lm", "teacher.path=null", "teacher.cache=c", "teacher.logits_topk=4"],
+     "method lm uses no teacher: remove teacher.cache"),
+    (["teacher.path=null"], "method kd needs teacher.path"),
+    (["train.eval_steps=[0, 5]"], "train.eval_steps must be steps ≥ 1, got [0, 5]"),
+    (["optim.betas=[0.9]"], "optim.betas must be two numbers"),
+    (["teacher.placement=pipeline", "teacher.pipeline_chunks=5", "train.micro_batch_size=4"],
+     "teacher.pipeline_chunks 5 exceeds train.micro_batch_size 4: a chunk would hold no sequence"),
+])
+def test_run_configs_that_cannot_work_are_refused_in_one_line(overrides, message):
+    """Each check of a loaded run config: the message in full (one line), and the config without the
+    bad override loads."""
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, RUN + overrides)
+    assert str(e.value) == message
+    load_run_config(None, RUN + ["teacher.placement=pipeline", "teacher.pipeline_chunks=4"])

@@ -36,3 +36,20 @@ def test_the_extensions_directory_gets_this_cpus_key_once():
     assert keyed_extensions_dir("/r/ext/cpu-aa", "cpu-aa") == "/r/ext/cpu-aa"  # a child process keeps it
     assert keyed_extensions_dir("/r/ext/cpu-bb/", "cpu-aa") == "/r/ext/cpu-aa"  # inherited from another CPU
     assert keyed_extensions_dir(None, "cpu-aa").endswith("/torch_extensions/cpu-aa")  # torch's default root
+
+
+def test_the_key_follows_the_python_torch_and_cuda_that_build_the_ops():
+    """Two environments sharing a cache path (another torch, Python or CUDA) each build their own."""
+    import sys
+
+    import torch
+
+    from ted_ds.host import this_build, this_cpu_key
+
+    build = "python 3.11 torch 2.13.0+cpu cuda None"
+    others = [build.replace("3.11", "3.12"), build.replace("2.13.0+cpu", "2.12.0+cu124"),
+              build.replace("None", "12.4")]
+    assert len({cpu_key(AMD, b) for b in [build, *others]}) == 4 and cpu_key(AMD, build) != cpu_key(AMD)
+    assert this_build() == (f"python {sys.version_info.major}.{sys.version_info.minor} torch {torch.__version__} "
+                            f"cuda {torch.version.cuda}")
+    assert this_cpu_key() == cpu_key(open("/proc/cpuinfo").read(), this_build())

@@ -119,6 +119,25 @@ def test_mpirun_launch(tiny, tmp_path):
     _finished(out, 4)
 
 
+@needs(shutil.which("mpirun") is not None, "Open MPI (mpirun)")
+def test_mpirun_keeps_the_master_port_the_user_exported():
+    """``mpirun -x MASTER_PORT=<p>`` (as ``ted-ds launch`` prints it): the process group's store listens
+    on <p> (DeepSpeed's MPI discovery would set 29500), rank 0's address is broadcast through MPI,
+    and each rank's LOCAL_RANK is Open MPI's."""
+    from ted_ds.distributed import free_port
+
+    port = free_port()
+    env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1"}
+    r = run_launcher(["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe", "-x", f"MASTER_PORT={port}",
+                      "-x", "TORCH_EXTENSIONS_DIR", "-x", "DS_ACCELERATOR", "-x", "PATH", sys.executable,
+                      os.path.join(REPO, "tests", "harness", "mp", "group_port.py")], env=env, timeout=300)
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    ranks = sorted(lines, key=lambda x: x["rank"])
+    assert [(x["rank"], x["world"], x["local_rank"], x["store_port"], x["sum"]) for x in ranks] == \
+        [(0, 2, "0", port, 1.0), (1, 2, "1", port, 1.0)], r.stdout + r.stderr[-3000:]
+    assert ranks[0]["master_addr"] == ranks[1]["master_addr"] != "", ranks
+
+
 def test_torchrun_launch(tiny, tmp_path):
     from ted_ds.distributed import free_port
 

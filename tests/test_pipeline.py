@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ted_ds.documents import DocumentAttention
-from ted_ds.errors import ConfigError
+from ted_ds.errors import ConfigError, DistributedError
 from ted_ds.pipeline.layout import PipelineLayout
 from ted_ds.pipeline.messages import Message, MessageKind, posts, returned_to, ticks, transfers
 
@@ -106,3 +106,153 @@ def test_the_layout_handshake_covers_every_field():
     assert [LAYOUT.taps_of(s) for s in range(LAYOUT.stages)] == [[0], [1]]
     with pytest.raises(ConfigError, match="tap layer 5 is outside"):
         dataclasses.replace(LAYOUT, tap_layers=(2, 5))
+
+
+class _RecordedWork:
+    """A transfer's handle that records how it was waited for."""
+
+    def __init__(self):
+        self.waits = []
+
+    def wait(self, *timeout) -> bool:
+        self.waits.append(timeout)
+        return True
+
+
+@pytest.mark.parametrize("backend,timed", [("nccl", False), ("gloo", True)])
+def test_nccl_transfers_are_waited_for_without_a_timeout_gloo_ones_with_it(backend, timed):
+    """NCCL's wait(timeout) would block the CPU on the GPU every tick; its group's timeout bounds the
+    plain wait.  gloo's transfers keep the caller's timeout."""
+    import datetime
+
+    from ted_ds.pipeline.schedule import wait_for
+
+    work, timeout = _RecordedWork(), datetime.timedelta(seconds=3)
+    assert wait_for(work, backend, timeout)
+    assert work.waits == [(timeout,) if timed else ()]
+
+
+class _PostedOp:
+    """``dist.P2POp`` as ``exchange`` builds it, kept instead of posted."""
+
+    def __init__(self, op, tensor, peer, group):
+        self.op, self.tensor, self.peer = op, tensor, peer
+
+
+def _group_of(layout: PipelineLayout, stage: int):
+    """Stage ``stage``'s ``PipelineGroup`` as its constructor leaves it (group 0: members 0..P-1),
+    without a process group."""
+    import datetime
+
+    from ted_ds.pipeline.schedule import PipelineGroup
+
+    group = PipelineGroup.__new__(PipelineGroup)
+    group.layout, group.stage, group.members, group.group = layout, stage, list(range(layout.stages)), None
+    group.timeout = datetime.timedelta(seconds=1)
+    return group
+
+
+def _tick_tensors(layout: PipelineLayout, stage: int, tick_posts):
+    """What a stage holds at a tick: every owner's chunk ids, its receive buffers, and what it made."""
+    from ted_ds.pipeline.messages import buffer_shape
+
+    chunk_ids = [[torch.zeros(2, 5, dtype=torch.int64)] * layout.chunks for _ in range(layout.stages)]
+    tensor = lambda m: torch.zeros(*buffer_shape(layout, m, 2, 5)[0], dtype=buffer_shape(layout, m, 2, 5)[1])
+    received = {m: tensor(m) for m in returned_to(layout, stage)}
+    made = {t.message: tensor(t.message) for t in tick_posts if t.sender == stage}
+    return chunk_ids, received, made
+
+
+def test_exchange_posts_each_ticks_transfers_in_the_one_order(monkeypatch):
+    """What ``exchange`` hands to ``batch_isend_irecv`` (not only what ``posts`` plans): each tick's
+    sends and receives in the order both sides share, to the right peer, with the tensor made or the
+    buffer meant for that message (P=3, C=2, every tap, top-8 logits)."""
+    import torch.distributed as dist
+
+    batches = []
+    monkeypatch.setattr(dist, "P2POp", _PostedOp)
+    monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: batches.append(ops) or [])
+    layout = layout_of(3, 2, "every", "top8")
+    for stage in range(layout.stages):
+        group = _group_of(layout, stage)
+        for tick, tick_posts in enumerate(posts(layout, stage)):
+            chunk_ids, received, made = _tick_tensors(layout, stage, tick_posts)
+            batches.clear()
+            group.exchange(tick, tick_posts, made, received, chunk_ids)
+            ops = batches[0] if batches else []
+            assert [(op.op is dist.isend, op.peer) for op in ops] == \
+                [(t.sender == stage, t.receiver if t.sender == stage else t.sender) for t in tick_posts]
+            for op, t in zip(ops, tick_posts):
+                expected = made.get(t.message) if t.sender == stage else received.get(t.message)
+                assert expected is None or op.tensor is expected, (stage, tick, t)
+
+
+def test_a_sent_tensor_that_does_not_fit_the_receivers_buffer_is_refused_before_it_goes(monkeypatch):
+    """NCCL checks no byte counts: logits of the wrong dtype (or shape) would land silently wrong."""
+    import torch.distributed as dist
+
+    posted = []
+    monkeypatch.setattr(dist, "P2POp", _PostedOp)
+    monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: posted.append(ops) or [])
+    layout = layout_of(2, 1, "none", "full")
+    tick_posts = next(p for p in posts(layout, 1) if any(t.sender == 1 for t in p))
+    chunk_ids, received, made = _tick_tensors(layout, 1, tick_posts)
+    sent = next(t.message for t in tick_posts if t.sender == 1)
+    for bad in (made[sent].to(torch.float16), made[sent][:, :4]):
+        with pytest.raises(DistributedError, match=r"pipeline teacher, stage 1: logits of chunk 0 of stage 0 is \(2, "):
+            _group_of(layout, 1).exchange(0, tick_posts, {**made, sent: bad}, received, chunk_ids)
+    assert not posted
+
+
+def _matched_as_nccl_checks(rank: int, port: int, outcomes) -> None:
+    """One of 2 gloo ranks under the NCCL-matching harness: blocking ``send``/``recv`` with tags that
+    NCCL ignores, then rank 0 alone in ``tags_ignored`` (a peer that never posts: a timeout, not a hang)."""
+    import datetime
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from harness.nccl_matching import matched_as_nccl, tags_ignored
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    with matched_as_nccl():
+        if rank == 0:
+            dist.send(torch.ones(1), dst=1, tag=7)
+            dist.send(torch.full((1,), 2.0), 1, tag=8)
+        else:
+            first, second = torch.zeros(1), torch.zeros(1)
+            outcomes.put(("recv", dist.recv(first, src=0, tag=8), dist.recv(second, 0, tag=7),
+                          first.item(), second.item()))
+            time.sleep(60)  # alive, posting nothing, until the test ends it
+        if rank == 0:
+            start = time.time()
+            try:
+                tags_ignored(datetime.timedelta(seconds=2))
+                outcomes.put(("alone", "returned"))
+            except RuntimeError as e:
+                outcomes.put(("alone", "timed out" if "timed out" in str(e) else str(e)[:200], time.time() - start))
+    outcomes.close()
+    outcomes.join_thread()
+    os._exit(0)  # rank 0's harness thread still waits on its peer
+
+
+@pytest.mark.multirank
+def test_the_nccl_matching_harness_emulates_blocking_recv_and_times_out():
+    """``dist.recv(src=...)`` goes through the harness (NCCL order: the first message, whatever its
+    tag), and ``tags_ignored`` fails within its timeout when a peer never posts."""
+    import torch.multiprocessing as mp
+
+    from ted_ds.distributed import free_port
+
+    outcomes = mp.get_context("spawn").Queue()
+    procs = mp.start_processes(_matched_as_nccl_checks, args=(free_port(), outcomes), nprocs=2,
+                               start_method="spawn", join=False)
+    try:
+        seen = {o[0]: o[1:] for o in (outcomes.get(timeout=60) for _ in range(2))}
+    finally:
+        for p in procs.processes:
+            p.kill()
+    assert seen["recv"] == (0, 0, 1.0, 2.0), seen
+    assert seen["alone"][0] == "timed out" and seen["alone"][1] < 10, seen

@@ -39,6 +39,17 @@ Received = dict[Message, torch.Tensor]  # this rank's buffer for each message it
 Made = dict[Message, torch.Tensor]  # what this stage made of a chunk, by message
 
 
+def wait_for(work, backend: str, timeout: datetime.timedelta) -> bool:
+    """Wait for ``work`` of a group of ``backend``; False if it timed out.  NCCL's ``wait(timeout)``
+    blocks the CPU until the GPU has run the transfer (every tick a host–device sync, kernel launches
+    no longer overlapping), while its plain ``wait()`` only orders the current stream after it: the
+    group's own timeout (its watchdog) bounds an NCCL transfer, a gloo one is waited for with it."""
+    if backend == "nccl":
+        work.wait()
+        return True
+    return work.wait(timeout)
+
+
 class PipelineGroup:
     """The P consecutive ranks that hold one teacher pipeline, and everything they send each other:
     group rank ``stage`` holds pipeline stage ``stage``.  Every wait is bounded (the collective timeout)
@@ -57,7 +68,7 @@ class PipelineGroup:
 
     def wait(self, work, what: str):
         try:
-            if not work.wait(self.timeout):
+            if not wait_for(work, dist.get_backend(self.group), self.timeout):
                 raise RuntimeError("timed out")
         except RuntimeError as e:
             raise DistributedError(f"pipeline teacher, stage {self.stage} (rank {distributed.rank()}): {what} "
@@ -94,6 +105,7 @@ class PipelineGroup:
         for t in transfers:
             m = t.message
             if t.sender == self.stage:
+                self._check_sent(t, made[m], chunk_ids[m.owner][m.chunk].shape)
                 ops.append(dist.P2POp(dist.isend, made[m], self.members[t.receiver], self.group))
                 whats.append(f"sending {self._name(m)} to stage {t.receiver}")
                 continue
@@ -109,6 +121,15 @@ class PipelineGroup:
         for work, what in zip(works, whats):
             self.wait(work, f"tick {tick}: {what}")
         return hidden
+
+    def _check_sent(self, t: Transfer, tensor: torch.Tensor, chunk_shape) -> None:
+        """The receiver posts a buffer of ``buffer_shape``; NCCL checks no byte counts, so a tensor of
+        another shape or dtype would land silently wrong (or hang): refused on the sender, before it goes."""
+        shape, dtype = buffer_shape(self.layout, t.message, *chunk_shape)
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise DistributedError(f"pipeline teacher, stage {self.stage}: {self._name(t.message)} is "
+                                   f"{tuple(tensor.shape)} {tensor.dtype}, stage {t.receiver} expects {tuple(shape)} "
+                                   f"{dtype}")
 
     def _name(self, m: Message) -> str:
         kind = f"tap {self.layout.tap_layers[m.tap]}" if m.kind == MessageKind.TAP else m.kind.name.lower()

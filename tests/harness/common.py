@@ -116,3 +116,14 @@ def run_launcher(cmd: list[str], timeout: float = 600, env: dict | None = None, 
         left = [f for f in os.listdir("/dev/shm") if f.startswith(SHM_WORKSPACE_PREFIX) and f"_{port}_" in f]
         assert not left, f"the launch left shared memory behind: {left}"
     return out
+
+
+def empty_checkpoint(ckpt_dir, step: int) -> str:
+    """A checkpoint directory (``pathlib.Path``) whose newest tag is whole as ``find_resumable`` and
+    ``resolve_checkpoint`` check it, holding no weights; returns the tag."""
+    tag = f"step-{step:08d}"
+    (ckpt_dir / tag).mkdir(parents=True)
+    (ckpt_dir / tag / "trainer_state.json").write_text("{}")
+    (ckpt_dir / tag / "COMPLETE").write_text('{"files": {}}')
+    (ckpt_dir / "latest").write_text(tag)
+    return tag

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import datetime
 import queue
 import threading
 
@@ -73,10 +74,15 @@ def matched_as_nccl():
 
     def in_order(real, answer):
         """``real`` on the one message tag, then ``answer`` on the answer tag to the same peer, run
-        by the queue as one operation: a send ends once heard back, a receive answers its sender."""
-        def op(tensor, peer=None, group=None, tag=0, group_dst=None, group_src=None):
-            if peer is None:  # batch_isend_irecv names the peer by its rank in the group
+        by the queue as one operation: a send ends once heard back, a receive answers its sender.
+        Takes every way torch names the peer: ``isend(t, dst)`` / ``irecv(t, src)`` (blocking
+        ``send``/``recv`` call them so), positionally, or by group rank (``batch_isend_irecv``)."""
+        def op(tensor, peer=None, group=None, tag=0, group_dst=None, group_src=None, dst=None, src=None):
+            peer = next((p for p in (peer, dst, src) if p is not None), None)
+            if peer is None and (group_dst, group_src) != (None, None):
                 peer = dist.get_global_rank(group, group_dst if group_dst is not None else group_src)
+            if peer is None:
+                raise RuntimeError("a receive from any source: NCCL has none")
 
             def job():
                 real(tensor, peer, group, MESSAGE).wait()
@@ -95,17 +101,19 @@ def matched_as_nccl():
             module.isend, module.irecv = real_isend, real_irecv
 
 
-def tags_ignored() -> bool:
+def tags_ignored(timeout: datetime.timedelta = datetime.timedelta(seconds=60)) -> bool:
     """On every rank, after ranks 0 and 1 swapped two tagged messages through ``batch_isend_irecv``
     (rank 0 sends tag 7 then tag 8; rank 1 receives tag 8 first): whether rank 1's first receive got
-    the first message, as under NCCL (plain gloo matches by tag)."""
+    the first message, as under NCCL (plain gloo matches by tag).  Each wait has ``timeout``: a
+    harness that stops matching fails instead of hanging."""
     rank, got, ops = dist.get_rank(), [torch.zeros(1), torch.zeros(1)], []
     if rank == 0:
         ops = [dist.P2POp(dist.isend, torch.full((1,), i + 1.0), 1, tag=7 + i) for i in range(2)]
     elif rank == 1:
         ops = [dist.P2POp(dist.irecv, got[i], 0, tag=8 - i) for i in range(2)]
     for work in dist.batch_isend_irecv(ops) if ops else []:
-        work.wait()
+        if not work.wait(timeout):
+            raise RuntimeError(f"timed out after {timeout}")
     ok = torch.tensor([float(rank != 1 or [g.item() for g in got] == [1.0, 2.0])])
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
