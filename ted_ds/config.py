@@ -31,6 +31,7 @@ FilterHead = Literal["teacher", "trainable"]
 Schedule = Literal["cosine", "wsd", "constant"]
 LogitsDtype = Literal["fp32", "bf16", "fp16"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
+TopkForm = Literal["tail", "renormalized"]
 AttnImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
 
 
@@ -65,6 +66,11 @@ class TeacherConfig:
     sees the numbers the same run with the teacher online sees (ted_ds.teacher.teacher_logits)."""
     logits_topk: int = 0
     """> 0: the teacher gives only its top-k logits per token and KD is computed on that support."""
+    logits_topk_form: TopkForm = "tail"
+    """How KD reads the top-k (ted_ds/losses.py): tail (default) — the teacher's softened top-k plus one bucket
+    for the rest of its mass, the student's likewise, D over k + 1 classes (the teacher also sends, and the
+    cache stores, its tail logit at distill.temperature); renormalized — the teacher renormalised on its
+    top-k, the old form, much worse at T > 1 (BENCHMARKS.md, "KD with the teacher's top-k")."""
     cache: str | None = None
     """A ``ted-ds cache-teacher`` directory: KD (and TED's logit term) reads the teacher's top-k logits from it;
     a logits-only method (kd) then never loads the teacher, ted/lwd still run it for its taps. The cache must
@@ -82,6 +88,9 @@ class TeacherConfig:
         _at_least_one("teacher", {"pipeline_stages": self.pipeline_stages, "pipeline_chunks": self.pipeline_chunks})
         if self.logits_topk < 0:
             raise ConfigError(f"teacher.logits_topk must be ≥ 0 (0: every logit), got {self.logits_topk}")
+        if self.logits_topk_form != "tail" and self.logits_topk < 1:
+            raise ConfigError(f"teacher.logits_topk_form {self.logits_topk_form} is a form of top-k KD: set "
+                              "teacher.logits_topk, or drop the form")
         if self.cache and self.logits_topk < 1:
             raise ConfigError("teacher.cache holds the teacher's top-k logits: set teacher.logits_topk (at most the "
                               "cache's k)")
@@ -339,6 +348,12 @@ class RunConfig:
     @property
     def logits_from_cache(self) -> bool:
         return self.uses_logits and self.teacher.cache is not None
+
+    @property
+    def tail_temperature(self) -> float | None:
+        """The temperature of the teacher's tail logit (top-k KD in the tail form); None without one."""
+        t = self.teacher
+        return self.distill.temperature if t.logits_topk and t.logits_topk_form == "tail" else None
 
     @property
     def runs_teacher(self) -> bool:

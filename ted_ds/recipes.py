@@ -66,10 +66,10 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
         from ted_ds.cache.format import CacheRows, source_key
 
         cache = CacheRows(cfg.teacher.cache, p.cache, [source_key(s.path)[0] for s in cfg.data.blend],
-                          cfg.teacher.logits_topk)
+                          cfg.teacher.logits_topk, tail=cfg.tail_temperature is not None)
     d = cfg.distill
     weights = ObjectiveWeights(d.alpha, d.beta, d.temperature, d.layer_loss, p.manifest["vocab_size"], d.divergence,
-                               d.divergence_mix)
+                               d.divergence_mix, cfg.teacher.logits_topk_form)
 
     def loss(batch: MicroBatch):
         t = teacher_side(frozen, cache, batch)

@@ -35,6 +35,7 @@ def test_bad_schedules_are_one_line_before_any_process_group(tiny, tmp_path, ove
     ("distill.layer_loss", "mse, normalized_mse, cosine"), ("distill.filter", "linear, mlp"),
     ("optim.schedule", "cosine, wsd, constant"), ("teacher.logits_dtype", "fp32, bf16, fp16"),
     ("distill.filter_head", "teacher, trainable"), ("distill.divergence", "forward_kl, reverse_kl, jsd, skew_kl"),
+    ("teacher.logits_topk_form", "tail, renormalized"),
 ])
 def test_fixed_choices_are_one_line_naming_every_choice(key, allowed):
     with pytest.raises(ConfigError) as e:
@@ -115,6 +116,7 @@ def test_code_in_a_model_directory_never_runs_without_trust_remote_code(tiny, tm
 @pytest.mark.parametrize("section,fields,message", [
     ("TeacherConfig", {"pipeline_stages": 0}, "teacher.pipeline_stages must be ≥ 1, got 0"),
     ("TeacherConfig", {"cache": "c"}, "teacher.cache holds the teacher's top-k logits"),
+    ("TeacherConfig", {"logits_topk_form": "renormalized"}, "teacher.logits_topk_form renormalized is a form of"),
     ("DataConfig", {"path": "d", "seq_len": 0}, "data.seq_len must be ≥ 1, got 0"),
     ("DataConfig", {"path": "d", "sources": []}, "give data.path (one source) or data.sources, not both"),
     ("DistillConfig", {"temperature": 0.0}, "distill.temperature > 0"),
