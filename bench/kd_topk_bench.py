@@ -21,7 +21,6 @@ Full runs write bench/results/kd_topk.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -33,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.common import REPO, machine, tiny_world  # noqa: E402
+from bench.common import machine, save_result, tiny_world  # noqa: E402
 
 FORMS = {"full": (0, "tail"), "tail-64": (64, "tail"), "tail-8": (8, "tail"), "renormalized-64": (64, "renormalized")}
 TEMPERATURES = (2.0, 1.0)
@@ -174,8 +173,7 @@ def main(argv=None) -> dict:
     result["summary"] = summary(result["runs"])
     report(result)
     if not args.quick:
-        with open(os.path.join(REPO, "bench", "results", "kd_topk.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        save_result("kd_topk.json", result)
     return result
 
 
