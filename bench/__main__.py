@@ -3,6 +3,7 @@
     python -m bench [--quick]          (make bench)
     python -m bench scale|kd|gpu|loader [...] the scale rehearsal, the chunked KD loss, the GPU check, the loader
     python -m bench cache [--quick]    the teacher cache: bytes per token, build cost, a KD sweep online vs cached
+    python -m bench kd-topk [--quick]  top-k KD (tail and renormalised forms) against full-vocabulary KD
     python -m bench faults             the "Faults survived" table from the last test run
     python -m bench profile [...]      where a step's time goes, by phase and kind (torch.profiler)
 
@@ -19,6 +20,7 @@ from bench import (
     faults,
     gpu_check,
     kd_bench,
+    kd_topk_bench,
     loader_bench,
     prep_bench,
     profile_bench,
@@ -27,7 +29,8 @@ from bench import (
 )
 
 BY_NAME = {"scale": scale_bench.main, "kd": kd_bench.main, "gpu": gpu_check.main, "loader": loader_bench.main,
-           "faults": faults.main, "profile": profile_bench.main, "cache": cache_bench.main}
+           "faults": faults.main, "profile": profile_bench.main, "cache": cache_bench.main,
+           "kd-topk": kd_topk_bench.main}
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO, corpus_path, machine, tiny_world  # noqa: E402
+from bench.common import REPO, corpus_path, machine, save_result, tiny_world  # noqa: E402
 
 KS = (8, 64, 128)
 SEQ_LEN, MICRO, GLOBAL = 128, 4, 8
@@ -224,8 +224,7 @@ def main(argv=None) -> dict:
               "sweep_online_vs_cached": online / cached}
     report(result)
     if not args.quick:
-        with open(os.path.join(REPO, "bench", "results", "cache.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        save_result("cache.json", result)
     return result
 
 

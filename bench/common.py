@@ -45,6 +45,12 @@ def machine() -> dict:
             "platform": platform.platform(), "python": platform.python_version()}
 
 
+def save_result(name: str, result: dict) -> None:
+    """A full run's raw numbers as bench/results/<name>."""
+    with open(os.path.join(REPO, "bench", "results", name), "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def run(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> str:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, **(env or {})))

@@ -29,8 +29,10 @@ MapInit = Literal["normal", "identity"]
 FilterKind = Literal["linear", "mlp"]
 FilterHead = Literal["teacher", "trainable"]
 Schedule = Literal["cosine", "wsd", "constant"]
+WeightSchedule = Literal["constant", "wsd", "linear"]
 LogitsDtype = Literal["fp32", "bf16", "fp16"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
+TopkForm = Literal["tail", "renormalized"]
 AttnImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
 
 
@@ -65,6 +67,11 @@ class TeacherConfig:
     sees the numbers the same run with the teacher online sees (ted_ds.teacher.teacher_logits)."""
     logits_topk: int = 0
     """> 0: the teacher gives only its top-k logits per token and KD is computed on that support."""
+    logits_topk_form: TopkForm = "tail"
+    """How KD reads the top-k (ted_ds/losses.py): tail (default) — the teacher's softened top-k plus one bucket
+    for the rest of its mass, the student's likewise, D over k + 1 classes (the teacher also sends, and the
+    cache stores, its tail logit at distill.temperature); renormalized — the teacher renormalised on its
+    top-k, the old form, much worse at T > 1 (BENCHMARKS.md, "KD with the teacher's top-k")."""
     cache: str | None = None
     """A ``ted-ds cache-teacher`` directory: KD (and TED's logit term) reads the teacher's top-k logits from it;
     a logits-only method (kd) then never loads the teacher, ted/lwd still run it for its taps. The cache must
@@ -82,6 +89,9 @@ class TeacherConfig:
         _at_least_one("teacher", {"pipeline_stages": self.pipeline_stages, "pipeline_chunks": self.pipeline_chunks})
         if self.logits_topk < 0:
             raise ConfigError(f"teacher.logits_topk must be ≥ 0 (0: every logit), got {self.logits_topk}")
+        if self.logits_topk_form != "tail" and self.logits_topk < 1:
+            raise ConfigError(f"teacher.logits_topk_form {self.logits_topk_form} is a form of top-k KD: set "
+                              "teacher.logits_topk, or drop the form")
         if self.cache and self.logits_topk < 1:
             raise ConfigError("teacher.cache holds the teacher's top-k logits: set teacher.logits_topk (at most the "
                               "cache's k)")
@@ -151,6 +161,21 @@ class DistillConfig:
     beta: float = 1.0
     """Weight of the mean layer loss over taps (ted, lwd)."""
     temperature: float = 2.0
+    alpha_schedule: WeightSchedule = "constant"
+    """α over the run (ted_ds.optim.multiplier, the LR schedule's code): constant | wsd (after
+    ``weight_warmup_steps`` from 0, stay at ``alpha``, then straight to ``alpha_final`` over the last
+    ``weight_decay_fraction`` of the run) | linear (straight from ``alpha`` to ``alpha_final`` at the last step).
+    Logged each step as ``weight/alpha``; a pure function of the step, so a resumed run continues it exactly."""
+    alpha_final: float = 0.0
+    """α at the last step under a wsd or linear ``alpha_schedule`` (above ``alpha``: a rise)."""
+    beta_schedule: WeightSchedule = "constant"
+    """β over the run, as ``alpha_schedule``."""
+    beta_final: float = 0.0
+    """β at the last step under a wsd or linear ``beta_schedule``."""
+    weight_warmup_steps: int = 0
+    """Steps over which scheduled weights (wsd, linear) rise from 0 to ``alpha`` / ``beta``."""
+    weight_decay_fraction: float = 0.1
+    """wsd weight schedules: the share of the run spent going to ``alpha_final`` / ``beta_final``."""
     teacher_every: int | None = None
     """k_t: tap the teacher after every k_t-th layer (layers k_t, 2k_t, …, the last)."""
     student_every: int | None = None
@@ -190,6 +215,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if min(self.alpha, self.beta, self.temperature) < 0 or self.temperature == 0:
             raise ConfigError("distill.alpha and distill.beta must be ≥ 0 and distill.temperature > 0")
+        _check_weight_schedules(self)
         if self.pairs is not None and (self.teacher_every or self.student_every):
             raise ConfigError("give distill.pairs or distill.teacher_every/student_every, not both")
         if self.lwd_map_init == "identity" and (self.method != "lwd" or self.filter != "linear"):
@@ -202,6 +228,22 @@ class DistillConfig:
         if self.divergence == "skew_kl" and not 0 <= a < 1:
             raise ConfigError(f"distill.divergence_mix must be in [0, 1) for skew_kl (at 1 the mixture is p and the "
                               f"loss 0), got {a:g}")
+
+
+def _check_weight_schedules(d: DistillConfig) -> None:
+    """A scheduled α or β runs from its value to a final one ≥ 0, over a sensible warmup and decay."""
+    for w in ("alpha", "beta"):
+        peak, schedule, final = getattr(d, w), getattr(d, f"{w}_schedule"), getattr(d, f"{w}_final")
+        if schedule != "constant" and (peak <= 0 or final < 0):
+            raise ConfigError(f"distill.{w}_schedule {schedule} runs from distill.{w} > 0 to distill.{w}_final ≥ 0; "
+                              f"got {w} {peak:g}, {w}_final {final:g}")
+    unused = [w for w, methods in (("alpha", ("lm",)), ("beta", ("kd", "lm")))
+              if d.method in methods and getattr(d, f"{w}_schedule") != "constant"]
+    if unused:
+        raise ConfigError(f"distill.{unused[0]}_schedule: method {d.method} has no {unused[0]} term to schedule")
+    if d.weight_warmup_steps < 0 or not 0 < d.weight_decay_fraction <= 1:
+        raise ConfigError(f"need distill.weight_warmup_steps ≥ 0 and distill.weight_decay_fraction in (0, 1]; got "
+                          f"{d.weight_warmup_steps} and {d.weight_decay_fraction:g}")
 
 
 @dataclass
@@ -342,6 +384,12 @@ class RunConfig:
     @property
     def logits_from_cache(self) -> bool:
         return self.uses_logits and self.teacher.cache is not None
+
+    @property
+    def tail_temperature(self) -> float | None:
+        """The temperature of the teacher's tail logit (top-k KD in the tail form); None without one."""
+        t = self.teacher
+        return self.distill.temperature if t.logits_topk and t.logits_topk_form == "tail" else None
 
     @property
     def runs_teacher(self) -> bool:

@@ -122,7 +122,8 @@ def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_lo
     if filters is not None:
         filters = filters.to(device, dtype)
     t = cfg.teacher
-    logits = dict(logits_topk=t.logits_topk, vocab=vocab, logits_dtype=LOGITS_DTYPES[t.logits_dtype])
+    logits = dict(logits_topk=t.logits_topk, vocab=vocab, logits_dtype=LOGITS_DTYPES[t.logits_dtype],
+                  tail_temperature=cfg.tail_temperature)
     if placement == "replicated":
         model = compiled(cfg, load_model(dtype=dtype, device=device))
         return ReplicatedTeacher(FrozenLM(model, layers, filters, need_logits,

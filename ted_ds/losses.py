@@ -20,11 +20,22 @@ and their gradients in the softened student logits z_s/T, in closed form:
     jsd         (1 − a)·q·(h − Σ q·h),  h = log q − log m
     skew_kl     (1 − a)·q·(Σ q·w − w),  w = p / m
 
-(the loss is T²·D, so its gradient in z_s is T times these).
-With the teacher's top-k (ids K), p is renormalised on K, and so is the student: q̃ = q restricted to K ÷
-Z_K, Z_K = Σ_K q; then D_K = D(p ‖ q̃) − log Z_K, whose last term pulls the student's mass onto K and
-whose gradient is q − q̃ on top of D's (on K). For forward_kl this is Σ_K p·(log p − log q), the student's
-full-vocabulary log-probabilities read at K, computed so (the top-k KD it always was).
+(the loss is T²·D, so its gradient in z_s is T times these; a term whose q is 0 counts 0, as one whose p is).
+With the teacher's top-k (ids K) there are two forms (``teacher.logits_topk_form``):
+
+    tail          D over k + 1 classes: p on K and the teacher's tail mass 1 − Σ_K p as one bucket, q on K
+                  and 1 − Σ_K q likewise. The teacher sends its top-k logits and one more "tail logit"
+                  z_∁ = T·log Σ_{i∉K} exp(z_i/T), so softmax over the k + 1 values at T is exactly those p
+                  (``ted_ds.teacher.teacher_logits``). D's gradient g over the k + 1 classes goes back to
+                  the vocabulary as g_i on K and g_∁·q_i / Q_∁ off K (Q_∁ = Σ_{i∉K} q: the bucket's share of
+                  each tail id). At k = V the bucket is empty and this is the full-vocabulary D.
+    renormalized  p renormalised on K, and the student: q̃ = q restricted to K ÷ Z_K, Z_K = Σ_K q; then
+                  D_K = D(p ‖ q̃) − log Z_K, whose last term pulls the student's mass onto K and whose
+                  gradient is q − q̃ on top of D's (on K). For forward_kl this is Σ_K p·(log p − log q), the
+                  student's full-vocabulary log-probabilities read at K, computed so. It overstates the
+                  teacher's confidence by 1/Σ_K p: at T = 2 a 64-entry top-k holds ~20 % of the teacher's
+                  mass, and KD on it trains far worse than full KD (BENCHMARKS.md, "KD with the teacher's
+                  top-k").
 
 The vocabulary-sized terms (CE, KD, stage-1 tap CE) run over chunks of ``CHUNK_TOKENS`` tokens and make
 their gradient together with their value, in closed form: at 128k vocabulary and 8k tokens one fp32
@@ -59,20 +70,26 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = CHUN
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
             teacher_topk_index: torch.Tensor | None = None, chunk_tokens: int = CHUNK_TOKENS,
-            divergence: str = "forward_kl", mix: float = 0.5) -> torch.Tensor:
+            divergence: str = "forward_kl", mix: float = 0.5, topk_form: str = "tail") -> torch.Tensor:
     """T²·D(softmax(t/T) ‖ softmax(s/T)) for the ``divergence`` D of the module docstring (``mix``: its a),
     averaged over the tokens whose label is not IGNORE_INDEX (those the LM loss counts); the teacher
     logits get no gradient.
 
-    With ``teacher_topk_index`` (B, T, k) the teacher logits are its top-k values (B, T, k) and D is taken
-    on that support (module docstring).
+    With ``teacher_topk_index`` (B, T, k) D is taken on the teacher's top-k in ``topk_form`` (module
+    docstring): the teacher logits are its top-k values and the tail logit (B, T, k + 1) for "tail", the
+    top-k values (B, T, k) for "renormalized".
     """
     labels = labels.flatten()
     teacher = (teacher_logits.flatten(0, 1), labels)
+    forms = TOPK_FORMS[topk_form]
     if teacher_topk_index is not None:
+        extra = teacher_logits.shape[-1] - teacher_topk_index.shape[-1]
+        if extra != (topk_form == "tail"):
+            raise ValueError(f"{topk_form} top-k KD takes {teacher_topk_index.shape[-1] + (topk_form == 'tail')} "
+                             f"teacher values per token, got {teacher_logits.shape[-1]}")
         teacher += (teacher_topk_index.flatten(0, 1),)
     student = student_logits.flatten(0, 1)
-    chunk = partial(_kd_chunk, DIVERGENCES[divergence], temperature, mix)
+    chunk = partial(_kd_chunk, forms[divergence], temperature, mix)
     return _chunked_mean(chunk, student, teacher, kept_tokens(labels), chunk_tokens)
 
 
@@ -158,12 +175,17 @@ def _forward_kl(t_logp, s_logp, mix, topk_index=None):
     return terms, grad
 
 
+def _present(x, y) -> torch.Tensor:
+    """x·y, 0 where x = 0 (an empty class, e.g. the tail bucket at k = V, whose y may be NaN)."""
+    return (x * y).masked_fill_(x == 0, 0.0)
+
+
 def _reverse_kl(t_logp, x_logp, mix):
     """KL(x ‖ p) per row (C, 1), and its gradient in x's logits. Infinite where p = 0 and x > 0."""
     x = x_logp.exp()
     r = x_logp - t_logp
-    per_row = (x * r).sum(-1, keepdim=True)
-    return per_row, x.mul_(r.sub_(per_row))
+    per_row = _present(x, r).sum(-1, keepdim=True)
+    return per_row, _present(x, r.sub_(per_row))
 
 
 def _log_mixture(t_logp, x_logp, mix: float) -> torch.Tensor:
@@ -183,8 +205,8 @@ def _jsd(t_logp, x_logp, mix):
     log_m = _log_mixture(t_logp, x_logp, mix)
     x = x_logp.exp()
     h = x_logp - log_m
-    x_h = (x * h).sum(-1, keepdim=True)
-    return mix * _p_log_p_over(t_logp, log_m) + (1 - mix) * x_h, x.mul_(h.sub_(x_h)).mul_(1 - mix)
+    x_h = _present(x, h).sum(-1, keepdim=True)
+    return mix * _p_log_p_over(t_logp, log_m) + (1 - mix) * x_h, _present(x, h.sub_(x_h)).mul_(1 - mix)
 
 
 def _skew_kl(t_logp, x_logp, mix):
@@ -192,7 +214,7 @@ def _skew_kl(t_logp, x_logp, mix):
     log_m = _log_mixture(t_logp, x_logp, mix)
     x = x_logp.exp()
     w = (t_logp - log_m).exp()
-    return _p_log_p_over(t_logp, log_m), x.mul_((x * w).sum(-1, keepdim=True) - w).mul_(1 - mix)
+    return _p_log_p_over(t_logp, log_m), _present(x, _present(x, w).sum(-1, keepdim=True) - w).mul_(1 - mix)
 
 
 def _renormalised(divergence, t_logp, s_logp, mix, topk_index=None):
@@ -208,8 +230,24 @@ def _renormalised(divergence, t_logp, s_logp, mix, topk_index=None):
     return terms.sub_(log_mass), grad
 
 
-DIVERGENCES = {"forward_kl": _forward_kl, "reverse_kl": partial(_renormalised, _reverse_kl),
-               "jsd": partial(_renormalised, _jsd), "skew_kl": partial(_renormalised, _skew_kl)}
+def _with_tail(divergence, t_logp, s_logp, mix, topk_index=None):
+    """``divergence`` between p and the student's q, or with top-k: D over the k + 1 classes of K and the
+    tail bucket (module docstring), ``t_logp`` (C, k + 1) holding the teacher's; its gradient over the
+    whole vocabulary."""
+    if topk_index is None:
+        return divergence(t_logp, s_logp, mix)
+    at = s_logp.gather(1, topk_index)  # (C, k)
+    tail = s_logp.scatter(1, topk_index, -math.inf).logsumexp(-1, keepdim=True)  # log Q_∁, no cancellation
+    terms, grad_k1 = divergence(t_logp, torch.cat([at, tail], 1), mix)
+    share = s_logp.sub_(tail).exp_().mul_(grad_k1[:, -1:]).masked_fill_(tail == -math.inf, 0.0)  # g_∁·q_i/Q_∁
+    return terms, share.scatter_(1, topk_index, grad_k1[:, :-1])
+
+
+_PLAIN = {"forward_kl": _forward_kl, "reverse_kl": _reverse_kl, "jsd": _jsd, "skew_kl": _skew_kl}
+TOPK_FORMS = {  # teacher.logits_topk_form -> distill.divergence -> the chunk's divergence
+    "tail": {name: partial(_with_tail, d) for name, d in _PLAIN.items()},
+    "renormalized": {"forward_kl": _forward_kl, **{name: partial(_renormalised, _PLAIN[name])
+                                                   for name in ("reverse_kl", "jsd", "skew_kl")}}}
 
 
 def layer_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
@@ -233,6 +271,7 @@ class ObjectiveWeights:
     vocab: int | None = None  # KD compares the first ``vocab`` logits (the tokenizer's ids); None: all
     divergence: str = "forward_kl"  # distill.divergence
     divergence_mix: float = 0.5  # distill.divergence_mix
+    topk_form: str = "tail"  # teacher.logits_topk_form
 
 
 @record_function("loss")  # names the objective's work (and its closed-form gradients) in a profile
@@ -243,7 +282,8 @@ def distill_objective(student_logits, student_taps, labels, teacher_logits, teac
     total = terms["lm"]
     if teacher_logits is not None and w.alpha > 0:
         terms["kd"] = kd_loss(student_logits[..., :w.vocab], teacher_logits, labels, w.temperature,
-                              teacher_topk_index, divergence=w.divergence, mix=w.divergence_mix)
+                              teacher_topk_index, divergence=w.divergence, mix=w.divergence_mix,
+                              topk_form=w.topk_form)
         total = total + w.alpha * terms["kd"]
     if teacher_taps is not None and w.beta > 0:
         per_tap = [layer_loss(s, t, w.layer_loss) for s, t in zip(student_taps, teacher_taps)]

@@ -38,7 +38,7 @@ from ted_ds.documents import check_document_attention, check_trainable_attention
 from ted_ds.errors import ConfigError
 from ted_ds.filters import check_filter_bank, model_record
 from ted_ds.hub import with_local_models
-from ted_ds.optim import wsd_decay_steps
+from ted_ds.optim import check_schedule_lengths
 from ted_ds.taps import tap_pairs
 from ted_ds.weights import fingerprint
 
@@ -226,10 +226,8 @@ def plan(cfg: RunConfig, job: Job = Job.DISTILL) -> Plan:
         if learning and filter_dim != hidden_size(teacher_config):
             raise ConfigError(f"distill.filter_dim {filter_dim} must equal the teacher's hidden size "
                               f"{hidden_size(teacher_config)}: stage 1 reads filtered states with the teacher's head")
-    total, o = cfg.total_steps, cfg.optim
-    if o.schedule == "wsd" and o.warmup_steps + wsd_decay_steps(o, total) > total:
-        raise ConfigError(f"optim.schedule wsd: {o.warmup_steps} warmup + {wsd_decay_steps(o, total)} decay "
-                          f"steps (optim.decay_fraction {o.decay_fraction:g}) exceed the run's {total} steps")
+    total = cfg.total_steps
+    check_schedule_lengths(cfg, total)
     document_eos = _document_eos(cfg, manifest, teacher_config, student_config)
     sides = [job.filters_of] if learning else ["teacher", "student"] if cfg.distill.method == "ted" else []
     if not learning:  # stage 1 trains filters only; the models run without gradients

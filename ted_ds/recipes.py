@@ -27,6 +27,7 @@ from ted_ds.heads import TaskHead
 from ted_ds.losses import ObjectiveWeights, distill_objective, lm_loss, tap_lm_losses
 from ted_ds.metrics import flops_per_token, matmul_parameters
 from ted_ds.models import FiltersWithHeads, distill_modules, load_student, load_teacher
+from ted_ds.optim import distill_weights
 from ted_ds.plan import Job, Plan
 from ted_ds.teacher import Teacher, TeacherOutput
 
@@ -36,12 +37,13 @@ class Recipe:
     name: str  # also its checkpoints/ directory
     engine: object  # DeepSpeedEngine of the trained module
     frozen: Teacher | None  # a teacher placement (ted_ds.teacher), or None
-    loss: Callable  # (MicroBatch) -> dict of terms with "loss"
+    loss: Callable  # (MicroBatch, 0-based optimizer step) -> dict of terms with "loss"
     eval_loss: Callable  # (input_ids, labels) -> scalar tensor
     flops_per_token: float  # trained forward+backward + frozen forward, for MFU
     trained_model: nn.Module
     trained_filters: FilterBank | None  # what a checkpoint records for an offline export of the filters
     save_outputs: Callable  # (out_dir) -> the path written: what the recipe leaves once trained
+    weights_at: Callable = lambda step: {}  # (0-based step) -> the loss weights scheduled at that step, to log
 
 
 def build_distill(p: Plan, ds: dict) -> Recipe:
@@ -66,15 +68,17 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
         from ted_ds.cache.format import CacheRows, source_key
 
         cache = CacheRows(cfg.teacher.cache, p.cache, [source_key(s.path)[0] for s in cfg.data.blend],
-                          cfg.teacher.logits_topk)
+                          cfg.teacher.logits_topk, tail=cfg.tail_temperature is not None)
     d = cfg.distill
     weights = ObjectiveWeights(d.alpha, d.beta, d.temperature, d.layer_loss, p.manifest["vocab_size"], d.divergence,
-                               d.divergence_mix)
+                               d.divergence_mix, cfg.teacher.logits_topk_form)
+    weights_at = functools.partial(distill_weights, d, p.total_steps)
 
-    def loss(batch: MicroBatch):
+    def loss(batch: MicroBatch, step: int):
         t = teacher_side(frozen, cache, batch)
         logits, taps = engine(batch.input_ids)
-        return distill_objective(logits, taps, batch.labels, t and t.logits, t and t.taps, weights, t and t.topk_index)
+        return distill_objective(logits, taps, batch.labels, t and t.logits, t and t.taps,
+                                 dataclasses.replace(weights, **weights_at(step)), t and t.topk_index)
 
     def eval_loss(input_ids, labels):
         logits, _ = engine(input_ids)
@@ -82,7 +86,8 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
 
     tokenizer_dir = os.path.join(cfg.data.blend[0].path, "tokenizer")
     save = lambda out_dir: save_student(trained, p.student_config, tokenizer_dir, out_dir)
-    return Recipe(distill_recipe(method), engine, frozen, loss, eval_loss, flops, trained, trained.filters, save)
+    return Recipe(distill_recipe(method), engine, frozen, loss, eval_loss, flops, trained, trained.filters, save,
+                  weights_at)
 
 
 def teacher_side(frozen: Teacher | None, cache, batch: MicroBatch) -> TeacherOutput | None:
@@ -125,7 +130,7 @@ def build_filter_learning(p: Plan, ds: dict, job: Job) -> Recipe:
         out["loss"] = torch.stack(per_tap).mean()
         return out
 
-    loss = lambda batch: terms(batch.input_ids, batch.labels)
+    loss = lambda batch, step: terms(batch.input_ids, batch.labels)
     eval_loss = lambda input_ids, labels: terms(input_ids, labels)["loss"]
     save = lambda out_dir: save_bank(bank, cfg.distill.filters_out or os.path.join(out_dir, job.value))
     return Recipe(job.value, engine, frozen, loss, eval_loss, flops, bank, bank, save)

@@ -13,6 +13,7 @@ The same frozen wrapper serves stage 1 (raw states of teacher or student, no log
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,7 +30,7 @@ from ted_ds.taps import TappedLM
 @dataclass
 class TeacherOutput:
     taps: list[torch.Tensor] | None  # (B, T, D_filter) per tap, filtered (or raw when no bank)
-    logits: torch.Tensor | None  # (B, T, V), or (B, T, k) top-k values
+    logits: torch.Tensor | None  # (B, T, V), or (B, T, k) top-k values (+ the tail logit: k + 1)
     topk_index: torch.Tensor | None = None  # (B, T, k) when logits are top-k
 
 
@@ -50,14 +51,21 @@ class Teacher(Protocol):
 LOGITS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # teacher.logits_dtype
 
 
-def teacher_logits(logits: torch.Tensor, vocab: int | None, k: int,
-                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
+def teacher_logits(logits: torch.Tensor, vocab: int | None, k: int, dtype: torch.dtype = torch.float32,
+                   tail_temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The teacher's logits as KD reads them: cut to the tokenizer's ``vocab`` ids, the k largest per token
     with their ids (k = 0: all, no ids), rounded to ``dtype`` (fp32 rounds nothing; narrower logits stay
     as they are). Every placement and ``cache-teacher`` call this one function, so a cached run and the
-    same run with the teacher online compare the student with the same numbers."""
+    same run with the teacher online compare the student with the same numbers.
+
+    With k > 0 and ``tail_temperature`` T (top-k KD's tail form) a (k + 1)-th value follows the top-k: the
+    tail logit T·log Σ_{i∉K} exp(z_i/T), computed in fp32 from every logit, so that softmax over the k + 1
+    values at T gives the teacher's probabilities on K and its mass off K (−inf at k = V: no tail)."""
     logits = logits[..., :vocab]
     values, index = (logits, None) if k <= 0 else logits.topk(k, dim=-1)
+    if index is not None and tail_temperature is not None:
+        off_top = logits.float().scatter(-1, index, -math.inf) / tail_temperature
+        values = torch.cat([values.float(), tail_temperature * off_top.logsumexp(-1, keepdim=True)], -1)
     if dtype != torch.float32:
         values = values.to(dtype)
     return values, index
@@ -69,12 +77,13 @@ class FrozenLM(TappedLM):
 
     def __init__(self, model: nn.Module, layers: list[int], filters: FilterBank | None, need_logits: bool,
                  logits_topk: int = 0, documents: DocumentAttention | None = None, vocab: int | None = None,
-                 logits_dtype: torch.dtype = torch.float32):
+                 logits_dtype: torch.dtype = torch.float32, tail_temperature: float | None = None):
         super().__init__(model, layers, filters, documents)
         self.vocab = vocab  # logits keep the tokenizer's ids only (None: every row of the head)
         self.need_logits = need_logits
         self.logits_topk = logits_topk
         self.logits_dtype = logits_dtype
+        self.tail_temperature = tail_temperature  # top-k in the tail form: the tail logit at this T
         self.requires_grad_(False)
         self.eval()
 
@@ -82,7 +91,7 @@ class FrozenLM(TappedLM):
         logits, taps = super().forward(input_ids)
         if not self.need_logits:
             return taps, None, None
-        return taps, *teacher_logits(logits, self.vocab, self.logits_topk, self.logits_dtype)
+        return taps, *teacher_logits(logits, self.vocab, self.logits_topk, self.logits_dtype, self.tail_temperature)
 
 
 class ReplicatedTeacher:

@@ -118,7 +118,7 @@ def train_step(recipe: Recipe, batches: list[MicroBatch], step: int = 0,
     finite = torch.ones((), dtype=torch.bool, device=distributed.device())
     for i, batch in enumerate(batches):
         with record_function("forward"):
-            terms = recipe.loss(batch)
+            terms = recipe.loss(batch, max(step - 1, 0))  # the 0-based step, as the schedules count
         terms["loss"] = injected_nan(terms["loss"], step, nan_steps)
         finite &= torch.isfinite(terms["loss"].detach())
         skipped = backward_and_step(recipe.engine, terms["loss"], finite, i == len(batches) - 1)
@@ -199,9 +199,11 @@ def save(recipe: Recipe, checkpointer: Checkpointer, progress: Progress, sampler
 
 def step_metrics(recipe: Recipe, sums: dict[str, torch.Tensor], lr: float, progress: Progress, tokens_per_s: float,
                  peak_flops: float | None) -> dict:
-    """What a logged step reports: the loss terms averaged over ranks, LR, throughput, MFU, grad norm."""
+    """What a logged step reports: the loss terms averaged over ranks, the loss weights of the step, LR,
+    throughput, MFU, grad norm."""
     losses = distributed.all_reduce_mean({k: v.item() for k, v in sums.items()})
     out = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in losses.items()}
+    out.update({f"weight/{k}": v for k, v in recipe.weights_at(progress.step - 1).items()})
     grad_norm = recipe.engine.get_global_grad_norm()
     out.update({"lr": lr, "tokens": progress.tokens, "tokens_per_s": tokens_per_s, "bad_steps": progress.bad_steps,
                 "grad_norm": float(grad_norm) if grad_norm is not None else math.nan})

@@ -20,7 +20,9 @@ from ted_ds.cache.format import (
     block_name,
     decode_window,
     encode_window,
+    fold_tail,
     id_bits,
+    mismatch,
     to_bits,
     write_block,
 )
@@ -70,6 +72,58 @@ def test_teacher_logits_rounds_once_for_every_path():
     assert none is None and same.dtype == torch.bfloat16 and torch.equal(same, logits.bfloat16())
 
 
+def test_the_tail_logit_is_the_teachers_mass_off_its_top_k():
+    """softmax over the top-k and the tail logit at T is the teacher's softened p on K and 1 − Σ_K p; at k = V
+    the tail is empty (−inf)."""
+    logits = 5 * torch.randn(2, L, 40, generator=torch.Generator().manual_seed(2))
+    values, index = teacher_logits(logits, 32, 4, tail_temperature=2.0)
+    p = torch.softmax(logits[..., :32] / 2.0, -1)
+    on_support = torch.softmax(values / 2.0, -1)
+    torch.testing.assert_close(on_support[..., :4], p.gather(-1, index), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(on_support[..., 4], 1 - p.gather(-1, index).sum(-1), rtol=1e-5, atol=1e-7)
+    assert teacher_logits(logits, 32, 32, tail_temperature=2.0)[0][..., -1].eq(-math.inf).all()
+    rounded, _ = teacher_logits(logits, 32, 4, torch.float16, 2.0)
+    assert rounded.dtype == torch.float16 and torch.equal(rounded, values.half())  # rounded once, the tail too
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_window_with_its_tail_logit_round_trips_bit_for_bit(dtype):
+    """The tail logit, last, is out of the descending order the value codes expect: exact all the same."""
+    logits = 6 * torch.randn(L, 1000, generator=torch.Generator().manual_seed(3))
+    values, ids = teacher_logits(logits, None, 8, tail_temperature=2.0)
+    bits = to_bits(values, dtype)
+    got_bits, got_ids = decode_window(encode_window(bits, ids.numpy(), 10), L, 8, 10, tail=True)
+    assert np.array_equal(got_bits, bits) and np.array_equal(got_ids, ids.numpy())
+
+
+def test_a_smaller_k_folds_the_rest_into_the_tail():
+    """A run reading k = 3 of a k = 8 cache gets the first 3 values and a tail logit holding the other 5 and
+    the old tail: the online teacher's k = 3 numbers, up to the cache's fp16 rounding."""
+    logits = 4 * torch.randn(2, L, 60, generator=torch.Generator().manual_seed(4))
+    cached, _ = teacher_logits(logits, None, 8, torch.float16, 2.0)
+    online, _ = teacher_logits(logits, None, 3, torch.float32, 2.0)
+    assert torch.equal(fold_tail(cached, 8, 2.0), cached)
+    folded = fold_tail(cached, 3, 2.0)
+    assert folded.shape == (2, L, 4)
+    torch.testing.assert_close(folded, online, rtol=2e-3, atol=2e-3)
+
+
+def test_a_cache_without_the_runs_tail_is_refused_in_one_line():
+    """A ted-cache/1 cache (or one built for the renormalized form) serves the renormalized form only; a tail
+    cache serves its own temperature only."""
+    run = {"teacher": {"digest": "d"}, "tokenizer": {"vocab_sha256": "v"}, "seq_len": 8, "document_attention": False,
+           "value_dtype": "fp16", "k": 4, "tail_temperature": 2.0}
+    old = {**run, "sources": {}, "k": 8}
+    del old["tail_temperature"]
+    assert mismatch("c", old, {**run, "tail_temperature": None}, {}) is None
+    assert mismatch("c", old, run, {}) == ("teacher.cache c holds no tail logits (made for the renormalized form): "
+                                           "rebuild it with ted-ds cache-teacher, or set "
+                                           "teacher.logits_topk_form: renormalized")
+    assert "holds its tail logits at temperature 1; this run has distill.temperature 2" in \
+        mismatch("c", {**old, "tail_temperature": 1.0}, run, {})
+    assert mismatch("c", {**old, "tail_temperature": 2.0}, run, {}) is None
+
+
 def _fake_cache(root: str, sizes: dict[str, int], k: int = 3, block_windows: int = 4) -> dict:
     """A cache whose window j of source s holds the values s·100 + j (and ids j) everywhere."""
     sources = {}
@@ -82,12 +136,12 @@ def _fake_cache(root: str, sizes: dict[str, int], k: int = 3, block_windows: int
             write_block(os.path.join(root, block_name(key, "train", b)), frames)
         sources[key] = {"splits": {"train": {"windows": n}}}
     return {"sources": sources, "block_windows": block_windows, "seq_len": L, "k": k, "id_bits": 10,
-            "value_dtype": "fp16"}
+            "value_dtype": "fp16"}  # a ted-cache/1 manifest: no tail_temperature
 
 
 def test_rows_are_found_by_the_samplers_index_across_sources(tmp_path):
     manifest = _fake_cache(str(tmp_path), {"aaa": 10, "bbb": 6})
-    rows = CacheRows(str(tmp_path), manifest, ["bbb", "aaa"], k=2)  # this run blends them in the other order
+    rows = CacheRows(str(tmp_path), manifest, ["bbb", "aaa"], k=2, tail=False)  # blended in the other order
     values, ids = rows.read([0, 5, 6, 15])  # bbb 0 and 5; aaa 0 and 9
     assert values.dtype == torch.float16 and values.shape == (4, L, 2) and ids.shape == (4, L, 2)
     assert values[:, 0, 0].tolist() == [100.0, 105.0, 0.0, 9.0]

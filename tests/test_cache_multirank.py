@@ -3,9 +3,10 @@
 1 rank: ``cache-teacher``, then KD with the teacher online and KD from that cache, with forward KL and JSD.
 2 ranks: ``cache-teacher`` killed after a few blocks; then one launch that finishes that build (with the
 teacher under another placement, ZeRO-3) and trains, each online and from the cache: KD, LWD (the teacher
-runs for its taps, its logits come from the cache; k = 4 read from a k = 8 cache) and KD on a two-source
-mixture; finally KD from the cache killed mid-save and resumed.
-The cached runs must equal the online ones bit for bit (fp32, top-8 logits rounded to fp16 on both paths);
+runs for its taps, its logits come from the cache; k = 4 read from a k = 8 cache, in the renormalized form)
+and KD on a two-source mixture; finally KD from the cache killed mid-save and resumed.
+The cached runs must equal the online ones bit for bit (fp32, top-8 logits and the tail logit rounded to fp16
+on both paths: KD's default tail form);
 the 2-rank build, killed and finished, must equal the 1-rank build byte for byte.
 """
 
@@ -62,7 +63,8 @@ class World:
                            valid_fraction=0.3, progress=False))
         self.mix = {"data.path": "", "data.sources": [{"name": "wiki", "path": wiki, "weight": 0.75},
                                                       {"name": "more", "path": more, "weight": 0.25}]}
-        self.lwd = {"distill.method": "lwd", "teacher.logits_topk": 4, "teacher.placement": "zero3"}
+        self.lwd = {"distill.method": "lwd", "teacher.logits_topk": 4, "teacher.placement": "zero3",
+                    "teacher.logits_topk_form": "renormalized"}  # k < the cache's: exact in this form only
 
     def config(self, name: str, cache: str | None = None, **over) -> str:
         """KD, top-8 logits rounded to fp16, 6 steps saved every 2; ``cache``: a cache directory's name."""
@@ -214,10 +216,11 @@ def test_a_missing_or_damaged_cache_file_is_refused(world, one_rank, capsys, how
     ("topk", "teacher.logits_topk 16 asks for more"),
     ("seq_len", "holds windows of seq_len 32; this run has data.seq_len 16"),
     ("dtype", "stores fp16 logits; set teacher.logits_dtype: fp16"),
+    ("temperature", "holds its tail logits at temperature 2; this run has distill.temperature 1"),
 ])
 def test_a_cache_of_another_run_is_refused(world, one_rank, tiny, capsys, tmp_path, change, says):
     over = {"topk": {"teacher.logits_topk": 16}, "seq_len": {"data.seq_len": 16},
-            "dtype": {"teacher.logits_dtype": "bf16"}}.get(change, {})
+            "dtype": {"teacher.logits_dtype": "bf16"}, "temperature": {"distill.temperature": 1.0}}.get(change, {})
     config = world.config(f"refused-{change}", "cache1", **over)
     cfg = yaml.safe_load(open(config))
     if change == "teacher":

@@ -28,6 +28,28 @@ from ted_ds.checkpoint import is_complete
 pytestmark = pytest.mark.multirank
 
 _cfg = checkpointed_config
+# the dropout runs schedule their loss weights too, both mid-change at the step-4 checkpoint: a resume must
+# continue them where the run left off (α: 2 steps at 1, then 14 to 0.25; β: 1 to 0 over the whole run)
+SCHEDULED = {"distill.alpha_schedule": "wsd", "distill.alpha_final": 0.25, "distill.weight_decay_fraction": 0.9,
+             "distill.beta_schedule": "linear", "distill.beta_final": 0.0}
+
+
+def _dropout_cfg(tiny, root, name, teacher, **over) -> str:
+    return _cfg(tiny, root, name, teacher, **SCHEDULED, **over)
+
+
+def _weights_follow_the_schedule(out_dir: str) -> None:
+    """Every logged step's weights are the schedule's at that step, and they are the ones its loss used."""
+    from ted_ds.config import DistillConfig
+    from ted_ds.optim import distill_weights
+
+    d = DistillConfig(method="lwd", **{k.split(".")[1]: v for k, v in SCHEDULED.items()})
+    for m in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl"))):
+        if "loss/total" in m:
+            want = distill_weights(d, STEPS, m["step"] - 1)
+            assert (m["weight/alpha"], m["weight/beta"]) == (want["alpha"], want["beta"]), m
+            total = m["loss/lm"] + want["alpha"] * m["loss/kd"] + want["beta"] * m["loss/layer"]
+            assert m["loss/total"] == pytest.approx(total, rel=1e-5), m
 
 
 def _latest(out_dir):
@@ -66,7 +88,8 @@ def dropout_run(tiny, tmp_path_factory):
     """An uninterrupted run whose student has dropout 0.1: (root, its out_dir, the teacher it came from)."""
     root = tmp_path_factory.mktemp("ckpt-dropout")
     teacher = with_dropout(tiny["llama_teacher"], str(root / "teacher"))
-    run_launcher(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", _cfg(tiny, root, "ref", teacher)))
+    run_launcher(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config",
+                               _dropout_cfg(tiny, root, "ref", teacher)))
     return root, str(root / "ref"), teacher
 
 
@@ -88,7 +111,7 @@ def test_dropout_makes_the_resumed_runs_random(lwd_run, dropout_run):
 
 def test_sigkill_one_rank_mid_run_then_resume_is_bit_identical(tiny, dropout_run):
     root, ref, teacher = dropout_run
-    cfg = _cfg(tiny, root, "killed", teacher)
+    cfg = _dropout_cfg(tiny, root, "killed", teacher)
     out = str(root / "killed")
     cmd = deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", cfg)
     proc = _launch_and_interrupt(cmd, out, "step-00000004", lambda ranks: ranks[1].send_signal(signal.SIGKILL))
@@ -97,6 +120,7 @@ def test_sigkill_one_rank_mid_run_then_resume_is_bit_identical(tiny, dropout_run
     stopped_at = max(losses(out))
     assert stopped_at < STEPS
     _relaunch_resumes_exactly(cmd, out, ref, "step-00000004")
+    _weights_follow_the_schedule(out)
     record_fault("SIGKILL of one rank between saves (a node lost)",
                  f"the job exits with status {proc.returncode}; the re-run says `resumed from step-00000004`",
                  "`latest` = step-00000004 (the steps after it are trained again); the re-run ends bit-identical to "
@@ -157,7 +181,7 @@ SAVE_KILLS = {
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(tiny, dropout_run, fault):
     root, ref, teacher = dropout_run
     name = "kill-" + fault.split(":")[0]
-    cfg = _cfg(tiny, root, name, teacher)
+    cfg = _dropout_cfg(tiny, root, name, teacher)
     out = str(root / name)
     proc = subprocess.run(_fault_cmd(cfg, fault), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
@@ -179,7 +203,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_resumes_exactly
     # only its record tells it apart, so the record is what the resume checks above rest on
     os.remove(os.path.join(control, "checkpoints", "distill-lwd", "latest"))
     r = run_launcher(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config",
-                                   _cfg(tiny, root, "control", teacher)))
+                                   _dropout_cfg(tiny, root, "control", teacher)))
     assert "resumed from" not in r.stdout + r.stderr
     assert last_launch(control) == (None, list(range(1, STEPS + 1)))
     a, b = student_weights(ref), student_weights(control)
@@ -193,7 +217,7 @@ def test_sigterm_during_evaluation_or_a_save_finishes_it_saves_and_exits_75(tiny
     the job exits 75 at once, and the re-run resumes bit-exactly."""
     root, ref, teacher = dropout_run
     name = "term-" + fault.split(":")[0]
-    cfg = _cfg(tiny, root, name, teacher, **{"train.eval_interval": 4})  # evaluation changes no training bits
+    cfg = _dropout_cfg(tiny, root, name, teacher, **{"train.eval_interval": 4})  # evaluation changes no training bits
     out = str(root / name)
     proc = subprocess.run(_fault_cmd(cfg, fault), cwd=REPO, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr

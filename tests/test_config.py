@@ -19,13 +19,20 @@ from ted_ds.errors import ConfigError
     ("optim.decay_fraction=0", "optim.decay_fraction must be in (0, 1]"),
     ("optim.schedule=linear", "optim.schedule must be one of cosine, wsd, constant"),
     ("optim.decay_fraction=0.9", "optim.schedule wsd: 1 warmup + 4 decay steps (optim.decay_fraction 0.9) exceed"),
+    (("distill.beta_schedule=wsd", "distill.weight_warmup_steps=2", "distill.weight_decay_fraction=0.9"),
+     "distill.beta_schedule wsd: 2 warmup + 4 decay steps (distill.weight_decay_fraction 0.9) exceed the run's 4"),
+    ("distill.alpha_schedule=cosine", "distill.alpha_schedule must be one of constant, wsd, linear"),
+    (("distill.alpha_schedule=linear", "distill.alpha=0"), "distill.alpha_schedule linear runs from distill.alpha > 0"),
+    (("distill.beta_schedule=linear", "distill.method=kd"), "distill.beta_schedule: method kd has no beta term"),
+    ("distill.weight_decay_fraction=0", "distill.weight_decay_fraction in (0, 1]; got 0 and 0"),
 ])
 def test_bad_schedules_are_one_line_before_any_process_group(tiny, tmp_path, override, message, capsys):
     from ted_ds.cli import main
 
     cfg = write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"], tiny["llama_teacher"],
                                                                 str(tmp_path / "o")))
-    assert main(["distill", "--config", cfg, "distill.method=lwd", "optim.schedule=wsd", override]) == 2
+    overrides = [override] if isinstance(override, str) else list(override)
+    assert main(["distill", "--config", cfg, "distill.method=lwd", "optim.schedule=wsd", *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ted-ds: error: ") and message in err[0], err
 
@@ -35,6 +42,7 @@ def test_bad_schedules_are_one_line_before_any_process_group(tiny, tmp_path, ove
     ("distill.layer_loss", "mse, normalized_mse, cosine"), ("distill.filter", "linear, mlp"),
     ("optim.schedule", "cosine, wsd, constant"), ("teacher.logits_dtype", "fp32, bf16, fp16"),
     ("distill.filter_head", "teacher, trainable"), ("distill.divergence", "forward_kl, reverse_kl, jsd, skew_kl"),
+    ("teacher.logits_topk_form", "tail, renormalized"),
 ])
 def test_fixed_choices_are_one_line_naming_every_choice(key, allowed):
     with pytest.raises(ConfigError) as e:
@@ -115,6 +123,7 @@ def test_code_in_a_model_directory_never_runs_without_trust_remote_code(tiny, tm
 @pytest.mark.parametrize("section,fields,message", [
     ("TeacherConfig", {"pipeline_stages": 0}, "teacher.pipeline_stages must be ≥ 1, got 0"),
     ("TeacherConfig", {"cache": "c"}, "teacher.cache holds the teacher's top-k logits"),
+    ("TeacherConfig", {"logits_topk_form": "renormalized"}, "teacher.logits_topk_form renormalized is a form of"),
     ("DataConfig", {"path": "d", "seq_len": 0}, "data.seq_len must be ≥ 1, got 0"),
     ("DataConfig", {"path": "d", "sources": []}, "give data.path (one source) or data.sources, not both"),
     ("DistillConfig", {"temperature": 0.0}, "distill.temperature > 0"),

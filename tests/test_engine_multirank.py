@@ -150,7 +150,7 @@ def test_trainable_heads_start_from_the_teachers_head_then_learn_and_only_the_ba
 
 def _reference(config_path: str, steps: int):
     """The same steps (TED or KD) in one process with plain PyTorch: no DeepSpeed, no ZeRO, no ranks.
-    With ``teacher.logits_topk`` KD runs on the teacher's top-k ids, picked here with torch.topk."""
+    With ``teacher.logits_topk`` KD runs on the teacher's top-k ids (and its tail), as teacher_logits gives them."""
     from ted_ds.config import load_run_config
     from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset, collate
     from ted_ds.documents import for_model
@@ -159,7 +159,7 @@ def _reference(config_path: str, steps: int):
     from ted_ds.optim import lr_multiplier, param_groups
     from ted_ds.plan import plan
     from ted_ds.run import seed_everything
-    from ted_ds.teacher import FrozenLM
+    from ted_ds.teacher import FrozenLM, teacher_logits
     from ted_ds.weights import load_model
 
     cfg = load_run_config(config_path)
@@ -176,7 +176,7 @@ def _reference(config_path: str, steps: int):
     sampler = ConsumedSamplesSampler(len(data), cfg.train.global_batch_size, cfg.train.micro_batch_size, 0, 1,
                                      cfg.train.seed)
     w = ObjectiveWeights(cfg.distill.alpha, cfg.distill.beta, cfg.distill.temperature, cfg.distill.layer_loss,
-                         p.manifest["vocab_size"])
+                         p.manifest["vocab_size"], topk_form=cfg.teacher.logits_topk_form)
     per_step = []
     for _ in range(steps):
         micro = sampler.next_batch()
@@ -187,7 +187,8 @@ def _reference(config_path: str, steps: int):
                 t_taps, t_logits, _ = teacher(x)
             t_index = None
             if cfg.teacher.logits_topk:
-                t_logits, t_index = torch.topk(t_logits, cfg.teacher.logits_topk, dim=-1)
+                t_logits, t_index = teacher_logits(t_logits, None, cfg.teacher.logits_topk,
+                                                   tail_temperature=cfg.tail_temperature)
             logits, taps = student(x)
             loss = distill_objective(logits, taps, y, t_logits, t_taps, w, t_index)["loss"]
             (loss / len(micro)).backward()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ted_ds.losses import ObjectiveWeights, distill_objective, kd_loss, layer_loss, lm_loss
+from ted_ds.teacher import teacher_logits
 
 
 def test_lm_loss_by_hand():
@@ -36,7 +38,7 @@ def test_kd_loss_by_hand_and_topk():
     qt = torch.softmax(values / T, -1)[0, 0]
     ls = torch.log_softmax(s / T, -1)[0, 0, index[0, 0]]
     expected = T * T * (qt * (qt.log() - ls)).sum().item()
-    assert kd_loss(s, values, y, T, index).item() == pytest.approx(expected, rel=1e-6)
+    assert kd_loss(s, values, y, T, index, topk_form="renormalized").item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_divergences_by_hand_and_at_their_limits():
@@ -54,15 +56,18 @@ def test_divergences_by_hand_and_at_their_limits():
     values, index = t.topk(6, dim=-1)
     for divergence in by_hand:  # 0 when the student is the teacher
         assert kd_loss(t, t, y, 2.0, divergence=divergence, mix=0.3).item() == pytest.approx(0.0, abs=1e-6)
-    for teacher in ((t,), (values, index)):  # skew KL at a = 0 is forward KL, over all ids and on the top-k
-        forward = kd_loss(s, *teacher[:1], y, 2.0, *teacher[1:]).item()
-        assert kd_loss(s, *teacher[:1], y, 2.0, *teacher[1:], divergence="skew_kl", mix=0.0).item() == \
-            pytest.approx(forward, rel=1e-6)
+    tail_values, _ = teacher_logits(t, None, 6, tail_temperature=2.0)
+    for teacher, form in (((t,), "tail"), ((values, index), "renormalized"), ((tail_values, index), "tail")):
+        # skew KL at a = 0 is forward KL, over all ids and on the top-k in either form
+        forward = kd_loss(s, *teacher[:1], y, 2.0, *teacher[1:], topk_form=form).item()
+        assert kd_loss(s, *teacher[:1], y, 2.0, *teacher[1:], divergence="skew_kl", mix=0.0,
+                       topk_form=form).item() == pytest.approx(forward, rel=1e-6)
     # forward KL on the top-k is D(p ‖ q̃) − log Z_K, the form the other divergences take there
     q = torch.log_softmax(s / 2.0, -1).gather(-1, index)
     p_k, q_tilde = torch.log_softmax(values / 2.0, -1), torch.log_softmax(q, -1)
     general = (p_k.exp() * (p_k - q_tilde)).sum(-1) - q.logsumexp(-1)
-    assert kd_loss(s, values, y, 2.0, index).item() == pytest.approx(4.0 * general.mean().item(), rel=1e-6)
+    assert kd_loss(s, values, y, 2.0, index, topk_form="renormalized").item() == \
+        pytest.approx(4.0 * general.mean().item(), rel=1e-6)
 
 
 def test_layer_losses_by_hand():
@@ -116,7 +121,8 @@ def test_kd_gives_no_weight_to_a_teacher_entry_of_minus_infinity():
     assert s.grad[0, 0].tolist() == pytest.approx([T * (a - b) for a, b in zip(ps, pt)], rel=1e-6)
     s.grad = None
     values, index = torch.tensor([[[2.0, -math.inf]]]), torch.tensor([[[1, 2]]])
-    kd = distill_objective(s, None, torch.tensor([[0]]), values, None, KD_ONLY, index)["kd"]
+    renormalized = dataclasses.replace(KD_ONLY, topk_form="renormalized")
+    kd = distill_objective(s, None, torch.tensor([[0]]), values, None, renormalized, index)["kd"]
     assert kd.item() == pytest.approx(-T * T * math.log(ps[1]), rel=1e-6)  # p_t = (1, 0) on ids (1, 2)
     kd.backward()
     assert s.grad[0, 0].tolist() == pytest.approx([T * (a - b) for a, b in zip(ps, [0.0, 1.0, 0.0])], rel=1e-6)

@@ -7,6 +7,7 @@ short last chunk; the memory checks would fail if the full (tokens × vocab) fp3
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 
 import pytest
@@ -17,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ted_ds.losses import IGNORE_INDEX, kd_loss, lm_loss, tap_lm_losses, trained_head_lm_loss
+from ted_ds.teacher import teacher_logits
 
 B, T, V, D, K = 3, 101, 50, 16, 5
 CHUNK = 64
@@ -52,6 +54,22 @@ def reference_divergence(divergence, mix, student_logits, teacher_logits, labels
     return temperature * temperature * d[labels != IGNORE_INDEX].mean()
 
 
+def reference_tail(divergence, mix, student_logits, teacher_logits, labels, temperature, topk_index):
+    """Top-k KD's tail form written out for autograd (softmax in fp32, the rest in fp64): both distributions
+    read on the k ids plus one bucket 1 − Σ_K for the rest of the vocabulary."""
+    def on_support(logits):
+        prob = F.log_softmax(logits.float() / temperature, dim=-1).double().exp()
+        at = prob.gather(-1, topk_index)
+        return torch.cat([at, 1 - at.sum(-1, keepdim=True)], -1).log()
+
+    q, p = on_support(student_logits), on_support(teacher_logits)
+    log_m = (mix * p.exp() + (1 - mix) * q.exp()).log()
+    kl = lambda a, b: (a.exp() * (a - b)).sum(-1)
+    d = {"forward_kl": lambda: kl(p, q), "reverse_kl": lambda: kl(q, p),
+         "jsd": lambda: mix * kl(p, log_m) + (1 - mix) * kl(q, log_m), "skew_kl": lambda: kl(p, log_m)}[divergence]()
+    return temperature * temperature * d[labels != IGNORE_INDEX].mean()
+
+
 def inputs(dtype=torch.float32):
     """Student and teacher logits, their top-k, and labels with ignored tokens (a whole chunk of them too)."""
     g = torch.Generator().manual_seed(0)
@@ -61,7 +79,9 @@ def inputs(dtype=torch.float32):
     labels[torch.rand(B, T, generator=g) < 0.3] = IGNORE_INDEX
     labels[0, :CHUNK] = IGNORE_INDEX
     values, index = teacher.topk(K, dim=-1)
-    return {"student": student, "teacher": teacher, "labels": labels, "topk_values": values, "topk_index": index}
+    tail_values, _ = teacher_logits(teacher, None, K, tail_temperature=TEMPERATURE)
+    return {"student": student, "teacher": teacher, "labels": labels, "topk_values": values, "topk_index": index,
+            "tail_values": tail_values}
 
 
 CASES = {  # name -> (chunked, reference), each called as f(student_logits, inputs)
@@ -69,7 +89,7 @@ CASES = {  # name -> (chunked, reference), each called as f(student_logits, inpu
     "kd": (lambda s, x: kd_loss(s, x["teacher"], x["labels"], TEMPERATURE, chunk_tokens=CHUNK),
            lambda s, x: reference_kd(s, x["teacher"], x["labels"], TEMPERATURE)),
     "kd_topk": (lambda s, x: kd_loss(s, x["topk_values"], x["labels"], TEMPERATURE, x["topk_index"],
-                                     chunk_tokens=CHUNK),
+                                     chunk_tokens=CHUNK, topk_form="renormalized"),
                 lambda s, x: reference_kd(s, x["topk_values"], x["labels"], TEMPERATURE, x["topk_index"])),
 }
 for _divergence, _mix in (("reverse_kl", 0.5), ("jsd", 0.3), ("skew_kl", 0.1)):
@@ -77,9 +97,15 @@ for _divergence, _mix in (("reverse_kl", 0.5), ("jsd", 0.3), ("skew_kl", 0.1)):
         _teacher = ("topk_values", "topk_index") if _topk else ("teacher", None)
         CASES[_divergence + "_topk" * _topk] = (
             lambda s, x, d=_divergence, a=_mix, t=_teacher: kd_loss(s, x[t[0]], x["labels"], TEMPERATURE,
-                                                                    t[1] and x[t[1]], CHUNK, d, a),
+                                                                    t[1] and x[t[1]], CHUNK, d, a, "renormalized"),
             lambda s, x, d=_divergence, a=_mix, t=_teacher: reference_divergence(d, a, s, x[t[0]], x["labels"],
                                                                                  TEMPERATURE, t[1] and x[t[1]]))
+for _divergence, _mix in (("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("skew_kl", 0.1)):
+    CASES[_divergence + "_tail"] = (  # top-k KD's tail form, the default
+        lambda s, x, d=_divergence, a=_mix: kd_loss(s, x["tail_values"], x["labels"], TEMPERATURE, x["topk_index"],
+                                                    CHUNK, d, a),
+        lambda s, x, d=_divergence, a=_mix: reference_tail(d, a, s, x["teacher"], x["labels"], TEMPERATURE,
+                                                           x["topk_index"]))
 
 
 def value_and_grad(loss_fn, leaf, *args):
@@ -103,6 +129,29 @@ def test_chunked_loss_matches_autograd_in_fp32(case):
     assert rel_err(grad, ref_grad) <= 1e-6
     with torch.no_grad():
         assert rel_err(chunked(x["student"], x), ref_loss) <= 1e-6
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_kl"])
+def test_the_tail_form_at_k_equal_vocabulary_is_full_vocabulary_kd(divergence):
+    """Every id in the top-k leaves the tail bucket empty (tail logit −inf on both sides): the value and the
+    gradient are the full-vocabulary divergence's."""
+    x = inputs()
+    values, index = teacher_logits(x["teacher"], None, V, tail_temperature=TEMPERATURE)
+    assert values[..., -1].eq(-math.inf).all()
+    tail = lambda s, x: kd_loss(s, values, x["labels"], TEMPERATURE, index, CHUNK, divergence, 0.3)
+    full = lambda s, x: kd_loss(s, x["teacher"], x["labels"], TEMPERATURE, None, CHUNK, divergence, 0.3)
+    loss, grad = value_and_grad(tail, x["student"], x)
+    full_loss, full_grad = value_and_grad(full, x["student"], x)
+    assert grad.isfinite().all()
+    assert rel_err(loss, full_loss) <= 1e-6
+    assert rel_err(grad, full_grad) <= 1e-6
+
+
+def test_the_tail_form_needs_the_tail_logit():
+    """Top-k values without their tail logit (what the renormalized form reads) are refused, not misread."""
+    x = inputs()
+    with pytest.raises(ValueError, match="tail top-k KD takes 6 teacher values per token, got 5"):
+        kd_loss(x["student"], x["topk_values"], x["labels"], TEMPERATURE, x["topk_index"])
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,11 +1,13 @@
-"""The LR schedules against a hand computation: warm-up then cosine, WSD, re-warming, constant."""
+"""The LR schedules against a hand computation: warm-up then cosine, WSD, re-warming, constant; the distillation
+weights' schedules (the same code) at their boundaries and across a resume."""
 
 from __future__ import annotations
 
 import pytest
 
-from ted_ds.config import OptimConfig
-from ted_ds.optim import lr_multiplier
+from ted_ds.config import DistillConfig, OptimConfig
+from ted_ds.optim import distill_weights, lr_multiplier
+from ted_ds.trainer import Progress
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -27,3 +29,27 @@ def test_wsd_and_rewarming_follow_the_hand_computed_curve():
     assert [lr_multiplier(s, o, 20) for s in range(20)] == pytest.approx(by_hand, abs=1e-12)
     o.schedule = "constant"
     assert [lr_multiplier(s, o, 20) for s in range(20)] == pytest.approx(by_hand[:4] + [1.0] * 16, abs=1e-12)
+
+
+def test_distillation_weight_schedules_at_their_boundaries():
+    """α: 2 warm over 2 steps, wsd to 0.5 over the last 25 % (round(2.5) = 2 steps) of 10; β: 1 linear to 0 after the
+    same warmup, reaching 0 at the last step; a constant weight is its value at every step."""
+    d = DistillConfig(alpha=2.0, alpha_schedule="wsd", alpha_final=0.5, beta=1.0, beta_schedule="linear",
+                      weight_warmup_steps=2, weight_decay_fraction=0.25)
+    at = [distill_weights(d, 10, s) for s in range(10)]
+    assert [w["alpha"] for w in at] == pytest.approx([1.0, 2.0] + [2.0] * 6 + [1.25, 0.5], abs=1e-12)
+    assert [w["beta"] for w in at] == pytest.approx([0.5, 1.0] + [1 - k / 7 for k in range(8)], abs=1e-12)
+    rising = DistillConfig(alpha=1.0, alpha_schedule="linear", alpha_final=3.0)  # α_final above α: a rise
+    assert [distill_weights(rising, 5, s)["alpha"] for s in range(5)] == pytest.approx([1.0, 1.5, 2.0, 2.5, 3.0])
+    assert {distill_weights(DistillConfig(alpha=0.7, beta=0.3), 10, s)["alpha"] for s in range(10)} == {0.7}
+
+
+def test_a_resumed_run_has_the_weights_of_the_run_it_continues():
+    """The weights are a function of the step alone: the trainer's state after a resume (its step, restored from
+    the checkpoint) gives the uninterrupted run's weights, mid-decay, bit for bit."""
+    d = DistillConfig(alpha=1.0, alpha_schedule="wsd", alpha_final=0.1, weight_decay_fraction=0.6,
+                      beta=0.5, beta_schedule="linear", beta_final=0.05)
+    uninterrupted = [distill_weights(d, 20, s) for s in range(20)]
+    resumed = Progress(step=11)  # as trainer.resume rebuilds it from a checkpoint saved after 11 steps
+    assert uninterrupted[10]["alpha"] < 1.0  # saved mid-decay
+    assert [distill_weights(d, 20, s) for s in range(resumed.step, 20)] == uninterrupted[11:]

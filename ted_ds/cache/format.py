@@ -11,8 +11,11 @@ identity: a cache serves any run over those shards, whatever it names them, blen
 Window ``j`` of a split is ``ted_ds.data.PackedShardDataset``'s window ``j``, tokens ``[j·L, j·L + L + 1)``;
 the teacher reads its first ``L = seq_len`` and the cache keeps, at each of the ``L`` positions, its ``k``
 largest logits (before temperature, cut to the tokenizer's ids, largest first, rounded to ``value_dtype``
-by ``ted_ds.teacher.teacher_logits``) and their ids. A training run's sample index (what the sampler deals,
-a ``BlendedDataset`` index) is its source's offset plus the window's index in that source's train split.
+by ``ted_ds.teacher.teacher_logits``) and their ids, and — when the manifest's ``tail_temperature`` is a
+number (a cache for top-k KD's tail form, the default) — one value more: the tail logit
+T·log Σ_{i∉K} exp(z_i/T) at that temperature, the teacher's mass off its top-k. A training run's sample
+index (what the sampler deals, a ``BlendedDataset`` index) is its source's offset plus the window's index in
+that source's train split.
 
 A block file, little-endian::
 
@@ -20,12 +23,17 @@ A block file, little-endian::
 
 frame ``w`` is bytes ``[h + offsets[w], h + offsets[w + 1])`` with ``h = 16 + 8·(n + 1)``, and decompresses to
 
-* values, ``2·L·k`` bytes: the low bytes of ``L·k`` uint16 codes, then their high bytes (row-major (L, k)).
+* values, ``2·L·v`` bytes (``v = k + 1`` with a tail logit, else ``k``): the low bytes of ``L·v`` uint16
+  codes, then their high bytes (row-major (L, v)).
   A 16-bit float with bits ``x`` has the key ``x | 0x8000`` if its sign is clear, else ``~x``: keys ascend
   with the values. Per position ``code[0] = key[0]`` and ``code[j] = key[j−1] − key[j] mod 2^16``: small
-  numbers, since the values are sorted — what makes zstd worth running;
+  numbers, since the values are sorted (the tail logit, last, need not be: the codes are exact mod 2^16
+  either way) — what makes zstd worth running;
 * ids, ``ceil(L·k·b / 8)`` bytes: each id in ``b = id_bits`` bits, most significant bit first, with no
   gaps (``numpy.packbits`` order), row-major (L, k).
+
+Format ``ted-cache/1`` (no ``tail_temperature``, no tail logit) is still read, for the renormalized form
+only; a tail-form run refuses it in one line.
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ from data_prep.fileio import atomically, write_text
 from data_prep.format import MANIFEST as DATA_MANIFEST
 from data_prep.format import file_sha256
 
-FORMAT = "ted-cache/1"
+FORMAT = "ted-cache/2"
+READS = (FORMAT, "ted-cache/1")  # 1: top-k values and ids alone, as the renormalized form reads them
 MAGIC = b"TEDLOGC1"
 MANIFEST = "manifest.json"
 BUILD_SPEC = "build.json"
@@ -68,29 +77,29 @@ def block_name(key: str, split: str, index: int) -> str:
 
 # ----------------------------------------------------------------------------- one window
 def encode_window(values: np.ndarray, ids: np.ndarray, bits: int) -> bytes:
-    """One window's frame: ``values`` (L, k) uint16 bit patterns of 16-bit floats sorted largest first per
-    row, ``ids`` (L, k) below 2^bits."""
+    """One window's frame: ``values`` (L, v) uint16 bit patterns of 16-bit floats sorted largest first per
+    row (but a last tail logit), ``ids`` (L, k) below 2^bits."""
     keys = np.where(values & 0x8000, ~values, values | 0x8000).astype(np.uint16)
     codes = keys.copy()
     codes[:, 1:] = keys[:, :-1] - keys[:, 1:]  # uint16: modulo 2^16
-    planes = codes.astype("<u2").view(np.uint8).reshape(-1, 2).T  # (2, L·k): low bytes, high bytes
+    planes = codes.astype("<u2").view(np.uint8).reshape(-1, 2).T  # (2, L·v): low bytes, high bytes
     big_endian = ids.astype(">u4").view(np.uint8).reshape(-1, 4)
     packed = np.packbits(np.unpackbits(big_endian, axis=1)[:, 32 - bits:])
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(planes.tobytes() + packed.tobytes())
 
 
-def decode_window(frame, rows: int, k: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """``encode_window`` undone: (values (L, k) uint16 bit patterns, ids (L, k) int64)."""
+def decode_window(frame, rows: int, k: int, bits: int, tail: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``encode_window`` undone: (values (L, k + tail) uint16 bit patterns, ids (L, k) int64)."""
     raw = np.frombuffer(zstandard.ZstdDecompressor().decompress(frame), dtype=np.uint8)
-    n = rows * k
-    if raw.size != 2 * n + math.ceil(n * bits / 8):
+    n, n_values = rows * k, rows * (k + tail)
+    if raw.size != 2 * n_values + math.ceil(n * bits / 8):
         raise UserError(f"teacher cache: a window decodes to {raw.size} bytes, not the {rows}×{k} rows expected")
-    codes = raw[:2 * n].reshape(2, n).T.copy().view("<u2").reshape(rows, k)
+    codes = raw[:2 * n_values].reshape(2, n_values).T.copy().view("<u2").reshape(rows, k + tail)
     steps = codes.astype(np.uint16)
     steps[:, 1:] = np.negative(steps[:, 1:])
     keys = np.cumsum(steps, axis=1, dtype=np.uint16)
     values = np.where(keys & 0x8000, keys ^ 0x8000, ~keys).astype(np.uint16)
-    bitrows = np.unpackbits(raw[2 * n:], count=n * bits).reshape(n, bits)
+    bitrows = np.unpackbits(raw[2 * n_values:], count=n * bits).reshape(n, bits)
     full = np.zeros((n, 32), dtype=np.uint8)
     full[:, 32 - bits:] = bitrows
     ids = np.packbits(full, axis=1).view(">u4").reshape(rows, k).astype(np.int64)
@@ -155,8 +164,8 @@ def verify(cache_dir: str, checksums: bool = True) -> dict:
         raise UserError(f"teacher.cache {cache_dir}: not a finished teacher cache (no {MANIFEST}"
                         f"{'; re-run ted-ds cache-teacher to finish it' if unfinished else ''})")
     manifest = read_json(path, "teacher cache manifest")
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{path}: format {manifest.get('format')!r}, this ted-ds reads {FORMAT}")
+    if manifest.get("format") not in READS:
+        raise UserError(f"{path}: format {manifest.get('format')!r}, this ted-ds reads {' and '.join(READS)}")
     for name, rec in sorted(manifest["files"].items()):
         file = os.path.join(cache_dir, name)
         if not os.path.isfile(file):
@@ -171,32 +180,52 @@ def verify(cache_dir: str, checksums: bool = True) -> dict:
 
 class CacheRows:
     """The teacher's top-k rows of a run's training samples, read from a verified cache: the sampler's
-    index → (source, window) → block → one frame, decompressed on demand."""
+    index → (source, window) → block → one frame, decompressed on demand. ``tail``: the run reads top-k KD
+    in the tail form (the cache's tail logit, at its temperature, follows the top-k values)."""
 
-    def __init__(self, cache_dir: str, manifest: dict, keys: list[str], k: int, split: str = "train"):
+    def __init__(self, cache_dir: str, manifest: dict, keys: list[str], k: int, split: str = "train",
+                 tail: bool = True):
         self.dir, self.manifest, self.keys, self.k, self.split = cache_dir, manifest, keys, k, split
+        self.tail = tail
         sizes = [manifest["sources"][key]["splits"][split]["windows"] for key in keys]
         self.starts = np.cumsum([0, *sizes])
         self.dtype = VALUE_DTYPES[manifest["value_dtype"]]
         self.blocks: dict[str, Block] = {}
 
     def window(self, key: str, j: int) -> tuple[np.ndarray, np.ndarray]:
-        """(values (L, K) uint16 bits, ids (L, K)) of window ``j`` of source ``key``'s split."""
+        """(values (L, K [+ 1]) uint16 bits, ids (L, K)) of window ``j`` of source ``key``'s split."""
         m = self.manifest
         block, w = divmod(j, m["block_windows"])
         name = block_name(key, self.split, block)
         if name not in self.blocks:
             self.blocks[name] = Block(os.path.join(self.dir, name))
-        return decode_window(self.blocks[name].frame(w), m["seq_len"], m["k"], m["id_bits"])
+        return decode_window(self.blocks[name].frame(w), m["seq_len"], m["k"], m["id_bits"], has_tail(m))
 
     def read(self, samples: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values (B, L, k) in the cache's dtype, ids (B, L, k) int64) of these sample indices."""
+        """(values (B, L, k [+ 1]) in the cache's dtype, ids (B, L, k) int64) of these sample indices."""
         rows = []
         for i in samples:
             s = int(np.searchsorted(self.starts, i, side="right")) - 1
             rows.append(self.window(self.keys[s], i - int(self.starts[s])))
-        values = torch.from_numpy(np.stack([v[:, :self.k] for v, _ in rows]).view(np.int16)).view(self.dtype)
-        return values, torch.from_numpy(np.stack([ids[:, :self.k] for _, ids in rows]))
+        values = torch.from_numpy(np.stack([v for v, _ in rows]).view(np.int16)).view(self.dtype)
+        ids = torch.from_numpy(np.stack([ids[:, :self.k] for _, ids in rows]))
+        if not self.tail:
+            return values[..., :self.k], ids
+        return fold_tail(values, self.k, self.manifest["tail_temperature"]), ids
+
+
+def has_tail(manifest: dict) -> bool:
+    """Whether the cache's windows hold a tail logit after their top-k values."""
+    return manifest.get("tail_temperature") is not None
+
+
+def fold_tail(values: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """Top-k values and tail logit (…, K + 1) cut to a smaller k: the values past k join the tail,
+    T·logsumexp of them at T (in fp32; the same numbers as the cache when k = K)."""
+    if values.shape[-1] == k + 1:
+        return values
+    rest = values[..., k:].float() / temperature
+    return torch.cat([values[..., :k].float(), temperature * rest.logsumexp(-1, keepdim=True)], -1)
 
 
 # ----------------------------------------------------------------------------- matching a run
@@ -211,7 +240,7 @@ def identity(cfg, teacher_dir: str, data_manifest: dict, k: int) -> dict:
             "tokenizer": {"vocab_sha256": data_manifest["tokenizer"]["vocab_sha256"],
                           "vocab_size": data_manifest["vocab_size"]},
             "seq_len": cfg.data.seq_len, "k": k, "value_dtype": t.logits_dtype,
-            "document_attention": cfg.data.document_attention}
+            "document_attention": cfg.data.document_attention, "tail_temperature": cfg.tail_temperature}
 
 
 def mismatch(cache_dir: str, cache: dict, run: dict, sources: dict[str, tuple[str, str]]) -> str | None:
@@ -236,6 +265,12 @@ def mismatch(cache_dir: str, cache: dict, run: dict, sources: dict[str, tuple[st
     if cache["value_dtype"] != run["value_dtype"]:
         return (f"{there} stores {cache['value_dtype']} logits; set teacher.logits_dtype: {cache['value_dtype']} "
                 f"(this run rounds to {run['value_dtype']})")
+    tail = run["tail_temperature"]
+    if tail is not None and cache.get("tail_temperature") != tail:
+        held = (f"its tail logits at temperature {cache['tail_temperature']:g}; this run has distill.temperature "
+                f"{tail:g}" if has_tail(cache) else "no tail logits (made for the renormalized form)")
+        return (f"{there} holds {held}: rebuild it with ted-ds cache-teacher, or set "
+                "teacher.logits_topk_form: renormalized")
     if cache["k"] < run["k"]:
         return (f"{there} holds the top {cache['k']} logits per token; teacher.logits_topk {run['k']} asks for more "
                 f"(set it ≤ {cache['k']} or rebuild the cache)")

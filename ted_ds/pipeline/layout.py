@@ -83,6 +83,12 @@ class PipelineLayout:
     vocab: int  # logits keep ids < vocab (the tokenizer's): a padded head drops its extra rows
     dtype: torch.dtype  # teacher weights and activations
     documents: DocumentAttention | None  # data.document_attention (None: off)
+    tail_temperature: float | None = None  # top-k's tail form: a (k + 1)-th value, the tail logit at this T
+
+    @property
+    def logits_width(self) -> int:
+        """Values per token the logits message holds: every logit, or the top-k (and the tail logit)."""
+        return self.logits_topk + (self.tail_temperature is not None) if self.logits_topk else self.vocab
 
     def __post_init__(self):
         for layer in self.tap_layers:
@@ -111,7 +117,8 @@ class PipelineLayout:
     def resolve(cls, config, tap_layers: list[int], filters: FilterBank | None, *, stages: int,
                 explicit_layers: list[int] | None = None, chunks: int = 1, need_logits: bool = True,
                 logits_topk: int = 0, logits_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32,
-                document_eos: int | None = None, vocab: int | None = None) -> PipelineLayout:
+                document_eos: int | None = None, vocab: int | None = None,
+                tail_temperature: float | None = None) -> PipelineLayout:
         """The layout of teacher ``config`` split into ``stages`` (``explicit_layers`` blocks each, or
         balanced); ``vocab``: the tokenizer's size (None: the head's)."""
         hidden = hidden_size(config)
@@ -120,4 +127,4 @@ class PipelineLayout:
                    chunks=chunks, hidden_size=hidden, filter_dim=filters.out_dim if filters is not None else hidden,
                    need_logits=need_logits, logits_topk=logits_topk, logits_dtype=logits_dtype,
                    vocab=min(vocab, vocab_size(config)) if vocab else vocab_size(config), dtype=dtype,
-                   documents=documents)
+                   documents=documents, tail_temperature=tail_temperature if logits_topk else None)

@@ -100,5 +100,5 @@ def buffer_shape(layout: PipelineLayout, m: Message, rows: int, tokens: int) -> 
     """Shape and dtype of message ``m`` for a chunk of ``rows`` × ``tokens`` ids."""
     return {MessageKind.ACTIVATIONS: ((rows, tokens, layout.hidden_size), layout.dtype),
             MessageKind.TAP: ((rows, tokens, layout.filter_dim), torch.float32),
-            MessageKind.LOGITS: ((rows, tokens, layout.logits_topk or layout.vocab), layout.logits_dtype),
+            MessageKind.LOGITS: ((rows, tokens, layout.logits_width), layout.logits_dtype),
             MessageKind.TOPK_IDS: ((rows, tokens, layout.logits_topk), torch.int64)}[m.kind]

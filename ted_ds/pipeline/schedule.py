@@ -237,7 +237,8 @@ class PipelineTeacher:
             taps = {i: state.float() for i, state in zip(self.local_taps, states)}
         values = index = None
         if logits is not None and layout.need_logits:
-            values, index = teacher_logits(logits, layout.vocab, layout.logits_topk, layout.logits_dtype)
+            values, index = teacher_logits(logits, layout.vocab, layout.logits_topk, layout.logits_dtype,
+                                           layout.tail_temperature)
             values = values.to(layout.logits_dtype)
         by_kind = {MessageKind.ACTIVATIONS: out, MessageKind.LOGITS: values, MessageKind.TOPK_IDS: index}
         return {m: taps[m.tap] if m.kind == MessageKind.TAP else by_kind[m.kind]
@@ -264,5 +265,5 @@ def build_pipeline_teacher(cfg, tap_layers: list[int], filters, need_logits: boo
         config, tap_layers, filters, stages=t.pipeline_stages, explicit_layers=t.pipeline_layers,
         chunks=t.pipeline_chunks, need_logits=need_logits, logits_topk=t.logits_topk,
         logits_dtype=LOGITS_DTYPES[t.logits_dtype], dtype=dtype,
-        document_eos=document_eos, vocab=vocab)
+        document_eos=document_eos, vocab=vocab, tail_temperature=cfg.tail_temperature)
     return PipelineTeacher(layout, t.path, config, filters, cfg.train.timeout_minutes)

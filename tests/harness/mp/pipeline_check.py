@@ -127,7 +127,7 @@ def compare_documents(teacher_dir, results, stages, placements):
           "train_batch_size": 2 * distributed.world_size(), "zero_optimization": {"stage": 3}}
     for placement in placements:
         cfg = SimpleNamespace(teacher=SimpleNamespace(**vars(teacher), placement=placement),
-                              train=SimpleNamespace(timeout_minutes=1.0, compile_blocks=False))
+                              train=SimpleNamespace(timeout_minutes=1.0, compile_blocks=False), tail_temperature=None)
         frozen = build_frozen(cfg, functools.partial(load_teacher, cfg), TAPS, None, True, ds, eos)
         out = frozen(ids)
         diff = torch.tensor([span_difference([out.logits, *out.taps], alone, ids, spans)])
