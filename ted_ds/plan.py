@@ -32,7 +32,7 @@ from ted_ds.architectures import (
     vocab_size,
     with_attention,
 )
-from ted_ds.checkpoint import holds_student, read_trainer_state, resolve_checkpoint
+from ted_ds.checkpoint import distill_recipe, holds_student, read_trainer_state, resolve_checkpoint
 from ted_ds.config import DataConfig, RunConfig
 from ted_ds.documents import check_document_attention, check_trainable_attention
 from ted_ds.errors import ConfigError
@@ -60,6 +60,11 @@ class Job(enum.Enum):
     def filters_of(self) -> str | None:
         """The model ("teacher" | "student") whose stage-1 filters this job learns; None for distill."""
         return {Job.FILTERS_TEACHER: "teacher", Job.FILTERS_STUDENT: "student"}.get(self)
+
+
+def recipe_name(method: str, job: Job) -> str:
+    """The recipe (and ``checkpoints/`` directory) a job trains: ``distill-<method>`` or ``filters-<model>``."""
+    return distill_recipe(method) if job is Job.DISTILL else job.value
 
 
 @dataclass
