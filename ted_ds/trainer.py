@@ -23,7 +23,15 @@ from torch.autograd.profiler import record_function
 
 from ted_ds import distributed
 from ted_ds.checkpoint import Checkpointer
-from ted_ds.data import Blend, BlendedDataset, ConsumedSamplesSampler, MicroBatch, PackedShardDataset, collate
+from ted_ds.data import (
+    Blend,
+    BlendedDataset,
+    ConsumedSamplesSampler,
+    DamagedWindow,
+    MicroBatch,
+    PackedShardDataset,
+    collate,
+)
 from ted_ds.errors import TrainingError
 from ted_ds.metrics import MetricsLogger, device_peak_flops
 from ted_ds.plan import Plan
@@ -193,9 +201,22 @@ class TrainData:
     sampler: ConsumedSamplesSampler
 
     def next_batch(self) -> list[MicroBatch]:
-        """This rank's micro-batches of the next global batch, on the device, with their sample indices."""
-        return [MicroBatch(*(t.to(distributed.device()) for t in collate(self.train, indices)), indices)
-                for indices in self.sampler.next_batch()]
+        """This rank's micro-batches of the next global batch, on the device, with their sample indices.
+        A damaged window on any rank stops every rank with its line (raise_on_every_rank)."""
+        try:
+            windows, damage = [(collate(self.train, indices), indices) for indices in self.sampler.next_batch()], None
+        except DamagedWindow as e:
+            windows, damage = [], str(e)
+        raise_on_every_rank(damage)
+        return [MicroBatch(*(t.to(distributed.device()) for t in pair), indices) for pair, indices in windows]
+
+
+def raise_on_every_rank(problem: str | None) -> None:
+    """One all-reduce: if any rank found a problem, every rank raises the first one (by rank), instead of
+    the others waiting for a peer that is gone."""
+    flag = torch.tensor([1.0 if problem else 0.0], device=distributed.device())
+    if distributed.all_reduce_sum(flag).item() > 0:
+        raise DamagedWindow(next(p for p in distributed.gather_objects(problem) if p))
 
 
 def training_data(p: Plan) -> TrainData:
