@@ -458,12 +458,25 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
             with open(path) as f:
                 data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{path}{yaml_error_place(e)}: not valid YAML ({yaml_problem(e)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     for o in overrides:
         apply_override(data, o)
     return _build(RunConfig, data)
+
+
+def yaml_error_place(error: yaml.YAMLError) -> str:
+    """``:LINE:COLUMN`` (1-based) where the YAML parser gave up, or nothing when it cannot say."""
+    mark = getattr(error, "problem_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """What the parser expected, and where the construct it was in began (an unclosed bracket's line)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context, mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    return f"{problem}, {context} started on line {mark.line + 1}" if context and mark else problem
 
 
 def data_config(data: dict) -> DataConfig:

@@ -138,3 +138,12 @@ def test_total_steps_from_tokens_round_up_to_whole_steps(tiny, tmp_path):
         tiny["llama_data"], tiny["llama_teacher"], str(tmp_path / "o"), **{"train.steps": None,
                                                                           "train.tokens": 8 * 32 * 5 + 1})))
     assert cfg.tokens_per_step == 8 * 32 and cfg.total_steps == 6
+
+
+def test_a_yaml_syntax_error_names_its_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: 10\n  out_dir: [runs/a\ndistill:\n  alpha: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(str(path))
+    assert str(e.value) == (f"{path}:4:8: not valid YAML (expected ',' or ']', but got ':', while parsing a flow "
+                            "sequence started on line 3)")
