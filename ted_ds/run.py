@@ -31,7 +31,14 @@ def seed_everything(seed: int) -> None:
 
 def setup(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[Plan, dict]:
     """Everything before a recipe is built: check the run against its files, ranks and devices, start
-    the process group, seed.  Returns the plan and the resolved DeepSpeed config.
+    the process group, seed.  Returns the plan and the resolved DeepSpeed config."""
+    p, ds = checked_plan(cfg, job)
+    start_group(p)
+    return p, ds
+
+
+def checked_plan(cfg: RunConfig, job: Job) -> tuple[Plan, dict]:
+    """The plan and the resolved DeepSpeed config, the run checked against its files, ranks and devices.
 
     Every check happens before the process group, and the rank's GPU is chosen from its launcher's
     variables before the first thing that touches CUDA (the free-memory check)."""
@@ -42,11 +49,15 @@ def setup(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[Plan, dict]:
     check_fits(p, ds, world, distributed.local_world_size(),
                with_teacher=cfg.runs_teacher or job is Job.FILTERS_TEACHER,
                trained_heads=len(p.pairs) if own_heads else 0, device=distributed.device())
-    distributed.init(cfg.train.timeout_minutes)
+    return p, ds
+
+
+def start_group(p: Plan) -> None:
+    """The process group, then the seed."""
+    distributed.init(p.cfg.train.timeout_minutes)
     if distributed.rank() == 0 and p.vocabularies:
         print(f"ted-ds: {p.vocabularies}", file=sys.stderr)  # the sizes the checks compared
-    seed_everything(cfg.train.seed)
-    return p, ds
+    seed_everything(p.cfg.train.seed)
 
 
 def checkpointer(recipe: Recipe, p: Plan) -> Checkpointer:
@@ -86,8 +97,9 @@ def run_recipe(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[Recipe, Plan, di
     """A whole command of ``job``; returns the recipe, its plan and the last metrics (with ``output``,
     the path the recipe saved, unless a signal stopped the run first)."""
     stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step
-    resumed, changed = owned_config(cfg, job)
-    p, ds = setup(cfg, job)
+    p, ds = checked_plan(cfg, job)
+    resumed, changed = owned_config(p.cfg, job)  # the config as run: hub ids resolved, as checkpoints hold it
+    start_group(p)
     recipe = build_recipe(p, ds, job)
     if distributed.rank() == 0 and resumed is None:
         record_config(cfg, recipe.name)
