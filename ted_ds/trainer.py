@@ -58,10 +58,18 @@ def launcher_chain(pid: int) -> list[tuple[int, int]]:
     ``deepspeed.launcher.launch``, which starts the ranks); empty for a rank no launcher started."""
     chain, proc = [], psutil.Process(pid)
     parent = proc.parent()
-    while parent is not None and launched_program(parent.cmdline()) in LAUNCHERS:
+    while parent is not None and launched_program(command_line(parent)) in LAUNCHERS:
         chain.append((proc.pid, parent.pid))
         proc, parent = parent, parent.parent()
     return chain
+
+
+def command_line(proc: psutil.Process) -> list[str]:
+    """``proc``'s command line; empty for one this user may not read, or that is gone."""
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
 
 
 def launcher_gone(chain: list[tuple[int, int]]) -> bool:
