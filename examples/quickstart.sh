@@ -62,7 +62,7 @@ train:
   eval_interval: $(( STEPS / 4 + 1 ))
   save_interval: $(( STEPS / 4 + 1 ))
 EOF
-run() { deepspeed --num_gpus "$GPUS" --module ted_ds "$@"; }
+run() { deepspeed --num_gpus "$GPUS" --master_port "${MASTER_PORT:-29500}" --module ted_ds "$@"; }
 stage1=(optim.lr="$STAGE1_LR" optim.warmup_steps=1 train.steps="$STAGE1_STEPS")
 
 # 3. TED stage 1: filters on the frozen teacher, then on the frozen student

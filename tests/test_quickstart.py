@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from harness.common import REPO, run_launcher
+from ted_ds.distributed import free_port
 
 SCRIPT = os.path.join(REPO, "examples", "quickstart.sh")
 TINY = {"GPUS": "2", "DS_CONFIG": os.path.join(REPO, "ds_configs", "zero3_cpu.json"), "STUDENT_BLOCKS": "[1, 3]",
@@ -29,7 +30,7 @@ def test_the_readme_quickstart_is_the_script():
 @pytest.mark.multirank
 def test_the_quickstart_script_runs_as_written(tiny, corpus_file, tmp_path):
     work = str(tmp_path / "qs")
-    env = dict(TINY, TEACHER=tiny["llama_teacher"], CORPUS=corpus_file, WORK=work,
+    env = dict(TINY, TEACHER=tiny["llama_teacher"], CORPUS=corpus_file, WORK=work, MASTER_PORT=str(free_port()),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     r = run_launcher(["bash", SCRIPT], env=env, cwd=str(tmp_path), timeout=900)
     for job, recipe, steps in (("stage1-teacher", "filters-teacher", 3), ("stage1-student", "filters-student", 3),
