@@ -39,5 +39,5 @@ def test_the_quickstart_script_runs_as_written(tiny, corpus_file, tmp_path):
         assert {row["job"] for row in rows} == {recipe} and rows[-1]["step"] == steps
         assert os.path.isfile(os.path.join(work, job, f"config-{recipe}.yaml"))
     assert "ted-ds: distill-ted finished at step 4" in r.stderr and "identical to the checkpoint's" in r.stderr
-    scores = re.findall(r"^(\S+) on \S+ [valid]: \d+ windows × 32 tokens, .*perplexity ([0-9.]+)", r.stdout, re.M)
+    scores = re.findall(r"^(\S+) on \S+ \[valid\]: \d+ windows × 32 tokens, .*perplexity ([0-9.]+)", r.stdout, re.M)
     assert [model for model, _ in scores] == [tiny["llama_teacher"], f"{work}/ted-export", f"{work}/kd/hf"], r.stdout
