@@ -117,6 +117,7 @@ def resolve_sources(inputs: list[str]) -> list[Source]:
             if not found:
                 what = "input glob matches no" if is_glob else "input directory holds no"
                 raise UserError(f"{what} supported files ({', '.join(TEXT_SUFFIXES)}): {raw}")
+            _check_one_format(raw, found)
             for s in found:
                 _check_readable(s.path)
                 add(s)
@@ -134,6 +135,18 @@ def resolve_sources(inputs: list[str]) -> list[Source]:
         else:
             raise UserError(f"input not found: {raw}")
     return sources
+
+
+def _check_one_format(raw: str, found: list[Source]) -> None:
+    """A directory or glob holds one format: copies of a corpus in two formats (``.jsonl`` beside
+    ``.parquet``) would count every document twice."""
+    formats: dict[str, int] = {}
+    for src in found:
+        formats[src.kind] = formats.get(src.kind, 0) + 1
+    if len(formats) > 1:
+        listed = ", ".join(f"{n} .{fmt}" for fmt, n in sorted(formats.items()))
+        raise UserError(f"{raw} mixes file formats ({listed}): copies of one corpus would be read twice; name the "
+                        f"files of one format (e.g. '{os.path.join(raw, '*.' + min(formats))}' for a directory)")
 
 
 def _glob_files(pattern: str) -> list[str]:

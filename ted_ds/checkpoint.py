@@ -34,6 +34,7 @@ import torch
 
 from data_prep.fileio import atomically, write_text
 from ted_ds import distributed
+from ted_ds.config import RunConfig, config_changes, run_config_from_dict
 from ted_ds.errors import CheckpointError, TrainingError
 
 TAG_PREFIX = "step-"
@@ -383,6 +384,29 @@ class Checkpointer:
 
         distributed.rank0_alone(convert, CONVERSION_WAIT)
         return universal
+
+
+def saved_state(ckpt_dir: str) -> TrainerState | None:
+    """The trainer state of the newest whole checkpoint of ``ckpt_dir``, read before any process group
+    (None: nothing to resume); ``Checkpointer.agreed_resumable`` makes the ranks agree on it later."""
+    for tag in tags_newest_first(ckpt_dir):
+        if is_complete(os.path.join(ckpt_dir, tag)) is None:
+            return read_trainer_state(os.path.join(ckpt_dir, tag))
+    return None
+
+
+def owned_config_changes(state: TrainerState, cfg: RunConfig, ckpt_dir: str) -> dict[str, tuple]:
+    """A run owns its config: the keys a relaunch changed, as ``key → (old, new)``, if all are safe to
+    change (``config.SAFE_TO_CHANGE``); a change to what is trained is refused in one line naming the keys."""
+    refused, allowed = config_changes(run_config_from_dict(state.run["config"]), cfg)
+    if refused:
+        changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
+        raise CheckpointError(
+            f"{ckpt_dir} was trained to step {state.step} with another config ({changes}): a resumed run keeps its "
+            f"own config, so re-run with the old values; to train on from it with the new ones on purpose, start a "
+            f"new run from it: train.init_from={ckpt_dir} (instead of student.path/config/init_from_teacher) "
+            "and another train.out_dir")
+    return allowed
 
 
 def resolve_checkpoint(path: str, tag: str | None) -> tuple[str, str]:

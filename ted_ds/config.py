@@ -509,12 +509,25 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
             with open(path) as f:
                 data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{path}{yaml_error_place(e)}: not valid YAML ({yaml_problem(e)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     for o in overrides:
         apply_override(data, o)
     return _build(RunConfig, data)
+
+
+def yaml_error_place(error: yaml.YAMLError) -> str:
+    """``:LINE:COLUMN`` (1-based) where the YAML parser gave up, or nothing when it cannot say."""
+    mark = getattr(error, "problem_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """What the parser expected, and where the construct it was in began (an unclosed bracket's line)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context, mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    return f"{problem}, {context} started on line {mark.line + 1}" if context and mark else problem
 
 
 def data_config(data: dict) -> DataConfig:
@@ -529,3 +542,35 @@ def to_dict(cfg: RunConfig) -> dict:
 def save_config(cfg: RunConfig, path: str) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+# What a resumed run may change: how it runs, logs, evaluates and saves, never what it trains (the
+# models, data, objective, optimizer, schedule, length and seeds).  Every other key is refused on resume.
+SAFE_TO_CHANGE = frozenset({
+    "train.out_dir", "train.log_interval", "train.eval_interval", "train.eval_steps", "train.save_interval",
+    "train.keep_last", "train.timeout_minutes", "train.peak_tflops", "train.progress", "train.compile_blocks",
+    "train.max_bad_steps", "train.micro_batch_size", "data.eval_samples", "distill.filters_out",
+    "teacher.placement", "teacher.pipeline_stages", "teacher.pipeline_layers", "teacher.pipeline_chunks",
+    "teacher.attn_implementation", "teacher.trust_remote_code", "student.attn_implementation",
+    "student.activation_checkpointing", "student.trust_remote_code",
+    "train.inject_nan_steps",  # a test's fault, gone in the re-run that resumes past it
+})
+
+
+def flat_config(cfg: RunConfig) -> dict[str, object]:
+    """``section.field`` → value (a list, e.g. ``data.sources``, stays one value)."""
+    return {f"{section}.{key}": value for section, fields in to_dict(cfg).items() for key, value in fields.items()}
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """The keys whose values differ between a run's own config and a relaunch's, as ``key → (old, new)``,
+    split into (refused: they change what is trained, allowed: ``SAFE_TO_CHANGE``)."""
+    before, after = flat_config(old), flat_config(new)
+    changed = {key: (before[key], after[key]) for key in after if before.get(key) != after[key]}
+    refused = {k: v for k, v in changed.items() if k not in SAFE_TO_CHANGE}
+    return refused, {k: v for k, v in changed.items() if k in SAFE_TO_CHANGE}
+
+
+def run_config_from_dict(data: dict) -> RunConfig:
+    """A saved run config (``to_dict``, in trainer_state.json) as the RunConfig it was."""
+    return _build(RunConfig, data)

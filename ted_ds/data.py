@@ -30,10 +30,15 @@ from data_prep.indexed import IndexedShard
 from ted_ds import config
 
 
+class DamagedWindow(UserError):
+    """A window holds a token id the vocabulary does not have: its shard's bytes are damaged."""
+
+
 class PackedShardDataset:
     """Random access to ``seq_len + 1``-token windows of one split's concatenated shards."""
 
     def __init__(self, data_dir: str, split: str, seq_len: int):
+        self.data_dir, self.split = data_dir, split
         self.manifest = read_manifest(data_dir)
         if split not in self.manifest["shards"]:
             raise UserError(f"{data_dir}: no split {split!r}")
@@ -69,9 +74,22 @@ class PackedShardDataset:
         return out
 
     def __getitem__(self, i: int) -> np.ndarray:
+        """Window ``i``; one with an id ≥ the vocabulary size (damaged bytes) is a ``DamagedWindow``, never
+        an index error deep in an embedding."""
         if not 0 <= i < self.num_samples:
             raise IndexError(i)
-        return self.tokens(i * self.seq_len, (i + 1) * self.seq_len + 1)
+        window = self.tokens(i * self.seq_len, (i + 1) * self.seq_len + 1)
+        if window.max() >= self.manifest["vocab_size"]:
+            raise DamagedWindow(self._damage(i, window))
+        return window
+
+    def _damage(self, i: int, window: np.ndarray) -> str:
+        first = int(np.argmax(window >= self.manifest["vocab_size"]))
+        at = i * self.seq_len + first
+        k = int(np.searchsorted(self.starts, at, side="right")) - 1
+        return (f"{self.shards[k].prefix}.bin: token {at - self.starts[k]} (in window {i} of the {self.split} split) "
+                f"is id {window[first]}, past the vocabulary of {self.manifest['vocab_size']}: the shard is damaged; "
+                f"`ted-prep verify {self.data_dir}` checks every shard")
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, source: int = 0) -> np.ndarray:

@@ -25,6 +25,7 @@ def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: in
     """Perplexity, bits per byte and counts; with ``per_window`` also each window's mean NLL
     (``window_loss``), for paired comparisons of models on the same windows."""
     from ted_ds.architectures import load_hf_config, max_positions, vocab_size
+    from ted_ds.plan import check_tokenizer
     from ted_ds.weights import load_model
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -38,6 +39,7 @@ def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: in
     if vocab_size(config) < data.manifest["vocab_size"]:
         raise ConfigError(f"{model_dir}: vocab_size {vocab_size(config)} is smaller than the data's "
                           f"{data.manifest['vocab_size']}")
+    check_tokenizer(model_dir, data.manifest, "model", data_dir)  # shards of another tokenizer score nonsense
     tok = load_tokenizer(os.path.join(data_dir, "tokenizer"))
     dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     model = load_model(model_dir, trust_remote_code, dtype=dtype, device=dev).eval()

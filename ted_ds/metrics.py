@@ -1,9 +1,11 @@
 """Metrics out of the trainer: TensorBoard scalars, a JSONL file, a progress bar, and MFU
 (the FLOPs a token costs, and the peak a device can do).
 
-Only rank 0 writes.  ``metrics.jsonl`` holds one JSON object per logged step; on resume, lines
-past the resumed step (written by the interrupted attempt) are dropped so curves stay clean, and
-a ``{"step": N, "resumed_from": TAG}`` line marks where the relaunch took over.
+Only rank 0 writes.  ``metrics.jsonl`` holds one JSON object per logged step, each naming its job (the
+recipe: several jobs may share an out_dir, each keeps its lines); on resume, the job's lines past the
+resumed step (written by the interrupted attempt) are dropped so curves stay clean, and a
+``{"step": N, "job": ..., "resumed_from": TAG}`` line marks where the relaunch took over (with the safe
+config changes it made, if any).  TensorBoard events go to ``tb/<job>``.
 """
 
 from __future__ import annotations
@@ -99,6 +101,18 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 102
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def kept_lines(lines, job: str, start_step: int) -> list[str]:
+    """What a launch of ``job`` resuming at ``start_step`` keeps of metrics.jsonl: every other job's lines,
+    and its own up to that step (the steps after it are trained again).  Lines without a job are this
+    job's (written before lines carried one)."""
+    kept = []
+    for line in filter(str.strip, lines):
+        row = json.loads(line)
+        if row.get("job", job) != job or row.get("step", 0) <= start_step:
+            kept.append(line)
+    return kept
+
+
 class MetricsLogger:
     def __init__(self, out_dir: str, enabled: bool, total_steps: int, start_step: int, progress: bool,
                  desc: str):
@@ -110,15 +124,14 @@ class MetricsLogger:
             return
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, "metrics.jsonl")
-        kept = []
+        self.job = desc
         if os.path.exists(path):
             with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start_step]
-        write_text(path, "".join(kept))
+                write_text(path, "".join(kept_lines(f, desc, start_step)))
         self.jsonl = open(path, "a")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start_step + 1)
+        self.writer = SummaryWriter(os.path.join(out_dir, "tb", desc), purge_step=start_step + 1)
         if progress:
             from tqdm import tqdm
 
@@ -130,14 +143,19 @@ class MetricsLogger:
             return
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, "job": self.job, **scalars}) + "\n")
         self.jsonl.flush()
 
-    def resumed(self, tag: str, step: int, consumed: int) -> None:
-        """Say (and record in the JSONL) where this launch took over: the lines after it are its own."""
-        self.message(f"ted-ds: resumed from {tag} (step {step}, {consumed} samples consumed)")
+    def resumed(self, tag: str, step: int, consumed: int, changed: dict[str, tuple]) -> None:
+        """Say (and record in the JSONL) where this launch took over, and the safe config keys it changed
+        (``config.SAFE_TO_CHANGE``, as key → (old, new)): the lines after it are its own."""
+        changes = "".join(f"; {key} {old!r} -> {new!r} from here on" for key, (old, new) in changed.items())
+        self.message(f"ted-ds: resumed from {tag} (step {step}, {consumed} samples consumed){changes}")
         if self.enabled:
-            self.jsonl.write(json.dumps({"step": step, "resumed_from": tag}) + "\n")
+            row = {"step": step, "job": self.job, "resumed_from": tag}
+            if changed:
+                row["config_changed"] = {key: list(values) for key, values in changed.items()}
+            self.jsonl.write(json.dumps(row) + "\n")
             self.jsonl.flush()
 
     def advance(self, step: int, postfix: str) -> None:

@@ -32,7 +32,7 @@ from ted_ds.architectures import (
     vocab_size,
     with_attention,
 )
-from ted_ds.checkpoint import holds_student, read_trainer_state, resolve_checkpoint
+from ted_ds.checkpoint import distill_recipe, holds_student, read_trainer_state, resolve_checkpoint
 from ted_ds.config import DataConfig, RunConfig
 from ted_ds.documents import check_document_attention, check_trainable_attention
 from ted_ds.errors import ConfigError
@@ -60,6 +60,11 @@ class Job(enum.Enum):
     def filters_of(self) -> str | None:
         """The model ("teacher" | "student") whose stage-1 filters this job learns; None for distill."""
         return {Job.FILTERS_TEACHER: "teacher", Job.FILTERS_STUDENT: "student"}.get(self)
+
+
+def recipe_name(method: str, job: Job) -> str:
+    """The recipe (and ``checkpoints/`` directory) a job trains: ``distill-<method>`` or ``filters-<model>``."""
+    return distill_recipe(method) if job is Job.DISTILL else job.value
 
 
 @dataclass
@@ -94,7 +99,7 @@ class Plan:
 SPECIAL_ROLES = ("eos", "bos", "pad", "unk")
 
 
-def _check_tokenizer(model_dir: str, manifest: dict, what: str, data_dir: str) -> None:
+def check_tokenizer(model_dir: str, manifest: dict, what: str, data_dir: str) -> None:
     """A model's tokenizer fits the data's when both map every id below the data's vocabulary size to the
     same token (ids past it, the padding of an embedding, are never used); special-token roles that
     differ (EOS, BOS, PAD, UNK) are a one-line warning, any other difference a one-line error."""
@@ -213,7 +218,7 @@ def plan(cfg: RunConfig, job: Job = Job.DISTILL) -> Plan:
     hf_start = cfg.train.init_from if cfg.train.init_from and is_hf_dir(cfg.train.init_from) else s.path
     for what, path in (("teacher", t.path if teacher_config is not None else None), ("student", hf_start)):
         if path:
-            _check_tokenizer(path, manifest, what, cfg.data.blend[0].path)  # sources share one tokenizer
+            check_tokenizer(path, manifest, what, cfg.data.blend[0].path)  # sources share one tokenizer
     uses_teacher_geometry = cfg.uses_teacher or learning
     if uses_teacher_geometry and teacher_config is None:
         raise ConfigError("this command needs teacher.path")

@@ -18,7 +18,6 @@ from torch import nn
 
 from ted_ds import distributed
 from ted_ds.architectures import hidden_size, meta_model, vocab_size
-from ted_ds.checkpoint import distill_recipe
 from ted_ds.data import MicroBatch
 from ted_ds.engine import build_frozen, build_trained_engine, compiled, compute_dtype
 from ted_ds.export import save_bank, save_student
@@ -28,7 +27,7 @@ from ted_ds.losses import ObjectiveWeights, distill_objective, lm_loss, tap_lm_l
 from ted_ds.metrics import flops_per_token, matmul_parameters
 from ted_ds.models import FiltersWithHeads, distill_modules, load_student, load_teacher
 from ted_ds.optim import distill_weights
-from ted_ds.plan import Job, Plan
+from ted_ds.plan import Job, Plan, recipe_name
 from ted_ds.teacher import Teacher, TeacherOutput
 
 
@@ -86,8 +85,8 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
 
     tokenizer_dir = os.path.join(cfg.data.blend[0].path, "tokenizer")
     save = lambda out_dir: save_student(trained, p.student_config, tokenizer_dir, out_dir)
-    return Recipe(distill_recipe(method), engine, frozen, loss, eval_loss, flops, trained, trained.filters, save,
-                  weights_at)
+    return Recipe(recipe_name(method, Job.DISTILL), engine, frozen, loss, eval_loss, flops, trained, trained.filters,
+                  save, weights_at)
 
 
 def teacher_side(frozen: Teacher | None, cache, batch: MicroBatch) -> TeacherOutput | None:
@@ -133,7 +132,7 @@ def build_filter_learning(p: Plan, ds: dict, job: Job) -> Recipe:
     loss = lambda batch, step: terms(batch.input_ids, batch.labels)
     eval_loss = lambda input_ids, labels: terms(input_ids, labels)["loss"]
     save = lambda out_dir: save_bank(bank, cfg.distill.filters_out or os.path.join(out_dir, job.value))
-    return Recipe(job.value, engine, frozen, loss, eval_loss, flops, bank, bank, save)
+    return Recipe(recipe_name(cfg.distill.method, job), engine, frozen, loss, eval_loss, flops, bank, bank, save)
 
 
 def build_recipe(p: Plan, ds: dict, job: Job) -> Recipe:

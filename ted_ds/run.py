@@ -15,10 +15,10 @@ import torch
 
 from ted_ds import distributed
 from ted_ds.capacity import check_fits
-from ted_ds.checkpoint import Checkpointer
+from ted_ds.checkpoint import Checkpointer, TrainerState, owned_config_changes, saved_state
 from ted_ds.config import RunConfig, save_config, to_dict
 from ted_ds.engine import resolve_ds_config
-from ted_ds.plan import Job, Plan, plan
+from ted_ds.plan import Job, Plan, plan, recipe_name
 from ted_ds.recipes import Recipe, build_recipe
 from ted_ds.trainer import StopSignal, fit
 
@@ -31,7 +31,14 @@ def seed_everything(seed: int) -> None:
 
 def setup(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[Plan, dict]:
     """Everything before a recipe is built: check the run against its files, ranks and devices, start
-    the process group, seed.  Returns the plan and the resolved DeepSpeed config.
+    the process group, seed.  Returns the plan and the resolved DeepSpeed config."""
+    p, ds = checked_plan(cfg, job)
+    start_group(p)
+    return p, ds
+
+
+def checked_plan(cfg: RunConfig, job: Job) -> tuple[Plan, dict]:
+    """The plan and the resolved DeepSpeed config, the run checked against its files, ranks and devices.
 
     Every check happens before the process group, and the rank's GPU is chosen from its launcher's
     variables before the first thing that touches CUDA (the free-memory check)."""
@@ -42,11 +49,15 @@ def setup(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[Plan, dict]:
     check_fits(p, ds, world, distributed.local_world_size(),
                with_teacher=cfg.runs_teacher or job is Job.FILTERS_TEACHER,
                trained_heads=len(p.pairs) if own_heads else 0, device=distributed.device())
-    distributed.init(cfg.train.timeout_minutes)
+    return p, ds
+
+
+def start_group(p: Plan) -> None:
+    """The process group, then the seed."""
+    distributed.init(p.cfg.train.timeout_minutes)
     if distributed.rank() == 0 and p.vocabularies:
         print(f"ted-ds: {p.vocabularies}", file=sys.stderr)  # the sizes the checks compared
-    seed_everything(cfg.train.seed)
-    return p, ds
+    seed_everything(p.cfg.train.seed)
 
 
 def checkpointer(recipe: Recipe, p: Plan) -> Checkpointer:
@@ -60,20 +71,39 @@ def checkpointer(recipe: Recipe, p: Plan) -> Checkpointer:
     run_info = {"config": to_dict(cfg), "student_config": p.student_config.to_dict(),
                 "filters": bank.meta() if bank is not None else None,
                 "tokenizer": os.path.abspath(os.path.join(cfg.data.blend[0].path, "tokenizer"))}
-    return Checkpointer(os.path.join(cfg.train.out_dir, "checkpoints", recipe.name), cfg.train.keep_last, identity,
-                        run_info)
+    return Checkpointer(checkpoint_dir(cfg, recipe.name), cfg.train.keep_last, identity, run_info)
+
+
+def checkpoint_dir(cfg: RunConfig, recipe: str) -> str:
+    return os.path.join(cfg.train.out_dir, "checkpoints", recipe)
+
+
+def owned_config(cfg: RunConfig, job: Job) -> tuple[TrainerState | None, dict[str, tuple]]:
+    """Before the process group: the state of the job's checkpoint this launch would resume (None: it starts
+    afresh) and the safe config changes it makes (``checkpoint.owned_config_changes`` refuses the others)."""
+    ckpt_dir = checkpoint_dir(cfg, recipe_name(cfg.distill.method, job))
+    state = saved_state(ckpt_dir)
+    return state, owned_config_changes(state, cfg, ckpt_dir) if state is not None else {}
+
+
+def record_config(cfg: RunConfig, recipe: str) -> None:
+    """``<out_dir>/config-<recipe>.yaml``: the config a job started with, one file per job of the out_dir
+    (a resumed launch changes only safe keys, recorded in metrics.jsonl)."""
+    os.makedirs(cfg.train.out_dir, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.train.out_dir, f"config-{recipe}.yaml"))
 
 
 def run_recipe(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[Recipe, Plan, dict]:
     """A whole command of ``job``; returns the recipe, its plan and the last metrics (with ``output``,
     the path the recipe saved, unless a signal stopped the run first)."""
     stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step
-    p, ds = setup(cfg, job)
+    p, ds = checked_plan(cfg, job)
+    resumed, changed = owned_config(p.cfg, job)  # the config as run: hub ids resolved, as checkpoints hold it
+    start_group(p)
     recipe = build_recipe(p, ds, job)
-    if distributed.rank() == 0:
-        os.makedirs(cfg.train.out_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.train.out_dir, "config.yaml"))
-    result = fit(recipe, p, checkpointer(recipe, p), stop)
+    if distributed.rank() == 0 and resumed is None:
+        record_config(cfg, recipe.name)
+    result = fit(recipe, p, checkpointer(recipe, p), stop, changed)
     if not result["stopped"]:
         result["output"] = recipe.save_outputs(cfg.train.out_dir)
     return recipe, p, result

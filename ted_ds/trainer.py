@@ -10,30 +10,101 @@ one micro-batch.  Resume is automatic from ``<out_dir>/checkpoints/latest``; SIG
 from __future__ import annotations
 
 import math
+import os
 import signal
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+import psutil
 import torch
 from torch.autograd.profiler import record_function
 
 from ted_ds import distributed
 from ted_ds.checkpoint import Checkpointer
-from ted_ds.data import Blend, BlendedDataset, ConsumedSamplesSampler, MicroBatch, PackedShardDataset, collate
+from ted_ds.data import (
+    Blend,
+    BlendedDataset,
+    ConsumedSamplesSampler,
+    DamagedWindow,
+    MicroBatch,
+    PackedShardDataset,
+    collate,
+)
 from ted_ds.errors import TrainingError
 from ted_ds.metrics import MetricsLogger, device_peak_flops
 from ted_ds.plan import Plan
 from ted_ds.recipes import Recipe
 
+# A launcher a rank may run under: the name of its script or module in the launcher's command line.
+LAUNCHERS = frozenset({"deepspeed", "torchrun", "deepspeed.launcher.launch", "torch.distributed.run",
+                       "torch.distributed.launch"})
+
+
+def launched_program(cmdline: list[str]) -> str:
+    """The script or module a command line runs: ``python -u -m mod ...`` → mod, ``python /bin/x ...`` → x."""
+    args = cmdline[1:] if cmdline and os.path.basename(cmdline[0]).startswith("python") else cmdline
+    for i, arg in enumerate(args):
+        if arg == "-m":
+            return args[i + 1] if i + 1 < len(args) else ""
+        if not arg.startswith("-"):
+            return os.path.basename(arg)
+    return ""
+
+
+def launcher_chain(pid: int) -> list[tuple[int, int]]:
+    """``(process, its parent)`` from rank ``pid`` up through the launchers above it (``deepspeed`` starts
+    ``deepspeed.launcher.launch``, which starts the ranks); empty for a rank no launcher started."""
+    chain, proc = [], psutil.Process(pid)
+    parent = proc.parent()
+    while parent is not None and launched_program(command_line(parent)) in LAUNCHERS:
+        chain.append((proc.pid, parent.pid))
+        proc, parent = parent, parent.parent()
+    return chain
+
+
+def command_line(proc: psutil.Process) -> list[str]:
+    """``proc``'s command line; empty for one this user may not read, or that is gone."""
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def launcher_gone(chain: list[tuple[int, int]]) -> bool:
+    """A process of the chain has lost its parent: a launcher above this rank died (a dead parent's
+    children are re-parented at once, before anyone reaps it)."""
+    try:
+        return any(psutil.Process(pid).ppid() != parent for pid, parent in chain)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def stop_when_launcher_dies(poll_s: float = 1.0) -> None:
+    """A SIGTERM to the launcher's PID alone (a user's ``kill``, a scheduler without process groups) kills
+    the ``deepspeed`` runner but not the ranks under it: a watcher thread sends this rank the SIGTERM it
+    would have got, so it saves and exits as on any SIGTERM."""
+    chain = launcher_chain(os.getpid())
+
+    def watch() -> None:
+        while not launcher_gone(chain):
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if chain:
+        threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
 
 class StopSignal:
-    """Remembers that SIGTERM/SIGUSR1 arrived; the loop saves and exits at the next step boundary."""
+    """Remembers that SIGTERM/SIGUSR1 arrived (or the launcher died: stop_when_launcher_dies); the loop saves
+    and exits at the next step boundary."""
 
     def __init__(self):
         self.received = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
+        stop_when_launcher_dies()
 
     def _handler(self, signum, _frame):
         self.received = signal.Signals(signum).name
@@ -138,9 +209,22 @@ class TrainData:
     sampler: ConsumedSamplesSampler
 
     def next_batch(self) -> list[MicroBatch]:
-        """This rank's micro-batches of the next global batch, on the device, with their sample indices."""
-        return [MicroBatch(*(t.to(distributed.device()) for t in collate(self.train, indices)), indices)
-                for indices in self.sampler.next_batch()]
+        """This rank's micro-batches of the next global batch, on the device, with their sample indices.
+        A damaged window on any rank stops every rank with its line (raise_on_every_rank)."""
+        try:
+            windows, damage = [(collate(self.train, indices), indices) for indices in self.sampler.next_batch()], None
+        except DamagedWindow as e:
+            windows, damage = [], str(e)
+        raise_on_every_rank(damage)
+        return [MicroBatch(*(t.to(distributed.device()) for t in pair), indices) for pair, indices in windows]
+
+
+def raise_on_every_rank(problem: str | None) -> None:
+    """One all-reduce: if any rank found a problem, every rank raises the first one (by rank), instead of
+    the others waiting for a peer that is gone."""
+    flag = torch.tensor([1.0 if problem else 0.0], device=distributed.device())
+    if distributed.all_reduce_sum(flag).item() > 0:
+        raise DamagedWindow(next(p for p in distributed.gather_objects(problem) if p))
 
 
 def training_data(p: Plan) -> TrainData:
@@ -218,8 +302,11 @@ def due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
-def fit(recipe: Recipe, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -> dict:
-    """Train ``recipe`` (from recipes.build_recipe) to ``p.total_steps``; returns the last logged metrics."""
+def fit(recipe: Recipe, p: Plan, checkpointer: Checkpointer, stop: StopSignal,
+        changed: dict[str, tuple] | None = None) -> dict:
+    """Train ``recipe`` (from recipes.build_recipe) to ``p.total_steps``; returns the last logged metrics,
+    with ``finished_before``: the run had reached its last step before this launch (nothing trained).
+    ``changed``: the safe config keys this launch changed (run.owned_config), recorded on resume."""
     cfg, total = p.cfg, p.total_steps
     per_source = cfg.data.sources is not None  # data.path alone logs what it always did
     data = training_data(p)
@@ -227,7 +314,8 @@ def fit(recipe: Recipe, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -
     log = MetricsLogger(cfg.train.out_dir, distributed.rank() == 0, total, progress.step, cfg.train.progress,
                         recipe.name)
     if tag is not None:
-        log.resumed(tag, progress.step, data.sampler.consumed)
+        log.resumed(tag, progress.step, data.sampler.consumed, changed or {})
+    finished_before = progress.step >= total
     dtype = next(recipe.trained_model.parameters()).dtype  # the run's compute dtype (engine.check_dtype)
     peak = device_peak_flops(cfg.train.peak_tflops, distributed.device(), dtype)
     peak = peak * distributed.world_size() if peak is not None else None
@@ -268,4 +356,4 @@ def fit(recipe: Recipe, p: Plan, checkpointer: Checkpointer, stop: StopSignal) -
                         "(re-run the same command to resume)")
             break
     log.close()
-    return dict(last, step=progress.step, stopped=progress.step < total)
+    return dict(last, step=progress.step, stopped=progress.step < total, finished_before=finished_before)

@@ -164,7 +164,7 @@ def test_tokenizers_must_agree_below_the_data_size_only(tiny, tmp_path):
     """Extra tokens past the data's ids are fine; a different EOS/BOS/PAD role is one warning naming it;
     a token at another id is an error naming the first id where they differ."""
     from data_prep.tokenizer import load_tokenizer
-    from ted_ds.plan import _check_tokenizer
+    from ted_ds.plan import check_tokenizer
 
     data = tiny["llama_data"]
     manifest = _manifest(data)
@@ -179,12 +179,12 @@ def test_tokenizers_must_agree_below_the_data_size_only(tiny, tmp_path):
     extra = variant("extra", lambda tok: tok.add_tokens(["<extra_0>", "<extra_1>"]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _check_tokenizer(extra, manifest, "teacher", data)
+        check_tokenizer(extra, manifest, "teacher", data)
     eos = variant("eos", lambda tok: setattr(tok, "eos_token", tok.convert_ids_to_tokens(5)))
     data_eos = load_tokenizer(os.path.join(data, "tokenizer")).eos_token
     other = load_tokenizer(eos).eos_token
     with pytest.warns(UserWarning) as seen:
-        _check_tokenizer(eos, manifest, "student", data)
+        check_tokenizer(eos, manifest, "student", data)
     (w,) = seen
     assert f"special-token roles differ (data vs student: eos {data_eos!r} vs {other!r})" in str(w.message)
     assert "\n" not in str(w.message)
@@ -199,7 +199,7 @@ def test_tokenizers_must_agree_below_the_data_size_only(tiny, tmp_path):
         if f.endswith(".model"):
             os.remove(os.path.join(swapped, f))
     with pytest.raises(ConfigError) as e:
-        _check_tokenizer(swapped, manifest, "teacher", data)
+        check_tokenizer(swapped, manifest, "teacher", data)
     first = min((v[a], a), (v[b], b))
     assert f"id {first[0]} is {first[1]!r} there" in str(e.value) and "\n" not in str(e.value)
     # through plan with a data mixture (data.path empty): the sources' tokenizer is the one compared

@@ -9,6 +9,7 @@ steps it ran; a control run that lost ``latest`` shows the difference."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import time
 import psutil
 import pytest
 import torch
+import yaml
 
 from harness.common import REPO, deepspeed_cmd, last_launch, losses, record_fault, run_launcher, student_weights
 from harness.tiny import STEPS, checkpointed_config, with_dropout
@@ -302,11 +304,12 @@ def test_corrupted_latest_falls_back_with_a_warning(tiny, lwd_run, tmp_path):
     shard = os.path.join(ckpt, "step-00000016", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
-    cfg = _cfg(tiny, tmp_path, "corrupt", **{"train.steps": STEPS + 2})
+    cfg = _cfg(tiny, tmp_path, "corrupt")
     r = subprocess.run(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", cfg), cwd=REPO,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "checkpoint step-00000016 is unusable" in r.stderr and "resumed from step-00000012" in r.stderr
+    assert last_launch(out) == ("step-00000012", list(range(13, STEPS + 1)))
     warning = next(line for line in r.stderr.splitlines() if "is unusable" in line)
     record_fault("the newest checkpoint damaged on disk (a truncated optimizer shard)",
                  "a warning: `" + warning[warning.index("checkpoint step-"):].strip() + "`",
@@ -316,4 +319,66 @@ def test_corrupted_latest_falls_back_with_a_warning(tiny, lwd_run, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ted_ds", "distill", "--config", bad], cwd=REPO, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("ted-ds: error: checkpoint") and "seq_len" in r.stderr
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"ted-ds: error: {ckpt} was trained to step 16 with another config (data.seq_len 32 -> 16)")
+
+
+def test_a_run_owns_its_config_refusing_what_changes_training_and_saying_when_it_is_finished(tiny, lwd_run):
+    """A copy of the finished 2-rank reference run re-launched: another α, LR and a longer run are refused
+    in one line naming the keys, on every rank, before any process group (nothing trained, nothing
+    written); the same config with another logging interval says the run had finished, trains nothing
+    and records the safe changes in metrics.jsonl."""
+    root, ref = lwd_run
+    out = str(root / "owned")
+    shutil.copytree(ref, out)
+    before = open(os.path.join(out, "metrics.jsonl")).read()
+    cmd = deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", _cfg(tiny, root, "owned"))
+    r = run_launcher([*cmd, "distill.alpha=4", "optim.lr=1e-2", f"train.steps={STEPS + 4}"], check=False)
+    log = r.stdout + r.stderr
+    errors = {line.split("error: ", 1)[1] for line in log.splitlines() if line.startswith("ted-ds: error: ")}
+    assert r.returncode != 0 and len(errors) == 1 and "Traceback" not in log, log[-3000:]
+    error = errors.pop()
+    assert error.startswith(f"{out}/checkpoints/distill-lwd was trained to step 16 with another config "
+                            f"(distill.alpha 1.0 -> 4.0, optim.lr 0.003 -> 0.01, train.steps 16 -> 20)"), error
+    assert f"train.init_from={out}/checkpoints/distill-lwd" in error
+    assert open(os.path.join(out, "metrics.jsonl")).read() == before
+    r = run_launcher([*cmd, "train.log_interval=2"])
+    assert f"ted-ds: distill-lwd in {out} had already finished at step 16: nothing to train" in r.stderr
+    assert last_launch(out) == ("step-00000016", [])
+    mark = json.loads(open(os.path.join(out, "metrics.jsonl")).read().splitlines()[-1])
+    assert mark["config_changed"] == {"train.out_dir": [ref, out], "train.log_interval": [1, 2]}
+    assert not os.path.exists(os.path.join(out, "config.yaml"))
+    assert yaml.safe_load(open(os.path.join(out, "config-distill-lwd.yaml")))["train"]["log_interval"] == 1
+
+
+def test_killing_the_launcher_alone_stops_every_rank_after_a_save(tiny, lwd_run):
+    """SIGTERM to the ``deepspeed`` launcher's PID only, not its process group (a user's ``kill PID``, a
+    scheduler without process groups): the ranks under it see it gone, save a complete checkpoint and
+    exit as on SIGTERM, long before the run's end; no process of the launch is left."""
+    root, _ = lwd_run
+    out = str(root / "orphaned")
+    cfg = _cfg(tiny, root, "orphaned", **{"train.steps": 400})
+    proc = subprocess.Popen(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", cfg), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while _latest(out) != "step-00000004":
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.01)
+        below = psutil.Process(proc.pid).children(recursive=True)
+        assert len(_rank_processes(proc)) == 2
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        _, left = psutil.wait_procs(below, timeout=120)
+        assert not left, f"still running after the launcher died: {left}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = proc.stdout.read()
+    assert "SIGTERM received; saved step" in log and "Traceback" not in log, log[-3000:]
+    saved = _latest(out)
+    assert is_complete(os.path.join(out, "checkpoints", "distill-lwd", saved)) is None
+    assert 4 <= int(saved[5:]) < 400 and not os.path.exists(os.path.join(out, "hf"))
+    record_fault("SIGTERM to the `deepspeed` launcher's PID alone (not its process group)",
+                 "the ranks see their launcher gone: `SIGTERM received; saved step N and exiting`, no process left",
+                 f"`latest` = the step reached ({saved} here), complete; a re-run resumes from it")

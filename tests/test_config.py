@@ -169,3 +169,12 @@ def test_run_configs_that_cannot_work_are_refused_in_one_line(overrides, message
         load_run_config(None, RUN + overrides)
     assert str(e.value) == message
     load_run_config(None, RUN + ["teacher.placement=pipeline", "teacher.pipeline_chunks=4"])
+
+
+def test_a_yaml_syntax_error_names_its_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: 10\n  out_dir: [runs/a\ndistill:\n  alpha: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(str(path))
+    assert str(e.value) == (f"{path}:4:8: not valid YAML (expected ',' or ']', but got ':', while parsing a flow "
+                            "sequence started on line 3)")

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness.common import REPO, deepspeed_cmd, needs, record_fault, run_launcher
-from harness.tiny import base_config, write_config
+from harness.tiny import base_config, damage_token, write_config
 from ted_ds.checkpoint import Checkpointer
 from ted_ds.errors import TrainingError
 from ted_ds.export import consolidated_state
@@ -177,6 +177,34 @@ def test_a_damaged_shard_is_named_by_verify_and_by_training_before_the_process_g
     record_fault(f"a shard damaged after its build ({how})",
                  f"`ted-prep verify` and training, before any process group, name `{bad}` in one line",
                  "nothing is read from the damaged dataset; the other shards are untouched")
+
+
+@pytest.mark.multirank
+def test_a_damaged_window_of_one_rank_stops_every_rank_with_its_line(tiny, tmp_path):
+    """One token of one window rank 1 draws first, overwritten with an id past the vocabulary: both ranks
+    stop at step 1 with the same line naming the shard and the window (not an IndexError in the embedding
+    on one rank and "peer dead" on the other)."""
+    from ted_ds.data import ConsumedSamplesSampler, PackedShardDataset
+
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny["llama_data"], data)
+    window = ConsumedSamplesSampler(len(PackedShardDataset(data, "train", 32)), 8, 2, 1, 2, 1234).next_batch()[0][0]
+    shard = damage_token(data, "train", window)
+    cfg = base_config(data, tiny["llama_teacher"], str(tmp_path / "run"), **{"distill.method": "lwd"})
+    r = run_launcher(deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config",
+                                   write_config(str(tmp_path / "run.yaml"), **cfg)), check=False)
+    log = r.stdout + r.stderr
+    errors = [line for line in log.splitlines() if re.match(r"ted-ds: (rank \d+: )?error:", line)]
+    assert r.returncode != 0 and "Traceback" not in log and len(errors) == 2, log[-3000:]
+    messages = {e.split("error: ", 1)[1] for e in errors}
+    assert len(messages) == 1, errors
+    message = messages.pop()
+    assert message.startswith(f"{shard}: token ") and message.endswith(
+        f"(in window {window} of the train split) is id 65535, past the vocabulary of 1000: the shard is damaged; "
+        f"`ted-prep verify {data}` checks every shard"), message
+    record_fault("a token id past the vocabulary in one window of one rank's batch (damaged shard bytes)",
+                 "every rank stops at that step with the same line naming the shard, the token and the window",
+                 "nothing trained on it; `ted-prep verify` names the shard too")
 
 
 def _mount_works() -> bool:

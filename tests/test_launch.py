@@ -30,3 +30,19 @@ def test_launch_refuses_dry_run_it_always_is_one(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ted_main(["launch", "--nodes", "1", "--gpus-per-node", "2", "--dry-run", "distill", "--config", path])
     assert e.value.code == 2 and "unrecognized arguments: --dry-run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmdline, launcher", [
+    (["/venv/bin/python", "/venv/bin/deepspeed", "--num_gpus", "2", "--module", "ted_ds"], True),
+    (["/venv/bin/python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30="], True),
+    (["/usr/bin/torchrun", "--nproc-per-node", "2", "-m", "ted_ds"], True),
+    (["python3", "-m", "torch.distributed.run", "--nproc-per-node", "2"], True),
+    (["python", "-m", "pytest", "tests/deepspeed"], False),  # a mere argument named like a launcher
+    (["/bin/bash", "-c", "deepspeed --num_gpus 2"], False),  # a shell that started one: not watched
+    (["slurmstepd: [12.0]"], False),
+])
+def test_the_processes_a_rank_watches_are_its_launchers(cmdline, launcher):
+    """A rank watches the launchers above it (stop_when_launcher_dies), never a shell or scheduler above them."""
+    from ted_ds.trainer import LAUNCHERS, launched_program
+
+    assert (launched_program(cmdline) in LAUNCHERS) is launcher

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from harness.tiny import damage_token
 from ted_ds import evaluate, export
 from ted_ds.architectures import load_hf_config
 
@@ -51,3 +52,29 @@ def test_export_compares_logits_on_the_first_sources_validation_windows(tiny):
     batch = export.sample_batch(data_config({"sources": sources, "seq_len": 16}), 1000)
     assert torch.equal(batch, collate(PackedShardDataset(tiny["llama_data"], "valid", 16), [0, 1, 2, 3])[0])
     assert export.sample_batch(data_config({"path": "/gone", "seq_len": 16}), 1000).shape == (4, 16)
+
+
+def _eval_error(capsys, model: str, data: str) -> str:
+    from ted_ds.cli import main as ted_main
+
+    capsys.readouterr()
+    assert ted_main(["eval", model, "--data", data, "--seq-len", "32", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().split("ted-ds: error: ")  # after the progress bar's first draw
+    assert len(err) == 2 and "\n" not in err[1], err
+    return err[1]
+
+
+def test_eval_refuses_shards_of_another_tokenizer(tiny, capsys):
+    """The GPT-2 teacher's vocabulary (1200) is larger than the LLaMA shards' (1000): the sizes fit, the
+    ids mean other tokens, and a perplexity would be nonsense."""
+    err = _eval_error(capsys, tiny["gpt2_teacher"], tiny["llama_data"])
+    assert f"model {tiny['gpt2_teacher']} has a different tokenizer than the data" in err, err
+
+
+def test_a_damaged_window_is_one_line_naming_the_shard_and_the_window(tiny, tmp_path, capsys):
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny["llama_data"], data)
+    shard = damage_token(data, "valid", 3)
+    err = _eval_error(capsys, tiny["llama_teacher"], data)
+    assert f"{shard}: token " in err and "(in window 3 of the valid split) is id 65535, past the vocabulary of 1000" \
+        in err and f"ted-prep verify {data}" in err, err

@@ -268,6 +268,14 @@ def test_bad_inputs_fail_with_one_clear_line(sp_tokenizer, corpus_file, tmp_path
     _fails(capsys, ["build", "--tokenizer", _hollow_tokenizer(tmp_path / "hollow"), "--out", str(out), "--input",
                     corpus_file], "turns plain English text into no tokens", "vocabulary of 3")
     _fails(capsys, b + [corpus_file, "--valid-fraction", "1.5"], "--valid-fraction")
+    twice = tmp_path / "twice"  # one corpus as .jsonl and as .parquet: every document would be read twice
+    twice.mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (twice / "docs.jsonl").write_text('{"text": "one"}\n')
+    pq.write_table(pa.table({"text": ["one"]}), twice / "docs.parquet")
+    _fails(capsys, b + [str(twice)], f"{twice} mixes file formats (1 .jsonl, 1 .parquet)", f"'{twice}/*.jsonl'")
     assert not out.exists() or not any(p.suffix == ".bin" for p in out.iterdir())
 
 

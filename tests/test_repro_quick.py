@@ -41,7 +41,7 @@ def test_repro_quick_runs_every_arm_on_paired_seeds_and_writes_the_rule_and_repo
             assert all(0 < v[split] < 10 for v in by_step.values() for split in ("books", "wikipedia"))
     for seed in (1, 2):
         for arm, overrides in ARMS.items():
-            cfg = yaml.safe_load(open(work / f"seed{seed}" / arm / "config.yaml"))
+            cfg = yaml.safe_load(open(next((work / f"seed{seed}" / arm).glob("config-distill-*.yaml"))))
             assert cfg["train"]["seed"] == seed
             assert [o for o in overrides if f"{o.split('=')[1]}" != str(_get(cfg, o.split("=")[0]))] == []
             if arm.startswith("ted"):  # its own seed's banks

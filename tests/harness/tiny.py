@@ -199,3 +199,20 @@ def checkpointed_config(tiny, root, name, teacher=None, **over) -> str:
                       **{"distill.method": "lwd", "train.steps": STEPS, "train.save_interval": 4,
                          "train.keep_last": 2, **over})
     return write_config(str(root / f"{name}.yaml"), **cfg)
+
+
+def damage_token(data: str, split: str, window: int, offset: int = 5) -> str:
+    """Overwrite one token of ``window`` (seq_len 32) in a copy's shard with the largest id its dtype holds;
+    returns the shard's .bin."""
+    import numpy as np
+
+    from ted_ds.data import PackedShardDataset
+
+    ds = PackedShardDataset(data, split, 32)
+    at = window * 32 + offset
+    k = int(np.searchsorted(ds.starts, at, side="right")) - 1
+    shard = ds.shards[k]
+    with open(shard.prefix + ".bin", "r+b") as f:
+        f.seek(int(at - ds.starts[k]) * shard.tokens.itemsize)
+        f.write(b"\xff" * shard.tokens.itemsize)
+    return shard.prefix + ".bin"
