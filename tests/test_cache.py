@@ -185,9 +185,10 @@ def test_cache_teacher_refuses_bad_input_before_writing(tiny, tmp_path, capsys, 
 
 def _cache_identity(**over) -> dict:
     """A cache manifest's identity (``format.identity`` of the run that built it), with ``over`` changed."""
-    identity = {"format": 1, "teacher": {"path": "t", "revision": None, "digest": "d0"},
+    identity = {"format": 2, "teacher": {"path": "t", "revision": None, "digest": "d0"},
                 "tokenizer": {"vocab_sha256": "v0", "vocab_size": 500}, "seq_len": 64, "k": 8,
-                "value_dtype": "bf16", "document_attention": False, "sources": {"s0": {"name": "wiki", "path": "w"}}}
+                "value_dtype": "bf16", "document_attention": False, "tail_temperature": 2.0,
+                "sources": {"s0": {"name": "wiki", "path": "w"}}}
     return {**identity, **over}
 
 

@@ -231,7 +231,7 @@ def test_repro_v6_quick_runs_cell_b_end_to_end_and_rules_on_it(tmp_path):
             assert all(set(v) == {"books-test", "books-valid", "wikipedia"} for v in by_step.values())
     tuned_kd, tuned_ted = b["tuned"]["kd"], b["tuned"]["ted-cosine"]
     assert len(tuned_kd["losses"]) == len(KD_GRID) and len(tuned_ted["losses"]) == len(TED_GRID)
-    cfg = yaml.safe_load(open(work / "seed1" / "ted-cosine" / "config.yaml"))
+    cfg = yaml.safe_load(open(next((work / "seed1" / "ted-cosine").glob("config-distill-*.yaml"))))
     assert cfg["distill"]["temperature"] == tuned_kd["temperature"] and cfg["distill"]["beta"] == tuned_ted["beta"]
     assert cfg["teacher"]["path"].endswith("cellB/teacher-books/hf")  # the adapted teacher
     assert cfg["student"]["path"].endswith("cellB/student-base/hf")  # the pre-trained small student
@@ -239,7 +239,7 @@ def test_repro_v6_quick_runs_cell_b_end_to_end_and_rules_on_it(tmp_path):
     teacher = json.load(open(work / "teacher-books" / "hf" / "config.json"))
     assert student["hidden_size"] < teacher["hidden_size"] and student["num_hidden_layers"] < teacher[
         "num_hidden_layers"]
-    tune_cfg = yaml.safe_load(open(work / "seed0" / "tune-ted-cosine-0" / "config.yaml"))
+    tune_cfg = yaml.safe_load(open(next((work / "seed0" / "tune-ted-cosine-0").glob("config-distill-*.yaml"))))
     assert tune_cfg["distill"]["temperature"] == tuned_kd["temperature"]  # TED tuned at KD's tuned T
     books = {s: set(open(work / f"books-{s}.txt", encoding="utf-8")) for s in ("train", "valid", "test")}
     assert not (books["train"] & books["test"]) and not (books["valid"] & books["test"])  # split by document
