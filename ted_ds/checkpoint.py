@@ -222,6 +222,25 @@ def agreed_tag(views: list[tuple[str, str | None, str | None]], ckpt_dir: str) -
                           f"would resume from ({saw} there): train.out_dir must be on storage every node shares")
 
 
+def save_failed(ckpt_dir: str, tag: str, error: Exception) -> CheckpointError:
+    """One line for a save that could not write (a full disk, most often): what failed, how much
+    room is left, and that ``latest`` still names the previous checkpoint.  A rank that wrote
+    its part waits for the failed one; the launcher then stops it."""
+    free = shutil.disk_usage(ckpt_dir).free
+    latest = os.path.join(ckpt_dir, "latest")
+    previous = open(latest).read().strip() if os.path.isfile(latest) else "no checkpoint yet"
+    reason = str(error).strip().splitlines()[-1][:200] if str(error).strip() else type(error).__name__
+    return CheckpointError(f"saving {os.path.join(ckpt_dir, tag)} failed ({reason}; {free / 2**20:.1f} MiB free); "
+                           f"latest is still {previous}: free space and re-run to resume")
+
+
+def prune(ckpt_dir: str, newest: str, keep_last: int) -> None:
+    """Remove all but the newest ``keep_last`` checkpoints (and their universal conversions)."""
+    for old in [t for t in tags_newest_first(ckpt_dir) if t < newest][max(0, keep_last - 1):]:
+        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+        shutil.rmtree(os.path.join(ckpt_dir, old + ".universal"), ignore_errors=True)
+
+
 class Checkpointer:
     def __init__(self, ckpt_dir: str, keep_last: int, identity: dict, run_info: dict | None = None):
         """``identity`` holds what must match on resume (model shapes, tokenizer, method, recipe);
@@ -250,9 +269,9 @@ class Checkpointer:
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             if distributed.failed_collective(e):
                 raise  # a peer is gone, not the disk: ted_ds.distributed.collective_errors names it
-            raise self._save_failed(tag, e) from None
+            raise save_failed(self.dir, tag, e) from None
         if distributed.rank() == 0:
-            self._prune(tag)
+            prune(self.dir, tag, self.keep_last)
         distributed.barrier()
         return tag
 
@@ -270,23 +289,6 @@ class Checkpointer:
             paths.append(os.path.join(tag_dir, TRAINER_STATE))
             write_text(paths[-1], json.dumps(asdict(state), indent=2))
         return sizes(paths, tag_dir)
-
-    def _save_failed(self, tag: str, error: Exception) -> CheckpointError:
-        """One line for a save that could not write (a full disk, most often): what failed, how much
-        room is left, and that ``latest`` still names the previous checkpoint.  A rank that wrote
-        its part waits for the failed one; the launcher then stops it."""
-        free = shutil.disk_usage(self.dir).free
-        latest = os.path.join(self.dir, "latest")
-        previous = open(latest).read().strip() if os.path.isfile(latest) else "no checkpoint yet"
-        reason = str(error).strip().splitlines()[-1][:200] if str(error).strip() else type(error).__name__
-        return CheckpointError(f"saving {os.path.join(self.dir, tag)} failed ({reason}; {free / 2**20:.1f} MiB free); "
-                               f"latest is still {previous}: free space and re-run to resume")
-
-    def _prune(self, newest: str) -> None:
-        tags = tags_newest_first(self.dir)
-        for old in [t for t in tags if t < newest][max(0, self.keep_last - 1):]:
-            shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
-            shutil.rmtree(os.path.join(self.dir, old + ".universal"), ignore_errors=True)
 
     def find_resumable(self) -> str | None:
         """The newest whole checkpoint: ``latest`` if it checks out, else the newest older one."""
