@@ -285,19 +285,22 @@ def test_disk_full_during_build_keeps_finished_shards_and_the_rerun_completes(sp
 @needs_tmpfs
 @pytest.mark.multirank
 def test_disk_full_during_a_checkpoint_save_keeps_latest_and_the_rerun_resumes(tiny, tmp_path):
-    """Train to a checkpoint at step 4, shrink the room left to half a checkpoint, train on: the
+    """Train to a checkpoint at step 4 (NaN losses from step 5 stop that launch: a run's steps are its
+    own, so the re-runs keep train.steps), shrink the room left to half a checkpoint, train on: the
     save at step 8 fails in one line, step 4 stays latest and whole; after growing the disk the
     same command resumes from step 4 and finishes."""
     from ted_ds.checkpoint import is_complete
 
     with small_disk(str(tmp_path / "disk"), 64 * 1024) as disk:
         out = os.path.join(disk, "run")
-        cmd = lambda steps: deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", _cfg(
-            tiny, tmp_path, "full", **{"train.out_dir": out, "train.steps": steps, "train.save_interval": 4}))
-        run_launcher(cmd(4))
+        cmd = lambda **over: deepspeed_cmd(2, "--module", "ted_ds", "distill", "--config", _cfg(
+            tiny, tmp_path, "full", **{"train.out_dir": out, "train.steps": 8, "train.save_interval": 4, **over}))
+        first = subprocess.run(cmd(**{"train.inject_nan_steps": [5, 6, 7], "train.max_bad_steps": 2}), cwd=REPO,
+                               capture_output=True, text=True, timeout=600)
+        assert first.returncode != 0 and open(os.path.join(_ckpt(out), "latest")).read().strip() == "step-00000004"
         used, ckpt = _kib(*_files(out)), _kib(*_files(os.path.join(_ckpt(out), "step-00000004")))
         _resize(disk, used + ckpt // 2)
-        r = subprocess.run(cmd(8), cwd=REPO, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd(), cwd=REPO, capture_output=True, text=True, timeout=600)
         assert r.returncode != 0
         # the rank(s) that could not write say so in one line each; a peer that wrote its part and
         # waits for them is stopped by the launcher or, first, sees them gone (one line naming the
@@ -310,7 +313,7 @@ def test_disk_full_during_a_checkpoint_save_keeps_latest_and_the_rerun_resumes(t
         assert open(os.path.join(_ckpt(out), "latest")).read().strip() == "step-00000004"
         assert is_complete(os.path.join(_ckpt(out), "step-00000004")) is None
         _resize(disk, used + 4 * ckpt)
-        r = run_launcher(cmd(8))
+        r = run_launcher(cmd())
         assert "resumed from step-00000004" in r.stderr
         assert open(os.path.join(_ckpt(out), "latest")).read().strip() == "step-00000008"
     record_fault("the disk fills up during a checkpoint save (2 ranks)", "`" + full[0].split(": free space")[0] + "`",
