@@ -303,7 +303,9 @@ class Checkpointer:
                 return tag
             if distributed.rank() == 0:
                 warnings.warn(f"checkpoint {tag} is unusable ({problem}); trying an older one", stacklevel=2)
-        raise CheckpointError(f"{self.dir}: no complete checkpoint left to resume from")
+        raise CheckpointError(f"{self.dir}: no complete checkpoint left to resume from on {socket.gethostname()} "
+                              f"({latest}: {problem}); if other nodes wrote the missing files, train.out_dir must be "
+                              "on storage every node shares")
 
     def agreed_resumable(self) -> str | None:
         """``find_resumable`` on every rank, compared in one gather: the tag all ranks see (``agreed_tag``)."""
