@@ -166,7 +166,8 @@ def cell_scores(work: str, arms: list[str], seeds: list[int], splits: tuple) -> 
 
 # ----------------------------------------------------------------------------- the study
 class Study:
-    """Runs cell B, then cell A, writing results.json after each (a re-run resumes: finished runs are kept)."""
+    """Runs cell B, then cell A, writing results.json after each (a re-run resumes: finished runs are kept;
+    cells it does not run are kept from an earlier results.json)."""
 
     def __init__(self, out: str, quick: bool, ranks: int, jobs: int, corpus: str | None, cells: str = "BA"):
         self.out, self.work = out, os.path.join(out, "work")
@@ -188,11 +189,21 @@ class Study:
         self.data = self.phase("data", prepare_data, self.work, self.size, self.corpus)
         self.top = Launcher(write_run_config(self.work, self.data, self.size), self.ranks, self.jobs)
         self.phase("teacher", self.top.one, *teacher_run(self.work, self.data["tokenizer"], self.size))
-        self.results["cells"] = {}
+        self.results["cells"] = self.earlier_cells()
         for cell in self.cells:  # B first: it decides the recommendation
             self.results["cells"][cell] = self.cell_b() if cell == "B" else self.cell_a()
             self.finish()
         return self.results
+
+    def earlier_cells(self) -> dict:
+        """The cells of an earlier results.json that this run does not redo (``--cells A`` after ``--cells B``)."""
+        path = os.path.join(self.out, "results.json")
+        if not os.path.isfile(path):
+            return {}
+        earlier = json.load(open(path))
+        kept = {c: v for c, v in earlier.get("cells", {}).items() if c not in self.cells}
+        self.phases.update({k: v for k, v in earlier.get("phases_s", {}).items() if k.split()[0] in kept})
+        return kept
 
     def finish(self) -> dict:
         cells = self.results["cells"]

@@ -208,6 +208,17 @@ def test_v6_filters_add_nothing_only_inside_the_margin():
     assert not filters_add_nothing([x - 0.01 + e / 10 for x, e in zip(lwd, NOISE)], lwd)["within_margin"]
 
 
+def test_v6_a_run_of_cell_a_keeps_cell_b_from_the_earlier_results(tmp_path):
+    from bench.repro_v6_runs import Study
+
+    earlier = {"cells": {"A": {"old": 1}, "B": {"final_books": {}}},
+               "phases_s": {"teacher": 9, "B arms": 5, "A arms": 7}}
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    study = Study(str(tmp_path), quick=True, ranks=1, jobs=1, corpus=None, cells="A")
+    assert study.earlier_cells() == {"B": {"final_books": {}}}  # A is redone, not kept
+    assert study.phases == {"B arms": 5}
+
+
 @pytest.mark.multirank
 def test_repro_v6_quick_runs_cell_b_end_to_end_and_rules_on_it(tmp_path):
     from bench.repro_v6 import B_ARMS, B_MATCHED, B_QUICK, KD_GRID, TED_GRID
