@@ -98,7 +98,8 @@ def _offline_commands(sub) -> None:
     p.add_argument("--revision", help="with a hub id: branch, tag or commit of the cached snapshot (default: main)")
     p.add_argument("--data", required=True, help="ted-prep build directory")
     p.add_argument("--split", default="valid", choices=("train", "valid"))
-    p.add_argument("--seq-len", type=int, help="window length (default: the model's positions, at most 1024)")
+    p.add_argument("--seq-len", type=int, help="window length (default: the length a ted-ds model was trained at, else "
+                   "the model's positions, at most 1024)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-samples", type=int, help="score at most this many windows")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")

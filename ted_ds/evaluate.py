@@ -25,6 +25,7 @@ def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: in
     """Perplexity, bits per byte and counts; with ``per_window`` also each window's mean NLL
     (``window_loss``), for paired comparisons of models on the same windows."""
     from ted_ds.architectures import load_hf_config, max_positions, vocab_size
+    from ted_ds.export import trained_seq_len
     from ted_ds.plan import check_tokenizer
     from ted_ds.weights import load_model
 
@@ -32,7 +33,7 @@ def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: in
                        ("cpu" if device == "auto" else device))
     config = load_hf_config(model_dir, trust_remote_code)
     limit = max_positions(config) or 1024
-    seq_len = seq_len or min(limit, 1024)
+    seq_len = seq_len or trained_seq_len(model_dir) or min(limit, 1024)
     if seq_len > limit:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's {limit} positions")
     data = PackedShardDataset(data_dir, split, seq_len)

@@ -8,6 +8,7 @@ process group) with DeepSpeed's own zero_to_fp32 utilities.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -21,6 +22,8 @@ from ted_ds.config import DataConfig, data_config
 from ted_ds.errors import CheckpointError
 from ted_ds.filters import model_record, save_filter_bank
 from ted_ds.weights import build_dense
+
+TRAINED_AT = "ted_ds_training.json"  # in an HF directory ted-ds wrote: {"seq_len": the window it was trained at}
 
 
 def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -49,23 +52,33 @@ def model_from_state(config, state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def write_hf_dir(config, state: dict[str, torch.Tensor], out_dir: str, tokenizer_dir: str | None,
-                 dtype: torch.dtype = torch.float32) -> None:
-    """A standard HF directory (safetensors, config, generation config, tokenizer), whole or not at all."""
+                 dtype: torch.dtype = torch.float32, seq_len: int | None = None) -> None:
+    """A standard HF directory (safetensors, config, generation config, tokenizer), whole or not at all; with
+    the window length it was trained at (``TRAINED_AT``), which ``ted-ds eval`` takes by default."""
     model = model_from_state(config, state).to(dtype)
     with atomically(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        if seq_len is not None:
+            with open(os.path.join(tmp, TRAINED_AT), "w") as f:
+                json.dump({"seq_len": seq_len}, f)
         if tokenizer_dir and os.path.isdir(tokenizer_dir):
             for name in os.listdir(tokenizer_dir):
                 shutil.copy2(os.path.join(tokenizer_dir, name), tmp)
 
 
-def save_student(trained: nn.Module, student_config, tokenizer_dir: str, out_dir: str) -> str:
+def trained_seq_len(model_dir: str) -> int | None:
+    """The window length a ted-ds model directory was trained at; None for other models."""
+    path = os.path.join(model_dir, TRAINED_AT)
+    return json.load(open(path))["seq_len"] if os.path.isfile(path) else None
+
+
+def save_student(trained: nn.Module, student_config, tokenizer_dir: str, out_dir: str, seq_len: int) -> str:
     """Stage 2 and the baselines: the student as an HF directory (``<out>/hf``) and, for ted/lwd, its
     trained filters (``<out>/student-filters``) for users who continue TED later."""
     target = os.path.join(out_dir, "hf")
     state = gathered_state_dict(trained.model)
     if distributed.rank() == 0:
-        write_hf_dir(student_config, state, target, tokenizer_dir)
+        write_hf_dir(student_config, state, target, tokenizer_dir, seq_len=seq_len)
     if trained.filters is not None:
         save_bank(trained.filters, os.path.join(out_dir, "student-filters"), target)
     distributed.barrier()
@@ -176,7 +189,8 @@ def export_checkpoint(path: str, out: str | None, tag: str | None = None, dtype:
         config = AutoConfig.for_model(**run["student_config"])
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         student = _split(state, "model.")
-        write_hf_dir(config, student, out, tokenizer or run.get("tokenizer"), torch_dtype)
+        write_hf_dir(config, student, out, tokenizer or run.get("tokenizer"), torch_dtype,
+                     seq_len=run["config"]["data"]["seq_len"])
         batch = sample_batch(data_config(run["config"]["data"]), config.vocab_size)
         done.append(f"wrote {out} from {tag} ({verify_export(out, student, config, batch, torch_dtype)})")
     if filters_out is not None:

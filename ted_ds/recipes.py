@@ -84,7 +84,7 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
         return lm_loss(logits, labels)
 
     tokenizer_dir = os.path.join(cfg.data.blend[0].path, "tokenizer")
-    save = lambda out_dir: save_student(trained, p.student_config, tokenizer_dir, out_dir)
+    save = lambda out_dir: save_student(trained, p.student_config, tokenizer_dir, out_dir, cfg.data.seq_len)
     return Recipe(recipe_name(method, Job.DISTILL), engine, frozen, loss, eval_loss, flops, trained, trained.filters,
                   save, weights_at)
 

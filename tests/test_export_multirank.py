@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from harness.common import REPO, student_weights
 from harness.tiny import base_config, write_config
+from ted_ds.export import trained_seq_len
 
 pytestmark = pytest.mark.multirank
 
@@ -30,6 +31,7 @@ def test_export_round_trip_is_exact(lwd_run, tmp_path):
     live, exported = student_weights(ref), load_file(os.path.join(out, "model.safetensors"))
     assert live.keys() == exported.keys() and all(torch.equal(live[k], exported[k]) for k in live)
     assert {"config.json", "generation_config.json", "tokenizer.json"} <= set(os.listdir(out))
+    assert trained_seq_len(out) == trained_seq_len(f"{ref}/hf") == 32  # the harness's window: eval's default
     r = subprocess.run([sys.executable, "-m", "ted_ds", "export", ref, "--out", str(tmp_path / "bf16"), "--dtype",
                         "bf16"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "rounded to torch.bfloat16" in r.stderr, r.stderr[-3000:]

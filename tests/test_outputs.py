@@ -43,6 +43,17 @@ def test_evaluation_opens_its_split_once(tiny, monkeypatch):
     assert r["samples"] == 2 and opened == [(tiny["llama_data"], "valid", 32)]
 
 
+def test_eval_takes_the_window_a_ted_ds_model_was_trained_at(tiny, tmp_path):
+    """A model ted-ds wrote records its training seq_len; eval scores windows of it, not of the model's
+    positions (which the window a model was trained at may be far below)."""
+    teacher = tiny["llama_teacher"]
+    config, state = load_hf_config(teacher), load_file(os.path.join(teacher, "model.safetensors"))
+    out = str(tmp_path / "hf")
+    export.write_hf_dir(config, state, out, teacher, seq_len=24)
+    r = evaluate.evaluate_hf(out, tiny["llama_data"], "valid", None, 2, 2, "cpu", progress=False)
+    assert r["seq_len"] == 24 and export.trained_seq_len(teacher) is None
+
+
 def test_export_compares_logits_on_the_first_sources_validation_windows(tiny):
     """The run's data section as saved in trainer_state.json; random ids once the data is gone."""
     from ted_ds.config import data_config
