@@ -310,7 +310,8 @@ def _tokenize_into_shards(opts: BuildOptions, sources, encoder: BatchEncoder, sh
                     continue
                 resuming = False  # from here on `place` drops whatever finished documents remain
             pending.append(pool.apply_async(work, (chunk,), {"tokenize": True}) if pool else work(chunk, tokenize=True))
-            while len(pending) > 2 * opts.workers:
+            # in order: whatever is done at the head (so progress moves while reading), and never over 2 per worker
+            while pending and (not pool or pending[0].ready() or len(pending) > 2 * opts.workers):
                 place(pending.popleft().get() if pool else pending.popleft())
         while pending:
             place(pending.popleft().get() if pool else pending.popleft())

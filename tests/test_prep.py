@@ -75,6 +75,27 @@ def test_worker_count_does_not_change_bytes(sp_tokenizer, corpus_file, tmp_path)
     assert m[0]["shards"] == m[1]["shards"]
 
 
+def test_progress_counts_documents_while_the_inputs_are_still_being_read(sp_tokenizer, corpus_file, tmp_path,
+                                                                       monkeypatch):
+    """Fewer chunks than the pool's queue holds, read slowly (a network file system, a big decompression):
+    the bar counts each chunk as its worker finishes it, not all of them after the last is read."""
+    import data_prep.build as B
+
+    events, read = [], B.iter_chunks
+    per_chunk = sum(1 for _ in open(corpus_file, encoding="utf-8")) // 3 + 1  # three chunks
+
+    def slow_read(*a, **kw):
+        for chunk in read(*a, max_items=per_chunk, **kw):
+            events.append("read")
+            yield chunk
+            time.sleep(1.0)
+
+    monkeypatch.setattr(B, "iter_chunks", slow_read)
+    monkeypatch.setattr(B._Progress, "update", lambda self, docs, tokens: events.append("progress"))
+    run_build([corpus_file], sp_tokenizer, tmp_path / "out", workers=2)
+    assert events.count("read") == 3 and events.index("progress") < len(events) - 1 - events[::-1].index("read")
+
+
 def test_interrupted_build_resumes_without_redoing_shards(sp_tokenizer, corpus_file, tmp_path, monkeypatch):
     ref = tmp_path / "ref"
     run_build([corpus_file], sp_tokenizer, ref, shard_mb=0.05, workers=2)
