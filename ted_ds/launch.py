@@ -18,16 +18,28 @@ from ted_ds.errors import ConfigError
 LAUNCHERS = ("deepspeed", "srun", "torchrun", "mpirun")
 
 
-def check_world(cfg: RunConfig, world: int) -> str:
-    """One line describing how the batch splits over ``world`` ranks, or a ConfigError."""
+def check_world(cfg: RunConfig, world: int, with_teacher: bool = True) -> str:
+    """One line describing how the batch splits over ``world`` ranks, or one ConfigError with every reason
+    the ranks do not fit (the batch and the pipeline's stages at once, not one per attempt)."""
     mb, gb = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    pipeline = with_teacher and cfg.teacher.placement == "pipeline"
+    problems = [r for r in (_refusal(accumulation_steps, gb, mb, world),
+                            pipeline and _refusal(check_pipeline_world, cfg.teacher.pipeline_stages, world)) if r]
+    if problems:
+        raise ConfigError("; and ".join(problems))
     accumulation = accumulation_steps(gb, mb, world)
-    if cfg.teacher.placement == "pipeline":
-        check_pipeline_world(cfg.teacher.pipeline_stages, world)
     line = f"{world} ranks: micro-batch {mb} × accumulation {accumulation} × {world} ranks = global batch {gb}"
-    if cfg.teacher.placement == "pipeline":
+    if pipeline:
         line += f"; teacher in {world // cfg.teacher.pipeline_stages} pipeline groups of {cfg.teacher.pipeline_stages}"
     return line
+
+
+def _refusal(check, *args) -> str | None:
+    try:
+        check(*args)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def launch_commands(launcher: str, nodes: int, gpus: int, hosts: list[str], command: list[str], port: int,

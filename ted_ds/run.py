@@ -18,6 +18,7 @@ from ted_ds.capacity import check_fits
 from ted_ds.checkpoint import Checkpointer, TrainerState, owned_config_changes, saved_state
 from ted_ds.config import RunConfig, save_config, to_dict
 from ted_ds.engine import resolve_ds_config
+from ted_ds.launch import check_world
 from ted_ds.plan import Job, Plan, plan, recipe_name
 from ted_ds.recipes import Recipe, build_recipe
 from ted_ds.trainer import StopSignal, fit
@@ -44,10 +45,12 @@ def checked_plan(cfg: RunConfig, job: Job) -> tuple[Plan, dict]:
     variables before the first thing that touches CUDA (the free-memory check)."""
     p = plan(cfg, job)
     world = distributed.expected_world_size()
+    with_teacher = cfg.runs_teacher or job is Job.FILTERS_TEACHER
+    check_world(cfg, world, with_teacher)  # every reason the ranks do not fit, in one line
     ds = resolve_ds_config(cfg, world)
     own_heads = job is not Job.DISTILL and cfg.distill.filter_head == "trainable"
     check_fits(p, ds, world, distributed.local_world_size(),
-               with_teacher=cfg.runs_teacher or job is Job.FILTERS_TEACHER,
+               with_teacher=with_teacher,
                trained_heads=len(p.pairs) if own_heads else 0, device=distributed.device())
     return p, ds
 

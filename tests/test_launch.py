@@ -24,6 +24,25 @@ def test_launch_prints_commands_checked_against_the_config(tiny, tmp_path, capsy
     assert "not a multiple of micro_batch_size 2 × 6 ranks" in capsys.readouterr().err
 
 
+def test_ranks_that_fit_neither_the_batch_nor_the_pipeline_get_both_reasons_at_once(tiny, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """3 ranks, a 16-sample batch of micro-batches of 2 and a 2-stage pipeline teacher: one refusal names
+    both, before any process group — in `ted-ds launch` and in the run itself."""
+    path = write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"], tiny["llama_teacher"], "out",
+                                                                **{"teacher.placement": "pipeline"}))
+    both = ("not a multiple of micro_batch_size 2 × 3 ranks", "pipeline_stages 2 must divide the number of ranks 3")
+    capsys.readouterr()
+    assert ted_main(["launch", "--nodes", "3", "--gpus-per-node", "1", "distill", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert all(b in err for b in both), err
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29555"}.items():  # rank 0 of 3, as its launcher starts it
+        monkeypatch.setenv(k, v)
+    assert ted_main(["distill", "--config", path, "distill.method=kd", "train.timeout_minutes=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert all(b in err for b in both) and err.count("\n") == 1, err
+
+
 def test_launch_refuses_dry_run_it_always_is_one(tiny, tmp_path, capsys):
     """`launch` never starts anything, so `--dry-run` would change nothing: argparse refuses it."""
     path = write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"], tiny["llama_teacher"], "out"))

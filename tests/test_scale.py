@@ -49,14 +49,15 @@ def test_gpu_check_dry_run_runs_every_phase_on_cpu(tmp_path):
     again = _bench(*args)  # the same work directory: every section's figures reused, nothing measured again
     assert again["sections"] == {"ran": [], "reused": every, "failed": [], "left": []}
     assert {k: v for k, v in again.items() if k != "sections"} == {k: v for k, v in result.items() if k != "sections"}
-    assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
-    assert result["ted_over_student_plus_teacher"] > 0 and result["eval_ppl"] > 1
-    assert result["kd_memory_ratio"] > 0 and result["kd_time_ratio"] > 0
+    assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1 and 1 < result["eval_ppl"] < result["vocab"]
+    assert result["ted_over_student_plus_teacher"] == pytest.approx(  # the ratio of the figures it reports
+        result["ted_step_s_replicated"] / (result["student_step_s"] + result["teacher_forward_s"]))
+    assert 0 < result["kd_memory_ratio"] < 1 and result["kd_time_ratio"] > 0  # chunking holds less than the whole
     for side in ("teacher", "student"):
         _assert_attention(result["attention"][side])
     _assert_teacher_forward(result["teacher_forward"])
     _assert_student_steps(result)
-    assert result["ted_mfu"] > 0 and result["ted_step"]["step_s"] > 0
+    assert result["ted_mfu"] == result["ted_step"]["mfu"] > 0 and result["ted_step"]["step_s"] > 0
     assert 0 < result["doc_attention_ratio"] < float("inf")
     assert result["ted_settings"] == {"variant": "ted-ds", "overrides": [], "micro_batch": 2}  # as configured
     assert result["ted_documents_step"]["step_s"] > 0 and result["best_student"]["variant"] != "plain"
@@ -75,7 +76,10 @@ def _assert_attention(a: dict) -> None:
 def _assert_teacher_forward(rows: list[dict]) -> None:
     assert {(r["attn_implementation"], r["document_attention"], r["micro_batch"]) for r in rows} == {
         (impl, docs, mb) for impl, docs in (("sdpa", False), ("sdpa", True), ("flex_attention", True)) for mb in (1, 2)}
-    assert all(r["ms_per_4096_tokens"] > 0 and r["mfu"] > 0 for r in rows)
+    assert all(r["ms"] > 0 and r["ms_per_4096_tokens"] == pytest.approx(r["ms"] * 4096 / (r["micro_batch"] * 64))
+               for r in rows)  # a call's ms scaled by its tokens (micro-batch × the dry run's 64)
+    flops = [r["mfu"] * r["ms"] / r["micro_batch"] for r in rows]  # ∝ FLOPs per window: one model, one length
+    assert all(f > 0 and f == pytest.approx(flops[0]) for f in flops)
 
 
 def _assert_student_steps(result: dict) -> None:
@@ -85,9 +89,13 @@ def _assert_student_steps(result: dict) -> None:
     assert {(r["variant"], r["micro_batch"]) for r in result["student_steps"]} == {("ted-ds", 2), ("plain", 2)}
     levers = ("persistent_params", "activation_checkpointing", "eager", "compile_blocks")
     timed = [*((v, mb) for v in ("ted-ds", "plain") for mb in (1, 2)), *((v, 2) for v in levers)]
-    for key in timed:
-        assert rows[key]["step_s"] > 0 and rows[key]["tokens_per_s"] > 0 and rows[key]["mfu"] > 0, key
-        assert rows[key]["peak_gpu_gib"] is None  # no GPU
+    for key in timed:  # tokens/s is the step's tokens (micro-batch × 64) over its seconds; MFU ∝ tokens/s
+        r = rows[key]
+        assert r["step_s"] > 0 and r["tokens_per_s"] * r["step_s"] == pytest.approx(key[1] * 64), key
+        assert r["peak_gpu_gib"] is None  # no GPU
+    for v in ("ted-ds", "plain"):  # one model, one window: the same FLOPs per token at either micro-batch
+        per_token = [rows[(v, mb)]["mfu"] / rows[(v, mb)]["tokens_per_s"] for mb in (1, 2)]
+        assert per_token[0] > 0 and per_token[0] == pytest.approx(per_token[1]), v
     assert "no backward on a CPU" in rows[("flex_attention", 2)]["skipped"]
     assert result["student_mfu"] == rows[("ted-ds", 2)]["mfu"]
     assert result["student_vs_plain"] == pytest.approx(rows[("ted-ds", 2)]["step_s"] / rows[("plain", 2)]["step_s"])
