@@ -92,6 +92,7 @@ def test_lm_eval_harness_runs_offline_on_the_export(lwd_run, tmp_path):
                         "--batch_size", "2", "--output_path", str(tmp_path / "results")],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "is defined, but" not in r.stderr, r.stderr[-3000:]  # the task names each metric's aggregation
     found = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "results") for f in fs if f.endswith(".json")]
     results = json.load(open(found[0]))["results"]["ted_heldout"]
     assert results["word_perplexity,none"] > 1.0 and 0 < results["bits_per_byte,none"] < 20
