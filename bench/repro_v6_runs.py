@@ -191,7 +191,8 @@ class Study:
         self.phase("teacher", self.top.one, *teacher_run(self.work, self.data["tokenizer"], self.size))
         self.results["cells"] = self.earlier_cells()
         for cell in self.cells:  # B first: it decides the recommendation
-            self.results["cells"][cell] = self.cell_b() if cell == "B" else self.cell_a()
+            ran = self.cell_b() if cell == "B" else self.cell_a()
+            self.results["cells"][cell] = {**ran, "machine": machine()}  # cells may run apart: each says where
             self.finish()
         return self.results
 
