@@ -43,7 +43,7 @@ def report(out: str, results: dict) -> None:
 
 def cell_section(cell: str, c: dict) -> list[str]:
     scores, splits = c["scores"], sorted(next(iter(next(iter(c["scores"].values()))[0].values())))
-    steps = sorted({k for runs in scores.values() for by in runs for k in by})
+    steps = sorted({k for runs in scores.values() for by in runs for k in by}, key=int)
     lines = [f"## {TITLES[cell]}", "", f"Seeds {c['seeds']}."]
     if "machine" in c:  # cells may run apart (--cells A after --cells B)
         lines[-1] += f" Run {c['machine']['date']}, commit {c['machine']['commit']}."
