@@ -36,7 +36,7 @@ from bench.common import machine, save_result, tiny_world  # noqa: E402
 
 FORMS = {"full": (0, "tail"), "tail-64": (64, "tail"), "tail-8": (8, "tail"), "renormalized-64": (64, "renormalized")}
 TEMPERATURES = (2.0, 1.0)
-SEEDS = (0, 1)
+SEEDS = (0, 1, 2)
 SEQ_LEN, BATCH, VALID_WINDOWS = 128, 4, 32
 LR, MIN_LR, WARMUP = 1e-3, 1e-4, 10
 
