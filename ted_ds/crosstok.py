@@ -16,6 +16,7 @@ into bytes stays whole, and tokens overlapping on one character (byte fallback) 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -23,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from data_prep.errors import UserError
+from ted_ds.errors import ConfigError
 from ted_ds.losses import IGNORE_INDEX
 
 SEPARATOR = "\n"  # the one character each document boundary's EOS pair stands for in a window's text
@@ -113,10 +115,14 @@ class TeacherView(NamedTuple):
 
 
 class CrossTokenizer:
-    """The teacher's view of student windows: its tokens of the same text and the chunks both share."""
+    """The teacher's view of student windows: its tokens of the same text and the chunks both share, read by
+    a teacher of ``max_positions`` positions (None: any length); with ``overlap`` also the vocabulary both
+    share (``shared_vocabulary``)."""
 
-    def __init__(self, student_tok, teacher_tok):
+    def __init__(self, student_tok, teacher_tok, max_positions: int | None = None, overlap: bool = False):
         self.student, self.teacher = student_tok, teacher_tok
+        self.max_positions = max_positions
+        self.shared = shared_vocabulary(student_tok, teacher_tok) if overlap else None
         self.student_eos, self.teacher_eos = student_tok.eos_token_id, teacher_tok.eos_token_id
         # an unknown-token id that is also the EOS (GPT-2's) marks nothing unknown
         self.unknown = tuple(t.unk_token_id if t.unk_token_id != t.eos_token_id else None
@@ -154,7 +160,7 @@ class CrossTokenizer:
         """The ``TeacherView`` of a micro-batch of student windows ((B, L) inputs and labels)."""
         windows = torch.cat([input_ids, labels[:, -1:]], 1).tolist()  # (B, L + 1)
         views = [self.window(w) for w in windows]
-        return teacher_view(views, input_ids.shape[1], self.teacher_eos)
+        return teacher_view(views, input_ids.shape[1], self.teacher_eos, self.max_positions)
 
 
 def split_documents(ids: list[int], eos: int) -> list[list[int]]:
@@ -169,10 +175,13 @@ def split_documents(ids: list[int], eos: int) -> list[list[int]]:
     return out + [current]
 
 
-def teacher_view(views: list[tuple[list[int], list[Chunk]]], seq_len: int, pad: int) -> TeacherView:
+def teacher_view(views: list[tuple[list[int], list[Chunk]]], seq_len: int, pad: int,
+                 max_positions: int | None = None) -> TeacherView:
     """The micro-batch's tensors from each window's (teacher ids, chunks); chunks whose first token starts a
-    window (nothing predicts it) are left out, and a chunk one token long on both sides is a single."""
+    window (nothing predicts it) are left out, and so are those past the teacher's ``max_positions`` (its
+    tokens are cut there); a chunk one token long on both sides is a single."""
     width = max(len(t_ids) for t_ids, _ in views) - 1
+    width = width if max_positions is None else min(width, max_positions)
     b = len(views)
     t_in = torch.full((b, width), pad, dtype=torch.long)
     t_labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
@@ -181,10 +190,11 @@ def teacher_view(views: list[tuple[list[int], list[Chunk]]], seq_len: int, pad: 
     singles: list[tuple[int, int]] = []
     n = 0
     for row, (t_ids, chunks) in enumerate(views):
+        t_ids = t_ids[:width + 1]
         t_in[row, :len(t_ids) - 1] = torch.tensor(t_ids[:-1])
         t_labels[row, :len(t_ids) - 1] = torch.tensor(t_ids[1:])
         for c in chunks:
-            if c.student_start == 0 or c.teacher_start == 0:
+            if c.student_start == 0 or c.teacher_start == 0 or c.teacher_end > width + 1:
                 continue
             s_chunk[row, c.student_start - 1:c.student_end - 1] = n
             t_chunk[row, c.teacher_start - 1:c.teacher_end - 1] = n
@@ -212,7 +222,7 @@ def surface_forms(tok) -> dict[int, object]:
     elif "▁" in decoder:
         plain = lambda piece: piece.replace("▁", " ").encode()
     else:
-        raise UserError(f"{tok.name_or_path}: distill.cross_tokenizer overlap_kl reads byte-level BPE and "
+        raise ConfigError(f"{tok.name_or_path}: distill.cross_tokenizer overlap_kl reads byte-level BPE and "
                         "SentencePiece vocabularies; this tokenizer's decoder is neither")
     return {i: ("special", p) if i in special or BYTE_PIECE.match(p) else plain(p)
             for p, i in tok.get_vocab().items()}
@@ -234,3 +244,26 @@ def shared_vocabulary(student_tok, teacher_tok) -> tuple[torch.Tensor, torch.Ten
     pairs = sorted((i, teacher[form]) for form, i in student.items() if form in teacher)
     ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
     return ids[:, 0].contiguous(), ids[:, 1].contiguous()
+
+
+def load_cross_tokenizer(cfg, manifest: dict, teacher_config) -> CrossTokenizer:
+    """The run's ``CrossTokenizer`` (``distill.cross_tokenizer``), once the data's and the teacher's tokenizers
+    load as fast tokenizers, the teacher's embedding holds its tokenizer's ids and no window holds a BOS."""
+    from data_prep.tokenizer import load_tokenizer
+    from ted_ds.architectures import max_positions, vocab_size
+
+    t = cfg.teacher
+    data_dir = cfg.data.blend[0].path
+    if manifest.get("add_bos", False):
+        raise ConfigError(f"distill.cross_tokenizer: {data_dir} was built with --add-bos; rebuild it without "
+                          "(each document's text is re-tokenized for the teacher, a BOS inside a window has none)")
+    student = load_tokenizer(os.path.join(data_dir, "tokenizer"))
+    teacher = load_tokenizer(t.tokenizer or t.path, t.trust_remote_code)
+    for what, tok in (("the data's", student), ("the teacher's", teacher)):
+        if not tok.is_fast:
+            raise ConfigError(f"distill.cross_tokenizer: {what} tokenizer {tok.name_or_path} is not a fast "
+                              "(tokenizer.json) tokenizer; character offsets need one")
+    if vocab_size(teacher_config) < len(teacher):
+        raise ConfigError(f"teacher {t.path}: {vocab_size(teacher_config)} embedding rows cannot hold its "
+                          f"tokenizer's {len(teacher)} ids ({teacher.name_or_path})")
+    return CrossTokenizer(student, teacher, max_positions(teacher_config), cfg.distill.cross_tokenizer == "overlap_kl")

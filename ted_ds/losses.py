@@ -41,7 +41,7 @@ Across tokenizers (``distill.cross_tokenizer``; the chunks come from ted_ds.cros
 stands in for KD, averaged over the aligned chunks c of the micro-batch:
 
     chunk_likelihood  KL_bin(P_c ‖ Q_c) = P·(log P − log Q) + (1 − P)·(log(1 − P) − log(1 − Q)),
-                      log P_c = Σ_{j∈c} log p(teacher token j), log Q_c likewise for the student's tokens
+                      log P_c = Σ_{j∈c} log p(teacher token j) / T, log Q_c likewise for the student's tokens
     overlap_kl        D (``distill.divergence``) at T between p and q restricted to the tokens both
                       vocabularies spell alike and renormalised there, read where a chunk is one token
                       on both sides (the two predict the same next piece of text from the same text)
@@ -49,9 +49,11 @@ stands in for KD, averaged over the aligned chunks c of the micro-batch:
 chunk_likelihood is ALM's distance (Minixhofer et al. 2025): a chunk's probability is one number for
 both models whatever their tokens, and the binary KL between the two Bernoulli "the next text is this
 chunk" compares them without needing the rest of either distribution; its gradient in log Q is
-(Q − P)/(1 − Q), so a student already likelier than the teacher is pushed down too.  With one
-tokenizer every chunk is one token and it is KL_bin of the two probabilities of each next token (the
-temperature is not used).  overlap_kl with one tokenizer is KD itself.
+(Q − P)/(1 − Q), so a student already likelier than the teacher is pushed down too.  The temperature
+T (ALM's τ) softens the likelihoods: a chunk of probability e⁻⁶ weighs e⁻³ at T = 2, where at T = 1 the
+binary KL of such small probabilities is near 0 and teaches little.  With one tokenizer every chunk is
+one token and it is KL_bin of the two (softened) probabilities of each next token.  overlap_kl with one
+tokenizer is KD itself.
 
 The vocabulary-sized terms (CE, KD, stage-1 tap CE) run over chunks of ``CHUNK_TOKENS`` tokens and make
 their gradient together with their value, in closed form: at 128k vocabulary and 8k tokens one fp32
@@ -413,13 +415,13 @@ def binary_kl(log_p: torch.Tensor, log_q: torch.Tensor, ceiling: float = -1e-6) 
     return log_p.exp() * (log_p - log_q) + (-log_p.expm1()) * (_log1mexp(log_p) - _log1mexp(log_q))
 
 
-def chunk_likelihood_loss(student_logits, labels, teacher_logits, view) -> torch.Tensor:
+def chunk_likelihood_loss(student_logits, labels, teacher_logits, view, temperature: float) -> torch.Tensor:
     """Mean over the aligned chunks of KL_bin(P_c ‖ Q_c) (module docstring); ``view`` a crosstok.TeacherView.
     The teacher gets no gradient; no chunk: 0."""
     log_q = chunk_logprobs(student_logits, labels, view.student_chunk, view.chunks)
     with torch.no_grad():
         log_p = chunk_logprobs(teacher_logits, view.labels, view.teacher_chunk, view.chunks)
-    return binary_kl(log_p, log_q).sum() / max(view.chunks, 1)
+    return binary_kl(log_p / temperature, log_q / temperature).sum() / max(view.chunks, 1)
 
 
 def overlap_kl_loss(student_logits, teacher_logits, view, shared: tuple[torch.Tensor, torch.Tensor],
@@ -439,7 +441,7 @@ def cross_tokenizer_objective(student_logits, labels, teacher_logits, view, w: O
     """CE plus α times the cross-tokenizer term: overlap_kl on the ``shared`` vocabulary, else chunk_likelihood."""
     own = student_logits[..., :w.vocab]  # the student tokenizer's ids
     if shared is None:
-        name, term = "chunk_likelihood", chunk_likelihood_loss(own, labels, teacher_logits, view)
+        name, term = "chunk_likelihood", chunk_likelihood_loss(own, labels, teacher_logits, view, w.temperature)
     else:
         name, term = "overlap_kl", overlap_kl_loss(own, teacher_logits, view, shared, w)
     terms = {"lm": lm_loss(student_logits, labels), name: term}

@@ -4,6 +4,8 @@ when both sides share a tokenizer."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,9 +116,9 @@ def test_with_one_tokenizer_chunk_likelihood_is_the_binary_kl_of_each_next_token
     input_ids, labels, view = aligned_windows(toks[0])
     gen = torch.Generator().manual_seed(0)
     s, t = torch.randn(B, L, 1000, generator=gen), torch.randn(B, L, 1000, generator=gen)
-    direct = binary_kl(F.log_softmax(t, -1).gather(-1, labels[..., None]),
-                       F.log_softmax(s, -1).gather(-1, labels[..., None])).mean()
-    torch.testing.assert_close(chunk_likelihood_loss(s, labels, t, view), direct)
+    direct = binary_kl(F.log_softmax(t, -1).gather(-1, labels[..., None]) / 2.0,
+                       F.log_softmax(s, -1).gather(-1, labels[..., None]) / 2.0).mean()
+    torch.testing.assert_close(chunk_likelihood_loss(s, labels, t, view, 2.0), direct)
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
@@ -148,14 +150,14 @@ def test_target_logprobs_and_chunk_likelihood_gradients_match_autograd():
     s_chunk = torch.randint(-1, 9, (B, L), generator=gen)  # 9 chunks over the batch, some positions in none
     t_chunk = torch.randint(-1, 9, (B, 30), generator=gen)
     view = type("View", (), dict(student_chunk=s_chunk, teacher_chunk=t_chunk, chunks=9, labels=t_labels))
-    got = chunk_likelihood_loss(s, labels, t, view)
+    got = chunk_likelihood_loss(s, labels, t, view, 1.5)
 
     def reference(logits, lab, chunk):
         rows = F.log_softmax(logits, -1).gather(-1, lab.clamp(min=0)[..., None])[..., 0] * (lab >= 0)
         kept = chunk >= 0
         return torch.zeros(9).index_add(0, chunk[kept], rows[kept])
 
-    want = binary_kl(reference(t, t_labels, t_chunk), reference(s, labels, s_chunk)).sum() / 9
+    want = binary_kl(reference(t, t_labels, t_chunk) / 1.5, reference(s, labels, s_chunk) / 1.5).sum() / 9
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0])
 
@@ -174,3 +176,63 @@ def test_overlap_kl_reads_the_shared_ids_at_single_token_chunks_with_autograds_g
     want = 4.0 * (p.exp() * (p - q)).sum(-1).mean()
     torch.testing.assert_close(got["overlap_kl"], want)
     torch.testing.assert_close(torch.autograd.grad(got["overlap_kl"], s)[0], torch.autograd.grad(want, s)[0])
+
+
+def cross_config(tiny, tmp_path, **over) -> str:
+    """KD across tokenizers: a fresh student of the tiny LLaMA's shape (SentencePiece) learns from the GPT-2
+    teacher (byte-level BPE), the two sharing no tokenizer."""
+    from harness.tiny import base_config, write_config
+
+    cfg = base_config(tiny["llama_data"], tiny["gpt2_teacher"], str(tmp_path / "out"), **{
+        "student.init_from_teacher": None, "student.config": tiny["llama_teacher"], "distill.method": "kd",
+        "distill.teacher_every": None, "distill.student_every": None, "distill.cross_tokenizer": "chunk_likelihood",
+        "train.steps": 10, "train.global_batch_size": 4, **over})
+    return write_config(str(tmp_path / "cross.yaml"), **cfg)
+
+
+@pytest.mark.parametrize("over, refused", [
+    ({"distill.method": "ted"}, "this run has distill.method ted"),
+    ({"teacher.placement": "zero3"}, "this run has teacher.placement zero3"),
+    ({"teacher.cache": "c", "teacher.logits_topk": 4}, "this run has teacher.cache c"),
+    ({"teacher.logits_topk": 4}, "this run has teacher.logits_topk 4"),
+    ({"data.document_attention": True}, "this run has data.document_attention True"),
+    ({"distill.cross_tokenizer": None, "teacher.tokenizer": "t"}, "teacher.tokenizer is for distill.cross_tokenizer"),
+])
+def test_what_does_not_combine_with_cross_tokenizer_kd_is_refused_in_one_line(tiny, tmp_path, over, refused):
+    from ted_ds.config import load_run_config
+    from ted_ds.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=refused):
+        load_run_config(cross_config(tiny, tmp_path, **over))
+
+
+def test_the_plan_loads_both_tokenizers_and_the_vocabulary_they_share(tiny, tmp_path):
+    from ted_ds.config import load_run_config
+    from ted_ds.plan import plan
+
+    p = plan(load_run_config(cross_config(tiny, tmp_path, **{"distill.cross_tokenizer": "overlap_kl"})))
+    student_ids, teacher_ids = p.cross.shared
+    assert len(p.cross.student) == 1000 and len(p.cross.teacher) == 1200 and p.cross.max_positions == 128
+    assert 100 < len(student_ids) < 1000 and len(student_ids) == len(teacher_ids)
+    pieces = dict(zip(p.cross.student.convert_ids_to_tokens(student_ids.tolist()),
+                      p.cross.teacher.convert_ids_to_tokens(teacher_ids.tolist())))
+    assert pieces["▁the"] == "Ġthe" and pieces["</s>"] == "<|endoftext|>"
+
+
+def test_a_cross_tokenizer_kd_run_trains_its_student_on_the_teachers_tokens(tiny, tmp_path):
+    import json
+    import math
+    import subprocess
+    import sys
+
+    from harness.common import REPO
+
+    r = subprocess.run([sys.executable, "-m", "ted_ds", "distill", "--config", cross_config(tiny, tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    total = [row["loss/total"] for row in rows if "loss/total" in row]
+    cross = [row["loss/chunk_likelihood"] for row in rows if "loss/total" in row]
+    assert len(cross) == 10 and all(math.isfinite(x) and x > 0 for x in cross)
+    assert sum(total[-3:]) < sum(total[:3]) and sum(cross[-3:]) < sum(cross[:3]), (total, cross)
+    assert os.path.isfile(tmp_path / "out" / "hf" / "tokenizer.json")  # the student keeps its own tokenizer
