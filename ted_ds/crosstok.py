@@ -8,16 +8,17 @@ tokens between documents stand for one separator character of the window's text,
 Alignment (ALM, Minixhofer et al. 2025): a tokenization may *cut* the text between two tokens when no
 token reaches past the next one's start; a cut may lie anywhere in the gap ``[reach, next start]`` (a
 tokenizer that leaves whitespace out of its offsets leaves such gaps).  A shared cut is a cut of both
-sides whose places overlap; the chunks are the token spans between consecutive shared cuts.  A token of
-zero width (one byte of a character the next token completes) never ends a chunk, so a character split
-into bytes stays whole, and tokens overlapping on one character (byte fallback) never part.
+sides whose places overlap; the chunks are the token spans between consecutive shared cuts.  Tokens
+overlapping on one character (byte fallback's offsets) never part; where several cuts fall on one place
+(tokens of zero width: bytes of a character the next token completes) the first is shared, so those
+tokens open the next chunk with the token that completes them, and bytes left incomplete at the end are
+in no chunk.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -48,14 +49,12 @@ class Chunk:
 def cuts(spans: list[tuple[int, int]], length: int) -> list[tuple[int, int, int]]:
     """Where a tokenization may cut its text of ``length`` characters: ``(tokens before, lo, hi)``, the cut
     anywhere in characters ``[lo, hi]``; ``spans`` are each token's (start, end) character offsets."""
-    out, reach, zero_width = [], 0, False
+    out, reach = [], 0
     for i, (start, end) in enumerate(spans):
-        if start >= reach and not zero_width:
+        if start >= reach:
             out.append((i, reach, start))
-        reach, zero_width = max(reach, end), end == start
-    if not zero_width:
-        out.append((len(spans), reach, length))
-    return out
+        reach = max(reach, end)
+    return out + [(len(spans), reach, length)]
 
 
 def shared_chunks(student: list[tuple[int, int]], teacher: list[tuple[int, int]], length: int,
@@ -205,27 +204,22 @@ def teacher_view(views: list[tuple[list[int], list[Chunk]]], seq_len: int, pad: 
     return TeacherView(t_in, t_labels, s_chunk, t_chunk, n, single[:, 0].contiguous(), single[:, 1].contiguous())
 
 
-BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")  # SentencePiece's byte fallback pieces
-
-
-def surface_forms(tok) -> dict[int, object]:
-    """Each id's surface form, comparable across tokenizer families: the bytes a piece stands for (``▁`` and
-    byte-level BPE's ``Ġ`` as the space they are), a byte-fallback piece and a special token as themselves
-    (each only equal to the same piece of another vocabulary)."""
+def surface_forms(tok) -> dict[int, bytes]:
+    """Each id's surface form, comparable across tokenizer families: the bytes its piece stands for (``▁`` and
+    byte-level BPE's ``Ġ`` as the space they are; a SentencePiece byte piece ``<0xE2>`` and a special token as
+    the text of their name, equal only to the same piece of another SentencePiece vocabulary)."""
     decoder = json.dumps(json.loads(tok.backend_tokenizer.to_str()).get("decoder"), ensure_ascii=False)
-    special = set(tok.all_special_ids) | {i for i in tok.added_tokens_decoder}
     if '"ByteLevel"' in decoder:
         from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
-        plain = lambda piece: bytes(byte_of[c] for c in piece)
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}  # an added token may hold other characters
+        plain = lambda piece: bytes(byte_of[c] for c in piece) if set(piece) <= byte_of.keys() else piece.encode()
     elif "▁" in decoder:
         plain = lambda piece: piece.replace("▁", " ").encode()
     else:
         raise ConfigError(f"{tok.name_or_path}: distill.cross_tokenizer overlap_kl reads byte-level BPE and "
-                        "SentencePiece vocabularies; this tokenizer's decoder is neither")
-    return {i: ("special", p) if i in special or BYTE_PIECE.match(p) else plain(p)
-            for p, i in tok.get_vocab().items()}
+                          "SentencePiece vocabularies; this tokenizer's decoder is neither")
+    return {i: plain(p) for p, i in tok.get_vocab().items()}
 
 
 def shared_vocabulary(student_tok, teacher_tok) -> tuple[torch.Tensor, torch.Tensor]:

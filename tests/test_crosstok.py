@@ -4,6 +4,7 @@ when both sides share a tokenizer."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -35,6 +36,8 @@ def test_merged_digits_are_one_chunk_on_each_side():
 def test_whitespace_left_out_of_offsets_still_aligns_and_a_different_cut_does_not():
     # "a cat": the student's " cat" holds the space, the teacher's offsets leave it out (a gap [1, 2])
     assert chunks([(0, 1), (1, 5)], [(0, 1), (2, 5)], 5) == [(0, 1, 0, 1), (1, 2, 1, 2)]
+    # the student's "a " holds it instead: the teacher may cut anywhere in its gap, after the space too
+    assert chunks([(0, 2), (2, 5)], [(0, 1), (2, 5)], 5) == [(0, 1, 0, 1), (1, 2, 1, 2)]
     # the teacher's "a " ends after the space: no boundary in common inside the text
     assert chunks([(0, 1), (1, 5)], [(0, 2), (2, 5)], 5) == [(0, 2, 0, 2)]
 
@@ -110,6 +113,13 @@ def aligned_windows(sp):
     view = CrossTokenizer(sp, sp).batch(windows[:, :-1], windows[:, 1:])
     assert torch.equal(view.input_ids, windows[:, :-1]) and view.chunks == B * L  # every token its own chunk
     return windows[:, :-1], windows[:, 1:], view
+
+
+def test_binary_kl_by_hand():
+    # P = 1/2, Q = 1/4: ½·ln 2 + ½·ln(2/3)
+    want = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
+    assert binary_kl(torch.tensor(math.log(0.5)), torch.tensor(math.log(0.25))).item() == pytest.approx(want)
+    assert binary_kl(torch.tensor(-1e-9), torch.tensor(-1e-9)).item() == 0.0  # held below 0: finite
 
 
 def test_with_one_tokenizer_chunk_likelihood_is_the_binary_kl_of_each_next_tokens_probability(toks):
