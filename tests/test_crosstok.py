@@ -88,6 +88,17 @@ def test_a_window_of_two_documents_aligns_them_apart_with_their_eos_as_one_chunk
     assert all(c.student_end <= eos or c.student_start > eos for c in got if c.student_start != eos)
 
 
+def test_the_teachers_tokens_are_cut_at_its_positions_with_the_chunks_past_them(toks):
+    sp, gpt2 = toks
+    windows = torch.tensor([sp(line, add_special_tokens=False).input_ids[:17] for line in corpus_lines(2, 20)])
+    full = CrossTokenizer(sp, gpt2).batch(windows[:, :-1], windows[:, 1:])
+    cut = CrossTokenizer(sp, gpt2, max_positions=6).batch(windows[:, :-1], windows[:, 1:])
+    assert full.input_ids.shape[1] > 6 and cut.input_ids.shape[1] == 6
+    assert torch.equal(cut.input_ids, full.input_ids[:, :6])
+    ends = [full.teacher_chunk.eq(k).nonzero()[:, 1].max().item() for k in range(full.chunks)]
+    assert cut.chunks == sum(end < 6 for end in ends) < full.chunks  # only whole chunks stay
+
+
 def test_a_chunk_holding_the_teachers_unknown_token_is_left_out(toks, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
