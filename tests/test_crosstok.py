@@ -240,6 +240,7 @@ def test_the_plan_loads_both_tokenizers_and_the_vocabulary_they_share(tiny, tmp_
     assert pieces["▁the"] == "Ġthe" and pieces["</s>"] == "<|endoftext|>"
 
 
+@pytest.mark.slow
 def test_a_cross_tokenizer_kd_run_trains_its_student_on_the_teachers_tokens(tiny, tmp_path):
     import json
     import math

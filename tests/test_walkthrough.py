@@ -46,6 +46,7 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multirank  # several launches in a row, as the walk-through above: out of the quick tier
 def test_the_readme_cross_tokenizer_walkthrough_runs_as_written(tmp_path):
     r = _run_block(CROSS_TITLE, str(tmp_path / "cross"))
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
