@@ -242,7 +242,7 @@ def shared_vocabulary(student_tok, teacher_tok) -> tuple[torch.Tensor, torch.Ten
 
 def load_cross_tokenizer(cfg, manifest: dict, teacher_config) -> CrossTokenizer:
     """The run's ``CrossTokenizer`` (``distill.cross_tokenizer``), once the data's and the teacher's tokenizers
-    load as fast tokenizers, the teacher's embedding holds its tokenizer's ids and no window holds a BOS."""
+    load, the teacher's embedding holds its tokenizer's ids and no window holds a BOS."""
     from data_prep.tokenizer import load_tokenizer
     from ted_ds.architectures import max_positions, vocab_size
 
@@ -253,10 +253,6 @@ def load_cross_tokenizer(cfg, manifest: dict, teacher_config) -> CrossTokenizer:
                           "(each document's text is re-tokenized for the teacher, a BOS inside a window has none)")
     student = load_tokenizer(os.path.join(data_dir, "tokenizer"))
     teacher = load_tokenizer(t.tokenizer or t.path, t.trust_remote_code)
-    for what, tok in (("the data's", student), ("the teacher's", teacher)):
-        if not tok.is_fast:
-            raise ConfigError(f"distill.cross_tokenizer: {what} tokenizer {tok.name_or_path} is not a fast "
-                              "(tokenizer.json) tokenizer; character offsets need one")
     if vocab_size(teacher_config) < len(teacher):
         raise ConfigError(f"teacher {t.path}: {vocab_size(teacher_config)} embedding rows cannot hold its "
                           f"tokenizer's {len(teacher)} ids ({teacher.name_or_path})")

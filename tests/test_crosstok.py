@@ -99,19 +99,73 @@ def test_the_teachers_tokens_are_cut_at_its_positions_with_the_chunks_past_them(
     assert cut.chunks == sum(end < 6 for end in ends) < full.chunks  # only whole chunks stay
 
 
-def test_a_chunk_holding_the_teachers_unknown_token_is_left_out(toks, tmp_path):
+def word_level():
+    """A tokenizer of whole words "a", "b", "c" (anything else <unk>), of neither family overlap_kl reads."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     words = Tokenizer(models.WordLevel(unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     words.train_from_iterator(["a b c"], trainers.WordLevelTrainer(special_tokens=["<unk>", "</s>"]))
-    teacher = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="</s>")
+
+
+def test_a_chunk_holding_the_teachers_unknown_token_is_left_out(toks, tmp_path):
+    teacher = word_level()
     sp = toks[0]
     ids = sp("a 日 b", add_special_tokens=False).input_ids
     t_ids, got = CrossTokenizer(sp, teacher).window(ids)
     assert t_ids == [teacher.convert_tokens_to_ids(t) for t in ("a", "<unk>", "b")]
     assert [(c.teacher_start, c.teacher_end) for c in got] == [(0, 1), (2, 3)]
+
+
+def loaded(sp_tokenizer, gpt2_tokenizer, tmp_path, manifest=None, rows=1200, **teacher):
+    """load_cross_tokenizer for data whose tokenizer is ``sp_tokenizer`` and a GPT-2 teacher of ``rows``."""
+    import shutil
+
+    from transformers import GPT2Config
+
+    from ted_ds.config import run_config_from_dict
+    from ted_ds.crosstok import load_cross_tokenizer
+
+    shutil.copytree(sp_tokenizer, tmp_path / "data" / "tokenizer")
+    cfg = run_config_from_dict({
+        "teacher": {"path": gpt2_tokenizer, **teacher}, "student": {"config": "s"},
+        "data": {"path": str(tmp_path / "data")}, "train": {"steps": 1},
+        "distill": {"method": "kd", "cross_tokenizer": "overlap_kl"}})
+    return load_cross_tokenizer(cfg, manifest or {}, GPT2Config(vocab_size=rows, n_positions=64))
+
+
+def test_loading_both_tokenizers_refuses_bos_shards_and_a_teacher_short_of_rows(sp_tokenizer, gpt2_tokenizer,
+                                                                                 tmp_path):
+    from ted_ds.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="was built with --add-bos; rebuild it without"):
+        loaded(sp_tokenizer, gpt2_tokenizer, tmp_path / "a", {"add_bos": True})
+    with pytest.raises(ConfigError, match="1100 embedding rows cannot hold its tokenizer's 1200 ids"):
+        loaded(sp_tokenizer, gpt2_tokenizer, tmp_path / "b", rows=1100)
+    # teacher.tokenizer names the teacher's tokenizer when its directory has none
+    cross = loaded(sp_tokenizer, str(tmp_path), tmp_path / "c", tokenizer=gpt2_tokenizer)
+    assert len(cross.teacher) == 1200 and cross.max_positions == 64
+
+
+def test_overlap_kl_refuses_a_vocabulary_of_neither_family(toks):
+    from ted_ds.errors import ConfigError
+
+    teacher = word_level()
+    with pytest.raises(ConfigError, match="reads byte-level BPE and SentencePiece vocabularies"):
+        shared_vocabulary(toks[0], teacher)
+
+
+def test_surface_forms_read_byte_level_pieces_as_bytes_and_an_added_token_as_its_text(gpt2_tokenizer):
+    from data_prep.tokenizer import load_tokenizer
+    from ted_ds.crosstok import surface_forms
+
+    gpt2 = load_tokenizer(gpt2_tokenizer)
+    gpt2.add_tokens(["日本"])
+    forms = surface_forms(gpt2)
+    assert forms[gpt2.convert_tokens_to_ids("Ġthe")] == b" the"
+    assert forms[gpt2.convert_tokens_to_ids("日本")] == "日本".encode()
 
 
 B, L, V = 3, 24, 40
