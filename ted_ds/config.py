@@ -33,6 +33,7 @@ WeightSchedule = Literal["constant", "wsd", "linear"]
 LogitsDtype = Literal["fp32", "bf16", "fp16"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
 TopkForm = Literal["tail", "renormalized"]
+CrossTokenizerLoss = Literal["chunk_likelihood", "overlap_kl"]
 AttnImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
 
 
@@ -83,6 +84,8 @@ class TeacherConfig:
     """The teacher's attention kernel under every placement (None: what its config.json says, else transformers'
     default, sdpa): eager | sdpa | flash_attention_2 | flash_attention_3 | flex_attention. One the installed
     stack or the model cannot run is refused before any process group starts."""
+    tokenizer: str | None = None
+    """With ``distill.cross_tokenizer``: the teacher's tokenizer directory (default: the one in teacher.path)."""
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -201,6 +204,12 @@ class DistillConfig:
     divergence_mix: float = 0.5
     """a: the teacher's share of the mixture m that jsd (0 < a < 1; 0.5 is the symmetric JSD) and skew_kl
     (0 ≤ a < 1; 0 is forward KL, DistiLLM used 0.1) compare with; unused by forward_kl and reverse_kl."""
+    cross_tokenizer: CrossTokenizerLoss | None = None
+    """The teacher has a tokenizer of its own (teacher.tokenizer): it reads each student window's text in its
+    own tokens, and in place of KD the student matches it on the text chunks both tokenizations share
+    (ted_ds/crosstok.py, ted_ds/losses.py) — chunk_likelihood: each chunk's likelihood softened by distill.temperature,
+    ALM's binary KL | overlap_kl: distill.divergence on the tokens both vocabularies spell alike,
+    where a chunk is one token on both sides. Method kd with a replicated teacher only, so far."""
     lwd_map_init: MapInit = "normal"
     """lwd: how its student map into the teacher's hidden space starts — normal: N(0, 0.02), as a fresh
     layer | identity: the identity (cut or zero-padded when the sizes differ; linear filter only), so the
@@ -356,6 +365,7 @@ class RunConfig:
             raise ConfigError(f"method {d.method} uses no teacher: remove teacher.cache")
         if self.student.init_from_teacher is not None and not t.path:
             raise ConfigError("student.init_from_teacher needs teacher.path")
+        _check_cross_tokenizer(self)
         if t.placement == "pipeline" and t.pipeline_chunks > tr.micro_batch_size:
             raise ConfigError(f"teacher.pipeline_chunks {t.pipeline_chunks} exceeds train.micro_batch_size "
                               f"{tr.micro_batch_size}: a chunk would hold no sequence")
@@ -395,6 +405,28 @@ class RunConfig:
     def runs_teacher(self) -> bool:
         """The teacher's forward runs during training: for its taps, or for logits that no cache holds."""
         return self.uses_teacher and (self.uses_layers or not self.logits_from_cache)
+
+
+def _check_cross_tokenizer(cfg: RunConfig) -> None:
+    """distill.cross_tokenizer runs method kd with a replicated teacher reading full logits; what else would
+    need the teacher's tokens (its cache, top-k, its placements, TED's layers, document masks) is not built."""
+    t = cfg.teacher
+    if cfg.distill.cross_tokenizer is None:
+        if t.tokenizer is not None:
+            raise ConfigError("teacher.tokenizer is for distill.cross_tokenizer: set it, or drop teacher.tokenizer")
+        return
+    unsupported = [("distill.method", cfg.distill.method, cfg.distill.method != "kd"),
+                   ("teacher.placement", t.placement, t.placement != "replicated"),
+                   ("teacher.cache", t.cache, t.cache is not None),
+                   ("teacher.logits_topk", t.logits_topk, t.logits_topk > 0),
+                   ("data.document_attention", cfg.data.document_attention, cfg.data.document_attention),
+                   ("student.init_from_teacher", cfg.student.init_from_teacher, cfg.student.init_from_teacher)]
+    refused = [(key, value) for key, value, bad in unsupported if bad]
+    if refused:
+        key, value = refused[0]
+        raise ConfigError(f"distill.cross_tokenizer works with distill.method kd and a replicated teacher, without "
+                          f"teacher.cache, logits_topk, data.document_attention or student.init_from_teacher, so "
+                          f"far; this run has {key} {value}")
 
 
 def _check_sources(data: DataConfig) -> None:

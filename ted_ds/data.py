@@ -255,3 +255,4 @@ class MicroBatch(NamedTuple):
     input_ids: torch.Tensor  # (B, seq_len)
     labels: torch.Tensor  # (B, seq_len)
     samples: list[int]  # index of each window in the training data (a BlendedDataset index)
+    teacher_view: object = None  # across tokenizers: the teacher's tokens and the chunks (crosstok.TeacherView)

@@ -37,6 +37,24 @@ With the teacher's top-k (ids K) there are two forms (``teacher.logits_topk_form
                   mass, and KD on it trains far worse than full KD (BENCHMARKS.md, "KD with the teacher's
                   top-k").
 
+Across tokenizers (``distill.cross_tokenizer``; the chunks come from ted_ds.crosstok) one of two terms
+stands in for KD, averaged over the aligned chunks c of the micro-batch:
+
+    chunk_likelihood  KL_bin(P_c ‖ Q_c) = P·(log P − log Q) + (1 − P)·(log(1 − P) − log(1 − Q)),
+                      log P_c = Σ_{j∈c} log p(teacher token j) / T, log Q_c likewise for the student's tokens
+    overlap_kl        D (``distill.divergence``) at T between p and q restricted to the tokens both
+                      vocabularies spell alike and renormalised there, read where a chunk is one token
+                      on both sides (the two predict the same next piece of text from the same text)
+
+chunk_likelihood is ALM's distance (Minixhofer et al. 2025): a chunk's probability is one number for
+both models whatever their tokens, and the binary KL between the two Bernoulli "the next text is this
+chunk" compares them without needing the rest of either distribution; its gradient in log Q is
+(Q − P)/(1 − Q), so a student already likelier than the teacher is pushed down too.  The temperature
+T (ALM's τ) softens the likelihoods: a chunk of probability e⁻⁶ weighs e⁻³ at T = 2, where at T = 1 the
+binary KL of such small probabilities is near 0 and teaches little.  With one tokenizer every chunk is
+one token and it is KL_bin of the two (softened) probabilities of each next token.  overlap_kl with one
+tokenizer is KD itself.
+
 The vocabulary-sized terms (CE, KD, stage-1 tap CE) run over chunks of ``CHUNK_TOKENS`` tokens and make
 their gradient together with their value, in closed form: at 128k vocabulary and 8k tokens one fp32
 (tokens × V) tensor is 4 GB, and autograd through log_softmax would keep several of them.
@@ -136,14 +154,20 @@ class _ChunkedMean(torch.autograd.Function):
 
 def _ce_chunk(grad_scale, grad_rows, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Σ cross-entropy over a chunk's kept tokens; gradient softmax(s) − onehot(y), zero on ignored rows."""
+    return _ce_rows(grad_scale, grad_rows, logits, labels).sum()
+
+
+def _ce_rows(grad_scale, grad_rows, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row (C,), 0 on ignored rows; writes ``grad_scale``·(softmax(s) − onehot(y)) to
+    ``grad_rows`` (zero on ignored rows) unless that is None."""
     logp = F.log_softmax(logits, dim=-1, dtype=torch.float32)  # (C, V)
     kept = labels != IGNORE_INDEX
     target = torch.where(kept, labels, 0).unsqueeze(1)  # (C, 1), a valid id on ignored rows
-    loss_sum = -torch.where(kept, logp.gather(1, target).squeeze(1), 0.0).sum()
+    rows = -torch.where(kept, logp.gather(1, target).squeeze(1), 0.0)
     if grad_rows is not None:
         grad = logp.exp_().scatter_add_(1, target, logp.new_full(target.shape, -1.0))
         torch.mul(grad, kept.unsqueeze(1) * grad_scale, out=grad_rows)  # scaled, masked and cast in one pass
-    return loss_sum
+    return rows
 
 
 def _kd_chunk(divergence, temperature: float, mix: float, grad_scale, grad_rows, student: torch.Tensor,
@@ -335,3 +359,91 @@ def trained_head_lm_loss(head, h: torch.Tensor, labels: torch.Tensor, chunk_toke
     total = sum(checkpoint(chunk_sum, h[i:i + chunk_tokens], labels[i:i + chunk_tokens], use_reentrant=False)
                 for i in range(0, h.shape[0], chunk_tokens))
     return total / kept.float()
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """log softmax(z)[y] of each row of ``logits`` (N, V), 0 where ``targets`` (N,) is IGNORE_INDEX, a chunk
+    of rows at a time; with a gradient its (N, V) part onehot(y) − softmax(z) is made with the value."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _TargetLogProbs.apply(logits, targets, chunk_tokens)
+    return _target_rows(logits, targets, None, chunk_tokens)
+
+
+def _target_rows(logits, targets, grad, chunk_tokens) -> torch.Tensor:
+    """The rows' target log-probabilities (N,) fp32; their gradients into ``grad`` unless that is None."""
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        out[rows] = _ce_rows(-1.0, None if grad is None else grad[rows], logits[rows], targets[rows]).neg_()
+    return out
+
+
+class _TargetLogProbs(torch.autograd.Function):
+    """target_logprobs with a gradient: only d log p(y)/dz, in the logits' dtype, is kept for backward."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, chunk_tokens):
+        grad = torch.empty_like(logits)
+        out = _target_rows(logits, targets, grad, chunk_tokens)
+        ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.unsqueeze(1).to(grad.dtype), None, None
+
+
+def chunk_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk: torch.Tensor, chunks: int) -> torch.Tensor:
+    """log P of each of ``chunks`` chunks (chunks,): the sum of its tokens' log-probabilities, ``chunk``
+    (B, T) naming each label position's chunk (−1: none); logits (B, T, V), labels (B, T)."""
+    rows = target_logprobs(logits.flatten(0, 1), labels.flatten())  # (B·T,)
+    chunk = chunk.flatten()
+    kept = chunk >= 0
+    return rows.new_zeros(chunks).index_add(0, chunk[kept], rows[kept])
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp x) for x < 0, accurate on both sides of −log 2."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def binary_kl(log_p: torch.Tensor, log_q: torch.Tensor, ceiling: float = -1e-6) -> torch.Tensor:
+    """KL(Bernoulli(P) ‖ Bernoulli(Q)) elementwise from log P and log Q; both held below ``ceiling`` so that
+    log(1 − Q) stays finite."""
+    log_p, log_q = log_p.clamp(max=ceiling), log_q.clamp(max=ceiling)
+    return log_p.exp() * (log_p - log_q) + (-log_p.expm1()) * (_log1mexp(log_p) - _log1mexp(log_q))
+
+
+def chunk_likelihood_loss(student_logits, labels, teacher_logits, view, temperature: float) -> torch.Tensor:
+    """Mean over the aligned chunks of KL_bin(P_c ‖ Q_c) (module docstring); ``view`` a crosstok.TeacherView.
+    The teacher gets no gradient; no chunk: 0."""
+    log_q = chunk_logprobs(student_logits, labels, view.student_chunk, view.chunks)
+    with torch.no_grad():
+        log_p = chunk_logprobs(teacher_logits, view.labels, view.teacher_chunk, view.chunks)
+    return binary_kl(log_p / temperature, log_q / temperature).sum() / max(view.chunks, 1)
+
+
+def overlap_kl_loss(student_logits, teacher_logits, view, shared: tuple[torch.Tensor, torch.Tensor],
+                    w: ObjectiveWeights) -> torch.Tensor:
+    """KD (``w``'s divergence at its temperature) on the shared vocabulary ``shared`` (student ids, teacher
+    ids), at the chunks one token on both sides; none: 0."""
+    student_ids, teacher_ids = shared
+    s = student_logits.flatten(0, 1).index_select(0, view.student_single).index_select(1, student_ids)  # (P, S)
+    t = teacher_logits.flatten(0, 1).index_select(0, view.teacher_single).index_select(1, teacher_ids)  # (P, S)
+    kept = torch.zeros(1, s.shape[0], dtype=torch.long, device=s.device)
+    return kd_loss(s[None], t[None], kept, w.temperature, divergence=w.divergence, mix=w.divergence_mix)
+
+
+@record_function("loss")
+def cross_tokenizer_objective(student_logits, labels, teacher_logits, view, w: ObjectiveWeights,
+                              shared: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """CE plus α times the cross-tokenizer term: overlap_kl on the ``shared`` vocabulary, else chunk_likelihood."""
+    own = student_logits[..., :w.vocab]  # the student tokenizer's ids
+    if shared is None:
+        name, term = "chunk_likelihood", chunk_likelihood_loss(own, labels, teacher_logits, view, w.temperature)
+    else:
+        name, term = "overlap_kl", overlap_kl_loss(own, teacher_logits, view, shared, w)
+    terms = {"lm": lm_loss(student_logits, labels), name: term}
+    terms["loss"] = terms["lm"] + w.alpha * term
+    return terms

@@ -34,6 +34,7 @@ from ted_ds.architectures import (
 )
 from ted_ds.checkpoint import distill_recipe, holds_student, read_trainer_state, resolve_checkpoint
 from ted_ds.config import DataConfig, RunConfig
+from ted_ds.crosstok import CrossTokenizer, load_cross_tokenizer
 from ted_ds.documents import check_document_attention, check_trainable_attention
 from ted_ds.errors import ConfigError
 from ted_ds.filters import check_filter_bank, model_record
@@ -86,6 +87,7 @@ class Plan:
     models: dict[str, dict] = field(default_factory=dict)
     """What the filter banks of this run are learned on, per side ("teacher", "student"): learned_on."""
     cache: dict | None = None  # teacher.cache's manifest, verified and matched to this run (check_cache)
+    cross: CrossTokenizer | None = None  # distill.cross_tokenizer: both tokenizers, loaded and checked
 
     @property
     def teacher_layers(self) -> list[int]:
@@ -213,10 +215,12 @@ def plan(cfg: RunConfig, job: Job = Job.DISTILL) -> Plan:
     cfg = with_local_models(cfg, teacher=needs_teacher)  # hub ids → directories of the local HF cache
     t, s = cfg.teacher, cfg.student
     teacher_config, student_config = model_configs(cfg, needs_teacher)
-    vocab_line = check_vocabularies(manifest, {"teacher": (teacher_config, t.path),
+    cross = load_cross_tokenizer(cfg, manifest, teacher_config) if cfg.distill.cross_tokenizer else None
+    same_tokens_teacher = teacher_config if cross is None else None  # one across tokenizers reads its own ids
+    vocab_line = check_vocabularies(manifest, {"teacher": (same_tokens_teacher, t.path),
                                                "student": (student_config, s.path or s.config or cfg.train.init_from)})
     hf_start = cfg.train.init_from if cfg.train.init_from and is_hf_dir(cfg.train.init_from) else s.path
-    for what, path in (("teacher", t.path if teacher_config is not None else None), ("student", hf_start)):
+    for what, path in (("teacher", t.path if same_tokens_teacher is not None else None), ("student", hf_start)):
         if path:
             check_tokenizer(path, manifest, what, cfg.data.blend[0].path)  # sources share one tokenizer
     uses_teacher_geometry = cfg.uses_teacher or learning
@@ -241,7 +245,7 @@ def plan(cfg: RunConfig, job: Job = Job.DISTILL) -> Plan:
         check_compile(on_gpu=torch.cuda.is_available())
     p = Plan(cfg, teacher_config, student_config, pairs, filter_dim, manifest, total, manifests, document_eos,
              vocab_line, {side: learned_on(cfg, student_config, side) for side in sides},
-             check_cache(cfg, manifest) if cfg.logits_from_cache else None)
+             check_cache(cfg, manifest) if cfg.logits_from_cache else None, cross)
     if cfg.distill.method == "ted" and not learning:
         check_banks(p)
     return p

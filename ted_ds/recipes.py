@@ -23,7 +23,7 @@ from ted_ds.engine import build_frozen, build_trained_engine, compiled, compute_
 from ted_ds.export import save_bank, save_student
 from ted_ds.filters import FilterBank
 from ted_ds.heads import TaskHead
-from ted_ds.losses import ObjectiveWeights, distill_objective, lm_loss, tap_lm_losses
+from ted_ds.losses import ObjectiveWeights, cross_tokenizer_objective, distill_objective, lm_loss, tap_lm_losses
 from ted_ds.metrics import flops_per_token, matmul_parameters
 from ted_ds.models import FiltersWithHeads, distill_modules, load_student, load_teacher
 from ted_ds.optim import distill_weights
@@ -57,9 +57,10 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
     engine = build_trained_engine(cfg, trained, ds, p.total_steps)
     frozen = None
     if cfg.runs_teacher:
+        teacher_vocab = p.manifest["vocab_size"] if p.cross is None else len(p.cross.teacher)
         frozen = build_frozen(cfg, functools.partial(load_teacher, cfg), p.teacher_layers if cfg.uses_layers else [],
                               teacher_filters, cfg.uses_logits and not cfg.logits_from_cache, ds, p.document_eos,
-                              p.manifest["vocab_size"])
+                              teacher_vocab)
         flops += flops_per_token(matmul_parameters(meta_model(p.teacher_config)), p.teacher_config,
                                   cfg.data.seq_len, False)
     cache = None
@@ -72,12 +73,9 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
     weights = ObjectiveWeights(d.alpha, d.beta, d.temperature, d.layer_loss, p.manifest["vocab_size"], d.divergence,
                                d.divergence_mix, cfg.teacher.logits_topk_form)
     weights_at = functools.partial(distill_weights, d, p.total_steps)
-
-    def loss(batch: MicroBatch, step: int):
-        t = teacher_side(frozen, cache, batch)
-        logits, taps = engine(batch.input_ids)
-        return distill_objective(logits, taps, batch.labels, t and t.logits, t and t.taps,
-                                 dataclasses.replace(weights, **weights_at(step)), t and t.topk_index)
+    objective = same_tokenizer_loss(frozen, cache, engine) if p.cross is None else cross_tokenizer_loss(
+        frozen, engine, p.cross.shared)
+    loss = lambda batch, step: objective(batch, dataclasses.replace(weights, **weights_at(step)))
 
     def eval_loss(input_ids, labels):
         logits, _ = engine(input_ids)
@@ -87,6 +85,30 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
     save = lambda out_dir: save_student(trained, p.student_config, tokenizer_dir, out_dir, cfg.data.seq_len)
     return Recipe(recipe_name(method, Job.DISTILL), engine, frozen, loss, eval_loss, flops, trained, trained.filters,
                   save, weights_at)
+
+
+def same_tokenizer_loss(frozen: Teacher | None, cache, engine) -> Callable:
+    """(MicroBatch, the step's ObjectiveWeights) -> terms: the teacher (or its cache) reads the student's ids."""
+    def loss(batch: MicroBatch, w: ObjectiveWeights):
+        t = teacher_side(frozen, cache, batch)
+        logits, taps = engine(batch.input_ids)
+        return distill_objective(logits, taps, batch.labels, t and t.logits, t and t.taps, w, t and t.topk_index)
+
+    return loss
+
+
+def cross_tokenizer_loss(frozen: Teacher, engine, shared: tuple | None) -> Callable:
+    """(MicroBatch, the step's ObjectiveWeights) -> terms across tokenizers: the teacher reads its own tokens
+    of the batch's text (``MicroBatch.teacher_view``); ``shared``: overlap_kl's vocabulary, else
+    chunk_likelihood."""
+    shared = None if shared is None else tuple(ids.to(engine.device) for ids in shared)
+
+    def loss(batch: MicroBatch, w: ObjectiveWeights):
+        t = frozen(batch.teacher_view.input_ids)
+        logits, _ = engine(batch.input_ids)
+        return cross_tokenizer_objective(logits, batch.labels, t.logits, batch.teacher_view, w, shared)
+
+    return loss
 
 
 def teacher_side(frozen: Teacher | None, cache, batch: MicroBatch) -> TeacherOutput | None:

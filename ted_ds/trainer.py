@@ -23,6 +23,7 @@ from torch.autograd.profiler import record_function
 
 from ted_ds import distributed
 from ted_ds.checkpoint import Checkpointer
+from ted_ds.crosstok import CrossTokenizer
 from ted_ds.data import (
     Blend,
     BlendedDataset,
@@ -207,16 +208,20 @@ class TrainData:
     valid: dict[str, PackedShardDataset]
     blend: Blend
     sampler: ConsumedSamplesSampler
+    cross: CrossTokenizer | None = None  # distill.cross_tokenizer: each micro-batch's teacher view
 
     def next_batch(self) -> list[MicroBatch]:
-        """This rank's micro-batches of the next global batch, on the device, with their sample indices.
-        A damaged window on any rank stops every rank with its line (raise_on_every_rank)."""
+        """This rank's micro-batches of the next global batch, on the device, with their sample indices (and
+        the teacher's view across tokenizers).  A damaged window on any rank stops every rank with its line
+        (raise_on_every_rank)."""
         try:
             windows, damage = [(collate(self.train, indices), indices) for indices in self.sampler.next_batch()], None
         except DamagedWindow as e:
             windows, damage = [], str(e)
         raise_on_every_rank(damage)
-        return [MicroBatch(*(t.to(distributed.device()) for t in pair), indices) for pair, indices in windows]
+        device = distributed.device()
+        view = lambda pair: None if self.cross is None else self.cross.batch(*pair).to(device)
+        return [MicroBatch(*(t.to(device) for t in pair), indices, view(pair)) for pair, indices in windows]
 
 
 def raise_on_every_rank(problem: str | None) -> None:
@@ -237,7 +242,7 @@ def training_data(p: Plan) -> TrainData:
     blend = Blend(tuple(s.name for s in sources), tuple(len(d) for d in train.parts), tuple(s.weight for s in sources))
     sampler = ConsumedSamplesSampler(blend, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                      distributed.rank(), distributed.world_size(), cfg.train.seed)
-    return TrainData(train, valid, blend, sampler)
+    return TrainData(train, valid, blend, sampler, p.cross)
 
 
 @dataclass
