@@ -175,7 +175,7 @@ def bytes_per_token(cache: str) -> dict[str, float]:
         for split, s in src["splits"].items():
             rows = CacheRows(cache, manifest, [key], k, split)
             for j in range(s["windows"]):
-                values, ids = rows.window(key, j)
+                values, ids, *_ = rows.window(key, j)
                 wide += len(encode_window(values, spread[ids], id_bits(WIDE_VOCAB))) + 8  # + its offset
                 values_only += len(encode_window(values, np.zeros_like(ids), 1)) + 8
     return {"written": sum(f["bytes"] for f in manifest["files"].values()) / tokens, "ids_17bit": wide / tokens,

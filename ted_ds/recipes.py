@@ -28,7 +28,7 @@ from ted_ds.metrics import flops_per_token, matmul_parameters
 from ted_ds.models import FiltersWithHeads, distill_modules, load_student, load_teacher
 from ted_ds.optim import distill_weights
 from ted_ds.plan import Job, Plan, recipe_name
-from ted_ds.teacher import Teacher, TeacherOutput
+from ted_ds.teacher import LOGITS_DTYPES, Draws, Teacher, TeacherOutput, support
 
 
 @dataclass
@@ -62,22 +62,26 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
                               p.manifest["vocab_size"])
         flops += flops_per_token(matmul_parameters(meta_model(p.teacher_config)), p.teacher_config,
                                   cfg.data.seq_len, False)
-    cache = None
+    cache = draws = None
     if cfg.logits_from_cache:
         from ted_ds.cache.format import CacheRows, source_key
 
         cache = CacheRows(cfg.teacher.cache, p.cache, [source_key(s.path)[0] for s in cfg.data.blend],
                           cfg.teacher.logits_topk, tail=cfg.tail_temperature is not None)
+    elif cfg.uses_logits and cfg.teacher.logits_sampling == "sampled":
+        draws = online_draws(cfg)
+    top_p = cfg.teacher.logits_top_p is not None
     d = cfg.distill
     weights = ObjectiveWeights(d.alpha, d.beta, d.temperature, d.layer_loss, p.manifest["vocab_size"], d.divergence,
                                d.divergence_mix, cfg.teacher.logits_topk_form)
     weights_at = functools.partial(distill_weights, d, p.total_steps)
 
     def loss(batch: MicroBatch, step: int):
-        t = teacher_side(frozen, cache, batch)
+        t = teacher_side(frozen, cache, batch, draws, top_p)
         logits, taps = engine(batch.input_ids)
         return distill_objective(logits, taps, batch.labels, t and t.logits, t and t.taps,
-                                 dataclasses.replace(weights, **weights_at(step)), t and t.topk_index)
+                                 dataclasses.replace(weights, **weights_at(step)), t and t.topk_index,
+                                 t and t.support, t and t.counts)
 
     def eval_loss(input_ids, labels):
         logits, _ = engine(input_ids)
@@ -89,14 +93,32 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
                   save, weights_at)
 
 
-def teacher_side(frozen: Teacher | None, cache, batch: MicroBatch) -> TeacherOutput | None:
+def teacher_side(frozen: Teacher | None, cache, batch: MicroBatch, draws: Draws | None = None,
+                 top_p: bool = False) -> TeacherOutput | None:
     """The teacher's outputs for a micro-batch: taps (and logits) from the running teacher; the logits from
-    the cache (``CacheRows``) when the run has one, found by the batch's sample indices."""
+    the cache (``CacheRows``) when the run has one, found by the batch's sample indices, or drawn from the
+    teacher's (``draws``); with ``top_p`` each token's support, read from the logits."""
     t = frozen(batch.input_ids) if frozen is not None else None
-    if cache is None:
-        return t
-    values, index = (x.to(batch.input_ids.device) for x in cache.read(batch.samples))
-    return TeacherOutput(t and t.taps, values, index)
+    if cache is not None:
+        values, index, counts = (x if x is None else x.to(batch.input_ids.device) for x in cache.read(batch.samples))
+        t = TeacherOutput(t and t.taps, values, index, counts)
+    elif draws is not None and t is not None and t.logits is not None:
+        t = TeacherOutput(t.taps, *draws(t.logits, batch.samples))
+    if top_p and t is not None and t.topk_index is not None:
+        t.support = support(t.logits, t.topk_index)
+    return t
+
+
+def online_draws(cfg) -> Draws:
+    """The draws of a run whose teacher runs online with teacher.logits_sampling: sampled."""
+    from ted_ds.cache.format import source_key
+    from ted_ds.data import PackedShardDataset, source_offsets
+
+    sources = cfg.data.blend
+    sizes = [len(PackedShardDataset(s.path, "train", cfg.data.seq_len)) for s in sources]
+    t = cfg.teacher
+    return Draws(cfg.train.seed, t.logits_samples, cfg.distill.temperature, LOGITS_DTYPES[t.logits_dtype],
+                 tuple(source_key(s.path)[0] for s in sources), source_offsets(sizes))
 
 
 def build_filter_learning(p: Plan, ds: dict, job: Job) -> Recipe:

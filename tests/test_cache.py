@@ -18,7 +18,9 @@ from ted_ds.cache.format import (
     Block,
     CacheRows,
     block_name,
+    decode_variable,
     decode_window,
+    encode_variable,
     encode_window,
     fold_tail,
     id_bits,
@@ -26,7 +28,7 @@ from ted_ds.cache.format import (
     to_bits,
     write_block,
 )
-from ted_ds.teacher import teacher_logits
+from ted_ds.teacher import TopP, sampled_logits, support, teacher_logits
 
 L = 12
 
@@ -86,6 +88,48 @@ def test_the_tail_logit_is_the_teachers_mass_off_its_top_k():
     assert rounded.dtype == torch.float16 and torch.equal(rounded, values.half())  # rounded once, the tail too
 
 
+def test_top_p_keeps_the_fewest_top_ids_whose_probability_reaches_p():
+    """p at T = 2 is (1/2, 1/4, 1/8, 3/32, 1/32) (sums exact in binary): the support is the fewest top ids whose
+    p reaches the cut, at most k; the dropped ones are −inf and their mass is in the tail logit."""
+    probs = torch.tensor([3 / 32, 0.5, 0.125, 1 / 32, 0.25])  # ids 1, 4, 2, 0, 3
+    logits = (2.0 * probs.log()).expand(6, 5)
+    cuts = torch.tensor([0.5, 0.7, 0.75, 0.8, 1.0, 0.3])
+    want = [1, 2, 2, 3, 4, 1]  # 1/2 reaches 0.5; 3/4 reaches 0.7 and 0.75; 7/8 reaches 0.8; 1.0 needs all, capped
+    for row, (cut, n) in enumerate(zip(cuts.tolist(), want)):
+        values, index = teacher_logits(logits[row], None, 4, tail_temperature=2.0, top_p=TopP(cut, 2.0))
+        assert support(values, index).sum().item() == n, cut
+        kept = probs[index[:n]].sum().item()
+        assert torch.equal(index[:n], torch.tensor([1, 4, 2, 0][:n])) and values[n:4].eq(-math.inf).all()
+        assert math.isclose(math.exp(values[4].item() / 2.0 - (values / 2.0).logsumexp(-1).item()), 1 - kept,
+                            rel_tol=1e-6)
+    renormalized, _ = teacher_logits(logits[2], None, 4, top_p=TopP(0.75, 2.0))  # no tail: the same support
+    assert renormalized.shape == (4,) and renormalized.isfinite().sum() == 2
+
+
+def test_a_variable_window_round_trips_bit_for_bit():
+    """Top-p (the kept values and the tail logit) and sampled (ids, their draws, log p) windows: only the
+    kept entries are stored, and they come back with zeros past them."""
+    logits = torch.linspace(4, 16, L)[:, None] * torch.randn(L, 1000, generator=torch.Generator().manual_seed(5))
+    values, ids = teacher_logits(logits, None, 16, tail_temperature=2.0, top_p=TopP(0.6, 2.0))
+    kept = support(values, ids).sum(-1).numpy()
+    assert kept.min() >= 1 and kept.max() <= 16 and len(set(kept.tolist())) > 1
+    bits = to_bits(values, torch.float16)
+    frame = encode_variable(bits, ids.numpy(), 10, kept)
+    got, got_ids, got_kept, draws = decode_variable(frame, L, 16, 10, tail=True, sampled=False)
+    on = np.arange(16)[None] < kept[:, None]
+    assert draws is None and np.array_equal(got_kept, kept) and np.array_equal(got_ids[on], ids.numpy()[on])
+    assert np.array_equal(got[:, :16][on], bits[:, :16][on]) and np.array_equal(got[:, 16], bits[:, 16])
+    assert not got[:, :16][~on].any() and not got_ids[~on].any()
+    assert len(zstandard.ZstdDecompressor().decompress(frame)) == 2 * L + 2 * (kept.sum() + L) + math.ceil(
+        kept.sum() * 10 / 8)
+    logp, drawn, counts = sampled_logits(logits[None], [7], 32, 2.0, torch.float16)
+    n = (counts[0] > 0).sum(-1).numpy()
+    frame = encode_variable(to_bits(logp[0], torch.float16), drawn[0].numpy(), 10, n, counts[0].numpy())
+    got, got_ids, got_kept, draws = decode_variable(frame, L, 32, 10, tail=False, sampled=True)
+    assert np.array_equal(got, to_bits(logp[0], torch.float16)) and np.array_equal(got_ids, drawn[0].numpy())
+    assert np.array_equal(draws, counts[0].numpy()) and np.array_equal(got_kept, n)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_window_with_its_tail_logit_round_trips_bit_for_bit(dtype):
     """The tail logit, last, is out of the descending order the value codes expect: exact all the same."""
@@ -142,7 +186,7 @@ def _fake_cache(root: str, sizes: dict[str, int], k: int = 3, block_windows: int
 def test_rows_are_found_by_the_samplers_index_across_sources(tmp_path):
     manifest = _fake_cache(str(tmp_path), {"aaa": 10, "bbb": 6})
     rows = CacheRows(str(tmp_path), manifest, ["bbb", "aaa"], k=2, tail=False)  # blended in the other order
-    values, ids = rows.read([0, 5, 6, 15])  # bbb 0 and 5; aaa 0 and 9
+    values, ids, _ = rows.read([0, 5, 6, 15])  # bbb 0 and 5; aaa 0 and 9
     assert values.dtype == torch.float16 and values.shape == (4, L, 2) and ids.shape == (4, L, 2)
     assert values[:, 0, 0].tolist() == [100.0, 105.0, 0.0, 9.0]
     assert ids[:, 0, 0].tolist() == [0, 5, 0, 9]
