@@ -208,6 +208,8 @@ def test_a_damaged_block_is_refused(tmp_path):
 @pytest.mark.parametrize("over,says", [
     ({"teacher.logits_topk": 0}, "set teacher.logits_topk"),
     ({"teacher.logits_dtype": "fp32"}, "set teacher.logits_dtype to fp16 or bf16"),
+    ({"teacher.logits_topk": 0, "teacher.logits_sampling": "sampled", "teacher.logits_samples": 70000},
+     "at most 65535"),
     ({}, None),  # a good run, but --out holds something else
 ])
 def test_cache_teacher_refuses_bad_input_before_writing(tiny, tmp_path, capsys, over, says):
@@ -241,6 +243,10 @@ def _cache_identity(**over) -> dict:
      "was made with another tokenizer than the data's (vocabulary sha256 differs)"),
     ({"document_attention": True}, "was made with data.document_attention false; this run has true"),
     ({"seq_len": 128}, "holds windows of seq_len 64; this run has data.seq_len 128"),
+    ({"top_p": 0.95}, "was made with teacher.logits_top_p none (top_p); this run has 0.95: rebuild it with ted-ds "
+                      "cache-teacher or match the run to it"),
+    ({"samples": 64, "sampling_seed": 1, "sampling_temperature": 2.0}, "was made with teacher.logits_samples none "
+     "(samples); this run has 64: rebuild it with ted-ds cache-teacher or match the run to it"),
 ])
 def test_a_cache_of_another_tokenizer_or_attention_is_refused(run_over, says):
     """What a run and its cache must share, checked before any window is read (the teacher, the data,
@@ -250,3 +256,14 @@ def test_a_cache_of_another_tokenizer_or_attention_is_refused(run_over, says):
     sources = {"s0": ("wiki", "w")}
     assert mismatch("/c", _cache_identity(), _cache_identity(), sources) is None
     assert mismatch("/c", _cache_identity(), _cache_identity(**run_over), sources) == f"teacher.cache /c {says}"
+
+
+def test_a_sampled_cache_of_another_seed_or_temperature_is_refused():
+    """Draws are seeded by train.seed and made at distill.temperature: another of either draws otherwise."""
+    from ted_ds.cache.format import mismatch
+
+    sampled = _cache_identity(samples=64, sampling_seed=1, sampling_temperature=2.0, tail_temperature=None, k=64)
+    assert mismatch("/c", sampled, sampled, {}) is None
+    assert "train.seed 1 (sampling_seed); this run has 2" in mismatch("/c", sampled, {**sampled, "sampling_seed": 2}, {})
+    assert "distill.temperature 2 (sampling_temperature); this run has 1" in mismatch(
+        "/c", sampled, {**sampled, "sampling_temperature": 1.0}, {})

@@ -51,6 +51,7 @@ from ted_ds.errors import ConfigError
 from ted_ds.teacher import draw_seed, sampled_logits, support
 
 PROGRESS_SECONDS = 10.0
+MAX_ENTRIES = 0xFFFF  # a token's kept entries and an id's draws are stored as uint16 (format.encode_variable)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ def plan_cache(cfg: RunConfig, out: str, block_windows: int):
     if t.logits_dtype not in VALUE_DTYPES:
         raise ConfigError(f"cache-teacher stores 16-bit logits: set teacher.logits_dtype to fp16 or bf16 (not "
                           f"{t.logits_dtype})")
+    entries = t.logits_samples if t.logits_sampling == "sampled" else t.logits_topk
+    if (t.logits_sampling == "sampled" or t.logits_top_p is not None) and entries > MAX_ENTRIES:
+        raise ConfigError(f"cache-teacher counts a token's entries in 16 bits: at most {MAX_ENTRIES} top-p entries or "
+                          f"samples per token, got {entries}")
     if block_windows < 1:
         raise UserError(f"--block-windows must be ≥ 1, got {block_windows}")
     as_kd = dataclasses.replace(cfg, teacher=dataclasses.replace(t, cache=None),
