@@ -264,6 +264,7 @@ def test_a_sampled_cache_of_another_seed_or_temperature_is_refused():
 
     sampled = _cache_identity(samples=64, sampling_seed=1, sampling_temperature=2.0, tail_temperature=None, k=64)
     assert mismatch("/c", sampled, sampled, {}) is None
-    assert "train.seed 1 (sampling_seed); this run has 2" in mismatch("/c", sampled, {**sampled, "sampling_seed": 2}, {})
+    reseeded = {**sampled, "sampling_seed": 2}
+    assert "train.seed 1 (sampling_seed); this run has 2" in mismatch("/c", sampled, reseeded, {})
     assert "distill.temperature 2 (sampling_temperature); this run has 1" in mismatch(
         "/c", sampled, {**sampled, "sampling_temperature": 1.0}, {})
