@@ -287,13 +287,14 @@ def _with_tail(divergence, t_logp, s_logp, mix, topk_index=None, support=None):
     (C, k + 1) holding the teacher's; its gradient over the whole vocabulary."""
     if topk_index is None:
         return divergence(t_logp, s_logp, mix)
+    if support is not None:  # a dropped entry stands for the top id, writing what the top id writes
+        topk_index = topk_index.where(support, topk_index[:, :1])
     at = s_logp.gather(1, topk_index)  # (C, k)
-    on_k, off_k = (at, -math.inf) if support is None else (at.masked_fill(~support, -math.inf),
-                                                           at.masked_fill(support, -math.inf))
-    tail = s_logp.scatter(1, topk_index, off_k).logsumexp(-1, keepdim=True)  # log Q_∁, no cancellation
+    on_k = at if support is None else at.masked_fill(~support, -math.inf)
+    tail = s_logp.scatter(1, topk_index, -math.inf).logsumexp(-1, keepdim=True)  # log Q_∁, no cancellation
     terms, grad_k1 = divergence(t_logp, torch.cat([on_k, tail], 1), mix)
     share = s_logp.sub_(tail).exp_().mul_(grad_k1[:, -1:]).masked_fill_(tail == -math.inf, 0.0)  # g_∁·q_i/Q_∁
-    grad_k = grad_k1[:, :-1] if support is None else torch.where(support, grad_k1[:, :-1], share.gather(1, topk_index))
+    grad_k = grad_k1[:, :-1] if support is None else grad_k1[:, :-1].where(support, grad_k1[:, :1])
     return terms, share.scatter_(1, topk_index, grad_k)
 
 

@@ -28,7 +28,7 @@ from ted_ds.metrics import flops_per_token, matmul_parameters
 from ted_ds.models import FiltersWithHeads, distill_modules, load_student, load_teacher
 from ted_ds.optim import distill_weights
 from ted_ds.plan import Job, Plan, recipe_name
-from ted_ds.teacher import LOGITS_DTYPES, Draws, Teacher, TeacherOutput, support
+from ted_ds.teacher import LOGITS_DTYPES, Draws, Teacher, teacher_side
 
 
 @dataclass
@@ -91,22 +91,6 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
     save = lambda out_dir: save_student(trained, p.student_config, tokenizer_dir, out_dir)
     return Recipe(recipe_name(method, Job.DISTILL), engine, frozen, loss, eval_loss, flops, trained, trained.filters,
                   save, weights_at)
-
-
-def teacher_side(frozen: Teacher | None, cache, batch: MicroBatch, draws: Draws | None = None,
-                 top_p: bool = False) -> TeacherOutput | None:
-    """The teacher's outputs for a micro-batch: taps (and logits) from the running teacher; the logits from
-    the cache (``CacheRows``) when the run has one, found by the batch's sample indices, or drawn from the
-    teacher's (``draws``); with ``top_p`` each token's support, read from the logits."""
-    t = frozen(batch.input_ids) if frozen is not None else None
-    if cache is not None:
-        values, index, counts = (x if x is None else x.to(batch.input_ids.device) for x in cache.read(batch.samples))
-        t = TeacherOutput(t and t.taps, values, index, counts)
-    elif draws is not None and t is not None and t.logits is not None:
-        t = TeacherOutput(t.taps, *draws(t.logits, batch.samples))
-    if top_p and t is not None and t.topk_index is not None:
-        t.support = support(t.logits, t.topk_index)
-    return t
 
 
 def online_draws(cfg) -> Draws:

@@ -80,8 +80,9 @@ def teacher_logits(logits: torch.Tensor, vocab: int | None, k: int, dtype: torch
     tail logit T·log Σ_{i∉K} exp(z_i/T), computed in fp32 from every logit, so that softmax over the k + 1
     values at T gives the teacher's probabilities on K and its mass off K (−inf at k = V: no tail).
 
-    With ``top_p`` the top-k entries past a token's support (``top_p_support``) are −inf, and in the tail form
-    their mass is in the tail logit: K is then the support."""
+    With ``top_p`` the top-k entries past a token's support (``top_p_support``) are −inf with the top id for
+    theirs (as the cache gives them back), and in the tail form their mass is in the tail logit: K is then
+    the support."""
     logits = logits[..., :vocab]
     values, index = (logits, None) if k <= 0 else logits.topk(k, dim=-1)
     kept = None if index is None or top_p is None else top_p_support(values, logits, top_p)
@@ -90,8 +91,9 @@ def teacher_logits(logits: torch.Tensor, vocab: int | None, k: int, dtype: torch
         if kept is not None:  # the dropped top-k entries join the tail
             off_top = off_top.scatter(-1, index, values.float().masked_fill(kept, -math.inf) / tail_temperature)
         values = torch.cat([values.float(), tail_temperature * off_top.logsumexp(-1, keepdim=True)], -1)
-    if kept is not None:
+    if kept is not None:  # past the support: −inf, and the top id (one id per row for every dropped entry)
         values = torch.cat([values[..., :k].masked_fill(~kept, -math.inf), values[..., k:]], -1)
+        index = index.where(kept, index[..., :1])
     if dtype != torch.float32:
         values = values.to(dtype)
     return values, index
@@ -165,6 +167,23 @@ def distinct_counts(drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts = torch.where(real, run_end - run_start, 0)
     ids = ordered.gather(-1, run_start.clamp(max=ordered.shape[-1] - 1)).masked_fill_(~real, 0)
     return ids, counts
+
+
+def teacher_side(frozen: Teacher | None, cache, batch, draws: Draws | None = None,
+                 top_p: bool = False) -> TeacherOutput | None:
+    """The teacher's outputs for a micro-batch (``ted_ds.data.MicroBatch``): taps (and logits) from the running
+    teacher; the logits from the cache (``CacheRows``) when the run has one, found by the batch's sample
+    indices, or drawn from the teacher's (``draws``); with ``top_p`` each token's support, read from the
+    logits."""
+    t = frozen(batch.input_ids) if frozen is not None else None
+    if cache is not None:
+        values, index, counts = (x if x is None else x.to(batch.input_ids.device) for x in cache.read(batch.samples))
+        t = TeacherOutput(t and t.taps, values, index, counts)
+    elif draws is not None and t is not None and t.logits is not None:
+        t = TeacherOutput(t.taps, *draws(t.logits, batch.samples))
+    if top_p and t is not None and t.topk_index is not None:
+        t.support = support(t.logits, t.topk_index)
+    return t
 
 
 class FrozenLM(TappedLM):

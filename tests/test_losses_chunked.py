@@ -173,6 +173,7 @@ def test_a_tokens_support_is_its_own_top_n(form, divergence):
     values, index = teacher_logits(x["teacher"], None, K, tail_temperature=TEMPERATURE if form == "tail" else None,
                                    top_p=TopP(0.3, TEMPERATURE))
     kept = support(values, index)
+    index = x["topk_index"]  # past the support: the dropped ids themselves (teacher_logits gives the top id)
     sizes = kept.sum(-1)
     assert set(sizes[x["labels"] != IGNORE_INDEX].tolist()) == set(range(1, K + 1))  # every size occurs
     variable = lambda s, x: kd_loss(s, values, x["labels"], TEMPERATURE, index, CHUNK, divergence, MIX[divergence],

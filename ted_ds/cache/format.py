@@ -117,8 +117,9 @@ def decode_window(frame, rows: int, k: int, bits: int, tail: bool = False) -> tu
 
 
 def decode_variable(frame, rows: int, k: int, bits: int, tail: bool, sampled: bool):
-    """``encode_variable`` undone: (values (L, k + tail) uint16 bit patterns and ids (L, k) int64, zero past
-    each row's entries; kept (L,) int64; draws (L, k) int64, sampled, else None)."""
+    """``encode_variable`` undone: (values (L, k + tail) uint16 bit patterns, zero past each row's entries, and
+    ids (L, k) int64, past them 0 (sampled) or the row's first id (top-p, as ``teacher_logits`` has them);
+    kept (L,) int64; draws (L, k) int64, sampled, else None)."""
     raw = _decompressed(frame)
     kept = _unplanes(raw, rows).astype(np.int64) if raw.size >= 2 * rows else np.zeros(rows, np.int64)
     tail = int(tail)
@@ -139,7 +140,7 @@ def decode_variable(frame, rows: int, k: int, bits: int, tail: bool, sampled: bo
         draws = np.zeros((rows, k), np.int64)
         draws[on], at = _unplanes(raw[at:], n), at + 2 * n
     ids[on] = _unpack_ids(raw[at:], n, bits)
-    return values, ids, kept, draws
+    return values, ids if sampled else np.where(on, ids, ids[:, :1]), kept, draws
 
 
 def _row_starts(lengths: np.ndarray) -> np.ndarray:
