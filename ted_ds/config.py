@@ -34,6 +34,7 @@ LogitsDtype = Literal["fp32", "bf16", "fp16"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
 TopkForm = Literal["tail", "renormalized"]
 CrossTokenizerLoss = Literal["chunk_likelihood", "overlap_kl"]
+LogitsSampling = Literal["topk", "sampled"]
 AttnImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
 
 
@@ -73,6 +74,17 @@ class TeacherConfig:
     for the rest of its mass, the student's likewise, D over k + 1 classes (the teacher also sends, and the
     cache stores, its tail logit at distill.temperature); renormalized — the teacher renormalised on its
     top-k, the old form, much worse at T > 1 (BENCHMARKS.md, "KD with the teacher's top-k")."""
+    logits_top_p: float | None = None
+    """In (0, 1], with logits_topk as the cap: per token only the smallest set of the teacher's top ids whose
+    softened probability (at distill.temperature) reaches p, at most logits_topk of them; the rest of the
+    top-k is dropped (−inf) and, in the tail form, joins the tail bucket. The cache then stores only the kept
+    entries (ted_ds/cache/format.py)."""
+    logits_sampling: LogitsSampling = "topk"
+    """topk: the teacher's logits as logits_topk says (all of them at 0); sampled: logits_samples draws per
+    position from the teacher's softened distribution (seeded by train.seed and the window), kept as unique
+    ids with their counts, and KD is their unbiased estimate of forward KL (ted_ds/losses.py)."""
+    logits_samples: int = 64
+    """N, the draws per position of logits_sampling: sampled."""
     cache: str | None = None
     """A ``ted-ds cache-teacher`` directory: KD (and TED's logit term) reads the teacher's top-k logits from it;
     a logits-only method (kd) then never loads the teacher, ted/lwd still run it for its taps. The cache must
@@ -95,9 +107,24 @@ class TeacherConfig:
         if self.logits_topk_form != "tail" and self.logits_topk < 1:
             raise ConfigError(f"teacher.logits_topk_form {self.logits_topk_form} is a form of top-k KD: set "
                               "teacher.logits_topk, or drop the form")
-        if self.cache and self.logits_topk < 1:
-            raise ConfigError("teacher.cache holds the teacher's top-k logits: set teacher.logits_topk (at most the "
-                              "cache's k)")
+        if self.cache and self.logits_topk < 1 and self.logits_sampling != "sampled":
+            raise ConfigError("teacher.cache holds the teacher's top-k logits or samples: set teacher.logits_topk (at "
+                              "most the cache's k), or teacher.logits_sampling: sampled")
+        _check_logits_cut(self)
+
+
+def _check_logits_cut(t: TeacherConfig) -> None:
+    """top-p needs its top-k cap; sampling replaces top-k and top-p."""
+    if t.logits_top_p is not None and not 0 < t.logits_top_p <= 1:
+        raise ConfigError(f"teacher.logits_top_p must be in (0, 1], got {t.logits_top_p:g}")
+    if t.logits_top_p is not None and t.logits_topk < 1:
+        raise ConfigError("teacher.logits_top_p keeps at most teacher.logits_topk entries per token: set "
+                          "teacher.logits_topk as its cap (e.g. 100)")
+    if t.logits_samples < 1:
+        raise ConfigError(f"teacher.logits_samples must be ≥ 1, got {t.logits_samples}")
+    if t.logits_sampling == "sampled" and (t.logits_topk or t.logits_top_p is not None):
+        raise ConfigError("teacher.logits_sampling: sampled draws from every logit: drop teacher.logits_topk and "
+                          "teacher.logits_top_p")
 
 
 @dataclass
@@ -366,6 +393,9 @@ class RunConfig:
         if self.student.init_from_teacher is not None and not t.path:
             raise ConfigError("student.init_from_teacher needs teacher.path")
         _check_cross_tokenizer(self)
+        if t.logits_sampling == "sampled" and self.uses_logits and d.divergence != "forward_kl":
+            raise ConfigError(f"teacher.logits_sampling: sampled estimates forward KL only (unbiased by its draws); "
+                              f"distill.divergence {d.divergence} needs the teacher's logits: use forward_kl or top-k")
         if t.placement == "pipeline" and t.pipeline_chunks > tr.micro_batch_size:
             raise ConfigError(f"teacher.pipeline_chunks {t.pipeline_chunks} exceeds train.micro_batch_size "
                               f"{tr.micro_batch_size}: a chunk would hold no sequence")
@@ -419,14 +449,15 @@ def _check_cross_tokenizer(cfg: RunConfig) -> None:
                    ("teacher.placement", t.placement, t.placement != "replicated"),
                    ("teacher.cache", t.cache, t.cache is not None),
                    ("teacher.logits_topk", t.logits_topk, t.logits_topk > 0),
+                   ("teacher.logits_sampling", t.logits_sampling, t.logits_sampling != "topk"),
                    ("data.document_attention", cfg.data.document_attention, cfg.data.document_attention),
                    ("student.init_from_teacher", cfg.student.init_from_teacher, cfg.student.init_from_teacher)]
     refused = [(key, value) for key, value, bad in unsupported if bad]
     if refused:
         key, value = refused[0]
         raise ConfigError(f"distill.cross_tokenizer works with distill.method kd and a replicated teacher, without "
-                          f"teacher.cache, logits_topk, data.document_attention or student.init_from_teacher, so "
-                          f"far; this run has {key} {value}")
+                          f"teacher.cache, logits_topk, logits_sampling, data.document_attention or "
+                          f"student.init_from_teacher, so far; this run has {key} {value}")
 
 
 def _check_sources(data: DataConfig) -> None:

@@ -23,7 +23,7 @@ from ted_ds.config import RunConfig, accumulation_steps
 from ted_ds.documents import for_model
 from ted_ds.errors import ConfigError
 from ted_ds.optim import lr_multiplier, param_groups
-from ted_ds.teacher import LOGITS_DTYPES, FrozenLM, ReplicatedTeacher, Teacher, Zero3Teacher
+from ted_ds.teacher import LOGITS_DTYPES, FrozenLM, ReplicatedTeacher, Teacher, Zero3Teacher, top_p_of
 from ted_ds.weights import check_dtype
 
 _DERIVED_OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay")
@@ -123,7 +123,7 @@ def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_lo
         filters = filters.to(device, dtype)
     t = cfg.teacher
     logits = dict(logits_topk=t.logits_topk, vocab=vocab, logits_dtype=LOGITS_DTYPES[t.logits_dtype],
-                  tail_temperature=cfg.tail_temperature)
+                  tail_temperature=cfg.tail_temperature, top_p=top_p_of(cfg))
     if placement == "replicated":
         model = compiled(cfg, load_model(dtype=dtype, device=device))
         return ReplicatedTeacher(FrozenLM(model, layers, filters, need_logits,

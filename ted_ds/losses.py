@@ -37,6 +37,20 @@ With the teacher's top-k (ids K) there are two forms (``teacher.logits_topk_form
                   mass, and KD on it trains far worse than full KD (BENCHMARKS.md, "KD with the teacher's
                   top-k").
 
+With ``teacher.logits_top_p`` K shrinks per token to its support S ⊆ K, the fewest top ids whose p reaches
+the cut (``ted_ds.teacher.top_p_support``), given as a (k)-wide mask: both forms above run with S for K (the
+tail bucket then holds the mass off S, which the teacher's tail logit includes); a mask of all k is the top-k.
+
+Sampled (``teacher.logits_sampling: sampled``, forward_kl only): per token N ids drawn from p, kept as the
+distinct ids i with their counts c_i; with p̂_i = c_i / N the loss and its gradient in z_s/T are
+
+    L̂ = Σ_i p̂_i·(log p_i − log q_i)            ∂L̂/∂(z_s/T) = q − p̂
+
+(log p_i, the teacher's log-probability at T of a drawn id, is sent with it). E[p̂] = p, so E[L̂] = KL(p ‖ q)
+and E[∂L̂] = q − p, forward KL's value and gradient, unbiased, with Var p̂_i = p_i(1 − p_i)/N — where top-k
+drops the tail and biases toward the head. Without the counts (each distinct id once) or without the ÷ N
+the estimate is biased (tests/test_losses.py checks the mean gradient over many draws).
+
 Across tokenizers (``distill.cross_tokenizer``; the chunks come from ted_ds.crosstok) one of two terms
 stands in for KD, averaged over the aligned chunks c of the micro-batch:
 
@@ -88,14 +102,17 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = CHUN
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
             teacher_topk_index: torch.Tensor | None = None, chunk_tokens: int = CHUNK_TOKENS,
-            divergence: str = "forward_kl", mix: float = 0.5, topk_form: str = "tail") -> torch.Tensor:
+            divergence: str = "forward_kl", mix: float = 0.5, topk_form: str = "tail",
+            support: torch.Tensor | None = None) -> torch.Tensor:
     """T²·D(softmax(t/T) ‖ softmax(s/T)) for the ``divergence`` D of the module docstring (``mix``: its a),
     averaged over the tokens whose label is not IGNORE_INDEX (those the LM loss counts); the teacher
     logits get no gradient.
 
     With ``teacher_topk_index`` (B, T, k) D is taken on the teacher's top-k in ``topk_form`` (module
     docstring): the teacher logits are its top-k values and the tail logit (B, T, k + 1) for "tail", the
-    top-k values (B, T, k) for "renormalized".
+    top-k values (B, T, k) for "renormalized". ``support`` (B, T, k) bool narrows K per token to the
+    entries it keeps (top-p), the teacher's values being −inf past it and its tail logit holding the mass off
+    it (``ted_ds.teacher.teacher_logits``).
     """
     labels = labels.flatten()
     teacher = (teacher_logits.flatten(0, 1), labels)
@@ -106,9 +123,31 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
             raise ValueError(f"{topk_form} top-k KD takes {teacher_topk_index.shape[-1] + (topk_form == 'tail')} "
                              f"teacher values per token, got {teacher_logits.shape[-1]}")
         teacher += (teacher_topk_index.flatten(0, 1),)
+    if support is not None:
+        teacher += (support.flatten(0, 1),)
     student = student_logits.flatten(0, 1)
     chunk = partial(_kd_chunk, forms[divergence], temperature, mix)
     return _chunked_mean(chunk, student, teacher, kept_tokens(labels), chunk_tokens)
+
+
+def sampled_kd_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, ids: torch.Tensor,
+                    counts: torch.Tensor, labels: torch.Tensor, temperature: float,
+                    chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """T²·KL(p ‖ q) estimated from N draws of the teacher's p = softmax(z_t/T) per token (module docstring,
+    "sampled"): ``ids`` (B, T, N) the distinct ids drawn, ``counts`` their draws (0 on padding),
+    ``teacher_logp`` log p at them; averaged over the tokens the LM loss counts."""
+    labels = labels.flatten()
+    teacher = (teacher_logp.flatten(0, 1), ids.flatten(0, 1), counts.flatten(0, 1), labels)
+    chunk = partial(_sampled_chunk, temperature)
+    return _chunked_mean(chunk, student_logits.flatten(0, 1), teacher, kept_tokens(labels), chunk_tokens)
+
+
+def _sampled_chunk(temperature: float, grad_scale, grad_rows, student, teacher_logp, ids, counts, labels):
+    """T²·Σ_i p̂_i·(log p_i − log q_i) over a chunk's kept tokens, p̂ = counts / N; T·(q − p̂) into ``grad_rows``."""
+    s_logp = F.log_softmax(student.float() / temperature, dim=-1)  # (C, V)
+    share = counts.float() / counts.sum(-1, keepdim=True)  # (C, N): p̂, the draws' share of each id
+    terms, grad = _weighted_kl(share, teacher_logp.float(), s_logp, ids)
+    return _chunk_sum(terms, grad, temperature, grad_scale, grad_rows, labels)
 
 
 def _chunked_mean(chunk_loss, x: torch.Tensor, others: tuple, denominator, chunk_tokens: int) -> torch.Tensor:
@@ -171,31 +210,41 @@ def _ce_rows(grad_scale, grad_rows, logits: torch.Tensor, labels: torch.Tensor) 
 
 
 def _kd_chunk(divergence, temperature: float, mix: float, grad_scale, grad_rows, student: torch.Tensor,
-              teacher: torch.Tensor, labels: torch.Tensor, topk_index: torch.Tensor | None = None) -> torch.Tensor:
+              teacher: torch.Tensor, labels: torch.Tensor, topk_index: torch.Tensor | None = None,
+              support: torch.Tensor | None = None) -> torch.Tensor:
     """T²·Σ D(p ‖ q) over a chunk's kept tokens; T times D's gradient in z/T w.r.t. the student logits,
     zero on ignored rows."""
-    kept = (labels != IGNORE_INDEX).unsqueeze(1)  # (C, 1)
     s_logp = F.log_softmax(student.float() / temperature, dim=-1)  # (C, V)
-    t_logp = F.log_softmax(teacher.float() / temperature, dim=-1)  # (C, V) or (C, k)
-    terms, grad = divergence(t_logp, s_logp, mix, topk_index)
+    t_logp = F.log_softmax(teacher.float() / temperature, dim=-1)  # (C, V) or (C, k [+ 1])
+    terms, grad = divergence(t_logp, s_logp, mix, topk_index, support)
+    return _chunk_sum(terms, grad, temperature, grad_scale, grad_rows, labels)
+
+
+def _chunk_sum(terms, grad, temperature: float, grad_scale, grad_rows, labels) -> torch.Tensor:
+    """T²·Σ of a chunk's ``terms`` over its kept tokens; T·``grad`` (zero on ignored rows) into ``grad_rows``."""
+    kept = (labels != IGNORE_INDEX).unsqueeze(1)  # (C, 1)
     loss_sum = temperature * temperature * terms.masked_fill_(~kept, 0.0).sum()
     if grad_rows is not None:
         torch.mul(grad, kept * (temperature * grad_scale), out=grad_rows)
     return loss_sum
 
 
-def _forward_kl(t_logp, s_logp, mix, topk_index=None):
-    """KL(p ‖ q) term by term, and q − p. Where p = 0 (a teacher logit of −inf) the term p·(log p − log q) is 0,
-    not 0·(−inf) = NaN. With top-k the student's full-vocabulary log-probabilities are read at the
-    teacher's ids, and p is scattered there (Σ p = 1 leaves q whole). Overwrites its inputs."""
-    t_p = t_logp.exp()
-    s_at_teacher = s_logp if topk_index is None else s_logp.gather(1, topk_index)
-    terms = t_logp.sub_(s_at_teacher).mul_(t_p).masked_fill_(t_p == 0, 0.0)
+def _forward_kl(t_logp, s_logp, mix, topk_index=None, support=None):
+    """KL(p ‖ q) term by term, and q − p (``support`` changes nothing: p is 0 off it already)."""
+    return _weighted_kl(t_logp.exp(), t_logp, s_logp, topk_index)
+
+
+def _weighted_kl(weight, t_logp, s_logp, ids=None):
+    """Σ w·(log p − log q) term by term, and its gradient q − w (Σ w = 1 leaves q whole). Where w = 0 (a teacher
+    logit of −inf, an id drawn 0 times) the term is 0, not 0·(−inf) = NaN. With ``ids`` the student's
+    full-vocabulary log-probabilities are read there, and w is scattered there. Overwrites its inputs."""
+    s_at_teacher = s_logp if ids is None else s_logp.gather(1, ids)
+    terms = t_logp.sub_(s_at_teacher).mul_(weight).masked_fill_(weight == 0, 0.0)
     grad = s_logp.exp_()
-    if topk_index is None:
-        grad.sub_(t_p)
+    if ids is None:
+        grad.sub_(weight)
     else:
-        grad.scatter_add_(1, topk_index, t_p.neg_())
+        grad.scatter_add_(1, ids, weight.neg())
     return terms, grad
 
 
@@ -241,12 +290,14 @@ def _skew_kl(t_logp, x_logp, mix):
     return _p_log_p_over(t_logp, log_m), _present(x, _present(x, w).sum(-1, keepdim=True) - w).mul_(1 - mix)
 
 
-def _renormalised(divergence, t_logp, s_logp, mix, topk_index=None):
+def _renormalised(divergence, t_logp, s_logp, mix, topk_index=None, support=None):
     """``divergence`` between p and the student's q, or with top-k: D(p ‖ q̃) − log Z_K with q̃ the student
-    renormalised on the teacher's ids (module docstring); its gradient over the whole vocabulary."""
+    renormalised on the teacher's ids (its ``support`` of them); its gradient over the whole vocabulary."""
     if topk_index is None:
         return divergence(t_logp, s_logp, mix)
     at = s_logp.gather(1, topk_index)  # (C, k)
+    if support is not None:
+        at.masked_fill_(~support, -math.inf)
     log_mass = at.logsumexp(-1, keepdim=True)  # log Z_K
     q_tilde_logp = at.sub_(log_mass)
     terms, grad_k = divergence(t_logp, q_tilde_logp, mix)
@@ -254,17 +305,21 @@ def _renormalised(divergence, t_logp, s_logp, mix, topk_index=None):
     return terms.sub_(log_mass), grad
 
 
-def _with_tail(divergence, t_logp, s_logp, mix, topk_index=None):
-    """``divergence`` between p and the student's q, or with top-k: D over the k + 1 classes of K and the
-    tail bucket (module docstring), ``t_logp`` (C, k + 1) holding the teacher's; its gradient over the
-    whole vocabulary."""
+def _with_tail(divergence, t_logp, s_logp, mix, topk_index=None, support=None):
+    """``divergence`` between p and the student's q, or with top-k: D over the k + 1 classes of K (its
+    ``support`` of the ids; the others are in the bucket) and the tail bucket (module docstring), ``t_logp``
+    (C, k + 1) holding the teacher's; its gradient over the whole vocabulary."""
     if topk_index is None:
         return divergence(t_logp, s_logp, mix)
+    if support is not None:  # a dropped entry stands for the top id, writing what the top id writes
+        topk_index = topk_index.where(support, topk_index[:, :1])
     at = s_logp.gather(1, topk_index)  # (C, k)
+    on_k = at if support is None else at.masked_fill(~support, -math.inf)
     tail = s_logp.scatter(1, topk_index, -math.inf).logsumexp(-1, keepdim=True)  # log Q_∁, no cancellation
-    terms, grad_k1 = divergence(t_logp, torch.cat([at, tail], 1), mix)
+    terms, grad_k1 = divergence(t_logp, torch.cat([on_k, tail], 1), mix)
     share = s_logp.sub_(tail).exp_().mul_(grad_k1[:, -1:]).masked_fill_(tail == -math.inf, 0.0)  # g_∁·q_i/Q_∁
-    return terms, share.scatter_(1, topk_index, grad_k1[:, :-1])
+    grad_k = grad_k1[:, :-1] if support is None else grad_k1[:, :-1].where(support, grad_k1[:, :1])
+    return terms, share.scatter_(1, topk_index, grad_k)
 
 
 _PLAIN = {"forward_kl": _forward_kl, "reverse_kl": _reverse_kl, "jsd": _jsd, "skew_kl": _skew_kl}
@@ -300,14 +355,19 @@ class ObjectiveWeights:
 
 @record_function("loss")  # names the objective's work (and its closed-form gradients) in a profile
 def distill_objective(student_logits, student_taps, labels, teacher_logits, teacher_taps, w: ObjectiveWeights,
-                      teacher_topk_index=None) -> dict[str, torch.Tensor]:
-    """Every term, and their weighted sum under ``"loss"``; absent terms are not computed."""
+                      teacher_topk_index=None, teacher_support=None, teacher_counts=None) -> dict[str, torch.Tensor]:
+    """Every term, and their weighted sum under ``"loss"``; absent terms are not computed. ``teacher_support``:
+    the top-k entries each token keeps (top-p); ``teacher_counts``: the logits are sampled (``sampled_kd_loss``)."""
     terms = {"lm": lm_loss(student_logits, labels)}
     total = terms["lm"]
-    if teacher_logits is not None and w.alpha > 0:
+    if teacher_counts is not None and w.alpha > 0:
+        terms["kd"] = sampled_kd_loss(student_logits[..., :w.vocab], teacher_logits, teacher_topk_index,
+                                      teacher_counts, labels, w.temperature)
+    elif teacher_logits is not None and w.alpha > 0:
         terms["kd"] = kd_loss(student_logits[..., :w.vocab], teacher_logits, labels, w.temperature,
                               teacher_topk_index, divergence=w.divergence, mix=w.divergence_mix,
-                              topk_form=w.topk_form)
+                              topk_form=w.topk_form, support=teacher_support)
+    if "kd" in terms:
         total = total + w.alpha * terms["kd"]
     if teacher_taps is not None and w.beta > 0:
         per_tap = [layer_loss(s, t, w.layer_loss) for s, t in zip(student_taps, teacher_taps)]

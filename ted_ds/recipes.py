@@ -28,7 +28,7 @@ from ted_ds.metrics import flops_per_token, matmul_parameters
 from ted_ds.models import FiltersWithHeads, distill_modules, load_student, load_teacher
 from ted_ds.optim import distill_weights
 from ted_ds.plan import Job, Plan, recipe_name
-from ted_ds.teacher import Teacher, TeacherOutput
+from ted_ds.teacher import LOGITS_DTYPES, Draws, Teacher, teacher_side
 
 
 @dataclass
@@ -63,18 +63,21 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
                               teacher_vocab)
         flops += flops_per_token(matmul_parameters(meta_model(p.teacher_config)), p.teacher_config,
                                   cfg.data.seq_len, False)
-    cache = None
+    cache = draws = None
     if cfg.logits_from_cache:
         from ted_ds.cache.format import CacheRows, source_key
 
         cache = CacheRows(cfg.teacher.cache, p.cache, [source_key(s.path)[0] for s in cfg.data.blend],
                           cfg.teacher.logits_topk, tail=cfg.tail_temperature is not None)
+    elif cfg.uses_logits and cfg.teacher.logits_sampling == "sampled":
+        draws = online_draws(cfg)
+    top_p = cfg.teacher.logits_top_p is not None
     d = cfg.distill
     weights = ObjectiveWeights(d.alpha, d.beta, d.temperature, d.layer_loss, p.manifest["vocab_size"], d.divergence,
                                d.divergence_mix, cfg.teacher.logits_topk_form)
     weights_at = functools.partial(distill_weights, d, p.total_steps)
-    objective = same_tokenizer_loss(frozen, cache, engine) if p.cross is None else cross_tokenizer_loss(
-        frozen, engine, p.cross.shared)
+    objective = same_tokenizer_loss(frozen, cache, engine, draws, top_p) if p.cross is None else \
+        cross_tokenizer_loss(frozen, engine, p.cross.shared)
     loss = lambda batch, step: objective(batch, dataclasses.replace(weights, **weights_at(step)))
 
     def eval_loss(input_ids, labels):
@@ -87,12 +90,13 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
                   save, weights_at)
 
 
-def same_tokenizer_loss(frozen: Teacher | None, cache, engine) -> Callable:
+def same_tokenizer_loss(frozen: Teacher | None, cache, engine, draws, top_p: bool) -> Callable:
     """(MicroBatch, the step's ObjectiveWeights) -> terms: the teacher (or its cache) reads the student's ids."""
     def loss(batch: MicroBatch, w: ObjectiveWeights):
-        t = teacher_side(frozen, cache, batch)
+        t = teacher_side(frozen, cache, batch, draws, top_p)
         logits, taps = engine(batch.input_ids)
-        return distill_objective(logits, taps, batch.labels, t and t.logits, t and t.taps, w, t and t.topk_index)
+        return distill_objective(logits, taps, batch.labels, t and t.logits, t and t.taps, w, t and t.topk_index,
+                                 t and t.support, t and t.counts)
 
     return loss
 
@@ -111,14 +115,16 @@ def cross_tokenizer_loss(frozen: Teacher, engine, shared: tuple | None) -> Calla
     return loss
 
 
-def teacher_side(frozen: Teacher | None, cache, batch: MicroBatch) -> TeacherOutput | None:
-    """The teacher's outputs for a micro-batch: taps (and logits) from the running teacher; the logits from
-    the cache (``CacheRows``) when the run has one, found by the batch's sample indices."""
-    t = frozen(batch.input_ids) if frozen is not None else None
-    if cache is None:
-        return t
-    values, index = (x.to(batch.input_ids.device) for x in cache.read(batch.samples))
-    return TeacherOutput(t and t.taps, values, index)
+def online_draws(cfg) -> Draws:
+    """The draws of a run whose teacher runs online with teacher.logits_sampling: sampled."""
+    from ted_ds.cache.format import source_key
+    from ted_ds.data import PackedShardDataset, source_offsets
+
+    sources = cfg.data.blend
+    sizes = [len(PackedShardDataset(s.path, "train", cfg.data.seq_len)) for s in sources]
+    t = cfg.teacher
+    return Draws(cfg.train.seed, t.logits_samples, cfg.distill.temperature, LOGITS_DTYPES[t.logits_dtype],
+                 tuple(source_key(s.path)[0] for s in sources), source_offsets(sizes))
 
 
 def build_filter_learning(p: Plan, ds: dict, job: Job) -> Recipe:

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  a transformers model imports it, which sets TORCHINDUCTOR_CACHE_DIR
 import zstandard
 
 from data_prep.errors import UserError
@@ -18,7 +19,9 @@ from ted_ds.cache.format import (
     Block,
     CacheRows,
     block_name,
+    decode_variable,
     decode_window,
+    encode_variable,
     encode_window,
     fold_tail,
     id_bits,
@@ -26,7 +29,7 @@ from ted_ds.cache.format import (
     to_bits,
     write_block,
 )
-from ted_ds.teacher import teacher_logits
+from ted_ds.teacher import TopP, sampled_logits, support, teacher_logits
 
 L = 12
 
@@ -86,6 +89,48 @@ def test_the_tail_logit_is_the_teachers_mass_off_its_top_k():
     assert rounded.dtype == torch.float16 and torch.equal(rounded, values.half())  # rounded once, the tail too
 
 
+def test_top_p_keeps_the_fewest_top_ids_whose_probability_reaches_p():
+    """p at T = 2 is (1/2, 1/4, 1/8, 3/32, 1/32) (sums exact in binary): the support is the fewest top ids whose
+    p reaches the cut, at most k; the dropped ones are −inf and their mass is in the tail logit."""
+    probs = torch.tensor([3 / 32, 0.5, 0.125, 1 / 32, 0.25])  # ids 1, 4, 2, 0, 3
+    logits = (2.0 * probs.log()).expand(6, 5)
+    cuts = torch.tensor([0.5, 0.7, 0.75, 0.8, 1.0, 0.3])
+    want = [1, 2, 2, 3, 4, 1]  # 1/2 reaches 0.5; 3/4 reaches 0.7 and 0.75; 7/8 reaches 0.8; 1.0 needs all, capped
+    for row, (cut, n) in enumerate(zip(cuts.tolist(), want)):
+        values, index = teacher_logits(logits[row], None, 4, tail_temperature=2.0, top_p=TopP(cut, 2.0))
+        assert support(values, index).sum().item() == n, cut
+        kept = probs[index[:n]].sum().item()
+        assert torch.equal(index[:n], torch.tensor([1, 4, 2, 0][:n])) and values[n:4].eq(-math.inf).all()
+        assert math.isclose(math.exp(values[4].item() / 2.0 - (values / 2.0).logsumexp(-1).item()), 1 - kept,
+                            rel_tol=1e-6)
+    renormalized, _ = teacher_logits(logits[2], None, 4, top_p=TopP(0.75, 2.0))  # no tail: the same support
+    assert renormalized.shape == (4,) and renormalized.isfinite().sum() == 2
+
+
+def test_a_variable_window_round_trips_bit_for_bit():
+    """Top-p (the kept values and the tail logit) and sampled (ids, their draws, log p) windows: only the
+    kept entries are stored, and they come back with zero values past them (top-p's ids: the top id)."""
+    logits = torch.linspace(4, 16, L)[:, None] * torch.randn(L, 1000, generator=torch.Generator().manual_seed(5))
+    values, ids = teacher_logits(logits, None, 16, tail_temperature=2.0, top_p=TopP(0.6, 2.0))
+    kept = support(values, ids).sum(-1).numpy()
+    assert kept.min() >= 1 and kept.max() <= 16 and len(set(kept.tolist())) > 1
+    bits = to_bits(values, torch.float16)
+    frame = encode_variable(bits, ids.numpy(), 10, kept)
+    got, got_ids, got_kept, draws = decode_variable(frame, L, 16, 10, tail=True, sampled=False)
+    on = np.arange(16)[None] < kept[:, None]
+    assert draws is None and np.array_equal(got_kept, kept) and np.array_equal(got_ids, ids.numpy())  # top id past
+    assert np.array_equal(got[:, :16][on], bits[:, :16][on]) and np.array_equal(got[:, 16], bits[:, 16])
+    assert not got[:, :16][~on].any()
+    assert len(zstandard.ZstdDecompressor().decompress(frame)) == 2 * L + 2 * (kept.sum() + L) + math.ceil(
+        kept.sum() * 10 / 8)
+    logp, drawn, counts = sampled_logits(logits[None], [7], 32, 2.0, torch.float16)
+    n = (counts[0] > 0).sum(-1).numpy()
+    frame = encode_variable(to_bits(logp[0], torch.float16), drawn[0].numpy(), 10, n, counts[0].numpy())
+    got, got_ids, got_kept, draws = decode_variable(frame, L, 32, 10, tail=False, sampled=True)
+    assert np.array_equal(got, to_bits(logp[0], torch.float16)) and np.array_equal(got_ids, drawn[0].numpy())
+    assert np.array_equal(draws, counts[0].numpy()) and np.array_equal(got_kept, n)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_window_with_its_tail_logit_round_trips_bit_for_bit(dtype):
     """The tail logit, last, is out of the descending order the value codes expect: exact all the same."""
@@ -142,7 +187,7 @@ def _fake_cache(root: str, sizes: dict[str, int], k: int = 3, block_windows: int
 def test_rows_are_found_by_the_samplers_index_across_sources(tmp_path):
     manifest = _fake_cache(str(tmp_path), {"aaa": 10, "bbb": 6})
     rows = CacheRows(str(tmp_path), manifest, ["bbb", "aaa"], k=2, tail=False)  # blended in the other order
-    values, ids = rows.read([0, 5, 6, 15])  # bbb 0 and 5; aaa 0 and 9
+    values, ids, _ = rows.read([0, 5, 6, 15])  # bbb 0 and 5; aaa 0 and 9
     assert values.dtype == torch.float16 and values.shape == (4, L, 2) and ids.shape == (4, L, 2)
     assert values[:, 0, 0].tolist() == [100.0, 105.0, 0.0, 9.0]
     assert ids[:, 0, 0].tolist() == [0, 5, 0, 9]
@@ -164,6 +209,8 @@ def test_a_damaged_block_is_refused(tmp_path):
 @pytest.mark.parametrize("over,says", [
     ({"teacher.logits_topk": 0}, "set teacher.logits_topk"),
     ({"teacher.logits_dtype": "fp32"}, "set teacher.logits_dtype to fp16 or bf16"),
+    ({"teacher.logits_topk": 0, "teacher.logits_sampling": "sampled", "teacher.logits_samples": 70000},
+     "at most 65535"),
     ({}, None),  # a good run, but --out holds something else
 ])
 def test_cache_teacher_refuses_bad_input_before_writing(tiny, tmp_path, capsys, over, says):
@@ -197,6 +244,10 @@ def _cache_identity(**over) -> dict:
      "was made with another tokenizer than the data's (vocabulary sha256 differs)"),
     ({"document_attention": True}, "was made with data.document_attention false; this run has true"),
     ({"seq_len": 128}, "holds windows of seq_len 64; this run has data.seq_len 128"),
+    ({"top_p": 0.95}, "was made with teacher.logits_top_p none (top_p); this run has 0.95: rebuild it with ted-ds "
+                      "cache-teacher or match the run to it"),
+    ({"samples": 64, "sampling_seed": 1, "sampling_temperature": 2.0}, "was made with teacher.logits_samples none "
+     "(samples); this run has 64: rebuild it with ted-ds cache-teacher or match the run to it"),
 ])
 def test_a_cache_of_another_tokenizer_or_attention_is_refused(run_over, says):
     """What a run and its cache must share, checked before any window is read (the teacher, the data,
@@ -206,3 +257,62 @@ def test_a_cache_of_another_tokenizer_or_attention_is_refused(run_over, says):
     sources = {"s0": ("wiki", "w")}
     assert mismatch("/c", _cache_identity(), _cache_identity(), sources) is None
     assert mismatch("/c", _cache_identity(), _cache_identity(**run_over), sources) == f"teacher.cache /c {says}"
+
+
+def test_a_sampled_cache_of_another_seed_or_temperature_is_refused():
+    """Draws are seeded by train.seed and made at distill.temperature: another of either draws otherwise."""
+    from ted_ds.cache.format import mismatch
+
+    sampled = _cache_identity(samples=64, sampling_seed=1, sampling_temperature=2.0, tail_temperature=None, k=64)
+    assert mismatch("/c", sampled, sampled, {}) is None
+    reseeded = {**sampled, "sampling_seed": 2}
+    assert "train.seed 1 (sampling_seed); this run has 2" in mismatch("/c", sampled, reseeded, {})
+    assert "distill.temperature 2 (sampling_temperature); this run has 1" in mismatch(
+        "/c", sampled, {**sampled, "sampling_temperature": 1.0}, {})
+
+
+@pytest.mark.parametrize("cut", ["top_p", "sampled"])
+def test_cached_top_p_and_sampled_rows_are_the_online_teachers(tmp_path, cut):
+    """In process, on a small peaked random LLaMA: the frames ``cache-teacher`` writes (``window_frames``),
+    read back by sample index across two sources (``CacheRows``), are what the online teacher hands the loss
+    (``teacher_side``): top-p in the tail form (values, ids, support) and samples (log p, ids, counts,
+    drawn by train.seed and the window, not by the batch)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ted_ds.cache.build import window_frames
+    from ted_ds.cache.format import VARIABLE_FORMAT
+    from ted_ds.data import MicroBatch
+    from ted_ds.teacher import Draws, FrozenLM, ReplicatedTeacher, draw_seed, teacher_side
+
+    vocab, seq, seed = 300, 16, 5
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    model.lm_head.weight.data *= 40  # a peaked teacher: supports of different sizes
+    sampled = cut == "sampled"
+    k, top_p = (0, None) if sampled else (8, TopP(0.5, 2.0))
+    frozen = ReplicatedTeacher(FrozenLM(model, [], None, True, logits_topk=k, vocab=vocab, logits_dtype=torch.float16,
+                                        tail_temperature=None if sampled else 2.0, top_p=top_p), torch.device("cpu"))
+    spec = {"value_dtype": "fp16", "id_bits": id_bits(vocab), "sampling_seed": seed, "sampling_temperature": 2.0,
+            **({"samples": 16} if sampled else {"top_p": 0.5})}
+    windows = torch.randint(vocab, (6, seq + 1), generator=torch.Generator().manual_seed(1))
+    sources = {"aaa": windows[:4], "bbb": windows[4:]}  # the sampler's indices 0-3, then 4-5
+    for key, rows in sources.items():
+        frames = window_frames(frozen(rows[:, :-1]), [draw_seed(seed, key, "train", j) for j in range(len(rows))], spec)
+        write_block(os.path.join(tmp_path, block_name(key, "train", 0)), frames)
+    manifest = {**spec, "format": VARIABLE_FORMAT, "k": 16 if sampled else k, "seq_len": seq, "block_windows": 8,
+                "tail_temperature": None if sampled else 2.0,
+                "sources": {key: {"splits": {"train": {"windows": len(rows)}}} for key, rows in sources.items()}}
+    cache = CacheRows(str(tmp_path), manifest, list(sources), k, tail=not sampled)
+    samples = [5, 0, 3]
+    batch = MicroBatch(windows[samples, :-1], windows[samples, 1:], samples)
+    draws = Draws(seed, 16, 2.0, torch.float16, tuple(sources), (0, 4, 6)) if sampled else None
+    online = teacher_side(frozen, None, batch, draws, top_p=not sampled)
+    cached = teacher_side(None, cache, batch, top_p=not sampled)
+    assert torch.equal(online.logits, cached.logits) and torch.equal(online.topk_index, cached.topk_index)
+    if sampled:
+        assert torch.equal(online.counts, cached.counts) and (online.counts.sum(-1) == 16).all()
+        assert (online.counts > 0).sum(-1).float().mean() < 16  # repeated draws, stored once with their count
+    else:
+        sizes = online.support.sum(-1)
+        assert torch.equal(online.support, cached.support) and sizes.min() >= 1 and len(sizes.unique()) > 2

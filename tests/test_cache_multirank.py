@@ -1,6 +1,7 @@
 """The teacher cache against the online teacher, in five launches.
 
-1 rank: ``cache-teacher``, then KD with the teacher online and KD from that cache, with forward KL and JSD.
+1 rank: ``cache-teacher``, then KD with the teacher online and KD from that cache, with forward KL and JSD;
+the same for a top-p cache and a sampled one (on the two-source mixture).
 2 ranks: ``cache-teacher`` killed after a few blocks; then one launch that finishes that build (with the
 teacher under another placement, ZeRO-3) and trains, each online and from the cache: KD, LWD (the teacher
 runs for its taps, its logits come from the cache; k = 4 read from a k = 8 cache, in the renormalized form)
@@ -26,7 +27,7 @@ import yaml
 from data_prep.build import BuildOptions, build
 from harness.common import REPO, corpus_lines, deepspeed_cmd, run_launcher, student_weights
 from harness.tiny import base_config, make_teacher, write_config
-from ted_ds.cache.format import MANIFEST
+from ted_ds.cache.format import MANIFEST, CacheRows
 
 pytestmark = pytest.mark.multirank
 
@@ -83,9 +84,9 @@ class World:
                      timeout=1200)
         return json.load(open(out))
 
-    def cache_run(self, name: str, placement: str = "replicated") -> tuple:
+    def cache_run(self, name: str, placement: str = "replicated", **over) -> tuple:
         """A scenario building the cache ``name`` over both sources."""
-        config = self.config(f"for-{name}", **self.mix, **{"teacher.placement": placement})
+        config = self.config(f"for-{name}", **self.mix, **{"teacher.placement": placement, **over})
         return ("cache", config, {"cache_out": str(self.root / name), "block_windows": BLOCK_WINDOWS})
 
     def killed(self, fault: str, *command: str) -> subprocess.CompletedProcess:
@@ -99,14 +100,24 @@ def world(tiny, tmp_path_factory) -> World:
     return World(tiny, tmp_path_factory.mktemp("cache"))
 
 
+TOP_P = {"teacher.logits_top_p": 0.012}  # the tiny random teacher is flat (top-8 hold ~5 % at T = 2): 1 to 3 kept
+SAMPLED = {"teacher.logits_topk": 0, "teacher.logits_sampling": "sampled", "teacher.logits_samples": 16}
+
+
 @pytest.fixture(scope="module")
 def one_rank(world) -> dict:
-    """1 rank: the cache, KD online and from the cache, and the same with JSD as KD's divergence."""
-    jsd = {"distill.divergence": "jsd", "distill.divergence_mix": 0.3}
-    return world.scenarios(1, "one", [world.cache_run("cache1"), ("kd_online", world.config("kd1"), {}),
-                                      ("kd_cached", world.config("kd1c", "cache1"), {}),
-                                      ("jsd_online", world.config("jsd1", **jsd), {}),
-                                      ("jsd_cached", world.config("jsd1c", "cache1", **jsd), {})])
+    """1 rank: the cache, KD online and from the cache, and the same with JSD as KD's divergence; top-p and
+    sampled caches and KD online and from each (sampled on the two-source mixture)."""
+    c, jsd, mix = world.config, {"distill.divergence": "jsd", "distill.divergence_mix": 0.3}, world.mix
+    return world.scenarios(1, "one", [world.cache_run("cache1"), ("kd_online", c("kd1"), {}),
+                                      ("kd_cached", c("kd1c", "cache1"), {}),
+                                      ("jsd_online", c("jsd1", **jsd), {}),
+                                      ("jsd_cached", c("jsd1c", "cache1", **jsd), {}),
+                                      world.cache_run("cache1p", **TOP_P), ("topp_online", c("p1", **TOP_P), {}),
+                                      ("topp_cached", c("p1c", "cache1p", **TOP_P), {}),
+                                      world.cache_run("cache1s", **SAMPLED),
+                                      ("sampled_online", c("s1", **mix, **SAMPLED), {}),
+                                      ("sampled_cached", c("s1c", "cache1s", **mix, **SAMPLED), {})])
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +145,25 @@ def test_cached_kd_equals_online_kd_on_one_rank(world, one_rank):
     assert _losses(str(world.root / "jsd1"))[1]["loss/kd"] != _losses(str(world.root / "kd1"))[1]["loss/kd"]
     one = one_rank
     assert "frozen_local_params_sum" in one["kd_online"] and "frozen_local_params_sum" not in one["kd_cached"]
+
+
+def _bytes(cache: str) -> int:
+    return sum(f["bytes"] for f in json.load(open(os.path.join(cache, MANIFEST)))["files"].values())
+
+
+def test_top_p_and_sampled_cached_kd_equals_online_kd(world, one_rank):
+    """Top-p (a support of 1 to 3 of the top-8 per token; only those entries stored) and 16 samples per
+    position (their distinct ids and counts): the cached run is the online run, bit for bit."""
+    root = world.root
+    _same_run(str(root / "p1"), str(root / "p1c"))
+    _same_run(str(root / "s1"), str(root / "s1c"))
+    manifest = json.load(open(root / "cache1p" / MANIFEST))
+    key = next(iter(manifest["sources"]))
+    kept = CacheRows(str(root / "cache1p"), manifest, [key], 8).window(key, 0)[2]
+    assert manifest["format"] == "ted-cache/3" and kept.min() >= 1 and len(set(kept.tolist())) > 2, kept
+    assert _bytes(str(root / "cache1p")) < _bytes(str(root / "cache1"))
+    kd = lambda run: _losses(str(root / run))[1]["loss/kd"]
+    assert kd("p1") != kd("kd1") and kd("s1") > 0
 
 
 def test_cached_runs_equal_online_runs_on_two_ranks(world, two_ranks):
@@ -217,10 +247,12 @@ def test_a_missing_or_damaged_cache_file_is_refused(world, one_rank, capsys, how
     ("seq_len", "holds windows of seq_len 32; this run has data.seq_len 16"),
     ("dtype", "stores fp16 logits; set teacher.logits_dtype: fp16"),
     ("temperature", "holds its tail logits at temperature 2; this run has distill.temperature 1"),
+    ("top_p", "was made with teacher.logits_top_p none (top_p); this run has 0.5"),
 ])
 def test_a_cache_of_another_run_is_refused(world, one_rank, tiny, capsys, tmp_path, change, says):
     over = {"topk": {"teacher.logits_topk": 16}, "seq_len": {"data.seq_len": 16},
-            "dtype": {"teacher.logits_dtype": "bf16"}, "temperature": {"distill.temperature": 1.0}}.get(change, {})
+            "dtype": {"teacher.logits_dtype": "bf16"}, "temperature": {"distill.temperature": 1.0},
+            "top_p": {"teacher.logits_top_p": 0.5}}.get(change, {})
     config = world.config(f"refused-{change}", "cache1", **over)
     cfg = yaml.safe_load(open(config))
     if change == "teacher":

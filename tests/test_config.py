@@ -161,6 +161,17 @@ RUN = ["train.steps=1", "data.path=d", "student.config=s", "teacher.path=t", "di
     (["optim.betas=[0.9]"], "optim.betas must be two numbers"),
     (["teacher.placement=pipeline", "teacher.pipeline_chunks=5", "train.micro_batch_size=4"],
      "teacher.pipeline_chunks 5 exceeds train.micro_batch_size 4: a chunk would hold no sequence"),
+    (["teacher.logits_top_p=0.9"], "teacher.logits_top_p keeps at most teacher.logits_topk entries per token: set "
+                                   "teacher.logits_topk as its cap (e.g. 100)"),
+    (["teacher.logits_topk=100", "teacher.logits_top_p=1.5"], "teacher.logits_top_p must be in (0, 1], got 1.5"),
+    (["teacher.logits_sampling=sampled", "teacher.logits_samples=0"], "teacher.logits_samples must be ≥ 1, got 0"),
+    (["teacher.logits_sampling=sampled", "teacher.logits_topk=64"], "teacher.logits_sampling: sampled draws from "
+     "every logit: drop teacher.logits_topk and teacher.logits_top_p"),
+    (["teacher.logits_sampling=sampled", "distill.divergence=reverse_kl"], "teacher.logits_sampling: sampled "
+     "estimates forward KL only (unbiased by its draws); distill.divergence reverse_kl needs the teacher's logits: "
+     "use forward_kl or top-k"),
+    (["teacher.logits_sampling=sampled", "teacher.logits_topk_form=renormalized"], "teacher.logits_topk_form "
+     "renormalized is a form of top-k KD: set teacher.logits_topk, or drop the form"),
 ])
 def test_run_configs_that_cannot_work_are_refused_in_one_line(overrides, message):
     """Each check of a loaded run config: the message in full (one line), and the config without the

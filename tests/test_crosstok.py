@@ -270,6 +270,7 @@ def cross_config(tiny, tmp_path, **over) -> str:
     ({"teacher.placement": "zero3"}, "this run has teacher.placement zero3"),
     ({"teacher.cache": "c", "teacher.logits_topk": 4}, "this run has teacher.cache c"),
     ({"teacher.logits_topk": 4}, "this run has teacher.logits_topk 4"),
+    ({"teacher.logits_sampling": "sampled"}, "this run has teacher.logits_sampling sampled"),
     ({"data.document_attention": True}, "this run has data.document_attention True"),
     ({"distill.cross_tokenizer": None, "teacher.tokenizer": "t"}, "teacher.tokenizer is for distill.cross_tokenizer"),
 ])

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ted_ds.losses import ObjectiveWeights, distill_objective, kd_loss, layer_loss, lm_loss
-from ted_ds.teacher import teacher_logits
+from ted_ds.losses import ObjectiveWeights, distill_objective, kd_loss, layer_loss, lm_loss, sampled_kd_loss
+from ted_ds.teacher import sampled_logits, teacher_logits
 
 
 def test_lm_loss_by_hand():
@@ -154,3 +154,25 @@ def test_a_micro_batch_with_every_label_ignored_adds_nothing():
     assert [terms["lm"].item(), terms["kd"].item(), tap.item()] == [0.0, 0.0, 0.0]
     (terms["loss"] + tap).backward()
     assert s.grad.abs().max() == 0 and h.grad.abs().max() == 0
+
+
+def test_the_sampled_estimate_has_full_forward_kls_mean_gradient():
+    """Sampled KD (N = 8 draws per position from p at T = 2): over 4000 seeds its mean gradient is the
+    full-vocabulary forward-KL gradient, each id within 4 standard errors of the mean (and so is its mean
+    value); without the counts or the ÷ N it is not."""
+    vocab, draws, seeds, temperature = 12, 8, 4000, 2.0
+    g = torch.Generator().manual_seed(0)
+    teacher, student = 3 * torch.randn(1, 1, vocab, generator=g), 3 * torch.randn(1, 1, vocab, generator=g)
+    logp, ids, counts = sampled_logits(teacher.expand(seeds, 1, vocab), list(range(seeds)), draws, temperature)
+    labels = torch.zeros(seeds, 1, dtype=torch.long)
+    leaf = student.expand(seeds, 1, vocab).clone().requires_grad_()
+    estimate = sampled_kd_loss(leaf, logp, ids, counts, labels, temperature)
+    estimate.backward()
+    per_seed = leaf.grad[:, 0] * seeds  # (seeds, V): each seed's gradient (the loss is their mean)
+    exact = student.clone().requires_grad_()
+    full = kd_loss(exact, teacher, labels[:1], temperature)
+    full.backward()
+    error = (per_seed.mean(0) - exact.grad[0, 0]).abs()
+    assert (error <= 4 * per_seed.std(0) / math.sqrt(seeds) + 1e-6).all(), error
+    assert exact.grad.abs().max() > 0.1  # a gradient worth estimating
+    assert estimate.item() == pytest.approx(full.item(), rel=0.05)

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ted_ds.losses import IGNORE_INDEX, kd_loss, lm_loss, tap_lm_losses, trained_head_lm_loss
-from ted_ds.teacher import teacher_logits
+from ted_ds.teacher import TopP, support, teacher_logits
 
 B, T, V, D, K = 3, 101, 50, 16, 5
 CHUNK = 64
@@ -145,6 +145,55 @@ def test_the_tail_form_at_k_equal_vocabulary_is_full_vocabulary_kd(divergence):
     assert grad.isfinite().all()
     assert rel_err(loss, full_loss) <= 1e-6
     assert rel_err(grad, full_grad) <= 1e-6
+
+
+SUPPORT_CASES = [("tail", d) for d in ("forward_kl", "reverse_kl", "jsd", "skew_kl")] + [
+    ("renormalized", d) for d in ("forward_kl", "reverse_kl", "jsd")]
+MIX = {"forward_kl": 0.5, "reverse_kl": 0.5, "jsd": 0.3, "skew_kl": 0.1}
+
+
+def reference_top_n(form, divergence, student, x, labels, n):
+    """Top-n KD of the tokens ``labels`` keeps, for autograd (the references above), times their number."""
+    index = x["teacher"].topk(n, dim=-1).indices
+    if form == "tail":
+        loss = reference_tail(divergence, MIX[divergence], student, x["teacher"], labels, TEMPERATURE, index)
+    elif divergence == "forward_kl":
+        loss = reference_kd(student, x["teacher"].gather(-1, index), labels, TEMPERATURE, index)
+    else:
+        loss = reference_divergence(divergence, MIX[divergence], student, x["teacher"].gather(-1, index), labels,
+                                    TEMPERATURE, index)
+    return loss * (labels != IGNORE_INDEX).sum()
+
+
+@pytest.mark.parametrize("form, divergence", SUPPORT_CASES)
+def test_a_tokens_support_is_its_own_top_n(form, divergence):
+    """Top-p's per-token support (a mask over the top-k): each token's loss and gradient are those of top-n KD
+    with n its support's size (in the tail form the dropped ids are in the bucket, on both sides)."""
+    x = inputs()
+    values, index = teacher_logits(x["teacher"], None, K, tail_temperature=TEMPERATURE if form == "tail" else None,
+                                   top_p=TopP(0.3, TEMPERATURE))
+    kept = support(values, index)
+    index = x["topk_index"]  # past the support: the dropped ids themselves (teacher_logits gives the top id)
+    sizes = kept.sum(-1)
+    assert set(sizes[x["labels"] != IGNORE_INDEX].tolist()) == set(range(1, K + 1))  # every size occurs
+    variable = lambda s, x: kd_loss(s, values, x["labels"], TEMPERATURE, index, CHUNK, divergence, MIX[divergence],
+                                    form, kept)
+    by_size = lambda s, x: sum(reference_top_n(form, divergence, s, x, x["labels"].where(sizes == n, IGNORE_INDEX), n)
+                               for n in range(1, K + 1)) / (x["labels"] != IGNORE_INDEX).sum()
+    loss, grad = value_and_grad(variable, x["student"], x)
+    want_loss, want_grad = value_and_grad(by_size, x["student"], x)
+    assert rel_err(loss, want_loss) <= 1e-6 and rel_err(grad, want_grad) <= 1e-6
+
+
+@pytest.mark.parametrize("form, divergence", SUPPORT_CASES)
+def test_a_support_of_every_top_k_entry_is_the_top_k_loss(form, divergence):
+    x = inputs()
+    values = x["tail_values"] if form == "tail" else x["topk_values"]
+    loss_of = lambda mask: lambda s, x: kd_loss(s, values, x["labels"], TEMPERATURE, x["topk_index"], CHUNK,
+                                                divergence, MIX[divergence], form, mask)
+    loss, grad = value_and_grad(loss_of(torch.ones_like(x["topk_index"], dtype=torch.bool)), x["student"], x)
+    want_loss, want_grad = value_and_grad(loss_of(None), x["student"], x)
+    assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
 
 
 def test_the_tail_form_needs_the_tail_logit():

@@ -13,6 +13,7 @@ from ted_ds.documents import DocumentAttention
 from ted_ds.errors import ConfigError, DistributedError
 from ted_ds.pipeline.layout import PipelineLayout
 from ted_ds.pipeline.messages import Message, MessageKind, posts, returned_to, ticks, transfers
+from ted_ds.teacher import TopP
 
 
 def layout_of(stages: int, chunks: int, taps: str, logits: str) -> PipelineLayout:
@@ -95,7 +96,7 @@ LAYOUT = PipelineLayout(blocks=((0, 2), (2, 4)), tap_layers=(2, 4), chunks=2, hi
                         documents=None)
 OTHER = dict(blocks=((0, 1), (1, 4)), tap_layers=(1, 4), chunks=1, hidden_size=32, filter_dim=32, need_logits=False,
              logits_topk=8, logits_dtype=torch.bfloat16, vocab=499, dtype=torch.bfloat16,
-             documents=DocumentAttention(2, torch.float32, "sdpa"), tail_temperature=2.0)
+             documents=DocumentAttention(2, torch.float32, "sdpa"), tail_temperature=2.0, top_p=TopP(0.95, 2.0))
 
 
 def test_the_layout_handshake_covers_every_field():

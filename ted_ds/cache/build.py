@@ -35,6 +35,7 @@ from ted_ds.cache.format import (
     VALUE_DTYPES,
     ZSTD_LEVEL,
     block_name,
+    encode_variable,
     encode_window,
     id_bits,
     identity,
@@ -47,8 +48,10 @@ from ted_ds.cache.format import (
 from ted_ds.config import RunConfig
 from ted_ds.data import PackedShardDataset
 from ted_ds.errors import ConfigError
+from ted_ds.teacher import draw_seed, sampled_logits, support
 
 PROGRESS_SECONDS = 10.0
+MAX_ENTRIES = 0xFFFF  # a token's kept entries and an id's draws are stored as uint16 (format.encode_variable)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class Block:
     split: PackedShardDataset  # the split's windows
     start: int
     stop: int
+    source: str = ""  # the source's key (format.source_key)
+    split_name: str = "train"
 
 
 def plan_cache(cfg: RunConfig, out: str, block_windows: int):
@@ -66,11 +71,16 @@ def plan_cache(cfg: RunConfig, out: str, block_windows: int):
     from ted_ds.plan import plan
 
     t = cfg.teacher
-    if t.logits_topk < 1:
-        raise ConfigError("cache-teacher keeps the teacher's top-k logits: set teacher.logits_topk (e.g. 64)")
+    if t.logits_topk < 1 and t.logits_sampling != "sampled":
+        raise ConfigError("cache-teacher keeps the teacher's top-k logits or samples: set teacher.logits_topk (e.g. "
+                          "64), or teacher.logits_sampling: sampled")
     if t.logits_dtype not in VALUE_DTYPES:
         raise ConfigError(f"cache-teacher stores 16-bit logits: set teacher.logits_dtype to fp16 or bf16 (not "
                           f"{t.logits_dtype})")
+    entries = t.logits_samples if t.logits_sampling == "sampled" else t.logits_topk
+    if (t.logits_sampling == "sampled" or t.logits_top_p is not None) and entries > MAX_ENTRIES:
+        raise ConfigError(f"cache-teacher counts a token's entries in 16 bits: at most {MAX_ENTRIES} top-p entries or "
+                          f"samples per token, got {entries}")
     if block_windows < 1:
         raise UserError(f"--block-windows must be ≥ 1, got {block_windows}")
     as_kd = dataclasses.replace(cfg, teacher=dataclasses.replace(t, cache=None),
@@ -87,8 +97,8 @@ def plan_cache(cfg: RunConfig, out: str, block_windows: int):
             windows = PackedShardDataset(src.path, split, cfg.data.seq_len) if has_window else None
             n = len(windows) if windows is not None else 0
             splits[split] = {"windows": n, "blocks": math.ceil(n / block_windows)}
-            blocks += [Block(block_name(key, split, b), windows, b * block_windows, min(n, (b + 1) * block_windows))
-                       for b in range(splits[split]["blocks"])]
+            blocks += [Block(block_name(key, split, b), windows, b * block_windows, min(n, (b + 1) * block_windows),
+                             key, split) for b in range(splits[split]["blocks"])]
         sources[key] = {"name": src.name, "path": src.path, "manifest_sha256": digest, "splits": splits}
     spec = {**identity(cfg, p.cfg.teacher.path, p.manifest, t.logits_topk), "sources": sources,
             "id_bits": id_bits(p.manifest["vocab_size"]), "block_windows": block_windows, "compressor": "zstd",
@@ -118,16 +128,35 @@ def teacher_rows(teacher, block: Block | None, batch: int, calls: int, spec: dic
     """The frames of a block's windows, from ``calls`` teacher calls of exactly ``batch`` windows each (short
     ones padded with a repeated window; block None: this rank has none this round but joins every call)."""
     windows = range(block.start, block.stop) if block is not None else range(0)
-    dtype, bits = VALUE_DTYPES[spec["value_dtype"]], spec["id_bits"]
     frames = []
     for c in range(calls):
         mine = windows[c * batch:(c + 1) * batch]
         rows = [block.split[w] for w in mine] or [np.zeros(spec["seq_len"] + 1, dtype=np.int64)]
         rows += [rows[-1]] * (batch - len(rows))
         out = teacher(torch.from_numpy(np.stack(rows))[:, :-1])  # (batch, L): a window's inputs
-        values, ids = to_bits(out.logits, dtype), out.topk_index.cpu().numpy()  # (batch, L, k) each
-        frames += [encode_window(values[r], ids[r], bits) for r in range(len(mine))]
+        frames += window_frames(out, [draw_seed(spec.get("sampling_seed"), block.source, block.split_name, w)
+                                      for w in mine], spec)
     return frames
+
+
+def window_frames(out, seeds: list[int], spec: dict) -> list[bytes]:
+    """The frames of the first ``len(seeds)`` windows of a teacher call (``seeds``: their draws' seeds): top-k
+    (format 2), or top-p and sampled (format 3, only the kept entries: ``encode_variable``)."""
+    dtype, bits = VALUE_DTYPES[spec["value_dtype"]], spec["id_bits"]
+    draws = kept = None
+    if spec.get("samples"):
+        values, index, draws = sampled_logits(out.logits[:len(seeds)], seeds, spec["samples"],
+                                              spec["sampling_temperature"], dtype)
+        kept, draws = (draws > 0).sum(-1).cpu().numpy(), draws.cpu().numpy()
+    else:
+        values, index = out.logits, out.topk_index
+        if spec.get("top_p") is not None:
+            kept = support(values, index).sum(-1).cpu().numpy()
+    values, ids = to_bits(values, dtype), index.cpu().numpy()  # (batch, L, k [+ 1]), (batch, L, k)
+    if kept is None:
+        return [encode_window(values[r], ids[r], bits) for r in range(len(seeds))]
+    return [encode_variable(values[r], ids[r], bits, kept[r], None if draws is None else draws[r])
+            for r in range(len(seeds))]
 
 
 def build_cache(cfg: RunConfig, out: str, batch: int | None = None, block_windows: int = 256) -> str:

@@ -52,7 +52,8 @@ from data_prep.format import MANIFEST as DATA_MANIFEST
 from data_prep.format import file_sha256
 
 FORMAT = "ted-cache/2"
-READS = (FORMAT, "ted-cache/1")  # 1: top-k values and ids alone, as the renormalized form reads them
+VARIABLE_FORMAT = "ted-cache/3"  # a count of entries per token (top-p, sampled): frames as ``encode_variable``
+READS = (VARIABLE_FORMAT, FORMAT, "ted-cache/1")  # 1: top-k values and ids alone, for the renormalized form
 MAGIC = b"TEDLOGC1"
 MANIFEST = "manifest.json"
 BUILD_SPEC = "build.json"
@@ -76,34 +77,116 @@ def block_name(key: str, split: str, index: int) -> str:
 
 
 # ----------------------------------------------------------------------------- one window
+def _keys(values: np.ndarray) -> np.ndarray:
+    """16-bit float bit patterns as keys that ascend with the values."""
+    return np.where(values & 0x8000, ~values, values | 0x8000).astype(np.uint16)
+
+
+def _values(keys: np.ndarray) -> np.ndarray:
+    """``_keys`` undone."""
+    return np.where(keys & 0x8000, keys ^ 0x8000, ~keys).astype(np.uint16)
+
+
+def _decompressed(frame) -> np.ndarray:
+    return np.frombuffer(zstandard.ZstdDecompressor().decompress(frame), dtype=np.uint8)
+
+
+def _check_size(raw: np.ndarray, size: int, rows: int, k: int) -> None:
+    if raw.size != size:
+        raise UserError(f"teacher cache: a window decodes to {raw.size} bytes, not the {rows}×{k} rows expected")
+
+
 def encode_window(values: np.ndarray, ids: np.ndarray, bits: int) -> bytes:
     """One window's frame: ``values`` (L, v) uint16 bit patterns of 16-bit floats sorted largest first per
     row (but a last tail logit), ``ids`` (L, k) below 2^bits."""
-    keys = np.where(values & 0x8000, ~values, values | 0x8000).astype(np.uint16)
+    keys = _keys(values)
     codes = keys.copy()
     codes[:, 1:] = keys[:, :-1] - keys[:, 1:]  # uint16: modulo 2^16
-    planes = codes.astype("<u2").view(np.uint8).reshape(-1, 2).T  # (2, L·v): low bytes, high bytes
-    big_endian = ids.astype(">u4").view(np.uint8).reshape(-1, 4)
-    packed = np.packbits(np.unpackbits(big_endian, axis=1)[:, 32 - bits:])
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(planes.tobytes() + packed.tobytes())
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(_planes(codes) + _pack_ids(ids, bits))
 
 
 def decode_window(frame, rows: int, k: int, bits: int, tail: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``encode_window`` undone: (values (L, k + tail) uint16 bit patterns, ids (L, k) int64)."""
-    raw = np.frombuffer(zstandard.ZstdDecompressor().decompress(frame), dtype=np.uint8)
     n, n_values = rows * k, rows * (k + tail)
-    if raw.size != 2 * n_values + math.ceil(n * bits / 8):
-        raise UserError(f"teacher cache: a window decodes to {raw.size} bytes, not the {rows}×{k} rows expected")
-    codes = raw[:2 * n_values].reshape(2, n_values).T.copy().view("<u2").reshape(rows, k + tail)
-    steps = codes.astype(np.uint16)
+    raw = _decompressed(frame)
+    _check_size(raw, 2 * n_values + math.ceil(n * bits / 8), rows, k)
+    steps = _unplanes(raw, n_values).reshape(rows, k + tail)
     steps[:, 1:] = np.negative(steps[:, 1:])
-    keys = np.cumsum(steps, axis=1, dtype=np.uint16)
-    values = np.where(keys & 0x8000, keys ^ 0x8000, ~keys).astype(np.uint16)
-    bitrows = np.unpackbits(raw[2 * n_values:], count=n * bits).reshape(n, bits)
+    values = _values(np.cumsum(steps, axis=1, dtype=np.uint16))
+    return values, _unpack_ids(raw[2 * n_values:], n, bits).reshape(rows, k)
+
+
+def decode_variable(frame, rows: int, k: int, bits: int, tail: bool, sampled: bool):
+    """``encode_variable`` undone: (values (L, k + tail) uint16 bit patterns, zero past each row's entries, and
+    ids (L, k) int64, past them 0 (sampled) or the row's first id (top-p, as ``teacher_logits`` has them);
+    kept (L,) int64; draws (L, k) int64, sampled, else None)."""
+    raw = _decompressed(frame)
+    kept = _unplanes(raw, rows).astype(np.int64) if raw.size >= 2 * rows else np.zeros(rows, np.int64)
+    tail = int(tail)
+    n, lengths = int(kept.sum()), kept + tail
+    total = int(lengths.sum())
+    _check_size(raw, 2 * rows + 2 * total + 2 * n * sampled + math.ceil(n * bits / 8), rows, k)
+    steps = _unplanes(raw[2 * rows:], total)
+    starts = _row_starts(lengths)
+    steps[starts] = np.negative(steps[starts])  # undone by the negation of every step below
+    sums = np.cumsum(np.negative(steps), dtype=np.uint16)
+    keys = sums - np.repeat(np.concatenate([[0], sums])[starts], lengths).astype(np.uint16)  # per row
+    on = np.arange(k)[None] < kept[:, None]
+    values, ids = np.zeros((rows, k + tail), np.uint16), np.zeros((rows, k), np.int64)
+    values[np.concatenate([on, np.ones((rows, tail), bool)], 1)] = _values(keys)
+    at = 2 * rows + 2 * total
+    draws = None
+    if sampled:
+        draws = np.zeros((rows, k), np.int64)
+        draws[on], at = _unplanes(raw[at:], n), at + 2 * n
+    ids[on] = _unpack_ids(raw[at:], n, bits)
+    return values, ids if sampled else np.where(on, ids, ids[:, :1]), kept, draws
+
+
+def _row_starts(lengths: np.ndarray) -> np.ndarray:
+    """Where each row begins in the rows laid end to end."""
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+
+def _planes(x: np.ndarray) -> bytes:
+    """uint16 numbers as their low bytes, then their high bytes (what zstd packs best)."""
+    return x.astype("<u2").view(np.uint8).reshape(-1, 2).T.tobytes()
+
+
+def _unplanes(raw: np.ndarray, n: int) -> np.ndarray:
+    return raw[:2 * n].reshape(2, n).T.copy().view("<u2").reshape(n).astype(np.uint16)
+
+
+def _pack_ids(ids: np.ndarray, bits: int) -> bytes:
+    big_endian = ids.astype(">u4").view(np.uint8).reshape(-1, 4)
+    return np.packbits(np.unpackbits(big_endian, axis=1)[:, 32 - bits:]).tobytes()
+
+
+def _unpack_ids(raw: np.ndarray, n: int, bits: int) -> np.ndarray:
     full = np.zeros((n, 32), dtype=np.uint8)
-    full[:, 32 - bits:] = bitrows
-    ids = np.packbits(full, axis=1).view(">u4").reshape(rows, k).astype(np.int64)
-    return values, ids
+    full[:, 32 - bits:] = np.unpackbits(raw, count=n * bits).reshape(n, bits)
+    return np.packbits(full, axis=1).view(">u4").reshape(n).astype(np.int64)
+
+
+def encode_variable(values: np.ndarray, ids: np.ndarray, bits: int, kept: np.ndarray,
+                    draws: np.ndarray | None = None) -> bytes:
+    """One window's frame when tokens keep different numbers of entries (format ted-cache/3): ``kept`` (L,)
+    the entries of each row, ``values`` (L, v) and ``ids`` (L, k) padded past them (v = k + 1: a last tail
+    logit, kept always), ``draws`` (L, k) the sampled ids' counts. Only kept entries are stored::
+
+        kept (2·L) | value codes (2·Σ(kept + v − k)) | draws (2·Σ kept, sampled) | ids (ceil(Σ kept·b / 8))
+
+    uint16 as low bytes then high bytes; value codes as ``encode_window``'s, each row from its first kept value."""
+    k = ids.shape[1]
+    on = np.arange(k)[None] < kept[:, None]  # (L, k)
+    value_on = np.concatenate([on, np.ones((len(kept), values.shape[1] - k), bool)], 1)
+    keys = _keys(values)[value_on]
+    codes = keys.copy()
+    codes[1:] = keys[:-1] - keys[1:]
+    starts = _row_starts(value_on.sum(1))
+    codes[starts] = keys[starts]  # a row's first key stands alone (every row keeps at least one value)
+    parts = [_planes(kept), _planes(codes)] + ([_planes(draws[on])] if draws is not None else [])
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(b"".join(parts) + _pack_ids(ids[on], bits))
 
 
 def to_bits(values: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -192,26 +275,42 @@ class CacheRows:
         self.dtype = VALUE_DTYPES[manifest["value_dtype"]]
         self.blocks: dict[str, Block] = {}
 
-    def window(self, key: str, j: int) -> tuple[np.ndarray, np.ndarray]:
-        """(values (L, K [+ 1]) uint16 bits, ids (L, K)) of window ``j`` of source ``key``'s split."""
+    def window(self, key: str, j: int) -> tuple:
+        """(values (L, K [+ 1]) uint16 bits, ids (L, K), entries kept per row (L,) or None, draws (L, K) or
+        None) of window ``j`` of source ``key``'s split; past a row's entries values and ids are 0."""
         m = self.manifest
         block, w = divmod(j, m["block_windows"])
         name = block_name(key, self.split, block)
         if name not in self.blocks:
             self.blocks[name] = Block(os.path.join(self.dir, name))
-        return decode_window(self.blocks[name].frame(w), m["seq_len"], m["k"], m["id_bits"], has_tail(m))
+        frame = self.blocks[name].frame(w)
+        if m.get("format") == VARIABLE_FORMAT:
+            return decode_variable(frame, m["seq_len"], m["k"], m["id_bits"], has_tail(m), m.get("samples") is not None)
+        return (*decode_window(frame, m["seq_len"], m["k"], m["id_bits"], has_tail(m)), None, None)
 
-    def read(self, samples: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values (B, L, k [+ 1]) in the cache's dtype, ids (B, L, k) int64) of these sample indices."""
-        rows = []
-        for i in samples:
-            s = int(np.searchsorted(self.starts, i, side="right")) - 1
-            rows.append(self.window(self.keys[s], i - int(self.starts[s])))
-        values = torch.from_numpy(np.stack([v for v, _ in rows]).view(np.int16)).view(self.dtype)
-        ids = torch.from_numpy(np.stack([ids[:, :self.k] for _, ids in rows]))
+    def read(self, samples: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(values (B, L, k [+ 1]) in the cache's dtype, ids (B, L, k) int64, draws (B, L, k) or None) of these
+        sample indices: as ``ted_ds.teacher.teacher_logits`` gives them (top-p: −inf past a token's support),
+        or as ``ted_ds.teacher.sampled_logits`` does."""
+        rows = [self.window(*locate(self.starts, self.keys, i)) for i in samples]
+        values = torch.from_numpy(np.stack([r[0] for r in rows]).view(np.int16)).view(self.dtype)
+        if rows[0][3] is not None:  # sampled: every draw is read
+            stacked = (torch.from_numpy(np.stack([r[i] for r in rows])) for i in (1, 3))
+            return values, *stacked
+        ids = torch.from_numpy(np.stack([r[1][:, :self.k] for r in rows]))
+        if rows[0][2] is not None:  # top-p: the entries past each token's support are −inf
+            past = torch.from_numpy(np.stack([np.arange(self.manifest["k"])[None] >= r[2][:, None] for r in rows]))
+            values[..., :past.shape[-1]].masked_fill_(past, -math.inf)
         if not self.tail:
-            return values[..., :self.k], ids
-        return fold_tail(values, self.k, self.manifest["tail_temperature"]), ids
+            return values[..., :self.k], ids, None
+        return fold_tail(values, self.k, self.manifest["tail_temperature"]), ids, None
+
+
+def locate(starts: np.ndarray, keys: list[str], i: int) -> tuple[str, int]:
+    """(source key, window in that source's split) of sample ``i``, the sources' windows laid end to end from
+    ``starts``."""
+    s = int(np.searchsorted(starts, i, side="right")) - 1
+    return keys[s], i - int(starts[s])
 
 
 def has_tail(manifest: dict) -> bool:
@@ -231,11 +330,17 @@ def fold_tail(values: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------- matching a run
 def identity(cfg, teacher_dir: str, data_manifest: dict, k: int) -> dict:
     """What a cache must share with a run (``cfg`` as the user wrote it: its teacher path and revision are
-    recorded; the teacher is the ``weights.fingerprint`` of the weights in ``teacher_dir``)."""
+    recorded; the teacher is the ``weights.fingerprint`` of the weights in ``teacher_dir``). A cache of
+    samples records their number (its k) and seed; one of top-p its p."""
     from ted_ds.weights import fingerprint
 
     t = cfg.teacher
-    return {"format": FORMAT,
+    sampled = t.logits_sampling == "sampled"
+    variable = {"top_p": t.logits_top_p} if t.logits_top_p is not None else {}
+    if sampled:
+        k, variable = t.logits_samples, {"samples": t.logits_samples, "sampling_seed": cfg.train.seed,
+                                         "sampling_temperature": cfg.distill.temperature}
+    return {"format": VARIABLE_FORMAT if variable else FORMAT, **variable,
             "teacher": {"path": t.path, "revision": t.revision, "digest": fingerprint(teacher_dir)},
             "tokenizer": {"vocab_sha256": data_manifest["tokenizer"]["vocab_sha256"],
                           "vocab_size": data_manifest["vocab_size"]},
@@ -271,7 +376,22 @@ def mismatch(cache_dir: str, cache: dict, run: dict, sources: dict[str, tuple[st
                 f"{tail:g}" if has_tail(cache) else "no tail logits (made for the renormalized form)")
         return (f"{there} holds {held}: rebuild it with ted-ds cache-teacher, or set "
                 "teacher.logits_topk_form: renormalized")
+    why = _cut_mismatch(there, cache, run)
+    if why:
+        return why
     if cache["k"] < run["k"]:
         return (f"{there} holds the top {cache['k']} logits per token; teacher.logits_topk {run['k']} asks for more "
                 f"(set it ≤ {cache['k']} or rebuild the cache)")
+    return None
+
+
+def _cut_mismatch(there: str, cache: dict, run: dict) -> str | None:
+    """Why a cache's top-p or samples cannot serve the run's, in one line; None when they can."""
+    for field, option in (("top_p", "teacher.logits_top_p"), ("samples", "teacher.logits_samples"),
+                          ("sampling_seed", "train.seed"), ("sampling_temperature", "distill.temperature")):
+        if cache.get(field) != run.get(field):
+            held = "none" if cache.get(field) is None else f"{cache[field]:g}"
+            wanted = "none" if run.get(field) is None else f"{run[field]:g}"
+            return (f"{there} was made with {option} {held} ({field}); this run has {wanted}: rebuild it with "
+                    "ted-ds cache-teacher or match the run to it")
     return None

@@ -12,6 +12,7 @@ from ted_ds.architectures import decoder_layers, hidden_size, meta_model, num_la
 from ted_ds.documents import DocumentAttention, for_model
 from ted_ds.errors import ConfigError
 from ted_ds.filters import FilterBank
+from ted_ds.teacher import TopP
 
 
 def balanced_partition(costs: list[int], parts: int) -> list[int]:
@@ -84,6 +85,7 @@ class PipelineLayout:
     dtype: torch.dtype  # teacher weights and activations
     documents: DocumentAttention | None  # data.document_attention (None: off)
     tail_temperature: float | None = None  # top-k's tail form: a (k + 1)-th value, the tail logit at this T
+    top_p: TopP | None = None  # teacher.logits_top_p: entries past a token's support are −inf
 
     @property
     def logits_width(self) -> int:
@@ -118,7 +120,7 @@ class PipelineLayout:
                 explicit_layers: list[int] | None = None, chunks: int = 1, need_logits: bool = True,
                 logits_topk: int = 0, logits_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32,
                 document_eos: int | None = None, vocab: int | None = None,
-                tail_temperature: float | None = None) -> PipelineLayout:
+                tail_temperature: float | None = None, top_p: TopP | None = None) -> PipelineLayout:
         """The layout of teacher ``config`` split into ``stages`` (``explicit_layers`` blocks each, or
         balanced); ``vocab``: the tokenizer's size (None: the head's)."""
         hidden = hidden_size(config)
@@ -127,4 +129,5 @@ class PipelineLayout:
                    chunks=chunks, hidden_size=hidden, filter_dim=filters.out_dim if filters is not None else hidden,
                    need_logits=need_logits, logits_topk=logits_topk, logits_dtype=logits_dtype,
                    vocab=min(vocab, vocab_size(config)) if vocab else vocab_size(config), dtype=dtype,
-                   documents=documents, tail_temperature=tail_temperature if logits_topk else None)
+                   documents=documents, tail_temperature=tail_temperature if logits_topk else None,
+                   top_p=top_p if logits_topk else None)

@@ -33,7 +33,7 @@ from ted_ds.pipeline.messages import (
 )
 from ted_ds.pipeline.stage import build_stage_model, run_pipeline_stage, stop_after
 from ted_ds.taps import TapRecorder
-from ted_ds.teacher import LOGITS_DTYPES, TeacherOutput, teacher_logits
+from ted_ds.teacher import LOGITS_DTYPES, TeacherOutput, teacher_logits, top_p_of
 
 Received = dict[Message, torch.Tensor]  # this rank's buffer for each message it gets back (or makes itself)
 Made = dict[Message, torch.Tensor]  # what this stage made of a chunk, by message
@@ -238,7 +238,7 @@ class PipelineTeacher:
         values = index = None
         if logits is not None and layout.need_logits:
             values, index = teacher_logits(logits, layout.vocab, layout.logits_topk, layout.logits_dtype,
-                                           layout.tail_temperature)
+                                           layout.tail_temperature, layout.top_p)
             values = values.to(layout.logits_dtype)
         by_kind = {MessageKind.ACTIVATIONS: out, MessageKind.LOGITS: values, MessageKind.TOPK_IDS: index}
         return {m: taps[m.tap] if m.kind == MessageKind.TAP else by_kind[m.kind]
@@ -265,5 +265,5 @@ def build_pipeline_teacher(cfg, tap_layers: list[int], filters, need_logits: boo
         config, tap_layers, filters, stages=t.pipeline_stages, explicit_layers=t.pipeline_layers,
         chunks=t.pipeline_chunks, need_logits=need_logits, logits_topk=t.logits_topk,
         logits_dtype=LOGITS_DTYPES[t.logits_dtype], dtype=dtype,
-        document_eos=document_eos, vocab=vocab, tail_temperature=cfg.tail_temperature)
+        document_eos=document_eos, vocab=vocab, tail_temperature=cfg.tail_temperature, top_p=top_p_of(cfg))
     return PipelineTeacher(layout, t.path, config, filters, cfg.train.timeout_minutes)
