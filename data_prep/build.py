@@ -20,6 +20,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import deque
@@ -300,7 +301,7 @@ def _tokenize_into_shards(opts: BuildOptions, sources, encoder: BatchEncoder, sh
                 sink.add(split, shard, tokens, docs.lengths[picked])
                 progress.update(b - a, len(tokens))
 
-    pool = mp.get_context("fork").Pool(opts.workers) if opts.workers > 1 else None
+    pool = mp.get_context("fork").Pool(opts.workers, _default_sigterm) if opts.workers > 1 else None
     resuming = any(skip.values())
     pending: deque = deque()
     try:
@@ -326,6 +327,12 @@ def _tokenize_into_shards(opts: BuildOptions, sources, encoder: BatchEncoder, sh
             pool.terminate()
         progress.close()
     return stats
+
+
+def _default_sigterm() -> None:
+    """Pool workers die on the SIGTERM of ``pool.terminate()`` even when forked from a process that handles
+    SIGTERM itself (a training run's StopSignal in the same process), instead of hanging its join."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _in_finished_shards(counted: _Documents, seen: dict, skip: dict, stats: ReadStats) -> bool:
