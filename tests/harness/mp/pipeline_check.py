@@ -120,8 +120,8 @@ def compare_documents(teacher_dir, results, stages, placements):
     with torch.no_grad():
         alone = lambda x: (lambda out: [out[1], *out[0]])(reference(x))
     kind = config.model_type
-    teacher = SimpleNamespace(path=teacher_dir, trust_remote_code=False, logits_topk=0, logits_dtype="fp32",
-                              pipeline_stages=stages, pipeline_layers=None, pipeline_chunks=2,
+    teacher = SimpleNamespace(path=teacher_dir, trust_remote_code=False, logits_topk=0, logits_top_p=None,
+                              logits_dtype="fp32", pipeline_stages=stages, pipeline_layers=None, pipeline_chunks=2,
                               attn_implementation="eager")
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
           "train_batch_size": 2 * distributed.world_size(), "zero_optimization": {"stage": 3}}
