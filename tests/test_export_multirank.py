@@ -49,14 +49,14 @@ def _one_ulp_up(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bits.view(dtype).float()
 
 
-def _one_weight_one_ulp_off(write, config, state, out_dir, tokenizer_dir, dtype):
+def _one_weight_one_ulp_off(write, config, state, out_dir, tokenizer_dir, dtype, **kw):
     key = next(iter(state))
-    write(config, {**state, key: _one_ulp_up(state[key], dtype)}, out_dir, tokenizer_dir, dtype)
+    write(config, {**state, key: _one_ulp_up(state[key], dtype)}, out_dir, tokenizer_dir, dtype, **kw)
 
 
-def _norm_epsilon_off(write, config, state, out_dir, tokenizer_dir, dtype):
+def _norm_epsilon_off(write, config, state, out_dir, tokenizer_dir, dtype, **kw):
     """The right weights under a wrong config: only the logits can tell."""
-    write(config, state, out_dir, tokenizer_dir, dtype)
+    write(config, state, out_dir, tokenizer_dir, dtype, **kw)
     path = os.path.join(out_dir, "config.json")
     written = json.load(open(path))
     json.dump(dict(written, rms_norm_eps=1e-2), open(path, "w"))
