@@ -20,6 +20,8 @@ like a trained model's) and KD students of two of its blocks; seq 128, fp16 valu
   (``build_frozen``'s teacher giving every logit, as an online KD run without top-k asks it). The build's
   time is the whole command: checks, hashing the teacher's weights, loading it, the forward, top-k,
   encoding, writing, checksums. Goal ≥ 0.9;
+* the teacher's confidence (why top-p keeps what it keeps): its mass on its top 64 and the ids a token
+  needs to reach p = 0.95, at T = 1 and 2;
 * an α sweep of 5 KD students (each ``train.steps`` ≈ one epoch), with the teacher online vs from the
   k = 64 cache, the cache's build counted once on its side: total wall time online ÷ cached.
 
@@ -220,6 +222,28 @@ def cached_kd(name: str, values, ids, counts, labels, temperature: float) -> dic
     return forms
 
 
+def teacher_confidence(teacher: str, data: str, windows: int = 16, cap: int = 100) -> dict[str, dict]:
+    """Why top-p keeps what it keeps: on the first ``windows`` validation windows (or all there are), the
+    teacher's mass on its top 64 and the ids a token needs to reach p = 0.95, at T = 1 and T = 2."""
+    import torch
+
+    from ted_ds.data import PackedShardDataset, collate
+    from ted_ds.weights import load_model
+
+    model = load_model(teacher).eval()
+    valid = PackedShardDataset(data, "valid", SEQ_LEN)
+    x, _ = collate(valid, list(range(min(windows, len(valid)))))
+    with torch.no_grad():
+        logits = model(input_ids=x).logits.float().flatten(0, 1)
+    out = {}
+    for t in (1.0, 2.0):
+        mass = torch.softmax(logits / t, -1).sort(-1, descending=True).values.cumsum(-1)
+        need = (mass < 0.95).sum(-1) + 1
+        out[f"T{t:g}"] = {"top64_mass": mass[:, 63].mean().item(), "median_ids_to_p95": need.median().item(),
+                          "within_cap": (need <= cap).float().mean().item()}
+    return out
+
+
 def bytes_per_token(cache: str) -> dict[str, float]:
     """Bytes ÷ tokens of a cache: its files as written; every window re-encoded with its ids mapped
     one-to-one into WIDE_VOCAB ids (17 bits), values as they are; and a bound that owes nothing to this
@@ -286,6 +310,7 @@ def main(argv=None) -> dict:
     result = {"machine": machine(), "seq_len": SEQ_LEN, "steps_per_run": steps, "seconds": s,
               "bytes_per_token": {name: bytes_per_token(cache(name)) for name in CUTS},
               "kd_against_full": json.load(open(spec["exactness"])),
+              "teacher_confidence": teacher_confidence(teacher, data),
               "build_vs_forward": s["forward"] / s["build_k64"], "sweep_online_s": online, "sweep_cached_s": cached,
               "sweep_online_vs_cached": online / cached}
     report(result)
@@ -300,6 +325,9 @@ def report(r: dict) -> None:
           f"{'ids/token':>11}")
     for name, b in r["bytes_per_token"].items():
         print(f"{name:>10}{b['written']:>32.1f}{b['ids_17bit']:>24.1f}{b['bound_17bit']:>20.1f}{b['entries']:>11.1f}")
+    for t, c in r["teacher_confidence"].items():
+        print(f"teacher at {t}: top-64 mass {c['top64_mass']:.3f}, median ids to p 0.95 {c['median_ids_to_p95']}, "
+              f"tokens within 100 {c['within_cap']:.3f}")
     print(f"KD (T = 2, forward KL) of one batch, {MICRO}×{r['seq_len']} tokens, the KD student as it starts:")
     print(f"{'from':>18}{'KD loss':>10}{'vs full':>10}{'grad cosine':>13}")
     for name, e in r["kd_against_full"].items():

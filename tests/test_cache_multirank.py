@@ -5,7 +5,7 @@ the same for a top-p cache and a sampled one (on the two-source mixture).
 2 ranks: ``cache-teacher`` killed after a few blocks; then one launch that finishes that build (with the
 teacher under another placement, ZeRO-3) and trains, each online and from the cache: KD, LWD (the teacher
 runs for its taps, its logits come from the cache; k = 4 read from a k = 8 cache, in the renormalized form)
-and KD on a two-source mixture; finally KD from the cache killed mid-save and resumed.
+and KD on a two-source mixture, top-p and sampled; finally KD from the cache killed mid-save and resumed.
 The cached runs must equal the online ones bit for bit (fp32, top-8 logits and the tail logit rounded to fp16
 on both paths: KD's default tail form);
 the 2-rank build, killed and finished, must equal the 1-rank build byte for byte.
@@ -136,7 +136,11 @@ def two_ranks(world, killed_build) -> dict:
     return world.scenarios(2, "two", [
         world.cache_run("cache2", "zero3"), ("kd_online", c("kd2"), {}), ("kd_cached", c("kd2c", "cache2"), {}),
         ("lwd_online", c("lwd2", **lwd), {}), ("lwd_cached", c("lwd2c", "cache2", **lwd), {}),
-        ("mix_online", c("mix2", **mix), {}), ("mix_cached", c("mix2c", "cache2", **mix), {})])
+        ("mix_online", c("mix2", **mix), {}), ("mix_cached", c("mix2c", "cache2", **mix), {}),
+        world.cache_run("cache2p", "zero3", **TOP_P), ("topp_online", c("p2", **TOP_P), {}),
+        ("topp_cached", c("p2c", "cache2p", **TOP_P), {}), world.cache_run("cache2s", "zero3", **SAMPLED),
+        ("sampled_online", c("s2", **mix, **SAMPLED), {}),
+        ("sampled_cached", c("s2c", "cache2s", **mix, **SAMPLED), {})])
 
 
 def test_cached_kd_equals_online_kd_on_one_rank(world, one_rank):
@@ -174,6 +178,20 @@ def test_cached_runs_equal_online_runs_on_two_ranks(world, two_ranks):
     assert "frozen_local_params_sum" not in two["kd_cached"] and "frozen_local_params_sum" in two["lwd_cached"]
     mixed = [json.loads(line) for line in open(root / "mix2c" / "metrics.jsonl") if "data/more/samples" in line]
     assert mixed[-1]["data/more/samples"] == 12  # a quarter of 6 × 8 samples came from the second source
+
+
+def test_top_p_and_sampled_cached_runs_equal_online_runs_on_two_ranks(world, one_rank, two_ranks):
+    """Top-p and sampled, 2 ranks: each cached run is its online run bit for bit, and each cache (built by
+    a ZeRO-3 teacher over 2 ranks) is the 1-rank replicated build byte for byte: the same supports, the
+    same draws."""
+    root = world.root
+    _same_run(str(root / "p2"), str(root / "p2c"))
+    _same_run(str(root / "s2"), str(root / "s2c"))
+    for one, two in (("cache1p", "cache2p"), ("cache1s", "cache2s")):
+        files = _files(str(root / one))
+        assert files == _files(str(root / two)), (one, two)
+        match, differ, errors = filecmp.cmpfiles(root / one, root / two, files, shallow=False)
+        assert not differ and not errors, (one, differ, errors)
 
 
 def test_a_killed_cache_build_keeps_its_finished_blocks_and_resumes(world, killed_build, two_ranks):

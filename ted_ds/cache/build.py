@@ -134,8 +134,9 @@ def teacher_rows(teacher, block: Block | None, batch: int, calls: int, spec: dic
         rows = [block.split[w] for w in mine] or [np.zeros(spec["seq_len"] + 1, dtype=np.int64)]
         rows += [rows[-1]] * (batch - len(rows))
         out = teacher(torch.from_numpy(np.stack(rows))[:, :-1])  # (batch, L): a window's inputs
-        frames += window_frames(out, [draw_seed(spec.get("sampling_seed"), block.source, block.split_name, w)
-                                      for w in mine], spec)
+        if mine:  # a call this rank only joins writes nothing (and has no windows to draw for)
+            frames += window_frames(out, [draw_seed(spec.get("sampling_seed"), block.source, block.split_name, w)
+                                          for w in mine], spec)
     return frames
 
 
