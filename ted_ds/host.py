@@ -5,8 +5,9 @@ DeepSpeed compiles its CPU ops (the shared-memory communicator, CPU Adam) with `
 and torch reuses a cached build whenever the sources and flags match — the flag text, not the CPU it
 stood for. A cache built on one CPU and read on another (a shared home directory, a CI cache, a
 cluster of mixed nodes) then dies with an illegal instruction; one built against another torch or
-Python (two environments sharing the cache path) fails to load or crashes. Keying the cache directory
-by the CPU and those versions makes each build its own copy instead.
+Python (two environments sharing the cache path) fails to load or crashes, and two environments of the
+same versions rebuild it in turn at each start (its include paths differ). Keying the cache directory
+by the CPU, those versions and DeepSpeed's location makes each build its own copy instead.
 """
 
 from __future__ import annotations
@@ -36,11 +37,17 @@ def cpu_key(cpuinfo: str, build: str = "") -> str:
 
 
 def this_build() -> str:
-    """What an op's build is bound to besides the CPU: the Python, torch and CUDA versions."""
+    """What an op's build is bound to besides the CPU: the Python, torch and CUDA versions, and where
+    DeepSpeed's op sources are (torch rebuilds an op whose include paths changed, so two environments of
+    the same versions sharing one cache would rebuild it in turn at every start)."""
+    import importlib.util
+
     import torch
 
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    return f"python {python} torch {torch.__version__} cuda {torch.version.cuda}"
+    spec = importlib.util.find_spec("deepspeed")
+    sources = os.path.dirname(spec.origin) if spec and spec.origin else None
+    return f"python {python} torch {torch.__version__} cuda {torch.version.cuda} deepspeed {sources}"
 
 
 def this_cpu_key() -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 from ted_ds.host import cpu_key, keyed_extensions_dir
 
 AMD = """processor\t: 0
@@ -39,7 +42,8 @@ def test_the_extensions_directory_gets_this_cpus_key_once():
 
 
 def test_the_key_follows_the_python_torch_and_cuda_that_build_the_ops():
-    """Two environments sharing a cache path (another torch, Python or CUDA) each build their own."""
+    """Two environments sharing a cache path (another torch, Python or CUDA, or another DeepSpeed install:
+    torch rebuilds an op whose include paths changed) each build their own."""
     import sys
 
     import torch
@@ -50,6 +54,8 @@ def test_the_key_follows_the_python_torch_and_cuda_that_build_the_ops():
     others = [build.replace("3.11", "3.12"), build.replace("2.13.0+cpu", "2.12.0+cu124"),
               build.replace("None", "12.4")]
     assert len({cpu_key(AMD, b) for b in [build, *others]}) == 4 and cpu_key(AMD, build) != cpu_key(AMD)
+    deepspeed = os.path.dirname(importlib.util.find_spec("deepspeed").origin)  # importing it would set env vars
     assert this_build() == (f"python {sys.version_info.major}.{sys.version_info.minor} torch {torch.__version__} "
-                            f"cuda {torch.version.cuda}")
+                            f"cuda {torch.version.cuda} deepspeed {deepspeed}")
+    assert cpu_key(AMD, this_build()) != cpu_key(AMD, this_build().replace(deepspeed, "/other/venv/deepspeed"))
     assert this_cpu_key() == cpu_key(open("/proc/cpuinfo").read(), this_build())
