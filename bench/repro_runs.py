@@ -84,7 +84,9 @@ def write_yaml(cfg: dict, path: str) -> str:
 
 
 class Launcher:
-    """Runs training commands, ``jobs`` at a time, each with ``ranks`` processes sharing the cores."""
+    """Runs training commands, ``jobs`` at a time, each with ``ranks`` processes sharing the cores; one rank
+    runs as a plain process (world size 1 needs no launcher: the same bits, without the launcher's two
+    interpreters and its shared-memory communicator per run)."""
 
     def __init__(self, config: str, ranks: int, jobs: int):
         self.config, self.ranks, self.jobs = config, ranks, jobs
@@ -95,7 +97,8 @@ class Launcher:
             return
         shutil.rmtree(out_dir, ignore_errors=True)
         threads = max(1, (os.cpu_count() or 1) // (self.ranks * jobs))
-        run(deepspeed(self.ranks, "--module", "ted_ds", *command, "--config", self.config, *overrides),
+        ted_ds = ["--module", "ted_ds", *command, "--config", self.config, *overrides]
+        run([sys.executable, "-m", *ted_ds[1:]] if self.ranks == 1 else deepspeed(self.ranks, *ted_ds),
             env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads)}, timeout=7200)
         open(os.path.join(out_dir, "DONE"), "w").close()
 

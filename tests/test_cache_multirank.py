@@ -87,7 +87,7 @@ class World:
     def cache_run(self, name: str, placement: str = "replicated", **over) -> tuple:
         """A scenario building the cache ``name`` over both sources."""
         config = self.config(f"for-{name}", **self.mix, **{"teacher.placement": placement, **over})
-        return ("cache", config, {"cache_out": str(self.root / name), "block_windows": BLOCK_WINDOWS})
+        return (name, config, {"cache_out": str(self.root / name), "block_windows": BLOCK_WINDOWS})
 
     def killed(self, fault: str, *command: str) -> subprocess.CompletedProcess:
         script = os.path.join(REPO, "tests", "harness", "mp", "fault_at.py")
@@ -200,7 +200,7 @@ def test_a_killed_cache_build_keeps_its_finished_blocks_and_resumes(world, kille
     finished = [f for f in after_kill if f.endswith(".bin")]
     assert finished and MANIFEST not in after_kill, sorted(after_kill)  # some blocks done, the cache unfinished
     assert all(f.endswith((".bin", ".tmp")) or f == "build.json" for f in after_kill), sorted(after_kill)
-    blocks, computed = re.search(r"\((\d+) blocks, (\d+) computed now", two_ranks["cache"]["line"]).groups()
+    blocks, computed = re.search(r"\((\d+) blocks, (\d+) computed now", two_ranks["cache2"]["line"]).groups()
     assert int(computed) == int(blocks) - len(finished)
     for f in finished:  # kept as they were, not recomputed
         assert os.stat(root / "cache2" / f).st_mtime_ns == after_kill[f].st_mtime_ns, f
