@@ -175,6 +175,7 @@ def build_cache(cfg: RunConfig, out: str, batch: int | None = None, block_window
     if os.path.isfile(os.path.join(out, MANIFEST)):
         return f"cache-teacher: {out} is complete already ({len(blocks)} blocks)"
     distributed.init(cfg.train.timeout_minutes)
+    distributed.barrier()  # every rank has checked --out (plan_cache) before rank 0 writes into it
     rank = distributed.rank()
     if rank == 0:
         os.makedirs(out, exist_ok=True)
