@@ -307,6 +307,7 @@ def cross_config(tiny, tmp_path, **over) -> str:
     ({"teacher.logits_sampling": "sampled"}, "this run has teacher.logits_sampling sampled"),
     ({"data.document_attention": True}, "this run has data.document_attention True"),
     ({"distill.cross_tokenizer": None, "teacher.tokenizer": "t"}, "teacher.tokenizer is for distill.cross_tokenizer"),
+    ({"distill.divergence": "jsd"}, "distill.divergence jsd is for overlap_kl: chunk_likelihood matches"),
 ])
 def test_what_does_not_combine_with_cross_tokenizer_kd_is_refused_in_one_line(tiny, tmp_path, over, refused):
     from ted_ds.config import load_run_config
