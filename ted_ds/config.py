@@ -458,6 +458,9 @@ def _check_cross_tokenizer(cfg: RunConfig) -> None:
         raise ConfigError(f"distill.cross_tokenizer works with distill.method kd and a replicated teacher, without "
                           f"teacher.cache, logits_topk, logits_sampling, data.document_attention or "
                           f"student.init_from_teacher, so far; this run has {key} {value}")
+    if cfg.distill.cross_tokenizer == "chunk_likelihood" and cfg.distill.divergence != "forward_kl":
+        raise ConfigError(f"distill.divergence {cfg.distill.divergence} is for overlap_kl: chunk_likelihood matches "
+                          "each chunk's likelihood by ALM's binary KL; drop distill.divergence or use overlap_kl")
 
 
 def _check_sources(data: DataConfig) -> None:

@@ -1,15 +1,18 @@
 """Perplexity and bits per byte of an HF model on a ted-prep split (CPU or GPU, no process group).
 
 Bits per byte = total negative log-likelihood / (ln 2 × UTF-8 bytes of the scored text), with the
-bytes of each window's target tokens counted by decoding them; it compares models with different
-tokenizers, perplexity does not.
+bytes of each window's target tokens counted by decoding them (``target_bytes``: an EOS is one byte, the
+separator between documents, whatever the tokenizer calls it); it compares models with different
+tokenizers, perplexity does not.  The trainer's own eval counts bytes the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -58,7 +61,7 @@ def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: in
         nll += token_nll.sum().item()
         windows += token_nll.mean(1).tolist()
         tokens += y.numel()
-        nbytes += sum(len(tok.decode(row.tolist()).encode("utf-8")) for row in y)
+        nbytes += sum(target_bytes(tok, window) for window in torch.cat([x[:, :1], y], 1).tolist())
         if bar is not None:
             bar.update(len(x))
     if bar is not None:
@@ -66,8 +69,38 @@ def evaluate_hf(model_dir: str, data_dir: str, split: str = "valid", seq_len: in
     loss = nll / tokens
     result = {"model": model_dir, "data": data_dir, "split": split, "samples": n, "seq_len": seq_len,
               "tokens": tokens, "bytes": nbytes, "loss": loss, "ppl": math.exp(loss),
-              "bits_per_byte": nll / (math.log(2) * nbytes)}
+              "bits_per_byte": bits_per_byte(nll, nbytes)}
     return {**result, "window_loss": windows} if per_window else result
+
+
+def bits_per_byte(nll: float, nbytes: int) -> float:
+    """Bits per byte of text scored with a summed negative log-likelihood of ``nll`` nats."""
+    return nll / (math.log(2) * nbytes)
+
+
+def target_bytes(tok, window: list[int]) -> int:
+    """UTF-8 bytes of the text a window's targets (``window[1:]``) spell after its first token, decoded a
+    token at a time, each document apart: an EOS counts one byte (the separator; its name is no text), the
+    first token is context (a SentencePiece word it precedes keeps its space), special tokens spell nothing
+    and a character whose bytes run past the window's end is not counted."""
+    from tokenizers.decoders import DecodeStream
+
+    backend, eos = tok.backend_tokenizer, tok.eos_token_id
+    stream = DecodeStream(skip_special_tokens=True)
+    if window[0] != eos:
+        stream.step(backend, window[0])
+    n = 0
+    for i in window[1:]:
+        if i == eos:
+            n, stream = n + 1, DecodeStream(skip_special_tokens=True)
+        else:
+            n += len((stream.step(backend, i) or "").encode("utf-8"))
+    return n
+
+
+def window_bytes(dataset: PackedShardDataset, tok) -> Callable[[int], int]:
+    """Window index → ``target_bytes`` of that window of ``dataset``, each counted once."""
+    return functools.lru_cache(maxsize=None)(lambda i: target_bytes(tok, dataset[i].tolist()))
 
 
 def paired_difference(a: list[float], b: list[float], z: float = 1.96) -> dict:

@@ -15,7 +15,8 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import psutil
 import torch
@@ -34,6 +35,7 @@ from ted_ds.data import (
     collate,
 )
 from ted_ds.errors import TrainingError
+from ted_ds.evaluate import bits_per_byte, window_bytes
 from ted_ds.metrics import MetricsLogger, device_peak_flops
 from ted_ds.plan import Plan
 from ted_ds.recipes import Recipe
@@ -117,35 +119,51 @@ class StopSignal:
 
 
 @torch.no_grad()
-def evaluate(recipe: Recipe, valid: PackedShardDataset, samples: int, micro_batch: int) -> float:
-    """Mean eval loss over the first ``samples`` validation windows, split evenly over ranks
-    (every rank runs the same number of forwards, as ZeRO-3 needs)."""
+def evaluate(recipe: Recipe, valid: PackedShardDataset, samples: int, micro_batch: int,
+             window_bytes: Callable[[int], int] | None = None) -> tuple[float, float | None]:
+    """Mean eval loss per token over the first ``samples`` validation windows, split evenly over ranks
+    (every rank runs the same number of forwards, as ZeRO-3 needs), and their bits per byte (None without
+    ``window_bytes``: a window's index → the UTF-8 bytes its targets spell, ted_ds.evaluate.window_bytes)."""
     world = distributed.world_size()
     n = max(world, min(samples, len(valid)) // world * world)
     mine = list(range(distributed.rank(), n, world))
     recipe.engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=distributed.device())
+    total = torch.zeros(3, dtype=torch.float64, device=distributed.device())  # nats, tokens, bytes
     for i in range(0, len(mine), micro_batch):
         window = [j % len(valid) for j in mine[i:i + micro_batch]]
         input_ids, labels = (t.to(distributed.device()) for t in collate(valid, window))
         loss = recipe.eval_loss(input_ids, labels)
-        total += torch.tensor([loss.item() * len(input_ids), len(input_ids)], dtype=torch.float64,
+        nbytes = sum(map(window_bytes, window)) if window_bytes is not None else 0
+        total += torch.tensor([loss.item() * labels.numel(), labels.numel(), nbytes], dtype=torch.float64,
                               device=distributed.device())
     recipe.engine.train()
-    total = distributed.all_reduce_sum(total)
-    return float(total[0] / total[1])
+    nll, tokens, nbytes = distributed.all_reduce_sum(total).tolist()
+    return nll / tokens, (bits_per_byte(nll, nbytes) if window_bytes is not None else None)
 
 
 def evaluate_sources(recipe: Recipe, valid: dict[str, PackedShardDataset], weights: dict[str, float], samples: int,
-                     micro_batch: int, per_source: bool) -> dict[str, float]:
-    """``eval/loss`` and ``eval/ppl``: the weighted mean over the sources' validation losses (with one
-    source, its loss); ``per_source`` adds ``eval/<name>/loss`` and ``eval/<name>/ppl``."""
-    losses = {name: evaluate(recipe, data, samples, micro_batch) for name, data in valid.items()}
-    total = sum(weights[n] * loss for n, loss in losses.items()) / sum(weights[n] for n in losses)
-    out = {"eval/loss": total, "eval/ppl": math.exp(min(total, 50.0))}
+                     micro_batch: int, per_source: bool,
+                     window_bytes: dict[str, Callable[[int], int]] | None = None) -> dict[str, float]:
+    """The eval scores (``eval_scores``) of the sources' validation splits."""
+    nbytes = window_bytes or {}
+    scores = {name: evaluate(recipe, data, samples, micro_batch, nbytes.get(name)) for name, data in valid.items()}
+    return eval_scores(scores, weights, per_source)
+
+
+def eval_scores(scores: dict[str, tuple[float, float | None]], weights: dict[str, float],
+                per_source: bool) -> dict[str, float]:
+    """``eval/loss``, ``eval/ppl`` and ``eval/bits_per_byte`` (when every source has it: it compares runs of
+    different tokenizers) from each source's (loss, bits per byte): their weighted means (with one source,
+    its scores); ``per_source`` adds ``eval/<name>/loss``, ``.../ppl`` and ``.../bits_per_byte``."""
+    weigh = lambda k: sum(weights[n] * s[k] for n, s in scores.items()) / sum(weights[n] for n in scores)
+    named = {"": (weigh(0), weigh(1) if all(s[1] is not None for s in scores.values()) else None)}
     if per_source:
-        for name, loss in losses.items():
-            out.update({f"eval/{name}/loss": loss, f"eval/{name}/ppl": math.exp(min(loss, 50.0))})
+        named.update({f"{name}/": s for name, s in scores.items()})
+    out = {}
+    for prefix, (loss, bpb) in named.items():
+        out.update({f"eval/{prefix}loss": loss, f"eval/{prefix}ppl": math.exp(min(loss, 50.0))})
+        if bpb is not None:
+            out[f"eval/{prefix}bits_per_byte"] = bpb
     return out
 
 
@@ -209,6 +227,7 @@ class TrainData:
     blend: Blend
     sampler: ConsumedSamplesSampler
     cross: CrossTokenizer | None = None  # distill.cross_tokenizer: each micro-batch's teacher view
+    valid_bytes: dict[str, Callable[[int], int]] = field(default_factory=dict)  # source → window → its bytes
 
     def next_batch(self) -> list[MicroBatch]:
         """This rank's micro-batches of the next global batch, on the device, with their sample indices (and
@@ -242,7 +261,17 @@ def training_data(p: Plan) -> TrainData:
     blend = Blend(tuple(s.name for s in sources), tuple(len(d) for d in train.parts), tuple(s.weight for s in sources))
     sampler = ConsumedSamplesSampler(blend, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                      distributed.rank(), distributed.world_size(), cfg.train.seed)
-    return TrainData(train, valid, blend, sampler, p.cross)
+    return TrainData(train, valid, blend, sampler, p.cross, valid_window_bytes(sources, valid))
+
+
+def valid_window_bytes(sources, valid: dict[str, PackedShardDataset]) -> dict[str, Callable[[int], int]]:
+    """Each validation split's window → its bytes (bits per byte in the eval), for sources whose shards
+    carry their tokenizer."""
+    from data_prep.tokenizer import load_tokenizer
+
+    dirs = {s.name: os.path.join(s.path, "tokenizer") for s in sources}
+    return {name: window_bytes(data, load_tokenizer(dirs[name])) for name, data in valid.items()
+            if os.path.isdir(dirs[name])}
 
 
 @dataclass
@@ -347,10 +376,11 @@ def fit(recipe: Recipe, p: Plan, checkpointer: Checkpointer, stop: StopSignal,
         evaluating = due(progress.step, cfg.train.eval_interval, total) or progress.step in cfg.train.eval_steps
         if data.valid and evaluating:
             scores = evaluate_sources(recipe, data.valid, dict(zip(data.blend.names, data.blend.weights)),
-                                      cfg.data.eval_samples, cfg.train.micro_batch_size, per_source)
+                                      cfg.data.eval_samples, cfg.train.micro_batch_size, per_source, data.valid_bytes)
             last.update(scores)
             log.log(progress.step, scores)
-            log.message(f"step {progress.step}: eval loss {scores['eval/loss']:.4f}, ppl {scores['eval/ppl']:.2f}")
+            bpb = f", bits/byte {scores['eval/bits_per_byte']:.4f}" if "eval/bits_per_byte" in scores else ""
+            log.message(f"step {progress.step}: eval loss {scores['eval/loss']:.4f}, ppl {scores['eval/ppl']:.2f}{bpb}")
         log.advance(progress.step, f"loss {float(sums['loss']):.4f} (rank 0)")
         stopping = stop.agreed()
         if due(progress.step, cfg.train.save_interval, total) or stopping:

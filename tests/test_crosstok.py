@@ -253,6 +253,40 @@ def test_overlap_kl_reads_the_shared_ids_at_single_token_chunks_with_autograds_g
     torch.testing.assert_close(torch.autograd.grad(got["overlap_kl"], s)[0], torch.autograd.grad(want, s)[0])
 
 
+def test_target_bytes_are_the_texts_bytes_whatever_the_tokenizer(toks):
+    """A window's targets count the UTF-8 bytes of the text they spell, an EOS one byte: the same text is the
+    same bytes in SentencePiece and byte-level BPE (bits per byte compares their models); the first token
+    is context, a SentencePiece word after it keeps its space."""
+    from ted_ds.evaluate import target_bytes
+
+    first, second = "héllo wörld", "€5"  # 13 and 4 bytes
+    for tok in toks:
+        first_ids, second_ids = (tok(text, add_special_tokens=False).input_ids for text in (first, second))
+        assert target_bytes(tok, [tok.eos_token_id, *first_ids, tok.eos_token_id, *second_ids]) == 18
+    sp = toks[0]
+    ids = sp("Hello there", add_special_tokens=False).input_ids
+    assert sp.convert_ids_to_tokens(ids[2:]) == ["o", "▁there"] and target_bytes(sp, ids[2:]) == len(" there")
+
+
+def test_the_trainers_eval_reports_bits_per_byte_of_the_held_out_text(tiny):
+    """A model uniform over V ids scores ln V nats per token: the eval's bits per byte is tokens × log2 V over
+    the bytes its windows' targets spell, whatever the micro-batches."""
+    from types import SimpleNamespace
+
+    from data_prep.tokenizer import load_tokenizer
+    from ted_ds.data import PackedShardDataset
+    from ted_ds.evaluate import target_bytes, window_bytes
+    from ted_ds.trainer import evaluate
+
+    valid = PackedShardDataset(tiny["llama_data"], "valid", 32)
+    tok = load_tokenizer(os.path.join(tiny["llama_data"], "tokenizer"))
+    uniform = SimpleNamespace(engine=torch.nn.Identity(), eval_loss=lambda x, y: torch.tensor(math.log(1000.0)))
+    nbytes = sum(target_bytes(tok, valid[i].tolist()) for i in range(3))
+    loss, bpb = evaluate(uniform, valid, 3, 2, window_bytes(valid, tok))
+    assert loss == pytest.approx(math.log(1000)) and bpb == pytest.approx(3 * 32 * math.log2(1000) / nbytes)
+    assert evaluate(uniform, valid, 3, 2) == (pytest.approx(math.log(1000)), None)
+
+
 def cross_config(tiny, tmp_path, **over) -> str:
     """KD across tokenizers: a fresh student of the tiny LLaMA's shape (SentencePiece) learns from the GPT-2
     teacher (byte-level BPE), the two sharing no tokenizer."""
@@ -273,6 +307,7 @@ def cross_config(tiny, tmp_path, **over) -> str:
     ({"teacher.logits_sampling": "sampled"}, "this run has teacher.logits_sampling sampled"),
     ({"data.document_attention": True}, "this run has data.document_attention True"),
     ({"distill.cross_tokenizer": None, "teacher.tokenizer": "t"}, "teacher.tokenizer is for distill.cross_tokenizer"),
+    ({"distill.divergence": "jsd"}, "distill.divergence jsd is for overlap_kl: chunk_likelihood matches"),
 ])
 def test_what_does_not_combine_with_cross_tokenizer_kd_is_refused_in_one_line(tiny, tmp_path, over, refused):
     from ted_ds.config import load_run_config
@@ -312,4 +347,11 @@ def test_a_cross_tokenizer_kd_run_trains_its_student_on_the_teachers_tokens(tiny
     cross = [row["loss/chunk_likelihood"] for row in rows if "loss/total" in row]
     assert len(cross) == 10 and all(math.isfinite(x) and x > 0 for x in cross)
     assert sum(total[-3:]) < sum(total[:3]) and sum(cross[-3:]) < sum(cross[:3]), (total, cross)
-    assert os.path.isfile(tmp_path / "out" / "hf" / "tokenizer.json")  # the student keeps its own tokenizer
+    from data_prep.tokenizer import load_tokenizer
+    from ted_ds.evaluate import evaluate_hf
+
+    hf = str(tmp_path / "out" / "hf")  # the student keeps its own tokenizer, and ted-ds eval's bits per byte
+    assert load_tokenizer(hf).get_vocab() == load_tokenizer(os.path.join(tiny["llama_data"], "tokenizer")).get_vocab()
+    trained = [row["eval/bits_per_byte"] for row in rows if "eval/bits_per_byte" in row]
+    scored = evaluate_hf(hf, tiny["llama_data"], seq_len=32, max_samples=8, progress=False)
+    assert len(trained) == 1 and scored["bits_per_byte"] == pytest.approx(trained[0], rel=1e-4)
