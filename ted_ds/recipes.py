@@ -63,20 +63,15 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
                               teacher_vocab)
         flops += flops_per_token(matmul_parameters(meta_model(p.teacher_config)), p.teacher_config,
                                   cfg.data.seq_len, False)
-    cache = draws = None
-    if cfg.logits_from_cache:
-        from ted_ds.cache.format import CacheRows, source_key
-
-        cache = CacheRows(cfg.teacher.cache, p.cache, [source_key(s.path)[0] for s in cfg.data.blend],
-                          cfg.teacher.logits_topk, tail=cfg.tail_temperature is not None)
-    elif cfg.uses_logits and cfg.teacher.logits_sampling == "sampled":
+    draws = None
+    if cfg.uses_logits and not cfg.logits_from_cache and cfg.teacher.logits_sampling == "sampled":
         draws = online_draws(cfg)
     top_p = cfg.teacher.logits_top_p is not None
     d = cfg.distill
     weights = ObjectiveWeights(d.alpha, d.beta, d.temperature, d.layer_loss, p.manifest["vocab_size"], d.divergence,
                                d.divergence_mix, cfg.teacher.logits_topk_form)
     weights_at = functools.partial(distill_weights, d, p.total_steps)
-    objective = same_tokenizer_loss(frozen, cache, engine, draws, top_p) if p.cross is None else \
+    objective = same_tokenizer_loss(frozen, cfg.logits_from_cache, engine, draws, top_p) if p.cross is None else \
         cross_tokenizer_loss(frozen, engine, p.cross.shared)
     loss = lambda batch, step: objective(batch, dataclasses.replace(weights, **weights_at(step)))
 
@@ -90,10 +85,11 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
                   save, weights_at)
 
 
-def same_tokenizer_loss(frozen: Teacher | None, cache, engine, draws, top_p: bool) -> Callable:
-    """(MicroBatch, the step's ObjectiveWeights) -> terms: the teacher (or its cache) reads the student's ids."""
+def same_tokenizer_loss(frozen: Teacher | None, from_cache: bool, engine, draws, top_p: bool) -> Callable:
+    """(MicroBatch, the step's ObjectiveWeights) -> terms: the teacher (or its cache, read ahead into the
+    batch) reads the student's ids."""
     def loss(batch: MicroBatch, w: ObjectiveWeights):
-        t = teacher_side(frozen, cache, batch, draws, top_p)
+        t = teacher_side(frozen, batch, from_cache, draws, top_p)
         logits, taps = engine(batch.input_ids)
         return distill_objective(logits, taps, batch.labels, t and t.logits, t and t.taps, w, t and t.topk_index,
                                  t and t.support, t and t.counts)

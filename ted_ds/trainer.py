@@ -22,6 +22,7 @@ import torch
 from torch.autograd.profiler import record_function
 
 from ted_ds import distributed
+from ted_ds.cache.ahead import RowsAhead
 from ted_ds.checkpoint import Checkpointer
 from ted_ds.crosstok import CrossTokenizer
 from ted_ds.data import (
@@ -209,19 +210,24 @@ class TrainData:
     blend: Blend
     sampler: ConsumedSamplesSampler
     cross: CrossTokenizer | None = None  # distill.cross_tokenizer: each micro-batch's teacher view
+    cache: RowsAhead | None = None  # teacher.cache: the teacher's rows of each micro-batch, read ahead
 
     def next_batch(self) -> list[MicroBatch]:
         """This rank's micro-batches of the next global batch, on the device, with their sample indices (and
-        the teacher's view across tokenizers).  A damaged window on any rank stops every rank with its line
-        (raise_on_every_rank)."""
+        the teacher's view across tokenizers, or its cached rows).  A damaged window on any rank stops every
+        rank with its line (raise_on_every_rank)."""
+        micro = self.sampler.next_batch()
         try:
-            windows, damage = [(collate(self.train, indices), indices) for indices in self.sampler.next_batch()], None
+            windows, damage = [collate(self.train, indices) for indices in micro], None
         except DamagedWindow as e:
             windows, damage = [], str(e)
         raise_on_every_rank(damage)
         device = distributed.device()
         view = lambda pair: None if self.cross is None else self.cross.batch(*pair).to(device)
-        return [MicroBatch(*(t.to(device) for t in pair), indices, view(pair)) for pair, indices in windows]
+        rows = [None] * len(micro) if self.cache is None else [
+            tuple(x if x is None else x.to(device) for x in r) for r in self.cache.take(micro, self.sampler.upcoming())]
+        return [MicroBatch(*(t.to(device) for t in pair), indices, view(pair), r)
+                for pair, indices, r in zip(windows, micro, rows)]
 
 
 def raise_on_every_rank(problem: str | None) -> None:
@@ -242,7 +248,18 @@ def training_data(p: Plan) -> TrainData:
     blend = Blend(tuple(s.name for s in sources), tuple(len(d) for d in train.parts), tuple(s.weight for s in sources))
     sampler = ConsumedSamplesSampler(blend, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                      distributed.rank(), distributed.world_size(), cfg.train.seed)
-    return TrainData(train, valid, blend, sampler, p.cross)
+    return TrainData(train, valid, blend, sampler, p.cross, cached_rows(p))
+
+
+def cached_rows(p: Plan) -> RowsAhead | None:
+    """The teacher cache's rows of the run's training samples (``teacher.cache``), read ahead; None without."""
+    cfg = p.cfg
+    if not cfg.logits_from_cache:
+        return None
+    from ted_ds.cache.format import CacheRows, source_key
+
+    return RowsAhead(CacheRows(cfg.teacher.cache, p.cache, [source_key(s.path)[0] for s in cfg.data.blend],
+                               cfg.teacher.logits_topk, tail=cfg.tail_temperature is not None))
 
 
 @dataclass
