@@ -143,14 +143,16 @@ def levers(world: dict, workdir: str, steps: int) -> dict:
 
 def kd_from_cache(workdir: str, steps: int, out: str) -> dict:
     """KD from a top-64 cache and the plain LM step of the same student, timed in one 2-rank launch on the
-    demo's shapes (its teacher trained briefly, so that its top-k compresses as a real one's);
+    demo's shapes (its teacher trained briefly, so that its top-k compresses as a real one's) on the cache
+    bench's slice of the corpus (1,000 paragraphs: the cache is built in a minute, the sampler wraps around it);
     bench/results/<out> with every step's seconds of both series."""
-    from bench.cache_bench import trained_teacher
+    from bench.cache_bench import small_data, trained_teacher
 
     world = tiny_world(workdir, vocab=4000, teacher_layers=4, hidden=128)
-    here = os.path.dirname(world["teacher"])  # the world's own directory: its teacher and cache beside it
+    here = os.path.dirname(world["teacher"])  # the world's own directory: its teacher, data slice and cache
     teacher = trained_teacher(world, here, 100)
-    over = {"teacher.path": teacher, "teacher.logits_topk": 64, "teacher.logits_dtype": "fp16",
+    over = {"teacher.path": teacher, "data.path": small_data(world, here, 1000), "teacher.logits_topk": 64,
+            "teacher.logits_dtype": "fp16",
             "student.init_from_teacher": [1, 3], "distill.method": "kd", "distill.temperature": 2.0,
             "train.micro_batch_size": 8, "train.global_batch_size": 16}
     cache = os.path.join(here, "cache-k64")
