@@ -78,7 +78,8 @@ def main():
     rss_built = rss_mb()
     baseline = None
     if args.with_lm:
-        lm_cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method="lm"))
+        lm_cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method="lm"),
+                                     teacher=dataclasses.replace(cfg.teacher, cache=None))  # LM reads no teacher
         baseline = build_recipe(plan(lm_cfg), ds, Job.DISTILL)
     data = training_data(p)
     jobs = {"step": lambda micro: train_step(recipe, micro)}
