@@ -1,6 +1,6 @@
 """The training loop shared by every recipe: sample, forward/backward, step, log, evaluate, save.
 
-The loop knows nothing of TED: a ``Recipe`` (ted_ds.recipes) gives it the engine and the loss of
+The loop knows nothing of TED: a ``TrainModule`` (ted_ds.recipes) gives it the engine and the loss of
 one micro-batch.  Resume is automatic from ``<out_dir>/checkpoints/latest``; SIGTERM/SIGUSR1
 (SLURM's warnings before preemption or the time limit) make every rank save and exit cleanly.
 ``training_data`` and ``train_step`` are the run's own data and step; the benchmarks
@@ -37,7 +37,7 @@ from ted_ds.data import (
 from ted_ds.errors import TrainingError
 from ted_ds.metrics import MetricsLogger, device_peak_flops
 from ted_ds.plan import Plan
-from ted_ds.recipes import Recipe
+from ted_ds.recipes import TrainModule
 
 # A launcher a rank may run under: the name of its script or module in the launcher's command line.
 LAUNCHERS = frozenset({"deepspeed", "torchrun", "deepspeed.launcher.launch", "torch.distributed.run",
@@ -118,7 +118,7 @@ class StopSignal:
 
 
 @torch.no_grad()
-def evaluate(recipe: Recipe, valid: PackedShardDataset, samples: int, micro_batch: int) -> float:
+def evaluate(recipe: TrainModule, valid: PackedShardDataset, samples: int, micro_batch: int) -> float:
     """Mean eval loss over the first ``samples`` validation windows, split evenly over ranks
     (every rank runs the same number of forwards, as ZeRO-3 needs)."""
     world = distributed.world_size()
@@ -137,7 +137,7 @@ def evaluate(recipe: Recipe, valid: PackedShardDataset, samples: int, micro_batc
     return float(total[0] / total[1])
 
 
-def evaluate_sources(recipe: Recipe, valid: dict[str, PackedShardDataset], weights: dict[str, float], samples: int,
+def evaluate_sources(recipe: TrainModule, valid: dict[str, PackedShardDataset], weights: dict[str, float], samples: int,
                      micro_batch: int, per_source: bool) -> dict[str, float]:
     """``eval/loss`` and ``eval/ppl``: the weighted mean over the sources' validation losses (with one
     source, its loss); ``per_source`` adds ``eval/<name>/loss`` and ``eval/<name>/ppl``."""
@@ -182,7 +182,7 @@ def backward_and_step(engine, loss: torch.Tensor, finite: torch.Tensor, boundary
     return skip
 
 
-def train_step(recipe: Recipe, batches: list[MicroBatch], step: int = 0,
+def train_step(recipe: TrainModule, batches: list[MicroBatch], step: int = 0,
                nan_steps: list[int] | None = None) -> tuple[dict[str, torch.Tensor], bool]:
     """One optimizer step (number ``step``) over this rank's micro-batches of one global batch.  Returns
     the loss terms averaged over the micro-batches (still on the device: no sync) and whether the step was
@@ -288,7 +288,8 @@ def report_skipped(progress: Progress, max_bad_steps: int, log: MetricsLogger) -
                             "the data, then re-run to resume")
 
 
-def resume(recipe: Recipe, checkpointer: Checkpointer, sampler: ConsumedSamplesSampler) -> tuple[Progress, str | None]:
+def resume(recipe: TrainModule, checkpointer: Checkpointer,
+           sampler: ConsumedSamplesSampler) -> tuple[Progress, str | None]:
     """Engine, sampler and counters from the latest resumable checkpoint, if any; returns its tag."""
     tag = checkpointer.agreed_resumable()
     if tag is None:
@@ -298,12 +299,12 @@ def resume(recipe: Recipe, checkpointer: Checkpointer, sampler: ConsumedSamplesS
     return Progress(state.step, state.tokens, state.bad_steps), tag
 
 
-def save(recipe: Recipe, checkpointer: Checkpointer, progress: Progress, sampler: ConsumedSamplesSampler) -> None:
+def save(recipe: TrainModule, checkpointer: Checkpointer, progress: Progress, sampler: ConsumedSamplesSampler) -> None:
     checkpointer.save(recipe.engine, progress.step, {"step": progress.step, "tokens": progress.tokens,
                                                     "bad_steps": progress.bad_steps, "sampler": sampler.state_dict()})
 
 
-def step_metrics(recipe: Recipe, sums: dict[str, torch.Tensor], lr: float, progress: Progress, tokens_per_s: float,
+def step_metrics(recipe: TrainModule, sums: dict[str, torch.Tensor], lr: float, progress: Progress, tokens_per_s: float,
                  peak_flops: float | None) -> dict:
     """What a logged step reports: the loss terms averaged over ranks, the loss weights of the step, LR,
     throughput, MFU, grad norm."""
@@ -324,7 +325,7 @@ def due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
-def fit(recipe: Recipe, p: Plan, checkpointer: Checkpointer, stop: StopSignal,
+def fit(recipe: TrainModule, p: Plan, checkpointer: Checkpointer, stop: StopSignal,
         changed: dict[str, tuple] | None = None) -> dict:
     """Train ``recipe`` (from recipes.build_recipe) to ``p.total_steps``; returns the last logged metrics,
     with ``finished_before``: the run had reached its last step before this launch (nothing trained).
