@@ -66,6 +66,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--with-lm", action="store_true", help="also time the student-only LM step (same process)")
+    ap.add_argument("--series", action="store_true", help="also report every timed step's seconds, by job")
     ap.add_argument("--profile-steps", type=int, default=0, help="then profile this many steps (bench/profile_bench)")
     ap.add_argument("--local_rank", type=int)
     args, overrides = ap.parse_known_args()
@@ -77,7 +78,8 @@ def main():
     rss_built = rss_mb()
     baseline = None
     if args.with_lm:
-        lm_cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method="lm"))
+        lm_cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method="lm"),
+                                     teacher=dataclasses.replace(cfg.teacher, cache=None))  # LM reads no teacher
         baseline = build_recipe(plan(lm_cfg), ds, Job.DISTILL)
     data = training_data(p)
     jobs = {"step": lambda micro: train_step(recipe, micro)}
@@ -101,6 +103,8 @@ def main():
             "teacher_local_params": recipe.frozen.local_parameters() if recipe.frozen is not None else 0,
             "bubble": 1 - stats["busy_s"] / stats["wall_s"] if stats else None,
             "tokens_per_step": cfg.tokens_per_step}
+    if args.series:
+        mine["series"] = times
     if args.profile_steps:
         mine["profile"] = profile_steps(jobs["step"], [data.next_batch() for _ in range(args.profile_steps)],
                                         distributed.device().type != "cpu")

@@ -219,12 +219,18 @@ class ConsumedSamplesSampler:
         start = self.consumed + self.dp_rank * per_rank
         return range(start, start + per_rank)
 
-    def next_batch(self) -> list[list[int]]:
-        """This rank's micro-batches (lists of sample indices) for the next global batch."""
+    def upcoming(self) -> list[list[int]]:
+        """This rank's micro-batches (lists of sample indices) of the next global batch, the counter left
+        where it is (what a read-ahead reads before the batch is dealt)."""
         idx = [self._sample_at(p) for p in self.rank_positions()]
-        self.consumed += self.global_batch
         mb = self.micro_batch
         return [idx[i: i + mb] for i in range(0, len(idx), mb)]
+
+    def next_batch(self) -> list[list[int]]:
+        """This rank's micro-batches (lists of sample indices) for the next global batch."""
+        batch = self.upcoming()
+        self.consumed += self.global_batch
+        return batch
 
     def state_dict(self) -> dict:
         """The counter (the whole state) plus, for the record, what each source has given so far."""
@@ -256,3 +262,4 @@ class MicroBatch(NamedTuple):
     labels: torch.Tensor  # (B, seq_len)
     samples: list[int]  # index of each window in the training data (a BlendedDataset index)
     teacher_view: object = None  # across tokenizers: the teacher's tokens and the chunks (crosstok.TeacherView)
+    teacher_rows: tuple | None = None  # teacher.cache: (values, ids, draws) of these windows (CacheRows.read)

@@ -1,7 +1,7 @@
 """Getting weights out: gather a ZeRO-3 module, write HF directories and filter banks.
 
 ``save_bank`` and ``save_student`` run at the end of training (live engine, all ranks take part; a
-``Recipe`` says which of them is its output);
+``TrainModule`` says which of them is its output);
 ``export_checkpoint`` rebuilds weights offline from a checkpoint's ZeRO shards (no GPU, no
 process group) with DeepSpeed's own zero_to_fp32 utilities.
 """

@@ -1,8 +1,8 @@
-"""What each command trains: the TED stages and the baselines, as (engine, frozen side, loss, outputs).
+"""What each command trains: the TED stages and the baselines, as train modules.
 
-``build_recipe`` turns a ``Plan`` (ted_ds.plan) and its job into a ``Recipe``: the DeepSpeed engine
-of the trained module, the frozen model, the loss of one micro-batch and what to save once trained.
-The trainer only ever sees a ``Recipe``.
+``build_recipe`` turns a ``Plan`` (ted_ds.plan) and its job into a ``TrainModule``: the DeepSpeed engine
+of the trained module, the frozen model, the loss of one micro-batch (a method: the forward is read
+here) and what to save once trained. The trainer only ever sees a ``TrainModule``.
 """
 
 from __future__ import annotations
@@ -32,23 +32,80 @@ from ted_ds.teacher import LOGITS_DTYPES, Draws, Teacher, teacher_side
 
 
 @dataclass
-class Recipe:
+class TrainModule:
+    """What the trainer trains, and all it knows of it (the boundary of OLMo-core's ``TrainModule``): the
+    DeepSpeed engine, the frozen side, per micro-batch the loss; once trained, what it leaves. Built by
+    ``build_recipe``; ``DistillModule`` (stage 2 and the baselines) and ``FilterModule`` (stage 1)."""
+
     name: str  # also its checkpoints/ directory
+    plan: Plan
     engine: object  # DeepSpeedEngine of the trained module
-    frozen: Teacher | None  # a teacher placement (ted_ds.teacher), or None
-    loss: Callable  # (MicroBatch, 0-based optimizer step) -> dict of terms with "loss"
-    eval_loss: Callable  # (input_ids, labels) -> scalar tensor
+    frozen: Teacher | None  # a teacher placement (ted_ds.teacher): the teacher, or stage 1's frozen model
     flops_per_token: float  # trained forward+backward + frozen forward, for MFU
     trained_model: nn.Module
     trained_filters: FilterBank | None  # what a checkpoint records for an offline export of the filters
-    save_outputs: Callable  # (out_dir) -> the path written: what the recipe leaves once trained
-    weights_at: Callable = lambda step: {}  # (0-based step) -> the loss weights scheduled at that step, to log
+
+    def loss(self, batch: MicroBatch, step: int) -> dict[str, torch.Tensor]:
+        """The terms of one micro-batch at 0-based optimizer ``step``, with "loss" (what is backpropagated)."""
+        raise NotImplementedError
+
+    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The scalar validation loss of one batch."""
+        raise NotImplementedError
+
+    def save_outputs(self, out_dir: str) -> str:
+        """Write what the module leaves once trained; the path written."""
+        raise NotImplementedError
+
+    def weights_at(self, step: int) -> dict[str, float]:
+        """The loss weights scheduled at 0-based ``step``, to log (none by default)."""
+        return {}
+
+    def checkpoint_identity(self) -> dict:
+        """What a checkpoint must match to be resumed by this module."""
+        p = self.plan
+        return {"recipe": self.name, "vocab_sha256": p.manifest["tokenizer"]["vocab_sha256"],
+                "student_layers": p.student_config.num_hidden_layers,
+                "student_hidden": p.student_config.hidden_size, "taps": [list(x) for x in p.pairs],
+                "seq_len": p.cfg.data.seq_len, "global_batch_size": p.cfg.train.global_batch_size}
 
 
-def build_distill(p: Plan, ds: dict) -> Recipe:
+@dataclass
+class DistillModule(TrainModule):
+    """Stage 2 (ted) or a baseline (lwd, kd, lm): the student (with its filters or LWD's map) against the
+    teacher's taps and logits, online, from the cache read ahead into the batch, or drawn from them."""
+
+    weights: ObjectiveWeights  # the objective's settings, α and β as configured (weights_at schedules them)
+    from_cache: bool  # teacher.cache: the logits are the batch's teacher_rows
+    draws: Draws | None  # teacher.logits_sampling: sampled, online
+    top_p: bool  # teacher.logits_top_p: each token's support read from the logits
+    cross: Callable | None  # across tokenizers: cross_tokenizer_loss's objective, else None
+
+    def weights_at(self, step: int) -> dict[str, float]:
+        return distill_weights(self.plan.cfg.distill, self.plan.total_steps, step)
+
+    def loss(self, batch: MicroBatch, step: int) -> dict[str, torch.Tensor]:
+        w = dataclasses.replace(self.weights, **self.weights_at(step))
+        if self.cross is not None:
+            return self.cross(batch, w)
+        t = teacher_side(self.frozen, batch, self.from_cache, self.draws, self.top_p)
+        logits, taps = self.engine(batch.input_ids)
+        return distill_objective(logits, taps, batch.labels, t and t.logits, t and t.taps, w, t and t.topk_index,
+                                 t and t.support, t and t.counts)
+
+    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.engine(input_ids)
+        return lm_loss(logits, labels)
+
+    def save_outputs(self, out_dir: str) -> str:
+        cfg = self.plan.cfg
+        tokenizer_dir = os.path.join(cfg.data.blend[0].path, "tokenizer")
+        return save_student(self.trained_model, self.plan.student_config, tokenizer_dir, out_dir, cfg.data.seq_len)
+
+
+def build_distill(p: Plan, ds: dict) -> DistillModule:
     """Stage 2 (ted), or a baseline (lwd, kd, lm), by ``distill.method``."""
     cfg = p.cfg
-    method = cfg.distill.method
     trained, teacher_filters = distill_modules(p, dtype=compute_dtype(ds), zero_config=ds)
     if cfg.student.activation_checkpointing:
         trained.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -63,42 +120,15 @@ def build_distill(p: Plan, ds: dict) -> Recipe:
                               teacher_vocab)
         flops += flops_per_token(matmul_parameters(meta_model(p.teacher_config)), p.teacher_config,
                                   cfg.data.seq_len, False)
-    cache = draws = None
-    if cfg.logits_from_cache:
-        from ted_ds.cache.format import CacheRows, source_key
-
-        cache = CacheRows(cfg.teacher.cache, p.cache, [source_key(s.path)[0] for s in cfg.data.blend],
-                          cfg.teacher.logits_topk, tail=cfg.tail_temperature is not None)
-    elif cfg.uses_logits and cfg.teacher.logits_sampling == "sampled":
+    draws = None
+    if cfg.uses_logits and not cfg.logits_from_cache and cfg.teacher.logits_sampling == "sampled":
         draws = online_draws(cfg)
-    top_p = cfg.teacher.logits_top_p is not None
     d = cfg.distill
     weights = ObjectiveWeights(d.alpha, d.beta, d.temperature, d.layer_loss, p.manifest["vocab_size"], d.divergence,
                                d.divergence_mix, cfg.teacher.logits_topk_form)
-    weights_at = functools.partial(distill_weights, d, p.total_steps)
-    objective = same_tokenizer_loss(frozen, cache, engine, draws, top_p) if p.cross is None else \
-        cross_tokenizer_loss(frozen, engine, p.cross.shared)
-    loss = lambda batch, step: objective(batch, dataclasses.replace(weights, **weights_at(step)))
-
-    def eval_loss(input_ids, labels):
-        logits, _ = engine(input_ids)
-        return lm_loss(logits, labels)
-
-    tokenizer_dir = os.path.join(cfg.data.blend[0].path, "tokenizer")
-    save = lambda out_dir: save_student(trained, p.student_config, tokenizer_dir, out_dir, cfg.data.seq_len)
-    return Recipe(recipe_name(method, Job.DISTILL), engine, frozen, loss, eval_loss, flops, trained, trained.filters,
-                  save, weights_at)
-
-
-def same_tokenizer_loss(frozen: Teacher | None, cache, engine, draws, top_p: bool) -> Callable:
-    """(MicroBatch, the step's ObjectiveWeights) -> terms: the teacher (or its cache) reads the student's ids."""
-    def loss(batch: MicroBatch, w: ObjectiveWeights):
-        t = teacher_side(frozen, cache, batch, draws, top_p)
-        logits, taps = engine(batch.input_ids)
-        return distill_objective(logits, taps, batch.labels, t and t.logits, t and t.taps, w, t and t.topk_index,
-                                 t and t.support, t and t.counts)
-
-    return loss
+    cross = None if p.cross is None else cross_tokenizer_loss(frozen, engine, p.cross.shared)
+    return DistillModule(recipe_name(d.method, Job.DISTILL), p, engine, frozen, flops, trained, trained.filters,
+                         weights, cfg.logits_from_cache, draws, cfg.teacher.logits_top_p is not None, cross)
 
 
 def cross_tokenizer_loss(frozen: Teacher, engine, shared: tuple | None) -> Callable:
@@ -127,9 +157,35 @@ def online_draws(cfg) -> Draws:
                  tuple(source_key(s.path)[0] for s in sources), source_offsets(sizes))
 
 
-def build_filter_learning(p: Plan, ds: dict, job: Job) -> Recipe:
-    """Stage 1: filters on the frozen model of ``job`` learn to predict the next token at every tap,
-    through the teacher's frozen head or through a head of their own (``distill.filter_head``)."""
+@dataclass
+class FilterModule(TrainModule):
+    """Stage 1: filters on a frozen model (``frozen``: the teacher, or the student) learn to predict the next
+    token at every tap, through the teacher's frozen head or through heads of their own (``trainable``)."""
+
+    layers: list[int]  # the frozen model's tapped layers
+    head: TaskHead
+    trainable: bool  # distill.filter_head: trainable (the engine holds the filters and their heads)
+    bank_out: str  # where the learnt bank is saved
+
+    def terms(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        taps, labels = [h.to(self.engine.device) for h in self.frozen(input_ids).taps], labels.to(self.engine.device)
+        per_tap = self.engine(taps, labels) if self.trainable else tap_lm_losses(self.head, self.engine(taps), labels)
+        out = {f"tap_lm/L{layer}": v for layer, v in zip(self.layers, per_tap)}
+        out["loss"] = torch.stack(per_tap).mean()
+        return out
+
+    def loss(self, batch: MicroBatch, step: int) -> dict[str, torch.Tensor]:
+        return self.terms(batch.input_ids, batch.labels)
+
+    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.terms(input_ids, labels)["loss"]
+
+    def save_outputs(self, out_dir: str) -> str:
+        return save_bank(self.trained_filters, self.bank_out or os.path.join(out_dir, self.name))
+
+
+def build_filter_learning(p: Plan, ds: dict, job: Job) -> FilterModule:
+    """Stage 1 of ``job``: the filters of its model (``FilterModule``)."""
     cfg, which = p.cfg, job.filters_of
     if which == "teacher":
         layers, conf, load = p.teacher_layers, p.teacher_config, functools.partial(load_teacher, cfg)
@@ -149,21 +205,11 @@ def build_filter_learning(p: Plan, ds: dict, job: Job) -> Recipe:
     head_mm = hidden_size(p.teacher_config) * vocab_size(p.teacher_config)
     flops = (flops_per_token(matmul_parameters(meta_model(conf)), conf, cfg.data.seq_len, False)
              + 6 * n_filter + (8 if trainable else 4) * head_mm * len(layers))  # head: forward + backward(s)
-
-    def terms(input_ids, labels):
-        taps, labels = [h.to(engine.device) for h in frozen(input_ids).taps], labels.to(engine.device)
-        per_tap = engine(taps, labels) if trainable else tap_lm_losses(head, engine(taps), labels)
-        out = {f"tap_lm/L{layer}": v for layer, v in zip(layers, per_tap)}
-        out["loss"] = torch.stack(per_tap).mean()
-        return out
-
-    loss = lambda batch, step: terms(batch.input_ids, batch.labels)
-    eval_loss = lambda input_ids, labels: terms(input_ids, labels)["loss"]
-    save = lambda out_dir: save_bank(bank, cfg.distill.filters_out or os.path.join(out_dir, job.value))
-    return Recipe(recipe_name(cfg.distill.method, job), engine, frozen, loss, eval_loss, flops, bank, bank, save)
+    return FilterModule(recipe_name(cfg.distill.method, job), p, engine, frozen, flops, bank, bank, layers, head,
+                        trainable, cfg.distill.filters_out)
 
 
-def build_recipe(p: Plan, ds: dict, job: Job) -> Recipe:
+def build_recipe(p: Plan, ds: dict, job: Job) -> TrainModule:
     """The recipe of ``job``, in training mode."""
     recipe = build_distill(p, ds) if job is Job.DISTILL else build_filter_learning(p, ds, job)
     recipe.engine.train()  # dropout on from the first step (from_pretrained hands models over in eval mode)

@@ -20,7 +20,7 @@ from ted_ds.config import RunConfig, save_config, to_dict
 from ted_ds.engine import resolve_ds_config
 from ted_ds.launch import check_world
 from ted_ds.plan import Job, Plan, plan, recipe_name
-from ted_ds.recipes import Recipe, build_recipe
+from ted_ds.recipes import TrainModule, build_recipe
 from ted_ds.trainer import StopSignal, fit
 
 
@@ -63,18 +63,14 @@ def start_group(p: Plan) -> None:
     seed_everything(p.cfg.train.seed)
 
 
-def checkpointer(recipe: Recipe, p: Plan) -> Checkpointer:
+def checkpointer(recipe: TrainModule, p: Plan) -> Checkpointer:
     """The recipe's checkpoints: what must match on resume (identity) and what an offline export needs."""
     cfg = p.cfg
-    identity = {"recipe": recipe.name, "vocab_sha256": p.manifest["tokenizer"]["vocab_sha256"],
-                "student_layers": p.student_config.num_hidden_layers,
-                "student_hidden": p.student_config.hidden_size, "taps": [list(x) for x in p.pairs],
-                "seq_len": cfg.data.seq_len, "global_batch_size": cfg.train.global_batch_size}
     bank = recipe.trained_filters
     run_info = {"config": to_dict(cfg), "student_config": p.student_config.to_dict(),
                 "filters": bank.meta() if bank is not None else None,
                 "tokenizer": os.path.abspath(os.path.join(cfg.data.blend[0].path, "tokenizer"))}
-    return Checkpointer(checkpoint_dir(cfg, recipe.name), cfg.train.keep_last, identity, run_info)
+    return Checkpointer(checkpoint_dir(cfg, recipe.name), cfg.train.keep_last, recipe.checkpoint_identity(), run_info)
 
 
 def checkpoint_dir(cfg: RunConfig, recipe: str) -> str:
@@ -96,7 +92,7 @@ def record_config(cfg: RunConfig, recipe: str) -> None:
     save_config(cfg, os.path.join(cfg.train.out_dir, f"config-{recipe}.yaml"))
 
 
-def run_recipe(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[Recipe, Plan, dict]:
+def run_recipe(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[TrainModule, Plan, dict]:
     """A whole command of ``job``; returns the recipe, its plan and the last metrics (with ``output``,
     the path the recipe saved, unless a signal stopped the run first)."""
     stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step

@@ -169,15 +169,15 @@ def distinct_counts(drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, counts
 
 
-def teacher_side(frozen: Teacher | None, cache, batch, draws: Draws | None = None,
+def teacher_side(frozen: Teacher | None, batch, from_cache: bool = False, draws: Draws | None = None,
                  top_p: bool = False) -> TeacherOutput | None:
     """The teacher's outputs for a micro-batch (``ted_ds.data.MicroBatch``): taps (and logits) from the running
-    teacher; the logits from the cache (``CacheRows``) when the run has one, found by the batch's sample
-    indices, or drawn from the teacher's (``draws``); with ``top_p`` each token's support, read from the
-    logits."""
+    teacher; the logits from the cache when the run has one (``from_cache``: the batch's ``teacher_rows``,
+    read ahead by the data path), or drawn from the teacher's (``draws``); with ``top_p`` each token's
+    support, read from the logits."""
     t = frozen(batch.input_ids) if frozen is not None else None
-    if cache is not None:
-        values, index, counts = (x if x is None else x.to(batch.input_ids.device) for x in cache.read(batch.samples))
+    if from_cache:
+        values, index, counts = batch.teacher_rows
         t = TeacherOutput(t and t.taps, values, index, counts)
     elif draws is not None and t is not None and t.logits is not None:
         t = TeacherOutput(t.taps, *draws(t.logits, batch.samples))

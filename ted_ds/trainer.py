@@ -1,6 +1,6 @@
 """The training loop shared by every recipe: sample, forward/backward, step, log, evaluate, save.
 
-The loop knows nothing of TED: a ``Recipe`` (ted_ds.recipes) gives it the engine and the loss of
+The loop knows nothing of TED: a ``TrainModule`` (ted_ds.recipes) gives it the engine and the loss of
 one micro-batch.  Resume is automatic from ``<out_dir>/checkpoints/latest``; SIGTERM/SIGUSR1
 (SLURM's warnings before preemption or the time limit) make every rank save and exit cleanly.
 ``training_data`` and ``train_step`` are the run's own data and step; the benchmarks
@@ -23,6 +23,7 @@ import torch
 from torch.autograd.profiler import record_function
 
 from ted_ds import distributed
+from ted_ds.cache.ahead import RowsAhead
 from ted_ds.checkpoint import Checkpointer
 from ted_ds.crosstok import CrossTokenizer
 from ted_ds.data import (
@@ -38,7 +39,7 @@ from ted_ds.errors import TrainingError
 from ted_ds.evaluate import bits_per_byte, window_bytes
 from ted_ds.metrics import MetricsLogger, device_peak_flops
 from ted_ds.plan import Plan
-from ted_ds.recipes import Recipe
+from ted_ds.recipes import TrainModule
 
 # A launcher a rank may run under: the name of its script or module in the launcher's command line.
 LAUNCHERS = frozenset({"deepspeed", "torchrun", "deepspeed.launcher.launch", "torch.distributed.run",
@@ -119,7 +120,7 @@ class StopSignal:
 
 
 @torch.no_grad()
-def evaluate(recipe: Recipe, valid: PackedShardDataset, samples: int, micro_batch: int,
+def evaluate(recipe: TrainModule, valid: PackedShardDataset, samples: int, micro_batch: int,
              window_bytes: Callable[[int], int] | None = None) -> tuple[float, float | None]:
     """Mean eval loss per token over the first ``samples`` validation windows, split evenly over ranks
     (every rank runs the same number of forwards, as ZeRO-3 needs), and their bits per byte (None without
@@ -141,7 +142,7 @@ def evaluate(recipe: Recipe, valid: PackedShardDataset, samples: int, micro_batc
     return nll / tokens, (bits_per_byte(nll, nbytes) if window_bytes is not None else None)
 
 
-def evaluate_sources(recipe: Recipe, valid: dict[str, PackedShardDataset], weights: dict[str, float], samples: int,
+def evaluate_sources(recipe: TrainModule, valid: dict[str, PackedShardDataset], weights: dict[str, float], samples: int,
                      micro_batch: int, per_source: bool,
                      window_bytes: dict[str, Callable[[int], int]] | None = None) -> dict[str, float]:
     """The eval scores (``eval_scores``) of the sources' validation splits."""
@@ -199,7 +200,7 @@ def backward_and_step(engine, loss: torch.Tensor, finite: torch.Tensor, boundary
     return skip
 
 
-def train_step(recipe: Recipe, batches: list[MicroBatch], step: int = 0,
+def train_step(recipe: TrainModule, batches: list[MicroBatch], step: int = 0,
                nan_steps: list[int] | None = None) -> tuple[dict[str, torch.Tensor], bool]:
     """One optimizer step (number ``step``) over this rank's micro-batches of one global batch.  Returns
     the loss terms averaged over the micro-batches (still on the device: no sync) and whether the step was
@@ -228,19 +229,24 @@ class TrainData:
     sampler: ConsumedSamplesSampler
     cross: CrossTokenizer | None = None  # distill.cross_tokenizer: each micro-batch's teacher view
     valid_bytes: dict[str, Callable[[int], int]] = field(default_factory=dict)  # source → window → its bytes
+    cache: RowsAhead | None = None  # teacher.cache: the teacher's rows of each micro-batch, read ahead
 
     def next_batch(self) -> list[MicroBatch]:
         """This rank's micro-batches of the next global batch, on the device, with their sample indices (and
-        the teacher's view across tokenizers).  A damaged window on any rank stops every rank with its line
-        (raise_on_every_rank)."""
+        the teacher's view across tokenizers, or its cached rows).  A damaged window on any rank stops every
+        rank with its line (raise_on_every_rank)."""
+        micro = self.sampler.next_batch()
         try:
-            windows, damage = [(collate(self.train, indices), indices) for indices in self.sampler.next_batch()], None
+            windows, damage = [collate(self.train, indices) for indices in micro], None
         except DamagedWindow as e:
             windows, damage = [], str(e)
         raise_on_every_rank(damage)
         device = distributed.device()
         view = lambda pair: None if self.cross is None else self.cross.batch(*pair).to(device)
-        return [MicroBatch(*(t.to(device) for t in pair), indices, view(pair)) for pair, indices in windows]
+        rows = [None] * len(micro) if self.cache is None else [
+            tuple(x if x is None else x.to(device) for x in r) for r in self.cache.take(micro, self.sampler.upcoming())]
+        return [MicroBatch(*(t.to(device) for t in pair), indices, view(pair), r)
+                for pair, indices, r in zip(windows, micro, rows)]
 
 
 def raise_on_every_rank(problem: str | None) -> None:
@@ -261,7 +267,7 @@ def training_data(p: Plan) -> TrainData:
     blend = Blend(tuple(s.name for s in sources), tuple(len(d) for d in train.parts), tuple(s.weight for s in sources))
     sampler = ConsumedSamplesSampler(blend, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                      distributed.rank(), distributed.world_size(), cfg.train.seed)
-    return TrainData(train, valid, blend, sampler, p.cross, valid_window_bytes(sources, valid))
+    return TrainData(train, valid, blend, sampler, p.cross, valid_window_bytes(sources, valid), cached_rows(p))
 
 
 def valid_window_bytes(sources, valid: dict[str, PackedShardDataset]) -> dict[str, Callable[[int], int]]:
@@ -272,6 +278,17 @@ def valid_window_bytes(sources, valid: dict[str, PackedShardDataset]) -> dict[st
     dirs = {s.name: os.path.join(s.path, "tokenizer") for s in sources}
     return {name: window_bytes(data, load_tokenizer(dirs[name])) for name, data in valid.items()
             if os.path.isdir(dirs[name])}
+
+
+def cached_rows(p: Plan) -> RowsAhead | None:
+    """The teacher cache's rows of the run's training samples (``teacher.cache``), read ahead; None without."""
+    cfg = p.cfg
+    if not cfg.logits_from_cache:
+        return None
+    from ted_ds.cache.format import CacheRows, source_key
+
+    return RowsAhead(CacheRows(cfg.teacher.cache, p.cache, [source_key(s.path)[0] for s in cfg.data.blend],
+                               cfg.teacher.logits_topk, tail=cfg.tail_temperature is not None))
 
 
 @dataclass
@@ -300,7 +317,8 @@ def report_skipped(progress: Progress, max_bad_steps: int, log: MetricsLogger) -
                             "the data, then re-run to resume")
 
 
-def resume(recipe: Recipe, checkpointer: Checkpointer, sampler: ConsumedSamplesSampler) -> tuple[Progress, str | None]:
+def resume(recipe: TrainModule, checkpointer: Checkpointer,
+           sampler: ConsumedSamplesSampler) -> tuple[Progress, str | None]:
     """Engine, sampler and counters from the latest resumable checkpoint, if any; returns its tag."""
     tag = checkpointer.agreed_resumable()
     if tag is None:
@@ -310,12 +328,12 @@ def resume(recipe: Recipe, checkpointer: Checkpointer, sampler: ConsumedSamplesS
     return Progress(state.step, state.tokens, state.bad_steps), tag
 
 
-def save(recipe: Recipe, checkpointer: Checkpointer, progress: Progress, sampler: ConsumedSamplesSampler) -> None:
+def save(recipe: TrainModule, checkpointer: Checkpointer, progress: Progress, sampler: ConsumedSamplesSampler) -> None:
     checkpointer.save(recipe.engine, progress.step, {"step": progress.step, "tokens": progress.tokens,
                                                     "bad_steps": progress.bad_steps, "sampler": sampler.state_dict()})
 
 
-def step_metrics(recipe: Recipe, sums: dict[str, torch.Tensor], lr: float, progress: Progress, tokens_per_s: float,
+def step_metrics(recipe: TrainModule, sums: dict[str, torch.Tensor], lr: float, progress: Progress, tokens_per_s: float,
                  peak_flops: float | None) -> dict:
     """What a logged step reports: the loss terms averaged over ranks, the loss weights of the step, LR,
     throughput, MFU, grad norm."""
@@ -336,7 +354,7 @@ def due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
-def fit(recipe: Recipe, p: Plan, checkpointer: Checkpointer, stop: StopSignal,
+def fit(recipe: TrainModule, p: Plan, checkpointer: Checkpointer, stop: StopSignal,
         changed: dict[str, tuple] | None = None) -> dict:
     """Train ``recipe`` (from recipes.build_recipe) to ``p.total_steps``; returns the last logged metrics,
     with ``finished_before``: the run had reached its last step before this launch (nothing trained).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import zstandard
 
 from data_prep.errors import UserError
 from harness.tiny import base_config, write_config
+from ted_ds.cache.ahead import RowsAhead
 from ted_ds.cache.format import (
     Block,
     CacheRows,
@@ -193,6 +195,29 @@ def test_rows_are_found_by_the_samplers_index_across_sources(tmp_path):
     assert ids[:, 0, 0].tolist() == [0, 5, 0, 9]
 
 
+class ThreadsSeen(CacheRows):
+    """CacheRows that records, per read, the samples and the thread that read them."""
+
+    def read(self, samples):
+        self.seen = getattr(self, "seen", []) + [(samples, threading.current_thread().name)]
+        return super().read(samples)
+
+
+def test_the_next_batchs_rows_are_read_ahead_on_the_data_thread(tmp_path):
+    manifest = _fake_cache(str(tmp_path), {"aaa": 10, "bbb": 6})
+    rows = ThreadsSeen(str(tmp_path), manifest, ["aaa", "bbb"], k=2, tail=False)
+    ahead = RowsAhead(rows)
+    first = ahead.take([[1, 12], [3]], [[4], [15]])
+    assert [r[0][:, 0, 0].tolist() for r in first] == [[1.0, 102.0], [3.0]]  # source bbb's window 2: 100 + 2
+    ahead.ahead[1].result()  # the following batch is read while the step (here: nothing) runs
+    assert rows.seen[-2:] == [([4], "teacher-rows_0"), ([15], "teacher-rows_0")]
+    second = ahead.take([[4], [15]], [[0], [1]])
+    assert [r[0][:, 0, 0].tolist() for r in second] == [[4.0], [105.0]]
+    assert all(thread == "teacher-rows_0" for _, thread in rows.seen) and [4] not in [s for s, _ in rows.seen[4:]]
+    moved = ahead.take([[9]], [[0]])  # not the batch read ahead (a resume moved the sampler): read now
+    assert moved[0][0][:, 0, 0].tolist() == [9.0]
+
+
 def test_a_damaged_block_is_refused(tmp_path):
     _fake_cache(str(tmp_path), {"aaa": 4})
     path = os.path.join(tmp_path, block_name("aaa", "train", 0))
@@ -305,10 +330,11 @@ def test_cached_top_p_and_sampled_rows_are_the_online_teachers(tmp_path, cut):
                 "sources": {key: {"splits": {"train": {"windows": len(rows)}}} for key, rows in sources.items()}}
     cache = CacheRows(str(tmp_path), manifest, list(sources), k, tail=not sampled)
     samples = [5, 0, 3]
-    batch = MicroBatch(windows[samples, :-1], windows[samples, 1:], samples)
+    read_ahead = RowsAhead(cache).take([samples], [[1]])[0]  # as the data path reads them (TrainData.next_batch)
+    batch = MicroBatch(windows[samples, :-1], windows[samples, 1:], samples, None, read_ahead)
     draws = Draws(seed, 16, 2.0, torch.float16, tuple(sources), (0, 4, 6)) if sampled else None
-    online = teacher_side(frozen, None, batch, draws, top_p=not sampled)
-    cached = teacher_side(None, cache, batch, top_p=not sampled)
+    online = teacher_side(frozen, batch, False, draws, top_p=not sampled)
+    cached = teacher_side(None, batch, True, top_p=not sampled)
     assert torch.equal(online.logits, cached.logits) and torch.equal(online.topk_index, cached.topk_index)
     if sampled:
         assert torch.equal(online.counts, cached.counts) and (online.counts.sum(-1) == 16).all()

@@ -83,7 +83,8 @@ def test_sampler_disjoint_covering_resumable_and_rank_count_free(n, mb, ranks, a
         a.next_batch()
     b = ConsumedSamplesSampler(n, gb, mb, 0, ranks, seed)
     b.load_state_dict(a.state_dict())
-    assert a.next_batch() == b.next_batch()
+    ahead = b.upcoming()  # what a read-ahead reads (RowsAhead): the next batch, the counter left where it is
+    assert ahead == b.upcoming() == a.next_batch() == b.next_batch()
 
 
 def test_sampler_rejects_inconsistent_batch_and_state():
