@@ -104,19 +104,23 @@ class StopSignal:
     """Remembers that SIGTERM/SIGUSR1 arrived (or the launcher died: stop_when_launcher_dies); the loop saves
     and exits at the next step boundary."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self):
         self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handler)
         stop_when_launcher_dies()
 
     def _handler(self, signum, _frame):
         self.received = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
-        """True on every rank if any rank got a signal (one collective)."""
-        flag = torch.tensor([1.0 if self.received else 0.0], device=distributed.device())
-        return bool(distributed.all_reduce_sum(flag).item() > 0)
+    def agreed(self) -> str | None:
+        """The signal any rank got, the same on every rank (one collective), or None: rank 0 names the
+        signal even when only a peer got it (the launcher's SIGTERM reaches the ranks one by one)."""
+        got = torch.tensor([float(self.received == s.name) for s in self.SIGNALS], device=distributed.device())
+        counts = distributed.all_reduce_sum(got).tolist()
+        return next((s.name for s, n in zip(self.SIGNALS, counts) if n > 0), None)
 
 
 @torch.no_grad()
@@ -405,7 +409,7 @@ def fit(recipe: TrainModule, p: Plan, checkpointer: Checkpointer, stop: StopSign
             save(recipe, checkpointer, progress, data.sampler)
             stopping = stopping or stop.agreed()  # a signal during the save: this checkpoint is the last
         if stopping:
-            log.message(f"ted-ds: {stop.received or 'a peer signal'} received; saved step {progress.step} and exiting "
+            log.message(f"ted-ds: {stopping} received; saved step {progress.step} and exiting "
                         "(re-run the same command to resume)")
             break
     log.close()
