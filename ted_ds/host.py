@@ -8,11 +8,16 @@ cluster of mixed nodes) then dies with an illegal instruction; one built against
 Python (two environments sharing the cache path) fails to load or crashes, and two environments of the
 same versions rebuild it in turn at each start (its include paths differ). Keying the cache directory
 by the CPU, those versions and DeepSpeed's location makes each build its own copy instead.
+
+Every op load also asks py-cpuinfo for the CPU's architecture and SIMD width (twice per op, in every
+process), and py-cpuinfo answers from a fresh Python interpreter each time, ~1 s apiece: 2–5 s of every
+rank's start.  The answer is the CPU's, so it is kept beside the ops in the CPU-keyed directory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import sys
@@ -73,5 +78,33 @@ def keyed_extensions_dir(current: str | None, key: str) -> str:
 
 
 def use_cpu_keyed_extensions() -> None:
-    """Point this process (and what it starts) at the op cache of this CPU; before any op is built."""
+    """Point this process (and what it starts) at the op cache of this CPU, and py-cpuinfo's answers at the
+    copy kept there; before any op is built."""
     os.environ["TORCH_EXTENSIONS_DIR"] = keyed_extensions_dir(os.environ.get("TORCH_EXTENSIONS_DIR"), this_cpu_key())
+    remember_cpu_info(os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "cpuinfo.json"))
+
+
+def remember_cpu_info(path: str) -> None:
+    """``cpuinfo.get_cpu_info`` (what DeepSpeed's op builders call) reads ``path``, asking py-cpuinfo and
+    writing it there the first time."""
+    try:
+        import cpuinfo
+    except ImportError:  # DeepSpeed then asks lscpu
+        return
+    ask = getattr(cpuinfo.get_cpu_info, "asks", cpuinfo.get_cpu_info)
+
+    def get_cpu_info() -> dict:
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            pass
+        info = ask()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.{os.getpid()}", "w") as f:
+            json.dump(info, f)
+        os.replace(f"{path}.{os.getpid()}", path)  # whole or absent for a process reading it meanwhile
+        return info
+
+    get_cpu_info.asks = ask
+    cpuinfo.get_cpu_info = get_cpu_info

@@ -59,3 +59,23 @@ def test_the_key_follows_the_python_torch_and_cuda_that_build_the_ops():
                             f"cuda {torch.version.cuda} deepspeed {deepspeed}")
     assert cpu_key(AMD, this_build()) != cpu_key(AMD, this_build().replace(deepspeed, "/other/venv/deepspeed"))
     assert this_cpu_key() == cpu_key(open("/proc/cpuinfo").read(), this_build())
+
+
+def test_py_cpuinfo_is_asked_once_per_cpu_and_read_back_after(tmp_path, monkeypatch):
+    """DeepSpeed's op builders call cpuinfo.get_cpu_info twice per op load, each a fresh interpreter (~1 s);
+    after remember_cpu_info the first answer is kept in the op cache and every later call reads it."""
+    import json
+
+    import cpuinfo
+
+    from ted_ds.host import remember_cpu_info
+
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", cpuinfo.get_cpu_info)  # restored after the test
+    kept = tmp_path / "cpu-key" / "cpuinfo.json"
+    remember_cpu_info(str(kept))
+    asked = cpuinfo.get_cpu_info()
+    assert json.loads(kept.read_text()) == asked and asked["flags"]
+    kept.write_text(json.dumps({**asked, "flags": ["written-here"]}))
+    remember_cpu_info(str(kept))  # a second call wraps py-cpuinfo's own function, not the first wrapper
+    assert cpuinfo.get_cpu_info()["flags"] == ["written-here"]
+    assert cpuinfo.get_cpu_info.asks.__module__ == "cpuinfo.cpuinfo"
