@@ -65,6 +65,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import forked  # noqa: E402
 from bench.common import REPO, corpus_path, machine, run  # noqa: E402
 from bench.repro_runs import llama_config, metrics, write_yaml  # noqa: E402
 from bench.repro_study import interval  # noqa: E402
@@ -133,8 +134,8 @@ def train(config: str, out_dir: str, overrides: list[str], threads: int) -> None
     """One single-process run (resumable: a finished run leaves DONE and is not run again)."""
     if os.path.isfile(os.path.join(out_dir, "DONE")):
         return
-    run([sys.executable, "-m", "ted_ds", "distill", "--config", config, *overrides, f"train.out_dir={out_dir}"],
-        env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads)}, timeout=7200)
+    forked.ted_ds(["distill", "--config", config, *overrides, f"train.out_dir={out_dir}"],
+                  {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads)}, timeout=7200)
     open(os.path.join(out_dir, "DONE"), "w").close()
 
 

@@ -10,6 +10,7 @@ import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from bench import forked
 from bench.common import REPO, corpus_path, run
 from bench.repro_study import ARMS, SPLITS, aligned_blocks
 from ted_ds.launch import local_deepspeed_command as deepspeed
@@ -85,8 +86,8 @@ def write_yaml(cfg: dict, path: str) -> str:
 
 class Launcher:
     """Runs training commands, ``jobs`` at a time, each with ``ranks`` processes sharing the cores; one rank
-    runs as a plain process (world size 1 needs no launcher: the same bits, without the launcher's two
-    interpreters and its shared-memory communicator per run)."""
+    runs as a fork of a warm interpreter (bench.forked: world size 1 needs no launcher; the same bits,
+    without the launcher's two interpreters, its shared-memory communicator and the imports per run)."""
 
     def __init__(self, config: str, ranks: int, jobs: int):
         self.config, self.ranks, self.jobs = config, ranks, jobs
@@ -97,9 +98,12 @@ class Launcher:
             return
         shutil.rmtree(out_dir, ignore_errors=True)
         threads = max(1, (os.cpu_count() or 1) // (self.ranks * jobs))
-        ted_ds = ["--module", "ted_ds", *command, "--config", self.config, *overrides]
-        run([sys.executable, "-m", *ted_ds[1:]] if self.ranks == 1 else deepspeed(self.ranks, *ted_ds),
-            env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads)}, timeout=7200)
+        env, argv = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads)}, [*command, "--config", self.config,
+                                                                                 *overrides]
+        if self.ranks == 1:
+            forked.ted_ds(argv, env, timeout=7200)
+        else:
+            run(deepspeed(self.ranks, "--module", "ted_ds", *argv), env=env, timeout=7200)
         open(os.path.join(out_dir, "DONE"), "w").close()
 
     def many(self, runs: list[tuple[list[str], list[str]]]) -> None:
