@@ -18,7 +18,7 @@ from data_prep.errors import UserError
 from harness.tiny import base_config, write_config
 from ted_ds.cache.ahead import RowsAhead
 from ted_ds.cache.format import (
-    Block,
+    BlockFile,
     CacheRows,
     block_name,
     decode_variable,
@@ -224,11 +224,11 @@ def test_a_damaged_block_is_refused(tmp_path):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 1)
     with pytest.raises(UserError, match="its index says"):
-        Block(path)
+        BlockFile(path)
     with open(path, "r+b") as f:
         f.write(b"NOTACACH")
     with pytest.raises(UserError, match="not a teacher cache block"):
-        Block(path)
+        BlockFile(path)
 
 
 @pytest.mark.parametrize("over,says", [

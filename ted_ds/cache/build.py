@@ -55,7 +55,7 @@ MAX_ENTRIES = 0xFFFF  # a token's kept entries and an id's draws are stored as u
 
 
 @dataclass(frozen=True)
-class Block:
+class BlockPlan:
     """Windows ``[start, stop)`` of one split of one source: one file of the cache."""
 
     name: str
@@ -97,7 +97,7 @@ def plan_cache(cfg: RunConfig, out: str, block_windows: int):
             windows = PackedShardDataset(src.path, split, cfg.data.seq_len) if has_window else None
             n = len(windows) if windows is not None else 0
             splits[split] = {"windows": n, "blocks": math.ceil(n / block_windows)}
-            blocks += [Block(block_name(key, split, b), windows, b * block_windows, min(n, (b + 1) * block_windows),
+            blocks += [BlockPlan(block_name(key, split, b), windows, b * block_windows, min(n, (b + 1) * block_windows),
                              key, split) for b in range(splits[split]["blocks"])]
         sources[key] = {"name": src.name, "path": src.path, "manifest_sha256": digest, "splits": splits}
     spec = {**identity(cfg, p.cfg.teacher.path, p.manifest, t.logits_topk), "sources": sources,
@@ -124,7 +124,7 @@ def _check_out(out: str, spec: dict) -> None:
         raise UserError(f"--out {out} is a non-empty directory that holds no teacher cache")
 
 
-def teacher_rows(teacher, block: Block | None, batch: int, calls: int, spec: dict) -> list[bytes]:
+def teacher_rows(teacher, block: BlockPlan | None, batch: int, calls: int, spec: dict) -> list[bytes]:
     """The frames of a block's windows, from ``calls`` teacher calls of exactly ``batch`` windows each (short
     ones padded with a repeated window; block None: this rank has none this round but joins every call)."""
     windows = range(block.start, block.stop) if block is not None else range(0)

@@ -206,7 +206,7 @@ def write_block(path: str, frames: list[bytes]) -> None:
             f.write(frame)
 
 
-class Block:
+class BlockFile:
     """A block file, memory-mapped: its frames by window."""
 
     def __init__(self, path: str):
@@ -273,7 +273,7 @@ class CacheRows:
         sizes = [manifest["sources"][key]["splits"][split]["windows"] for key in keys]
         self.starts = np.cumsum([0, *sizes])
         self.dtype = VALUE_DTYPES[manifest["value_dtype"]]
-        self.blocks: dict[str, Block] = {}
+        self.blocks: dict[str, BlockFile] = {}
 
     def window(self, key: str, j: int) -> tuple:
         """(values (L, K [+ 1]) uint16 bits, ids (L, K), entries kept per row (L,) or None, draws (L, K) or
@@ -282,7 +282,7 @@ class CacheRows:
         block, w = divmod(j, m["block_windows"])
         name = block_name(key, self.split, block)
         if name not in self.blocks:
-            self.blocks[name] = Block(os.path.join(self.dir, name))
+            self.blocks[name] = BlockFile(os.path.join(self.dir, name))
         frame = self.blocks[name].frame(w)
         if m.get("format") == VARIABLE_FORMAT:
             return decode_variable(frame, m["seq_len"], m["k"], m["id_bits"], has_tail(m), m.get("samples") is not None)
