@@ -15,7 +15,7 @@ import torch
 
 from ted_ds import distributed
 from ted_ds.capacity import check_fits
-from ted_ds.checkpoint import Checkpointer, TrainerState, owned_config_changes, saved_state
+from ted_ds.checkpoint import Checkpointer, CheckpointRecord, owned_config_changes, saved_record
 from ted_ds.config import RunConfig, save_config, to_dict
 from ted_ds.engine import resolve_ds_config
 from ted_ds.launch import check_world
@@ -77,12 +77,12 @@ def checkpoint_dir(cfg: RunConfig, recipe: str) -> str:
     return os.path.join(cfg.train.out_dir, "checkpoints", recipe)
 
 
-def owned_config(cfg: RunConfig, job: Job) -> tuple[TrainerState | None, dict[str, tuple]]:
-    """Before the process group: the state of the job's checkpoint this launch would resume (None: it starts
+def owned_config(cfg: RunConfig, job: Job) -> tuple[CheckpointRecord | None, dict[str, tuple]]:
+    """Before the process group: the record of the job's checkpoint this launch would resume (None: it starts
     afresh) and the safe config changes it makes (``checkpoint.owned_config_changes`` refuses the others)."""
     ckpt_dir = checkpoint_dir(cfg, recipe_name(cfg.distill.method, job))
-    state = saved_state(ckpt_dir)
-    return state, owned_config_changes(state, cfg, ckpt_dir) if state is not None else {}
+    record = saved_record(ckpt_dir)
+    return record, owned_config_changes(record, cfg, ckpt_dir) if record is not None else {}
 
 
 def record_config(cfg: RunConfig, recipe: str) -> None:

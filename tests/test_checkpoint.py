@@ -83,7 +83,8 @@ def _save_with_a_stale_listing(rank: int, port: int, ckpt_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from ted_ds.checkpoint import Checkpointer
+    from ted_ds.checkpoint import Checkpointer, TrainerState
+    from ted_ds.data import ConsumedSamplesSampler
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
@@ -92,7 +93,7 @@ def _save_with_a_stale_listing(rank: int, port: int, ckpt_dir: str) -> None:
         os.listdir = lambda path=".": [n for n in listdir(path) if "rank_1" not in n and "rank1" not in n]
         os.walk = lambda top, **kw: ((d, sub, [n for n in files if "rank_1" not in n and "rank1" not in n])
                                      for d, sub, files in walk(top, **kw))
-    Checkpointer(ckpt_dir, 2, {}).save(_Engine(rank), 3, {"step": 3, "tokens": 0, "sampler": {}})
+    Checkpointer(ckpt_dir, 2, {}).save(_Engine(rank), TrainerState(ConsumedSamplesSampler(8, 4, 2, rank, 2, 0), step=3))
     dist.destroy_process_group()
 
 
@@ -134,7 +135,7 @@ def _resume_from_node_local_disks(rank: int, port: int, root: str, outcomes) -> 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=30))
     try:
-        tag = resume(SimpleNamespace(engine=None), Checkpointer(os.path.join(root, f"disk{rank}"), 2, {}), None)[1]
+        tag = resume(SimpleNamespace(engine=None), Checkpointer(os.path.join(root, f"disk{rank}"), 2, {}), None)
         outcomes.put((rank, f"resumed from {tag}"))
     except CheckpointError as e:
         outcomes.put((rank, str(e)))
