@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from ted_ds.engine import resolve_ds_config
 from ted_ds.launch import check_world
 from ted_ds.plan import Job, Plan, plan, recipe_name
 from ted_ds.recipes import TrainModule, build_recipe
-from ted_ds.trainer import StopSignal, fit
+from ted_ds.trainer import FitResult, StopSignal, fit
 
 
 def seed_everything(seed: int) -> None:
@@ -92,8 +93,8 @@ def record_config(cfg: RunConfig, recipe: str) -> None:
     save_config(cfg, os.path.join(cfg.train.out_dir, f"config-{recipe}.yaml"))
 
 
-def run_recipe(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[TrainModule, Plan, dict]:
-    """A whole command of ``job``; returns the recipe, its plan and the last metrics (with ``output``,
+def run_recipe(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[TrainModule, Plan, FitResult]:
+    """A whole command of ``job``; returns the recipe, its plan and what training gave (with ``output``,
     the path the recipe saved, unless a signal stopped the run first)."""
     stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step
     p, ds = checked_plan(cfg, job)
@@ -103,6 +104,6 @@ def run_recipe(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[TrainModule, Pla
     if distributed.rank() == 0 and resumed is None:
         record_config(cfg, recipe.name)
     result = fit(recipe, p, checkpointer(recipe, p), stop, changed)
-    if not result["stopped"]:
-        result["output"] = recipe.save_outputs(cfg.train.out_dir)
+    if not result.stopped:
+        result = replace(result, output=recipe.save_outputs(cfg.train.out_dir))
     return recipe, p, result

@@ -334,11 +334,22 @@ def due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
+@dataclass(frozen=True)
+class FitResult:
+    """What ``fit`` returns, and ``run.run_recipe`` with the path of the outputs it saved."""
+
+    metrics: dict[str, float]  # the last logged step's metrics and eval scores (empty: nothing was trained)
+    step: int  # the step reached
+    stopped: bool  # a signal stopped the run before its last step (a re-run resumes)
+    finished_before: bool  # the run had reached its last step before this launch (nothing trained)
+    output: str | None = None  # what the recipe saved once trained (run_recipe); None when stopped
+
+
 def fit(recipe: TrainModule, p: Plan, checkpointer: Checkpointer, stop: StopSignal,
-        changed: dict[str, tuple] | None = None) -> dict:
-    """Train ``recipe`` (from recipes.build_recipe) to ``p.total_steps``; returns the last logged metrics,
-    with ``finished_before``: the run had reached its last step before this launch (nothing trained).
-    ``changed``: the safe config keys this launch changed (run.owned_config), recorded on resume."""
+        changed: dict[str, tuple] | None = None) -> FitResult:
+    """Train ``recipe`` (from recipes.build_recipe) to ``p.total_steps``; returns the last logged metrics and
+    where the run stands (``FitResult``).  ``changed``: the safe config keys this launch changed
+    (run.owned_config), recorded on resume."""
     cfg, total = p.cfg, p.total_steps
     per_source = cfg.data.sources is not None  # data.path alone logs what it always did
     data = training_data(p)
@@ -390,4 +401,4 @@ def fit(recipe: TrainModule, p: Plan, checkpointer: Checkpointer, stop: StopSign
                         "(re-run the same command to resume)")
             break
     log.close()
-    return dict(last, step=state.step, stopped=state.step < total, finished_before=finished_before)
+    return FitResult(last, state.step, stopped=state.step < total, finished_before=finished_before)

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 
 import torch
 
@@ -209,7 +210,8 @@ def main() -> None:
             continue
         probed, read_before = len(probes), WeightReader.process_total
         recipe, _, result = run.run_recipe(cfg, job)
-        record = {"result": {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}}
+        record = {"result": {k: v for k, v in {**result.metrics, **asdict(result)}.items()
+                             if isinstance(v, (int, float, str, bool))}}
         if len(probes) > probed:
             record["student"] = probes[-1].record()
         read = torch.tensor([float(WeightReader.process_total - read_before)])
