@@ -18,7 +18,7 @@ from ted_ds import distributed
 from ted_ds.capacity import check_fits
 from ted_ds.checkpoint import Checkpointer, CheckpointRecord, owned_config_changes, saved_record
 from ted_ds.config import RunConfig, save_config, to_dict
-from ted_ds.engine import resolve_ds_config
+from ted_ds.engine import DeepSpeedSettings, resolve_ds_config
 from ted_ds.launch import check_world
 from ted_ds.plan import Job, Plan, plan, recipe_name
 from ted_ds.recipes import TrainModule, build_recipe
@@ -31,16 +31,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[Plan, dict]:
+def setup(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[Plan, DeepSpeedSettings]:
     """Everything before a recipe is built: check the run against its files, ranks and devices, start
-    the process group, seed.  Returns the plan and the resolved DeepSpeed config."""
+    the process group, seed.  Returns the plan and the resolved DeepSpeed settings."""
     p, ds = checked_plan(cfg, job)
     start_group(p)
     return p, ds
 
 
-def checked_plan(cfg: RunConfig, job: Job) -> tuple[Plan, dict]:
-    """The plan and the resolved DeepSpeed config, the run checked against its files, ranks and devices.
+def checked_plan(cfg: RunConfig, job: Job) -> tuple[Plan, DeepSpeedSettings]:
+    """The plan and the resolved DeepSpeed settings, the run checked against its files, ranks and devices.
 
     Every check happens before the process group, and the rank's GPU is chosen from its launcher's
     variables before the first thing that touches CUDA (the free-memory check)."""
