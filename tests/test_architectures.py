@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from harness.common import deepspeed_cmd, run_launcher
+from harness.scenarios import launch_scenarios
 from harness.tiny import ARCHITECTURES, PADDED_ROWS, arch_config, base_config, stage1_first_batch, write_config
 from ted_ds.errors import ConfigError
 from ted_ds.plan import Job
@@ -239,11 +239,8 @@ def arch_runs(tiny, arch_teachers, tmp_path_factory):
         "student.config": _student_config(root, 1008)}), None)
     spec = [{"name": n, "config": write_config(o(f"{n}.yaml"), **c), "job": Job.learning_filters_of(w).value}
             for n, (c, w) in configs.items()]
-    json.dump(spec, open(o("spec.json"), "w"))
-    run_launcher(deepspeed_cmd(2, "tests/harness/mp/run_scenarios.py", "--spec", o("spec.json"),
-                               "--out", o("results.json")), timeout=900)
-    return {"dirs": {n: c[0]["train"]["out_dir"] for n, c in configs.items()},
-            "configs": {n: o(f"{n}.yaml") for n in configs}, "results": json.load(open(o("results.json")))}
+    return launch_scenarios(2, spec, {n: c[0]["train"]["out_dir"] for n, c in configs.items()},
+                            {n: o(f"{n}.yaml") for n in configs}, o("spec.json"), timeout=900)
 
 
 def _losses(out_dir: str, key: str = "loss/total") -> list[float]:
@@ -284,10 +281,10 @@ def _stage1_first_loss(config_path: str) -> float:
 def test_architectures_learn_filters_through_their_own_head(arch_runs):
     for kind in ARCHITECTURES:
         for side in ("teacher", "student"):
-            got = _losses(arch_runs["dirs"][f"{kind}_filters_{side}"])
+            got = _losses(arch_runs.dir(f"{kind}_filters_{side}"))
             assert len(got) == 2 and got[1] < got[0], (kind, side, got)
-        want = _stage1_first_loss(arch_runs["configs"][f"{kind}_filters_teacher"])
-        assert _losses(arch_runs["dirs"][f"{kind}_filters_teacher"])[0] == pytest.approx(want, rel=1e-5), kind
+        want = _stage1_first_loss(arch_runs.configs[f"{kind}_filters_teacher"])
+        assert _losses(arch_runs.dir(f"{kind}_filters_teacher"))[0] == pytest.approx(want, rel=1e-5), kind
 
 
 @pytest.mark.multirank
@@ -298,11 +295,11 @@ def test_architectures_distil_like_a_single_process_reference(arch_runs):
 
     names = [f"{kind}_{run}" for kind in ARCHITECTURES for run in ("ted_pipeline", "kd")] + ["qwen2_kd_rows"]
     for name in names:
-        want, _ = _reference(arch_runs["configs"][name], 2)
-        got = _losses(arch_runs["dirs"][name])
+        want, _ = _reference(arch_runs.configs[name], 2)
+        got = _losses(arch_runs.dir(name))
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (name, got, want)
-    for name, record in arch_runs["results"].items():
-        assert record["frozen_matches_disk"], name
+    for name in arch_runs.dirs:
+        assert arch_runs.record(name)["frozen_matches_disk"], name
 
 
 @pytest.mark.multirank
@@ -312,7 +309,7 @@ def test_architectures_export_exactly_with_their_own_rows(arch_runs, tmp_path):
     from ted_ds.export import export_checkpoint
 
     for name in [f"{kind}_kd" for kind in ARCHITECTURES] + ["qwen2_kd_rows"]:
-        (line,) = export_checkpoint(arch_runs["dirs"][name], str(tmp_path / name))
+        (line,) = export_checkpoint(arch_runs.dir(name), str(tmp_path / name))
         assert "weights and logits" in line and "identical to the checkpoint's" in line, (name, line)
     rows = lambda d: load_file(os.path.join(d, "model.safetensors"))["model.embed_tokens.weight"].shape[0]
     assert rows(str(tmp_path / "qwen2_kd_rows")) == 1008 and rows(str(tmp_path / "qwen2_kd")) == 1000 + PADDED_ROWS

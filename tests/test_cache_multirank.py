@@ -26,6 +26,7 @@ import yaml
 
 from data_prep.build import BuildOptions, build
 from harness.common import REPO, corpus_lines, deepspeed_cmd, run_launcher, student_weights
+from harness.scenarios import Scenarios, launch_scenarios
 from harness.tiny import base_config, make_teacher, write_config
 from ted_ds.cache.format import MANIFEST, CacheRows
 
@@ -76,13 +77,10 @@ class World:
             cfg["teacher"]["cache"] = str(self.root / cache)
         return write_config(str(self.root / f"{name}.yaml"), **cfg)
 
-    def scenarios(self, ranks: int, name: str, runs) -> dict:
+    def scenarios(self, ranks: int, name: str, runs) -> Scenarios:
         """One launch of run_scenarios.py over ``runs`` ((name, config, extra), ...); its records."""
-        spec, out = str(self.root / f"{name}.json"), str(self.root / f"{name}-results.json")
-        json.dump([{"name": n, "config": c, **extra} for n, c, extra in runs], open(spec, "w"))
-        run_launcher(deepspeed_cmd(ranks, "tests/harness/mp/run_scenarios.py", "--spec", spec, "--out", out),
-                     timeout=1200)
-        return json.load(open(out))
+        spec = [{"name": n, "config": c, **extra} for n, c, extra in runs]
+        return launch_scenarios(ranks, spec, {}, {n: c for n, c, _ in runs}, str(self.root / f"{name}.json"), 1200)
 
     def cache_run(self, name: str, placement: str = "replicated", **over) -> tuple:
         """A scenario building the cache ``name`` over both sources."""
@@ -105,7 +103,7 @@ SAMPLED = {"teacher.logits_topk": 0, "teacher.logits_sampling": "sampled", "teac
 
 
 @pytest.fixture(scope="module")
-def one_rank(world) -> dict:
+def one_rank(world) -> Scenarios:
     """1 rank: the cache, KD online and from the cache, and the same with JSD as KD's divergence; top-p and
     sampled caches and KD online and from each (sampled on the two-source mixture)."""
     c, jsd, mix = world.config, {"distill.divergence": "jsd", "distill.divergence_mix": 0.3}, world.mix
@@ -130,7 +128,7 @@ def killed_build(world) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(world, killed_build) -> dict:
+def two_ranks(world, killed_build) -> Scenarios:
     """2 ranks: the killed build finished (the teacher now under ZeRO-3), then each run online and cached."""
     c, mix, lwd = world.config, world.mix, world.lwd
     return world.scenarios(2, "two", [
@@ -147,8 +145,8 @@ def test_cached_kd_equals_online_kd_on_one_rank(world, one_rank):
     _same_run(str(world.root / "kd1"), str(world.root / "kd1c"))
     _same_run(str(world.root / "jsd1"), str(world.root / "jsd1c"))
     assert _losses(str(world.root / "jsd1"))[1]["loss/kd"] != _losses(str(world.root / "kd1"))[1]["loss/kd"]
-    one = one_rank
-    assert "frozen_local_params_sum" in one["kd_online"] and "frozen_local_params_sum" not in one["kd_cached"]
+    held = lambda name: "frozen_local_params_sum" in one_rank.record(name)
+    assert held("kd_online") and not held("kd_cached")
 
 
 def _bytes(cache: str) -> int:
@@ -175,7 +173,8 @@ def test_cached_runs_equal_online_runs_on_two_ranks(world, two_ranks):
     root, two = world.root, two_ranks
     for online, cached in (("kd2", "kd2c"), ("lwd2", "lwd2c"), ("mix2", "mix2c")):
         _same_run(str(root / online), str(root / cached))
-    assert "frozen_local_params_sum" not in two["kd_cached"] and "frozen_local_params_sum" in two["lwd_cached"]
+    held = lambda name: "frozen_local_params_sum" in two.record(name)
+    assert not held("kd_cached") and held("lwd_cached")
     mixed = [json.loads(line) for line in open(root / "mix2c" / "metrics.jsonl") if "data/more/samples" in line]
     assert mixed[-1]["data/more/samples"] == 12  # a quarter of 6 × 8 samples came from the second source
 
@@ -200,7 +199,7 @@ def test_a_killed_cache_build_keeps_its_finished_blocks_and_resumes(world, kille
     finished = [f for f in after_kill if f.endswith(".bin")]
     assert finished and MANIFEST not in after_kill, sorted(after_kill)  # some blocks done, the cache unfinished
     assert all(f.endswith((".bin", ".tmp")) or f == "build.json" for f in after_kill), sorted(after_kill)
-    blocks, computed = re.search(r"\((\d+) blocks, (\d+) computed now", two_ranks["cache2"]["line"]).groups()
+    blocks, computed = re.search(r"\((\d+) blocks, (\d+) computed now", two_ranks.record("cache2")["line"]).groups()
     assert int(computed) == int(blocks) - len(finished)
     for f in finished:  # kept as they were, not recomputed
         assert os.stat(root / "cache2" / f).st_mtime_ns == after_kill[f].st_mtime_ns, f

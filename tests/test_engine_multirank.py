@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.common import deepspeed_cmd, run_launcher
+from harness.scenarios import launch_scenarios
 from harness.tiny import base_config, stage1_first_batch, write_config
 from ted_ds.plan import Job
 
@@ -107,24 +107,19 @@ def runs(tiny, tmp_path_factory):
         cfg = base_config(ll, lt, o(name), **filters, **cfg)
         spec.append({"name": name, "config": write_config(o(f"{name}.yaml"), **cfg), "job": job(which),
                      "accelerator": "none", "build_only": True})
-    with open(o("spec.json"), "w") as f:
-        json.dump(spec, f)
-    run_launcher(deepspeed_cmd(2, "tests/harness/mp/run_scenarios.py", "--spec", o("spec.json"),
-                               "--out", o("results.json")), timeout=900)
-    return {"dirs": {n: c[0]["train"]["out_dir"] for n, c in configs.items()},
-            "configs": {n: o(f"{n}.yaml") for n in configs},
-            "results": json.load(open(o("results.json")))}
+    return launch_scenarios(2, spec, {n: c[0]["train"]["out_dir"] for n, c in configs.items()},
+                            {n: o(f"{n}.yaml") for n in configs}, o("spec.json"), timeout=900)
 
 
 def test_stage1_lowers_the_tap_lm_loss(runs):
     for name in ("filters_teacher", "filters_student"):
-        evals = losses(runs["dirs"][name], "eval/loss")
+        evals = losses(runs.dir(name), "eval/loss")
         assert len(evals) == 10
         assert all(b < a for a, b in zip(evals, evals[1:])), (name, evals)  # falls at every step
         assert evals[-1] < evals[0] - 0.03, (name, evals)
-        per_tap = [k for k in metrics(runs["dirs"][name])[0] if k.startswith("loss/tap_lm/")]
+        per_tap = [k for k in metrics(runs.dir(name))[0] if k.startswith("loss/tap_lm/")]
         assert len(per_tap) == 2  # two taps, each logged
-        assert os.path.isfile(os.path.join(runs["dirs"][name], f"filters-{name.split('_')[1]}", "filters.json"))
+        assert os.path.isfile(os.path.join(runs.dir(name), f"filters-{name.split('_')[1]}", "filters.json"))
 
 
 def test_trainable_heads_start_from_the_teachers_head_then_learn_and_only_the_bank_is_kept(runs, tmp_path):
@@ -134,16 +129,16 @@ def test_trainable_heads_start_from_the_teachers_head_then_learn_and_only_the_ba
     from ted_ds.export import export_checkpoint
     from ted_ds.filters import load_filter_bank
 
-    shared, own = losses(runs["dirs"]["filters_student"]), losses(runs["dirs"]["filters_student_trainable"])
+    shared, own = losses(runs.dir("filters_student")), losses(runs.dir("filters_student_trainable"))
     assert own[0] == pytest.approx(shared[0], rel=1e-6), (own, shared)
     assert all(abs(a - b) > 1e-4 for a, b in zip(own[1:], shared[1:3])), (own, shared)
-    assert len([k for k in metrics(runs["dirs"]["filters_student_trainable"])[0] if k.startswith("loss/tap_lm/")]) == 2
-    bank_dir = os.path.join(runs["dirs"]["filters_student_trainable"], "filters-student")
+    assert len([k for k in metrics(runs.dir("filters_student_trainable"))[0] if k.startswith("loss/tap_lm/")]) == 2
+    bank_dir = os.path.join(runs.dir("filters_student_trainable"), "filters-student")
     saved = load_file(os.path.join(bank_dir, "filters.safetensors"))
     assert saved and all(k.startswith("filters.") for k in saved), sorted(saved)
     meta = json.load(open(os.path.join(bank_dir, "filters.json")))
     load_filter_bank(bank_dir, meta, "student.filters")
-    export_checkpoint(runs["dirs"]["filters_student_trainable"], None, filters_out=str(tmp_path / "offline"))
+    export_checkpoint(runs.dir("filters_student_trainable"), None, filters_out=str(tmp_path / "offline"))
     offline = load_file(str(tmp_path / "offline" / "filters.safetensors"))
     assert offline.keys() == saved.keys() and all(torch.equal(offline[k], saved[k]) for k in saved)
 
@@ -202,19 +197,19 @@ def _reference(config_path: str, steps: int):
 
 
 def test_zero3_ted_matches_single_process_reference(runs):
-    ref_losses, ref_student = _reference(runs["configs"]["ted_replicated"], STEPS)
-    got = losses(runs["dirs"]["ted_replicated"])
+    ref_losses, ref_student = _reference(runs.configs["ted_replicated"], STEPS)
+    got = losses(runs.dir("ted_replicated"))
     assert len(got) == STEPS
     assert got == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
     assert got[-1] < got[0]  # it learns
-    final = load_file(os.path.join(runs["dirs"]["ted_replicated"], "hf", "model.safetensors"))
+    final = load_file(os.path.join(runs.dir("ted_replicated"), "hf", "model.safetensors"))
     ref_state = ref_student.model.state_dict()
     # Adam divides by sqrt(v): float-order differences in tiny gradients move weights by a small
     # fraction of one step (lr 3e-3), hence atol 1e-4 on weights while losses agree to 1e-6.
     for key, value in final.items():
         torch.testing.assert_close(value, ref_state[key], rtol=1e-3, atol=1e-4)
     ref_filters = ref_student.filters.state_dict()
-    trained_filters = load_file(os.path.join(runs["dirs"]["ted_replicated"], "student-filters", "filters.safetensors"))
+    trained_filters = load_file(os.path.join(runs.dir("ted_replicated"), "student-filters", "filters.safetensors"))
     for key, value in trained_filters.items():
         torch.testing.assert_close(value, ref_filters[key], rtol=1e-3, atol=1e-4)
 
@@ -225,22 +220,22 @@ def test_only_student_and_its_filters_change(runs):
     from ted_ds.plan import plan
     from ted_ds.run import seed_everything
 
-    cfg = load_run_config(runs["configs"]["ted_replicated"])
+    cfg = load_run_config(runs.configs["ted_replicated"])
     seed_everything(cfg.train.seed)
     initial = load_student(plan(cfg)).state_dict()
-    final = load_file(os.path.join(runs["dirs"]["ted_replicated"], "hf", "model.safetensors"))
+    final = load_file(os.path.join(runs.dir("ted_replicated"), "hf", "model.safetensors"))
     assert all(not torch.equal(final[k], initial[k]) for k in final), "every student tensor should train"
     s0 = load_file(os.path.join(cfg.student.filters, "filters.safetensors"))
-    s1 = load_file(os.path.join(runs["dirs"]["ted_replicated"], "student-filters", "filters.safetensors"))
+    s1 = load_file(os.path.join(runs.dir("ted_replicated"), "student-filters", "filters.safetensors"))
     assert all(not torch.equal(s0[k], s1[k]) for k in s0)
-    for name in runs["dirs"]:
-        assert runs["results"][name]["frozen_matches_disk"], f"{name}: the frozen side changed"
+    trained = {name: record for name, record in runs.records().items() if name in runs.dirs}
+    assert all(record["frozen_matches_disk"] for record in trained.values()), trained
 
 
 def test_replicated_and_zero3_teachers_give_identical_losses(runs):
-    rep, z3 = losses(runs["dirs"]["ted_replicated"]), losses(runs["dirs"]["ted_zero3"])
+    rep, z3 = losses(runs.dir("ted_replicated")), losses(runs.dir("ted_zero3"))
     assert rep == pytest.approx(z3, rel=1e-6, abs=1e-7)
-    r = runs["results"]
+    r = {name: runs.record(name) for name in ("ted_replicated", "ted_zero3", "ted_pipeline")}
     # ZeRO-3 inference keeps about half of the teacher (and its filters) on each of 2 ranks
     assert r["ted_zero3"]["frozen_local_params_rank0"] < 0.6 * r["ted_replicated"]["frozen_local_params_rank0"]
     assert r["ted_zero3"]["frozen_local_params_sum"] == pytest.approx(r["ted_replicated"]["frozen_local_params_rank0"],
@@ -248,48 +243,48 @@ def test_replicated_and_zero3_teachers_give_identical_losses(runs):
 
 
 def test_pipeline_teacher_training_matches_replicated(runs):
-    rep, pp = losses(runs["dirs"]["ted_replicated"]), losses(runs["dirs"]["ted_pipeline"])
+    rep, pp = losses(runs.dir("ted_replicated")), losses(runs.dir("ted_pipeline"))
     assert len(pp) == STEPS and pp == pytest.approx(rep, rel=1e-6, abs=1e-7)
-    r = runs["results"]
+    r = {name: runs.record(name) for name in ("ted_replicated", "ted_zero3", "ted_pipeline")}
     assert r["ted_pipeline"]["frozen_local_params_rank0"] < 0.7 * r["ted_replicated"]["frozen_local_params_rank0"]
 
 
 def test_activation_checkpointing_recomputes_and_changes_nothing_else(runs):
-    plain, ac = runs["results"]["ted_replicated"]["student"], runs["results"]["ted_checkpointing"]["student"]
+    plain, ac = runs.record("ted_replicated")["student"], runs.record("ted_checkpointing")["student"]
     assert plain["block_calls_per_forward"] == 1
     assert ac["block_calls_per_forward"] == 2  # each block again in the backward: activations were dropped
     assert plain["train_mode"] == ac["train_mode"] == [True]
-    rep = losses(runs["dirs"]["ted_replicated"])
-    assert losses(runs["dirs"]["ted_checkpointing"]) == pytest.approx(rep, rel=1e-6, abs=1e-7)
+    rep = losses(runs.dir("ted_replicated"))
+    assert losses(runs.dir("ted_checkpointing")) == pytest.approx(rep, rel=1e-6, abs=1e-7)
 
 
 def test_every_model_is_built_in_the_runs_dtype_whatever_the_accelerator_reports(runs):
     """zero.Init once built bf16 models on machines whose accelerator reports no fp16 support (DeepSpeed
     0.19 ignores an explicit dtype there): the student and the trained modules, the frozen side in every
     placement, with the accelerator reporting bf16 only (the runs) or nothing (the builds)."""
-    results = runs["results"]
-    assert set(BUILT_ONLY) <= set(results)
-    for name, record in results.items():
+    for name in BUILT_ONLY:
+        runs.record(name)
+    for name, record in runs.records().items():
         assert "error" not in record, (name, record.get("error"))
         dtype = "torch.bfloat16" if name == "ted_bf16" else "torch.float32"
         assert record["dtypes"] == {"trained": [dtype], "frozen": [dtype]}, name
 
 
 def test_bf16_student_steps_in_bf16_within_rounding_of_fp32(runs):
-    plain, half = runs["results"]["ted_replicated"]["student"], runs["results"]["ted_bf16"]["student"]
+    plain, half = runs.record("ted_replicated")["student"], runs.record("ted_bf16")["student"]
     assert plain["weight_dtypes"] == plain["activation_dtypes"] == ["torch.float32"]
     assert half["weight_dtypes"] == half["activation_dtypes"] == ["torch.bfloat16"]
-    rep, bf16 = losses(runs["dirs"]["ted_replicated"]), losses(runs["dirs"]["ted_bf16"])
+    rep, bf16 = losses(runs.dir("ted_replicated")), losses(runs.dir("ted_bf16"))
     assert len(bf16) == STEPS and all(a != b for a, b in zip(bf16, rep))
     assert all(abs(a - b) <= BF16_LOSS_BOUND * b for a, b in zip(bf16, rep)), (bf16, rep)
 
 
 def test_kd_on_the_teachers_top_k_matches_a_reference_on_that_support(runs):
-    ref_losses, _ = _reference(runs["configs"]["kd_top8"], 2)
-    got = losses(runs["dirs"]["kd_top8"])
+    ref_losses, _ = _reference(runs.configs["kd_top8"], 2)
+    got = losses(runs.dir("kd_top8"))
     assert got == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
-    full = losses(runs["dirs"]["kd"], "loss/kd")
-    assert all(a != pytest.approx(b, rel=1e-3) for a, b in zip(losses(runs["dirs"]["kd_top8"], "loss/kd"), full))
+    full = losses(runs.dir("kd"), "loss/kd")
+    assert all(a != pytest.approx(b, rel=1e-3) for a, b in zip(losses(runs.dir("kd_top8"), "loss/kd"), full))
 
 
 def _without_documents(config_path: str, out: str) -> str:
@@ -326,16 +321,16 @@ def test_document_attention_in_stage1_and_in_pipeline_ted_training(runs, tmp_pat
     """data.document_attention in real runs: TED with a pipeline teacher equals a single-process
     reference whose student and teacher keep documents apart (and differs from one that does not);
     evaluation runs with it; stage 1's first loss is that of filters on a document-aware teacher."""
-    config = runs["configs"]["ted_pipeline_documents"]
+    config = runs.configs["ted_pipeline_documents"]
     ref_losses, _ = _reference(config, 2)
-    got = losses(runs["dirs"]["ted_pipeline_documents"])
+    got = losses(runs.dir("ted_pipeline_documents"))
     assert got == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
     plain, _ = _reference(_without_documents(config, str(tmp_path / "plain.yaml")), 2)
     print("documents", got, "reference", ref_losses, "without", plain)
     assert max(abs(a - b) for a, b in zip(got, plain)) > 5e-4, (got, plain)
-    assert len(losses(runs["dirs"]["ted_pipeline_documents"], "eval/loss")) == 2
-    config = runs["configs"]["filters_teacher_documents"]
-    stage1 = losses(runs["dirs"]["filters_teacher_documents"])
+    assert len(losses(runs.dir("ted_pipeline_documents"), "eval/loss")) == 2
+    config = runs.configs["filters_teacher_documents"]
+    stage1 = losses(runs.dir("filters_teacher_documents"))
     on, off = _stage1_first_loss(config), _stage1_first_loss(_without_documents(config, str(tmp_path / "s1.yaml")))
     print("stage 1", stage1, "reference", on, "without", off)
     assert stage1 == pytest.approx([on], rel=1e-6), (stage1, on, off)
@@ -343,24 +338,24 @@ def test_document_attention_in_stage1_and_in_pipeline_ted_training(runs, tmp_pat
 
 
 def test_baselines_log_their_own_terms(runs):
-    lwd, kd = metrics(runs["dirs"]["lwd"])[0], metrics(runs["dirs"]["kd"])[0]
+    lwd, kd = metrics(runs.dir("lwd"))[0], metrics(runs.dir("kd"))[0]
     assert {"loss/lm", "loss/kd", "loss/layer"} <= set(lwd)
     assert {"loss/lm", "loss/kd"} <= set(kd) and "loss/layer" not in kd
     for m in (lwd, kd):
         assert m["loss/total"] == pytest.approx(m["loss/lm"] + m["loss/kd"] + m.get("loss/layer", 0.0), rel=1e-6)
         assert {"lr", "grad_norm", "tokens_per_s", "mfu"} <= set(m)
-    assert os.path.isdir(os.path.join(runs["dirs"]["lwd"], "student-filters"))
-    assert not os.path.isdir(os.path.join(runs["dirs"]["kd"], "student-filters"))
+    assert os.path.isdir(os.path.join(runs.dir("lwd"), "student-filters"))
+    assert not os.path.isdir(os.path.join(runs.dir("kd"), "student-filters"))
 
 
 def test_gpt2_ted_runs_and_exports(runs):
     from transformers import AutoModelForCausalLM
 
-    got = losses(runs["dirs"]["gpt2_ted"])
+    got = losses(runs.dir("gpt2_ted"))
     assert len(got) == 2 and all(0 < x < 100 for x in got)
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(runs["dirs"]["gpt2_ted"], "hf"))
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(runs.dir("gpt2_ted"), "hf"))
     assert type(model).__name__ == "GPT2LMHeadModel" and model.config.n_layer == 2
-    assert os.path.isdir(os.path.join(runs["dirs"]["gpt2_ted"], "tb"))
+    assert os.path.isdir(os.path.join(runs.dir("gpt2_ted"), "tb"))
 
 
 def test_each_rank_reads_only_its_share_of_the_weights(runs, tiny):
@@ -377,7 +372,7 @@ def test_each_rank_reads_only_its_share_of_the_weights(runs, tiny):
     row = lambda p: p[0].numel() if p.ndim > 1 else 1
     slack = 2 * sum(row(p) for model in (student, meta_model(t)) for p in model.parameters())
     for placement in ("replicated", "zero3", "pipeline"):
-        read = runs["results"][f"ted_{placement}"]["elements_read_max"]
+        read = runs.record(f"ted_{placement}")["elements_read_max"]
         teacher_read = -(-total // 2) if placement == "zero3" else teacher_share(t, placement, 2, 2, None)
         share = teacher_read + student_half
         assert student_half <= read <= share + slack, (placement, read, share)
@@ -386,7 +381,7 @@ def test_each_rank_reads_only_its_share_of_the_weights(runs, tiny):
 def test_every_tensor_lives_on_the_rank_device(runs):
     from ted_ds.distributed import device
 
-    for name, record in runs["results"].items():
+    for name, record in runs.records().items():
         assert record["devices"] == [device().type], name
 
 
@@ -402,9 +397,9 @@ def test_persistent_parameters_keep_the_student_whole_and_change_no_number(runs)
     """stage3_param_persistence_threshold above every tensor: each rank holds the whole student as a
     training forward starts (nothing left to gather; with threshold 0 nothing is whole there), and the
     losses are ZeRO-3's exactly."""
-    sharded, whole = runs["results"]["ted_zero3"]["student"], runs["results"]["ted_persistent"]["student"]
+    sharded, whole = runs.record("ted_zero3")["student"], runs.record("ted_persistent")["student"]
     assert whole["resident_share"] == 1 and sharded["resident_share"] < 0.01, (whole, sharded)
-    assert losses(runs["dirs"]["ted_persistent"]) == losses(runs["dirs"]["ted_replicated"])[:2]
+    assert losses(runs.dir("ted_persistent")) == losses(runs.dir("ted_replicated"))[:2]
 
 
 def test_compiled_blocks_run_compiled_and_change_no_number(runs, tiny):
@@ -417,8 +412,8 @@ def test_compiled_blocks_run_compiled_and_change_no_number(runs, tiny):
     from ted_ds.pipeline.layout import stage_blocks
 
     start, end = stage_blocks(AutoConfig.from_pretrained(tiny["llama_teacher"]), 2, None)[0]  # rank 0's stage
-    uncompiled = losses(runs["dirs"]["ted_replicated"])[:2]
-    assert runs["results"]["ted_zero3"]["compiled_blocks"] == {"trained": 0, "frozen": 0}
+    uncompiled = losses(runs.dir("ted_replicated"))[:2]
+    assert runs.record("ted_zero3")["compiled_blocks"] == {"trained": 0, "frozen": 0}
     for name, teacher_blocks in (("ted_compiled_zero3", 4), ("ted_compiled_pipeline", end - start)):
-        assert runs["results"][name]["compiled_blocks"] == {"trained": 2, "frozen": teacher_blocks}, name
-        assert losses(runs["dirs"][name]) == pytest.approx(uncompiled, rel=1e-5), name
+        assert runs.record(name)["compiled_blocks"] == {"trained": 2, "frozen": teacher_blocks}, name
+        assert losses(runs.dir(name)) == pytest.approx(uncompiled, rel=1e-5), name

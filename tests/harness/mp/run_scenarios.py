@@ -11,12 +11,15 @@ was built from, how many frozen parameters this rank stores, the devices and dty
 and what a probe on the student saw during the training steps (see ``StudentProbe``).  A
 ``build_only`` scenario builds the command's models and records what they hold, or its error; a
 ``cache_out`` scenario runs ``ted-ds cache-teacher`` (``ted_ds.cache.build.build_cache``) into that directory.
+A scenario that raises (alike on every rank) is recorded as ``{"raised": traceback}`` and the next one runs;
+the records are written after every scenario (``tests/harness/scenarios.py`` reads them).
 """
 
 import argparse
 import json
 import os
 import sys
+import traceback
 from dataclasses import asdict
 
 import torch
@@ -189,6 +192,34 @@ def build_only(cfg, job: Job) -> dict:
         return {"error": str(e)}
 
 
+def run_scenario(scenario: dict, probes: list) -> dict:
+    """One scenario's record (see the module's docstring)."""
+    cfg = load_run_config(scenario["config"], scenario.get("overrides", []))
+    accelerator_reports(scenario.get("accelerator", "as-is"))
+    job = Job(scenario.get("job", Job.DISTILL.value))
+    if scenario.get("build_only"):
+        return build_only(cfg, job)
+    if scenario.get("cache_out"):
+        return {"line": build_cache(cfg, scenario["cache_out"], None, scenario["block_windows"])}
+    probed, read_before = len(probes), WeightReader.process_total
+    recipe, _, result = run.run_recipe(cfg, job)
+    record = {"result": {k: v for k, v in {**result.metrics, **asdict(result)}.items()
+                         if isinstance(v, (int, float, str, bool))}}
+    if len(probes) > probed:
+        record["student"] = probes[-1].record()
+    read = torch.tensor([float(WeightReader.process_total - read_before)])
+    torch.distributed.all_reduce(read, op=torch.distributed.ReduceOp.MAX)
+    record["elements_read_max"] = float(read[0])  # what the busiest rank read from weight files
+    record.update(held_by(recipe))
+    record["compiled_blocks"] = compiled_blocks(recipe)
+    if recipe.frozen is not None:
+        record["frozen_matches_disk"] = frozen_matches_disk(recipe, cfg, job)
+        local = torch.tensor([float(recipe.frozen.local_parameters())])
+        record["frozen_local_params_rank0"] = float(local[0])
+        record["frozen_local_params_sum"] = float(distributed.all_reduce_sum(local)[0])
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True)
@@ -199,36 +230,14 @@ def main() -> None:
     results, probes = {}, []
     probe_students(probes)
     for scenario in json.load(open(args.spec)):
-        cfg = load_run_config(scenario["config"], scenario.get("overrides", []))
-        accelerator_reports(scenario.get("accelerator", "as-is"))
-        job = Job(scenario.get("job", Job.DISTILL.value))
-        if scenario.get("build_only") or scenario.get("cache_out"):
-            results[scenario["name"]] = (build_only(cfg, job) if scenario.get("build_only")
-                                         else {"line": build_cache(cfg, scenario["cache_out"], None,
-                                                                   scenario["block_windows"])})
-            distributed.barrier()
-            continue
-        probed, read_before = len(probes), WeightReader.process_total
-        recipe, _, result = run.run_recipe(cfg, job)
-        record = {"result": {k: v for k, v in {**result.metrics, **asdict(result)}.items()
-                             if isinstance(v, (int, float, str, bool))}}
-        if len(probes) > probed:
-            record["student"] = probes[-1].record()
-        read = torch.tensor([float(WeightReader.process_total - read_before)])
-        torch.distributed.all_reduce(read, op=torch.distributed.ReduceOp.MAX)
-        record["elements_read_max"] = float(read[0])  # what the busiest rank read from weight files
-        record.update(held_by(recipe))
-        record["compiled_blocks"] = compiled_blocks(recipe)
-        if recipe.frozen is not None:
-            record["frozen_matches_disk"] = frozen_matches_disk(recipe, cfg, job)
-            local = torch.tensor([float(recipe.frozen.local_parameters())])
-            record["frozen_local_params_rank0"] = float(local[0])
-            record["frozen_local_params_sum"] = float(distributed.all_reduce_sum(local)[0])
-        results[scenario["name"]] = record
+        try:
+            results[scenario["name"]] = run_scenario(scenario, probes)
+        except Exception:  # every rank raises alike: record it, the next scenarios still run
+            results[scenario["name"]] = {"raised": traceback.format_exc()[-4000:]}
         distributed.barrier()
-    if distributed.rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        if distributed.rank() == 0:  # after every scenario: a launch that dies later keeps what ran
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
     distributed.shutdown()
     distributed.leave(0)  # no C++ destructors at exit (see ted_ds.distributed.leave)
 
