@@ -349,7 +349,7 @@ class Checkpointer:
             view = (socket.gethostname(), None, str(e))
         return agreed_tag(distributed.gather_objects(view), self.dir)
 
-    def read_record(self, tag: str) -> CheckpointRecord:
+    def checked_record(self, tag: str) -> CheckpointRecord:
         """``tag``'s record, refused in one line if it was written by a run of another identity."""
         record = read_record(os.path.join(self.dir, tag))
         for key, value in self.identity.items():
@@ -366,7 +366,7 @@ class Checkpointer:
         format (``<tag>.universal``, per-parameter fp32 weights and Adam moments) and loaded from
         there, re-partitioned for this world size.
         """
-        record = self.read_record(tag)
+        record = self.checked_record(tag)
         load_tag = tag
         universal = record.world_size != distributed.world_size()
         groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups

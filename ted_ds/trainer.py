@@ -358,7 +358,7 @@ def fit(recipe: TrainModule, p: Plan, checkpointer: Checkpointer, stop: StopSign
     log = MetricsLogger(cfg.train.out_dir, distributed.rank() == 0, total, state.step, cfg.train.progress,
                         recipe.name)
     if tag is not None:
-        log.resumed(tag, state.step, data.sampler.consumed, changed or {})
+        log.resumed(tag, state.step, state.sampler.consumed, changed or {})
     finished_before = state.step >= total
     dtype = next(recipe.trained_model.parameters()).dtype  # the run's compute dtype (engine.check_dtype)
     peak = device_peak_flops(cfg.train.peak_tflops, distributed.device(), dtype)
