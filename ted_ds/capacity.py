@@ -13,12 +13,16 @@ scale rehearsal (``python -m bench scale``) divides measured peaks by the same f
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from ted_ds.architectures import decoder_layers, hidden_size, meta_model, vocab_size
 from ted_ds.config import check_pipeline_world
 from ted_ds.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ted_ds.engine import DeepSpeedSettings
 
 GIB = 2**30
 CPU = torch.device("cpu")
@@ -95,14 +99,12 @@ def visible_bytes(device: torch.device, local_ranks: int) -> tuple[float, str]:
     return psutil.virtual_memory().available / local_ranks, "host"
 
 
-def check_fits(p, ds: dict, world: int, local_ranks: int, with_teacher: bool, trained_heads: int = 0,
+def check_fits(p, ds: DeepSpeedSettings, world: int, local_ranks: int, with_teacher: bool, trained_heads: int = 0,
                device: torch.device = CPU) -> None:
     """Refuse, in one line, a run that cannot fit the ranks it starts on (``ds``: its DeepSpeed
-    config; ``with_teacher``: the teacher is placed by ``teacher.placement`` in this run;
+    settings; ``with_teacher``: the teacher is placed by ``teacher.placement`` in this run;
     ``trained_heads``: stage 1's trainable heads, one norm + unembedding each, trained under ZeRO-3;
     ``device``: the rank's own)."""
-    from ted_ds.engine import compute_dtype
-
     cfg = p.cfg
     t = cfg.teacher
     teacher_config = p.teacher_config if with_teacher else None
@@ -110,11 +112,11 @@ def check_fits(p, ds: dict, world: int, local_ranks: int, with_teacher: bool, tr
         check_pipeline_world(t.pipeline_stages, world)
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     need = rank_floor_bytes(teacher_config, p.student_config, t.placement, world, t.pipeline_stages,
-                            t.pipeline_layers, compute_dtype(ds), tokens, reduce_bucket_elements(ds),
+                            t.pipeline_layers, ds.dtype, tokens, reduce_bucket_elements(ds.config),
                             chunk_tokens(cfg.train.micro_batch_size, cfg.data.seq_len, t.pipeline_chunks))
     if trained_heads and p.teacher_config is not None:
         head = vocab_size(p.teacher_config) * hidden_size(p.teacher_config)
-        need += student_bytes_per_param(compute_dtype(ds)) * trained_heads * head / world
+        need += student_bytes_per_param(ds.dtype) * trained_heads * head / world
     have, where = visible_bytes(device, local_ranks)
     if need > have:
         hint = ("use teacher.placement zero3 or pipeline, more ranks, " if teacher_config is not None

@@ -28,6 +28,7 @@ import socket
 import sys
 import warnings
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from data_prep.fileio import atomically, write_text
 from ted_ds import distributed
 from ted_ds.config import RunConfig, config_changes, run_config_from_dict
 from ted_ds.errors import CheckpointError, TrainingError
+
+if TYPE_CHECKING:
+    from ted_ds.data import ConsumedSamplesSampler
 
 TAG_PREFIX = "step-"
 TRAINER_STATE = "trainer_state.json"  # ours, in every tag directory: see the layout above
@@ -59,8 +63,9 @@ def holds_student(ckpt_dir: str) -> bool:
 
 
 @dataclass
-class TrainerState:
-    """``trainer_state.json``: what ted-ds saves with a tag beside DeepSpeed's files."""
+class CheckpointRecord:
+    """``trainer_state.json``: what ted-ds saves with a tag beside DeepSpeed's files (its keys, in this
+    order, are the file's)."""
 
     step: int
     tokens: int
@@ -72,10 +77,40 @@ class TrainerState:
     bad_steps: int = 0  # steps skipped for a non-finite loss so far
 
 
-def read_trainer_state(tag_dir: str) -> TrainerState:
+@dataclass
+class TrainerState:
+    """The training loop's state, owned by the trainer and saved / restored by the ``Checkpointer`` as one
+    object: the counters and the data position (the sampler); all but ``bad_in_a_row`` go into
+    ``trainer_state.json``."""
+
+    sampler: ConsumedSamplesSampler
+    step: int = 0
+    tokens: int = 0
+    bad_steps: int = 0  # steps skipped for a non-finite loss so far
+    bad_in_a_row: int = 0  # the skipped steps just before this one (a resume starts afresh)
+
+    def advance(self, tokens: int, skipped: bool) -> None:
+        """One optimizer step done (``skipped``: not applied, for a non-finite loss)."""
+        self.step += 1
+        self.tokens += tokens
+        self.bad_steps += skipped
+        self.bad_in_a_row = self.bad_in_a_row + 1 if skipped else 0
+
+    def record(self, identity: dict, run: dict, world_size: int, tag: str) -> CheckpointRecord:
+        """What a save writes of this state, with the checkpointer's own fields."""
+        return CheckpointRecord(step=self.step, tokens=self.tokens, sampler=self.sampler.state_dict(),
+                                identity=identity, run=run, world_size=world_size, tag=tag, bad_steps=self.bad_steps)
+
+    def restore(self, record: CheckpointRecord) -> None:
+        """This state as ``record`` saved it: the counters, and the sampler at its data position."""
+        self.sampler.load_state_dict(record.sampler)
+        self.step, self.tokens, self.bad_steps, self.bad_in_a_row = record.step, record.tokens, record.bad_steps, 0
+
+
+def read_record(tag_dir: str) -> CheckpointRecord:
     """The one reader of ``trainer_state.json``."""
     with open(os.path.join(tag_dir, TRAINER_STATE)) as f:
-        return TrainerState(**json.load(f))
+        return CheckpointRecord(**json.load(f))
 
 
 def _deepspeed_safe_globals() -> list:
@@ -250,16 +285,16 @@ class Checkpointer:
         self.identity = identity
         self.run_info = run_info or {}
 
-    def save(self, engine, step: int, progress: dict) -> str:
-        """Save the engine, every RNG and ``progress`` (TrainerState's step, tokens, sampler, bad_steps)."""
-        check_finite(engine.module, step)
-        tag = tag_for(step)
+    def save(self, engine, state: TrainerState) -> str:
+        """Save the engine, every RNG and the trainer's ``state`` at its step."""
+        check_finite(engine.module, state.step)
+        tag = tag_for(state.step)
         tag_dir = os.path.join(self.dir, tag)
         if distributed.rank() == 0 and os.path.isdir(tag_dir):
             shutil.rmtree(tag_dir)  # a partial save of the same step from a crashed attempt
         distributed.barrier()
         try:
-            wrote = self._write(engine, tag_dir, progress)
+            wrote = self._write(engine, tag_dir, state)
             # each rank reports what it wrote (a listing by rank 0 can be stale on NFS), once all have
             files = {rel: size for own in distributed.gather_objects(wrote) for rel, size in own.items()}
             if distributed.rank() == 0:
@@ -275,7 +310,7 @@ class Checkpointer:
         distributed.barrier()
         return tag
 
-    def _write(self, engine, tag_dir: str, progress: dict) -> dict[str, int]:
+    def _write(self, engine, tag_dir: str, state: TrainerState) -> dict[str, int]:
         """This rank's part of a save: DeepSpeed's files, its RNG, and (rank 0) the trainer state;
         returns what it wrote (``sizes``)."""
         paths: list[str] = []
@@ -284,10 +319,9 @@ class Checkpointer:
         paths.append(os.path.join(tag_dir, f"rng_rank{distributed.rank()}.pt"))
         torch.save(rng_state(), paths[-1])
         if distributed.rank() == 0:
-            state = TrainerState(**progress, identity=self.identity, run=self.run_info,
-                                 world_size=distributed.world_size(), tag=os.path.basename(tag_dir))
+            record = state.record(self.identity, self.run_info, distributed.world_size(), os.path.basename(tag_dir))
             paths.append(os.path.join(tag_dir, TRAINER_STATE))
-            write_text(paths[-1], json.dumps(asdict(state), indent=2))
+            write_text(paths[-1], json.dumps(asdict(record), indent=2))
         return sizes(paths, tag_dir)
 
     def find_resumable(self) -> str | None:
@@ -315,29 +349,30 @@ class Checkpointer:
             view = (socket.gethostname(), None, str(e))
         return agreed_tag(distributed.gather_objects(view), self.dir)
 
-    def read_state(self, tag: str) -> TrainerState:
-        state = read_trainer_state(os.path.join(self.dir, tag))
+    def checked_record(self, tag: str) -> CheckpointRecord:
+        """``tag``'s record, refused in one line if it was written by a run of another identity."""
+        record = read_record(os.path.join(self.dir, tag))
         for key, value in self.identity.items():
-            if state.identity.get(key) != value:
+            if record.identity.get(key) != value:
                 raise CheckpointError(
-                    f"checkpoint {os.path.join(self.dir, tag)} was written with {key}={state.identity.get(key)!r}, "
+                    f"checkpoint {os.path.join(self.dir, tag)} was written with {key}={record.identity.get(key)!r}, "
                     f"this run has {value!r}; use another train.out_dir or the matching config")
-        return state
+        return record
 
-    def load(self, engine, tag: str) -> TrainerState:
-        """Restore engine, RNG and trainer state from ``tag``; returns the trainer state.
+    def load(self, engine, tag: str, state: TrainerState) -> None:
+        """Restore engine, RNG and the trainer's ``state`` from ``tag``.
 
         A checkpoint written by another number of ranks is converted once to DeepSpeed's universal
         format (``<tag>.universal``, per-parameter fp32 weights and Adam moments) and loaded from
         there, re-partitioned for this world size.
         """
-        state = self.read_state(tag)
+        record = self.checked_record(tag)
         load_tag = tag
-        universal = state.world_size != distributed.world_size()
+        universal = record.world_size != distributed.world_size()
         groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
         hyper = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "eps")} for g in groups]
         if universal:
-            load_tag = self._universal(tag, state.world_size)
+            load_tag = self._universal(tag, record.world_size)
             engine._config.load_universal_checkpoint = True
         try:
             with weights_only_loads():
@@ -359,9 +394,9 @@ class Checkpointer:
         if load_dir is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {load_tag} from {self.dir}")
         rng_path = os.path.join(self.dir, tag, f"rng_rank{distributed.rank()}.pt")
-        if state.world_size == distributed.world_size() and os.path.isfile(rng_path):
+        if record.world_size == distributed.world_size() and os.path.isfile(rng_path):
             set_rng_state(torch.load(rng_path, weights_only=True))
-        return state
+        state.restore(record)
 
     def _universal(self, tag: str, saved_by: int) -> str:
         """Convert ``tag`` (saved by ``saved_by`` ranks) to the universal format, once; returns the
@@ -390,23 +425,23 @@ class Checkpointer:
         return universal
 
 
-def saved_state(ckpt_dir: str) -> TrainerState | None:
-    """The trainer state of the newest whole checkpoint of ``ckpt_dir``, read before any process group
+def saved_record(ckpt_dir: str) -> CheckpointRecord | None:
+    """The record of the newest whole checkpoint of ``ckpt_dir``, read before any process group
     (None: nothing to resume); ``Checkpointer.agreed_resumable`` makes the ranks agree on it later."""
     for tag in tags_newest_first(ckpt_dir):
         if is_complete(os.path.join(ckpt_dir, tag)) is None:
-            return read_trainer_state(os.path.join(ckpt_dir, tag))
+            return read_record(os.path.join(ckpt_dir, tag))
     return None
 
 
-def owned_config_changes(state: TrainerState, cfg: RunConfig, ckpt_dir: str) -> dict[str, tuple]:
+def owned_config_changes(record: CheckpointRecord, cfg: RunConfig, ckpt_dir: str) -> dict[str, tuple]:
     """A run owns its config: the keys a relaunch changed, as ``key → (old, new)``, if all are safe to
     change (``config.SAFE_TO_CHANGE``); a change to what is trained is refused in one line naming the keys."""
-    refused, allowed = config_changes(run_config_from_dict(state.run["config"]), cfg)
+    refused, allowed = config_changes(run_config_from_dict(record.run["config"]), cfg)
     if refused:
         changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
         raise CheckpointError(
-            f"{ckpt_dir} was trained to step {state.step} with another config ({changes}): a resumed run keeps its "
+            f"{ckpt_dir} was trained to step {record.step} with another config ({changes}): a resumed run keeps its "
             f"own config, so re-run with the old values; to train on from it with the new ones on purpose, start a "
             f"new run from it: train.init_from={ckpt_dir} (instead of student.path/config/init_from_teacher) "
             "and another train.out_dir")

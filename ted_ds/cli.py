@@ -23,8 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from data_prep.errors import UserError, run_cli
+
+if TYPE_CHECKING:
+    from ted_ds.trainer import FitResult
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped on a signal after saving; run the same command again to resume
 
@@ -132,14 +136,14 @@ def _run_config(args: argparse.Namespace):
     return load_run_config(args.config, [*args.overrides, *trust])
 
 
-def finished_line(recipe: str, result: dict, out_dir: str) -> str:
+def finished_line(recipe: str, result: FitResult, out_dir: str) -> str:
     """What a finished launch says: what it trained, or that the run had finished before it started."""
-    if result["finished_before"]:
-        return (f"{recipe} in {out_dir} had already finished at step {result['step']}: nothing to train (outputs "
-                f"in {result['output']}); to train on from it, start a new run with "
+    if result.finished_before:
+        return (f"{recipe} in {out_dir} had already finished at step {result.step}: nothing to train (outputs "
+                f"in {result.output}); to train on from it, start a new run with "
                 f"train.init_from={os.path.join(out_dir, 'checkpoints', recipe)} and another train.out_dir")
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k in ("loss/total", "eval/ppl"))
-    return f"{recipe} finished at step {result['step']} ({summary}); wrote {result['output']}"
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k in ("loss/total", "eval/ppl"))
+    return f"{recipe} finished at step {result.step} ({summary}); wrote {result.output}"
 
 
 def run_training(args: argparse.Namespace) -> int:
@@ -151,10 +155,10 @@ def run_training(args: argparse.Namespace) -> int:
     cfg = _run_config(args)
     with distributed.collective_errors(cfg.train.timeout_minutes):
         recipe, _, result = run_recipe(cfg, Job.learning_filters_of(getattr(args, "model", None)))
-        if distributed.rank() == 0 and not result["stopped"]:
+        if distributed.rank() == 0 and not result.stopped:
             print(f"ted-ds: {finished_line(recipe.name, result, cfg.train.out_dir)}", file=sys.stderr)
         distributed.shutdown()
-    return EXIT_RESUMABLE if result["stopped"] else 0
+    return EXIT_RESUMABLE if result.stopped else 0
 
 
 def run_cache(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """The one place that builds DeepSpeed engines: the trained module (ZeRO-3) and the frozen side.
 
 * ``resolve_ds_config`` fills a ds_configs/ JSON from the run config ("auto") and refuses values
-  that disagree with it, so batch size, accumulation, clipping and LR have one source of truth.
+  that disagree with it, so batch size, accumulation, clipping and LR have one source of truth; it
+  returns ``DeepSpeedSettings``, the JSON with the compute dtype it sets.
 * ``build_trained_engine`` puts the trained module (student + its filters, or a filter bank in
   stage 1) under ``deepspeed.initialize`` with our AdamW (or the JSON's optimizer) and the schedule
   of ted_ds.optim.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -38,8 +40,29 @@ def _fill(section: dict, key: str, value, where: str) -> None:
                           f'set it to "auto" or change the run config')
 
 
-def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
-    """The DeepSpeed config for this run, with derived values filled and checked."""
+def compute_dtype(ds: dict) -> torch.dtype:
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """The run's DeepSpeed config and the compute dtype it sets, resolved once (``resolve_ds_config``):
+    what builds the engines, places the teacher and checks capacity reads, none re-deriving the dtype."""
+
+    config: dict  # DeepSpeed's JSON as deepspeed.initialize takes it
+    dtype: torch.dtype  # the models' compute dtype: bf16 / fp16 as the config enables, else fp32
+
+    @classmethod
+    def of(cls, config: dict) -> DeepSpeedSettings:
+        return cls(config, compute_dtype(config))
+
+
+def resolve_ds_config(cfg: RunConfig, world_size: int) -> DeepSpeedSettings:
+    """The DeepSpeed settings of this run: its JSON with derived values filled and checked."""
     path = cfg.train.deepspeed_config
     if not os.path.isfile(path):
         raise ConfigError(f"DeepSpeed config not found: {path}")
@@ -69,15 +92,7 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
                           "zero_optimization.stage3_param_persistence_threshold above its largest tensor)")
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
-    return ds
-
-
-def compute_dtype(ds: dict) -> torch.dtype:
-    if ds.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
+    return DeepSpeedSettings.of(ds)
 
 
 def frozen_ds_config(ds: dict) -> dict:
@@ -91,17 +106,17 @@ def frozen_ds_config(ds: dict) -> dict:
     return frozen
 
 
-def build_trained_engine(cfg: RunConfig, module: nn.Module, ds: dict, total_steps: int):
+def build_trained_engine(cfg: RunConfig, module: nn.Module, ds: DeepSpeedSettings, total_steps: int):
     import deepspeed
 
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg.optim, total_steps))
-    check_dtype(module, compute_dtype(ds), "the trained parameters", trained_only=True)
+    check_dtype(module, ds.dtype, "the trained parameters", trained_only=True)
     groups = param_groups(module, cfg.optim.weight_decay)
     optimizer = None
-    if "optimizer" not in ds:
+    if "optimizer" not in ds.config:
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, model_parameters=groups,
-                                      lr_scheduler=schedule, config=ds)
+                                      lr_scheduler=schedule, config=ds.config)
     return engine
 
 
@@ -110,7 +125,7 @@ def compiled(cfg: RunConfig, model: nn.Module, zero3: bool = False) -> nn.Module
     return compile_blocks(model, zero3) if cfg.train.compile_blocks else model
 
 
-def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_logits: bool, ds: dict,
+def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_logits: bool, ds: DeepSpeedSettings,
                  document_eos: int | None = None, vocab: int | None = None) -> Teacher:
     """Place a frozen model by ``teacher.placement``; ``load_model(dtype=, device=, zero_config=)``
     reads its weights straight into the rank's share: a whole copy on the device (replicated), this
@@ -118,7 +133,7 @@ def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_lo
     documents stay apart (``data.document_attention``, see ted_ds.documents).  ``vocab``: logits keep
     only the tokenizer's ids (a head padded past them drops its extra rows before KD and top-k)."""
     placement = cfg.teacher.placement
-    dtype, device = compute_dtype(ds), distributed.device()
+    dtype, device = ds.dtype, distributed.device()
     if filters is not None:
         filters = filters.to(device, dtype)
     t = cfg.teacher
@@ -131,7 +146,7 @@ def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_lo
     if placement == "zero3":
         import deepspeed
 
-        fds = frozen_ds_config(ds)
+        fds = frozen_ds_config(ds.config)
         model = compiled(cfg, load_model(dtype=dtype, zero_config=fds), zero3=True)
         frozen = FrozenLM(model, layers, filters, need_logits, documents=for_model(model, document_eos, dtype),
                           **logits)

@@ -17,7 +17,7 @@ from torch import nn
 
 from data_prep.fileio import atomically
 from ted_ds import distributed
-from ted_ds.checkpoint import read_trainer_state, resolve_checkpoint, weights_only_loads
+from ted_ds.checkpoint import read_record, resolve_checkpoint, weights_only_loads
 from ted_ds.config import DataConfig, data_config
 from ted_ds.errors import CheckpointError
 from ted_ds.filters import model_record, save_filter_bank
@@ -177,7 +177,7 @@ def export_checkpoint(path: str, out: str | None, tag: str | None = None, dtype:
                       filters_out: str | None = None, tokenizer: str | None = None) -> list[str]:
     """Checkpoint → HF directory (student only) and/or filter bank. No GPU, no process group."""
     ckpt_dir, tag = resolve_checkpoint(path, tag)
-    run = read_trainer_state(os.path.join(ckpt_dir, tag)).run
+    run = read_record(os.path.join(ckpt_dir, tag)).run
     state = consolidated_state(ckpt_dir, tag)
     done = []
     is_bank = not any(k.startswith("model.") for k in state)

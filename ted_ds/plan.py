@@ -32,7 +32,7 @@ from ted_ds.architectures import (
     vocab_size,
     with_attention,
 )
-from ted_ds.checkpoint import distill_recipe, holds_student, read_trainer_state, resolve_checkpoint
+from ted_ds.checkpoint import distill_recipe, holds_student, read_record, resolve_checkpoint
 from ted_ds.config import DataConfig, RunConfig
 from ted_ds.crosstok import CrossTokenizer, load_cross_tokenizer
 from ted_ds.documents import check_document_attention, check_trainable_attention
@@ -261,8 +261,8 @@ def learned_on(cfg: RunConfig, student_config, side: str) -> dict:
         return model_record(start)
     if start:  # a checkpoint: its record of the run and step is what names it
         ckpt_dir, tag = resolve_checkpoint(start, None)
-        state = read_trainer_state(os.path.join(ckpt_dir, tag))
-        return {"name": os.path.join(ckpt_dir, tag), "digest": _digest(dataclasses.asdict(state))}
+        record = read_record(os.path.join(ckpt_dir, tag))
+        return {"name": os.path.join(ckpt_dir, tag), "digest": _digest(dataclasses.asdict(record))}
     if s.init_from_teacher is not None:
         return {"name": f"blocks {s.init_from_teacher} of {os.path.abspath(t.path)}",
                 "digest": _digest(fingerprint(t.path), s.init_from_teacher)}
@@ -337,7 +337,7 @@ def init_from_config(path: str, trust_remote_code: bool):
     if is_hf_dir(path):
         return load_hf_config(path, trust_remote_code)
     ckpt_dir, tag = resolve_checkpoint(path, None)
-    run = read_trainer_state(os.path.join(ckpt_dir, tag)).run
+    run = read_record(os.path.join(ckpt_dir, tag)).run
     if not run.get("student_config") or not holds_student(ckpt_dir):
         raise ConfigError(f"train.init_from: {ckpt_dir}/{tag} is not a distill checkpoint (no student in it)")
     return AutoConfig.for_model(**run["student_config"])

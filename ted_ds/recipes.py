@@ -19,7 +19,7 @@ from torch import nn
 from ted_ds import distributed
 from ted_ds.architectures import hidden_size, meta_model, vocab_size
 from ted_ds.data import MicroBatch
-from ted_ds.engine import build_frozen, build_trained_engine, compiled, compute_dtype
+from ted_ds.engine import DeepSpeedSettings, build_frozen, build_trained_engine, compiled
 from ted_ds.export import save_bank, save_student
 from ted_ds.filters import FilterBank
 from ted_ds.heads import TaskHead
@@ -103,10 +103,10 @@ class DistillModule(TrainModule):
         return save_student(self.trained_model, self.plan.student_config, tokenizer_dir, out_dir, cfg.data.seq_len)
 
 
-def build_distill(p: Plan, ds: dict) -> DistillModule:
+def build_distill(p: Plan, ds: DeepSpeedSettings) -> DistillModule:
     """Stage 2 (ted), or a baseline (lwd, kd, lm), by ``distill.method``."""
     cfg = p.cfg
-    trained, teacher_filters = distill_modules(p, dtype=compute_dtype(ds), zero_config=ds)
+    trained, teacher_filters = distill_modules(p, dtype=ds.dtype, zero_config=ds.config)
     if cfg.student.activation_checkpointing:
         trained.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compiled(cfg, trained.model, zero3=True)  # the student is always ZeRO-3 (resolve_ds_config)
@@ -184,7 +184,7 @@ class FilterModule(TrainModule):
         return save_bank(self.trained_filters, self.bank_out or os.path.join(out_dir, self.name))
 
 
-def build_filter_learning(p: Plan, ds: dict, job: Job) -> FilterModule:
+def build_filter_learning(p: Plan, ds: DeepSpeedSettings, job: Job) -> FilterModule:
     """Stage 1 of ``job``: the filters of its model (``FilterModule``)."""
     cfg, which = p.cfg, job.filters_of
     if which == "teacher":
@@ -193,8 +193,8 @@ def build_filter_learning(p: Plan, ds: dict, job: Job) -> FilterModule:
         layers, conf, load = p.student_layers, p.student_config, functools.partial(load_student, p)
     bank = FilterBank(cfg.distill.filter, hidden_size(conf), p.filter_dim, layers, seed=cfg.train.seed,
                       model=p.models[which])
-    bank = bank.to(compute_dtype(ds))  # initialised in fp32 (the same draws in any precision), trained in the run's
-    head = TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code, compute_dtype(ds), distributed.device(),
+    bank = bank.to(ds.dtype)  # initialised in fp32 (the same draws in any precision), trained in the run's
+    head = TaskHead(cfg.teacher.path, cfg.teacher.trust_remote_code, ds.dtype, distributed.device(),
                     p.manifest["vocab_size"])
     trainable = cfg.distill.filter_head == "trainable"
     engine = build_trained_engine(cfg, FiltersWithHeads(bank, head) if trainable else bank, ds, p.total_steps)
@@ -209,7 +209,7 @@ def build_filter_learning(p: Plan, ds: dict, job: Job) -> FilterModule:
                         trainable, cfg.distill.filters_out)
 
 
-def build_recipe(p: Plan, ds: dict, job: Job) -> TrainModule:
+def build_recipe(p: Plan, ds: DeepSpeedSettings, job: Job) -> TrainModule:
     """The recipe of ``job``, in training mode."""
     recipe = build_distill(p, ds) if job is Job.DISTILL else build_filter_learning(p, ds, job)
     recipe.engine.train()  # dropout on from the first step (from_pretrained hands models over in eval mode)

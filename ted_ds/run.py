@@ -9,19 +9,20 @@ from __future__ import annotations
 import os
 import random
 import sys
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from ted_ds import distributed
 from ted_ds.capacity import check_fits
-from ted_ds.checkpoint import Checkpointer, TrainerState, owned_config_changes, saved_state
+from ted_ds.checkpoint import Checkpointer, CheckpointRecord, owned_config_changes, saved_record
 from ted_ds.config import RunConfig, save_config, to_dict
-from ted_ds.engine import resolve_ds_config
+from ted_ds.engine import DeepSpeedSettings, resolve_ds_config
 from ted_ds.launch import check_world
 from ted_ds.plan import Job, Plan, plan, recipe_name
 from ted_ds.recipes import TrainModule, build_recipe
-from ted_ds.trainer import StopSignal, fit
+from ted_ds.trainer import FitResult, StopSignal, fit
 
 
 def seed_everything(seed: int) -> None:
@@ -30,16 +31,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[Plan, dict]:
+def setup(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[Plan, DeepSpeedSettings]:
     """Everything before a recipe is built: check the run against its files, ranks and devices, start
-    the process group, seed.  Returns the plan and the resolved DeepSpeed config."""
+    the process group, seed.  Returns the plan and the resolved DeepSpeed settings."""
     p, ds = checked_plan(cfg, job)
     start_group(p)
     return p, ds
 
 
-def checked_plan(cfg: RunConfig, job: Job) -> tuple[Plan, dict]:
-    """The plan and the resolved DeepSpeed config, the run checked against its files, ranks and devices.
+def checked_plan(cfg: RunConfig, job: Job) -> tuple[Plan, DeepSpeedSettings]:
+    """The plan and the resolved DeepSpeed settings, the run checked against its files, ranks and devices.
 
     Every check happens before the process group, and the rank's GPU is chosen from its launcher's
     variables before the first thing that touches CUDA (the free-memory check)."""
@@ -77,12 +78,12 @@ def checkpoint_dir(cfg: RunConfig, recipe: str) -> str:
     return os.path.join(cfg.train.out_dir, "checkpoints", recipe)
 
 
-def owned_config(cfg: RunConfig, job: Job) -> tuple[TrainerState | None, dict[str, tuple]]:
-    """Before the process group: the state of the job's checkpoint this launch would resume (None: it starts
+def owned_config(cfg: RunConfig, job: Job) -> tuple[CheckpointRecord | None, dict[str, tuple]]:
+    """Before the process group: the record of the job's checkpoint this launch would resume (None: it starts
     afresh) and the safe config changes it makes (``checkpoint.owned_config_changes`` refuses the others)."""
     ckpt_dir = checkpoint_dir(cfg, recipe_name(cfg.distill.method, job))
-    state = saved_state(ckpt_dir)
-    return state, owned_config_changes(state, cfg, ckpt_dir) if state is not None else {}
+    record = saved_record(ckpt_dir)
+    return record, owned_config_changes(record, cfg, ckpt_dir) if record is not None else {}
 
 
 def record_config(cfg: RunConfig, recipe: str) -> None:
@@ -92,8 +93,8 @@ def record_config(cfg: RunConfig, recipe: str) -> None:
     save_config(cfg, os.path.join(cfg.train.out_dir, f"config-{recipe}.yaml"))
 
 
-def run_recipe(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[TrainModule, Plan, dict]:
-    """A whole command of ``job``; returns the recipe, its plan and the last metrics (with ``output``,
+def run_recipe(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[TrainModule, Plan, FitResult]:
+    """A whole command of ``job``; returns the recipe, its plan and what training gave (with ``output``,
     the path the recipe saved, unless a signal stopped the run first)."""
     stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step
     p, ds = checked_plan(cfg, job)
@@ -103,6 +104,6 @@ def run_recipe(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[TrainModule, Pla
     if distributed.rank() == 0 and resumed is None:
         record_config(cfg, recipe.name)
     result = fit(recipe, p, checkpointer(recipe, p), stop, changed)
-    if not result["stopped"]:
-        result["output"] = recipe.save_outputs(cfg.train.out_dir)
+    if not result.stopped:
+        result = replace(result, output=recipe.save_outputs(cfg.train.out_dir))
     return recipe, p, result

@@ -24,7 +24,7 @@ from torch.autograd.profiler import record_function
 
 from ted_ds import distributed
 from ted_ds.cache.ahead import RowsAhead
-from ted_ds.checkpoint import Checkpointer
+from ted_ds.checkpoint import Checkpointer, TrainerState
 from ted_ds.crosstok import CrossTokenizer
 from ted_ds.data import (
     Blend,
@@ -295,25 +295,9 @@ def cached_rows(p: Plan) -> RowsAhead | None:
                                cfg.teacher.logits_topk, tail=cfg.tail_temperature is not None))
 
 
-@dataclass
-class Progress:
-    """The loop's counters; all but ``bad_in_a_row`` are saved with every checkpoint."""
-
-    step: int = 0
-    tokens: int = 0
-    bad_steps: int = 0
-    bad_in_a_row: int = 0
-
-    def advance(self, tokens: int, skipped: bool) -> None:
-        self.step += 1
-        self.tokens += tokens
-        self.bad_steps += skipped
-        self.bad_in_a_row = self.bad_in_a_row + 1 if skipped else 0
-
-
-def report_skipped(progress: Progress, max_bad_steps: int, log: MetricsLogger) -> None:
+def report_skipped(state: TrainerState, max_bad_steps: int, log: MetricsLogger) -> None:
     """Say that the last step was skipped; too many in a row stop the run (the last good checkpoint is kept)."""
-    step, in_a_row = progress.step, progress.bad_in_a_row
+    step, in_a_row = state.step, state.bad_in_a_row
     log.message(f"ted-ds: step {step}: non-finite loss, optimizer step skipped ({in_a_row} in a row)")
     if in_a_row >= max_bad_steps:
         raise TrainingError(f"{in_a_row} steps in a row with a non-finite loss (train.max_bad_steps), "
@@ -321,31 +305,23 @@ def report_skipped(progress: Progress, max_bad_steps: int, log: MetricsLogger) -
                             "the data, then re-run to resume")
 
 
-def resume(recipe: TrainModule, checkpointer: Checkpointer,
-           sampler: ConsumedSamplesSampler) -> tuple[Progress, str | None]:
-    """Engine, sampler and counters from the latest resumable checkpoint, if any; returns its tag."""
+def resume(recipe: TrainModule, checkpointer: Checkpointer, state: TrainerState) -> str | None:
+    """Engine and ``state`` from the latest resumable checkpoint, if any; returns its tag."""
     tag = checkpointer.agreed_resumable()
-    if tag is None:
-        return Progress(), None
-    state = checkpointer.load(recipe.engine, tag)
-    sampler.load_state_dict(state.sampler)
-    return Progress(state.step, state.tokens, state.bad_steps), tag
+    if tag is not None:
+        checkpointer.load(recipe.engine, tag, state)
+    return tag
 
 
-def save(recipe: TrainModule, checkpointer: Checkpointer, progress: Progress, sampler: ConsumedSamplesSampler) -> None:
-    checkpointer.save(recipe.engine, progress.step, {"step": progress.step, "tokens": progress.tokens,
-                                                    "bad_steps": progress.bad_steps, "sampler": sampler.state_dict()})
-
-
-def step_metrics(recipe: TrainModule, sums: dict[str, torch.Tensor], lr: float, progress: Progress, tokens_per_s: float,
-                 peak_flops: float | None) -> dict:
+def step_metrics(recipe: TrainModule, sums: dict[str, torch.Tensor], lr: float, state: TrainerState,
+                 tokens_per_s: float, peak_flops: float | None) -> dict:
     """What a logged step reports: the loss terms averaged over ranks, the loss weights of the step, LR,
     throughput, MFU, grad norm."""
     losses = distributed.all_reduce_mean({k: v.item() for k, v in sums.items()})
     out = {f"loss/{k}" if k != "loss" else "loss/total": v for k, v in losses.items()}
-    out.update({f"weight/{k}": v for k, v in recipe.weights_at(progress.step - 1).items()})
+    out.update({f"weight/{k}": v for k, v in recipe.weights_at(state.step - 1).items()})
     grad_norm = recipe.engine.get_global_grad_norm()
-    out.update({"lr": lr, "tokens": progress.tokens, "tokens_per_s": tokens_per_s, "bad_steps": progress.bad_steps,
+    out.update({"lr": lr, "tokens": state.tokens, "tokens_per_s": tokens_per_s, "bad_steps": state.bad_steps,
                 "grad_norm": float(grad_norm) if grad_norm is not None else math.nan})
     if peak_flops is not None:  # None: a GPU without a datasheet peak (ted_ds.metrics.device_peak_flops)
         out["mfu"] = tokens_per_s * recipe.flops_per_token / peak_flops
@@ -358,20 +334,32 @@ def due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
+@dataclass(frozen=True)
+class FitResult:
+    """What ``fit`` returns, and ``run.run_recipe`` with the path of the outputs it saved."""
+
+    metrics: dict[str, float]  # the last logged step's metrics and eval scores (empty: nothing was trained)
+    step: int  # the step reached
+    stopped: bool  # a signal stopped the run before its last step (a re-run resumes)
+    finished_before: bool  # the run had reached its last step before this launch (nothing trained)
+    output: str | None = None  # what the recipe saved once trained (run_recipe); None when stopped
+
+
 def fit(recipe: TrainModule, p: Plan, checkpointer: Checkpointer, stop: StopSignal,
-        changed: dict[str, tuple] | None = None) -> dict:
-    """Train ``recipe`` (from recipes.build_recipe) to ``p.total_steps``; returns the last logged metrics,
-    with ``finished_before``: the run had reached its last step before this launch (nothing trained).
-    ``changed``: the safe config keys this launch changed (run.owned_config), recorded on resume."""
+        changed: dict[str, tuple] | None = None) -> FitResult:
+    """Train ``recipe`` (from recipes.build_recipe) to ``p.total_steps``; returns the last logged metrics and
+    where the run stands (``FitResult``).  ``changed``: the safe config keys this launch changed
+    (run.owned_config), recorded on resume."""
     cfg, total = p.cfg, p.total_steps
     per_source = cfg.data.sources is not None  # data.path alone logs what it always did
     data = training_data(p)
-    progress, tag = resume(recipe, checkpointer, data.sampler)
-    log = MetricsLogger(cfg.train.out_dir, distributed.rank() == 0, total, progress.step, cfg.train.progress,
+    state = TrainerState(data.sampler)
+    tag = resume(recipe, checkpointer, state)
+    log = MetricsLogger(cfg.train.out_dir, distributed.rank() == 0, total, state.step, cfg.train.progress,
                         recipe.name)
     if tag is not None:
-        log.resumed(tag, progress.step, data.sampler.consumed, changed or {})
-    finished_before = progress.step >= total
+        log.resumed(tag, state.step, state.sampler.consumed, changed or {})
+    finished_before = state.step >= total
     dtype = next(recipe.trained_model.parameters()).dtype  # the run's compute dtype (engine.check_dtype)
     peak = device_peak_flops(cfg.train.peak_tflops, distributed.device(), dtype)
     peak = peak * distributed.world_size() if peak is not None else None
@@ -379,38 +367,38 @@ def fit(recipe: TrainModule, p: Plan, checkpointer: Checkpointer, stop: StopSign
     last: dict = {}
     window_time, window_steps = 0.0, 0  # training time only: evaluation and saving excluded
 
-    while progress.step < total:
+    while state.step < total:
         start = time.perf_counter()
         lr = recipe.engine.get_lr()[0]  # this step's (the scheduler moves on inside the step)
-        sums, skipped = train_step(recipe, data.next_batch(), progress.step + 1, cfg.train.inject_nan_steps)
-        progress.advance(tokens_per_step, skipped)
+        sums, skipped = train_step(recipe, data.next_batch(), state.step + 1, cfg.train.inject_nan_steps)
+        state.advance(tokens_per_step, skipped)
         if skipped:
-            report_skipped(progress, cfg.train.max_bad_steps, log)
+            report_skipped(state, cfg.train.max_bad_steps, log)
         window_steps += 1
         window_time += time.perf_counter() - start
 
-        if due(progress.step, cfg.train.log_interval, total):
-            last = step_metrics(recipe, sums, lr, progress, window_steps * tokens_per_step / window_time, peak)
+        if due(state.step, cfg.train.log_interval, total):
+            last = step_metrics(recipe, sums, lr, state, window_steps * tokens_per_step / window_time, peak)
             if per_source:
                 last.update(source_counts(data.sampler))
-            log.log(progress.step, last)
+            log.log(state.step, last)
             window_time, window_steps = 0.0, 0
-        evaluating = due(progress.step, cfg.train.eval_interval, total) or progress.step in cfg.train.eval_steps
+        evaluating = due(state.step, cfg.train.eval_interval, total) or state.step in cfg.train.eval_steps
         if data.valid and evaluating:
             scores = evaluate_sources(recipe, data.valid, dict(zip(data.blend.names, data.blend.weights)),
                                       cfg.data.eval_samples, cfg.train.micro_batch_size, per_source, data.valid_bytes)
             last.update(scores)
-            log.log(progress.step, scores)
+            log.log(state.step, scores)
             bpb = f", bits/byte {scores['eval/bits_per_byte']:.4f}" if "eval/bits_per_byte" in scores else ""
-            log.message(f"step {progress.step}: eval loss {scores['eval/loss']:.4f}, ppl {scores['eval/ppl']:.2f}{bpb}")
-        log.advance(progress.step, f"loss {float(sums['loss']):.4f} (rank 0)")
+            log.message(f"step {state.step}: eval loss {scores['eval/loss']:.4f}, ppl {scores['eval/ppl']:.2f}{bpb}")
+        log.advance(state.step, f"loss {float(sums['loss']):.4f} (rank 0)")
         stopping = stop.agreed()
-        if due(progress.step, cfg.train.save_interval, total) or stopping:
-            save(recipe, checkpointer, progress, data.sampler)
+        if due(state.step, cfg.train.save_interval, total) or stopping:
+            checkpointer.save(recipe.engine, state)
             stopping = stopping or stop.agreed()  # a signal during the save: this checkpoint is the last
         if stopping:
-            log.message(f"ted-ds: {stopping} received; saved step {progress.step} and exiting "
+            log.message(f"ted-ds: {stopping} received; saved step {state.step} and exiting "
                         "(re-run the same command to resume)")
             break
     log.close()
-    return dict(last, step=progress.step, stopped=progress.step < total, finished_before=finished_before)
+    return FitResult(last, state.step, stopped=state.step < total, finished_before=finished_before)

@@ -41,6 +41,30 @@ def test_rng_file_restores_every_generator_and_warns_on_another_device_count(tmp
     assert _same(_draws(), first)
 
 
+def test_trainer_state_is_saved_as_trainer_state_json_always_was_and_restored_from_it(tmp_path):
+    """The loop's ``TrainerState`` goes into ``trainer_state.json`` with the file's keys in their order, and
+    comes back whole from a file as earlier versions wrote it (no ``bad_steps`` before those were counted):
+    counters, and the sampler at the position that deals the same next batch."""
+    import json
+    from dataclasses import asdict
+
+    from ted_ds.checkpoint import TrainerState, read_record
+    from ted_ds.data import ConsumedSamplesSampler
+
+    sampler = lambda: ConsumedSamplesSampler(64, 4, 2, 0, 2, seed=3)
+    trained = TrainerState(sampler(), step=6, tokens=6 * 512, bad_steps=1, bad_in_a_row=1)
+    for _ in range(6):
+        trained.sampler.next_batch()
+    record = asdict(trained.record({"recipe": "distill-kd"}, {"config": {}}, 2, "step-00000006"))
+    assert list(record) == ["step", "tokens", "sampler", "identity", "run", "world_size", "tag", "bad_steps"]
+    assert record["sampler"]["consumed_samples"] == 24 and record["bad_steps"] == 1
+    (tmp_path / "trainer_state.json").write_text(json.dumps({k: v for k, v in record.items() if k != "bad_steps"}))
+    resumed = TrainerState(sampler(), bad_in_a_row=2)
+    resumed.restore(read_record(str(tmp_path)))
+    assert (resumed.step, resumed.tokens, resumed.bad_steps, resumed.bad_in_a_row) == (6, 6 * 512, 0, 0)
+    assert resumed.sampler.next_batch() == trained.sampler.next_batch()
+
+
 def test_ranks_agree_on_the_checkpoint_or_name_the_hosts_that_cannot_see_it():
     """What every rank sees, gathered: one tag for all, or one line, the same on every rank."""
     from ted_ds.checkpoint import agreed_tag
@@ -83,7 +107,8 @@ def _save_with_a_stale_listing(rank: int, port: int, ckpt_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from ted_ds.checkpoint import Checkpointer
+    from ted_ds.checkpoint import Checkpointer, TrainerState
+    from ted_ds.data import ConsumedSamplesSampler
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
@@ -92,7 +117,7 @@ def _save_with_a_stale_listing(rank: int, port: int, ckpt_dir: str) -> None:
         os.listdir = lambda path=".": [n for n in listdir(path) if "rank_1" not in n and "rank1" not in n]
         os.walk = lambda top, **kw: ((d, sub, [n for n in files if "rank_1" not in n and "rank1" not in n])
                                      for d, sub, files in walk(top, **kw))
-    Checkpointer(ckpt_dir, 2, {}).save(_Engine(rank), 3, {"step": 3, "tokens": 0, "sampler": {}})
+    Checkpointer(ckpt_dir, 2, {}).save(_Engine(rank), TrainerState(ConsumedSamplesSampler(8, 4, 2, rank, 2, 0), step=3))
     dist.destroy_process_group()
 
 
@@ -134,7 +159,7 @@ def _resume_from_node_local_disks(rank: int, port: int, root: str, outcomes) -> 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=30))
     try:
-        tag = resume(SimpleNamespace(engine=None), Checkpointer(os.path.join(root, f"disk{rank}"), 2, {}), None)[1]
+        tag = resume(SimpleNamespace(engine=None), Checkpointer(os.path.join(root, f"disk{rank}"), 2, {}), None)
         outcomes.put((rank, f"resumed from {tag}"))
     except CheckpointError as e:
         outcomes.put((rank, str(e)))

@@ -14,7 +14,7 @@ def test_a_trained_module_of_mixed_dtypes_is_refused_in_one_line_before_deepspee
 
     import torch
 
-    from ted_ds.engine import build_trained_engine, resolve_ds_config
+    from ted_ds.engine import DeepSpeedSettings, build_trained_engine, resolve_ds_config
     from ted_ds.errors import TrainingError
 
     cfg = load_run_config(write_config(str(tmp_path / "c.yaml"), **base_config(tiny["llama_data"],
@@ -27,6 +27,6 @@ def test_a_trained_module_of_mixed_dtypes_is_refused_in_one_line_before_deepspee
         build_trained_engine(cfg, module, ds, 1)
     assert str(e.value) == ("the trained parameters must be all float32, the run's compute dtype, but "
                             "filters.weight (bfloat16), filters.bias (bfloat16) are not")
-    ds = json.loads(json.dumps(ds)) | {"bf16": {"enabled": True}}
+    ds = DeepSpeedSettings.of(json.loads(json.dumps(ds.config)) | {"bf16": {"enabled": True}})
     with pytest.raises(TrainingError, match=r"but student\.weight \(float32\) is not$"):
         build_trained_engine(cfg, module, ds, 1)

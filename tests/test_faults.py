@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from harness.common import REPO, deepspeed_cmd, needs, record_fault, run_launcher
 from harness.tiny import base_config, damage_token, write_config
-from ted_ds.checkpoint import Checkpointer
+from ted_ds.checkpoint import Checkpointer, TrainerState
+from ted_ds.data import ConsumedSamplesSampler
 from ted_ds.errors import TrainingError
 from ted_ds.export import consolidated_state
 
@@ -141,7 +142,7 @@ def test_weights_with_nan_are_never_saved(tmp_path):
         module.weight[0, 1] = math.inf
     ckpt = Checkpointer(str(tmp_path / "ckpt"), keep_last=2, identity={})
     with pytest.raises(TrainingError, match="step 7: the weights hold NaN/inf; not saving them"):
-        ckpt.save(_Engine(module), 7, {"step": 7})
+        ckpt.save(_Engine(module), TrainerState(ConsumedSamplesSampler(8, 4, 2, 0, 1, 0), step=7))
     assert not os.path.exists(tmp_path / "ckpt")
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from harness.tiny import base_config, write_config
-from ted_ds.checkpoint import TrainerState, owned_config_changes
+from ted_ds.checkpoint import CheckpointRecord, owned_config_changes
 from ted_ds.config import SAFE_TO_CHANGE, config_changes, flat_config, load_run_config, to_dict
 from ted_ds.errors import CheckpointError
 from ted_ds.metrics import MetricsLogger
@@ -45,9 +45,9 @@ def test_the_safe_keys_are_real_keys(tmp_path):
     assert SAFE_TO_CHANGE <= set(flat_config(_config(tmp_path)))
 
 
-def _state(cfg) -> TrainerState:
-    return TrainerState(step=60, tokens=0, sampler={}, identity={}, run={"config": to_dict(cfg)}, world_size=2,
-                        tag="step-00000060")
+def _state(cfg) -> CheckpointRecord:
+    return CheckpointRecord(step=60, tokens=0, sampler={}, identity={}, run={"config": to_dict(cfg)}, world_size=2,
+                            tag="step-00000060")
 
 
 def test_a_resume_refusal_is_one_line_naming_every_key_and_the_way_on(tmp_path):

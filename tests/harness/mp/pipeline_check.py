@@ -31,7 +31,7 @@ from harness.tiny import packed_documents, span_difference  # noqa: E402
 from ted_ds import distributed  # noqa: E402
 from ted_ds.architectures import decoder_layers, final_norm, load_hf_config  # noqa: E402
 from ted_ds.documents import attn_implementation  # noqa: E402
-from ted_ds.engine import build_frozen  # noqa: E402
+from ted_ds.engine import DeepSpeedSettings, build_frozen  # noqa: E402
 from ted_ds.errors import DistributedError  # noqa: E402
 from ted_ds.filters import load_filter_bank  # noqa: E402
 from ted_ds.models import load_teacher  # noqa: E402
@@ -123,8 +123,8 @@ def compare_documents(teacher_dir, results, stages, placements):
     teacher = SimpleNamespace(path=teacher_dir, trust_remote_code=False, logits_topk=0, logits_top_p=None,
                               logits_dtype="fp32", pipeline_stages=stages, pipeline_layers=None, pipeline_chunks=2,
                               attn_implementation="eager")
-    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-          "train_batch_size": 2 * distributed.world_size(), "zero_optimization": {"stage": 3}}
+    ds = DeepSpeedSettings.of({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                               "train_batch_size": 2 * distributed.world_size(), "zero_optimization": {"stage": 3}})
     for placement in placements:
         cfg = SimpleNamespace(teacher=SimpleNamespace(**vars(teacher), placement=placement),
                               train=SimpleNamespace(timeout_minutes=1.0, compile_blocks=False), tail_temperature=None)

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import traceback
+from dataclasses import asdict
 
 import torch
 
@@ -202,7 +203,8 @@ def run_scenario(scenario: dict, probes: list) -> dict:
         return {"line": build_cache(cfg, scenario["cache_out"], None, scenario["block_windows"])}
     probed, read_before = len(probes), WeightReader.process_total
     recipe, _, result = run.run_recipe(cfg, job)
-    record = {"result": {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}}
+    record = {"result": {k: v for k, v in {**result.metrics, **asdict(result)}.items()
+                         if isinstance(v, (int, float, str, bool))}}
     if len(probes) > probed:
         record["student"] = probes[-1].record()
     read = torch.tensor([float(WeightReader.process_total - read_before)])
