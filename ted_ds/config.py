@@ -438,8 +438,8 @@ class RunConfig:
 
 
 def _check_cross_tokenizer(cfg: RunConfig) -> None:
-    """distill.cross_tokenizer runs method kd or ted with a replicated teacher reading full logits; what else
-    would need the teacher's tokens (its cache, top-k, its placements, LWD's raw states, document masks) is not
+    """distill.cross_tokenizer runs method kd or ted with a replicated or ZeRO-3 teacher reading full logits; what
+    else would need the teacher's tokens (its cache, top-k, the pipeline, LWD's raw states, document masks) is not
     built."""
     t = cfg.teacher
     if cfg.distill.cross_tokenizer is None:
@@ -447,7 +447,7 @@ def _check_cross_tokenizer(cfg: RunConfig) -> None:
             raise ConfigError("teacher.tokenizer is for distill.cross_tokenizer: set it, or drop teacher.tokenizer")
         return
     unsupported = [("distill.method", cfg.distill.method, cfg.distill.method not in ("kd", "ted")),
-                   ("teacher.placement", t.placement, t.placement != "replicated"),
+                   ("teacher.placement", t.placement, t.placement == "pipeline"),
                    ("teacher.cache", t.cache, t.cache is not None),
                    ("teacher.logits_topk", t.logits_topk, t.logits_topk > 0),
                    ("teacher.logits_sampling", t.logits_sampling, t.logits_sampling != "topk"),
@@ -456,8 +456,8 @@ def _check_cross_tokenizer(cfg: RunConfig) -> None:
     refused = [(key, value) for key, value, bad in unsupported if bad]
     if refused:
         key, value = refused[0]
-        raise ConfigError(f"distill.cross_tokenizer works with distill.method kd or ted and a replicated teacher, "
-                          f"without teacher.cache, logits_topk, logits_sampling, data.document_attention or "
+        raise ConfigError(f"distill.cross_tokenizer works with distill.method kd or ted and a replicated or ZeRO-3 "
+                          f"teacher, without teacher.cache, logits_topk, logits_sampling, data.document_attention or "
                           f"student.init_from_teacher, so far; this run has {key} {value}")
     if cfg.distill.cross_tokenizer == "chunk_likelihood" and cfg.distill.divergence != "forward_kl":
         raise ConfigError(f"distill.divergence {cfg.distill.divergence} is for overlap_kl: chunk_likelihood matches "
