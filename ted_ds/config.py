@@ -236,7 +236,8 @@ class DistillConfig:
     own tokens, and in place of KD the student matches it on the text chunks both tokenizations share
     (ted_ds/crosstok.py, ted_ds/losses.py) — chunk_likelihood: each chunk's likelihood softened by distill.temperature,
     ALM's binary KL | overlap_kl: distill.divergence on the tokens both vocabularies spell alike,
-    where a chunk is one token on both sides. Method kd with a replicated teacher only, so far."""
+    where a chunk is one token on both sides; method ted adds its layer loss on states mean-pooled over those
+    chunks. Methods kd and ted, with a replicated or ZeRO-3 teacher, so far."""
     lwd_map_init: MapInit = "normal"
     """lwd: how its student map into the teacher's hidden space starts — normal: N(0, 0.02), as a fresh
     layer | identity: the identity (cut or zero-padded when the sizes differ; linear filter only), so the
