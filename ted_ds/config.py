@@ -236,7 +236,8 @@ class DistillConfig:
     own tokens, and in place of KD the student matches it on the text chunks both tokenizations share
     (ted_ds/crosstok.py, ted_ds/losses.py) — chunk_likelihood: each chunk's likelihood softened by distill.temperature,
     ALM's binary KL | overlap_kl: distill.divergence on the tokens both vocabularies spell alike,
-    where a chunk is one token on both sides. Method kd with a replicated teacher only, so far."""
+    where a chunk is one token on both sides; method ted adds its layer loss on states mean-pooled over those
+    chunks. Methods kd and ted, with a replicated or ZeRO-3 teacher, so far."""
     lwd_map_init: MapInit = "normal"
     """lwd: how its student map into the teacher's hidden space starts — normal: N(0, 0.02), as a fresh
     layer | identity: the identity (cut or zero-padded when the sizes differ; linear filter only), so the
@@ -438,15 +439,16 @@ class RunConfig:
 
 
 def _check_cross_tokenizer(cfg: RunConfig) -> None:
-    """distill.cross_tokenizer runs method kd with a replicated teacher reading full logits; what else would
-    need the teacher's tokens (its cache, top-k, its placements, TED's layers, document masks) is not built."""
+    """distill.cross_tokenizer runs method kd or ted with a replicated or ZeRO-3 teacher reading full logits; what
+    else would need the teacher's tokens (its cache, top-k, the pipeline, LWD's raw states, document masks) is not
+    built."""
     t = cfg.teacher
     if cfg.distill.cross_tokenizer is None:
         if t.tokenizer is not None:
             raise ConfigError("teacher.tokenizer is for distill.cross_tokenizer: set it, or drop teacher.tokenizer")
         return
-    unsupported = [("distill.method", cfg.distill.method, cfg.distill.method != "kd"),
-                   ("teacher.placement", t.placement, t.placement != "replicated"),
+    unsupported = [("distill.method", cfg.distill.method, cfg.distill.method not in ("kd", "ted")),
+                   ("teacher.placement", t.placement, t.placement == "pipeline"),
                    ("teacher.cache", t.cache, t.cache is not None),
                    ("teacher.logits_topk", t.logits_topk, t.logits_topk > 0),
                    ("teacher.logits_sampling", t.logits_sampling, t.logits_sampling != "topk"),
@@ -455,8 +457,8 @@ def _check_cross_tokenizer(cfg: RunConfig) -> None:
     refused = [(key, value) for key, value, bad in unsupported if bad]
     if refused:
         key, value = refused[0]
-        raise ConfigError(f"distill.cross_tokenizer works with distill.method kd and a replicated teacher, without "
-                          f"teacher.cache, logits_topk, logits_sampling, data.document_attention or "
+        raise ConfigError(f"distill.cross_tokenizer works with distill.method kd or ted and a replicated or ZeRO-3 "
+                          f"teacher, without teacher.cache, logits_topk, logits_sampling, data.document_attention or "
                           f"student.init_from_teacher, so far; this run has {key} {value}")
     if cfg.distill.cross_tokenizer == "chunk_likelihood" and cfg.distill.divergence != "forward_kl":
         raise ConfigError(f"distill.divergence {cfg.distill.divergence} is for overlap_kl: chunk_likelihood matches "

@@ -69,6 +69,11 @@ binary KL of such small probabilities is near 0 and teaches little.  With one to
 one token and it is KL_bin of the two (softened) probabilities of each next token.  overlap_kl with one
 tokenizer is KD itself.
 
+TED across tokenizers adds β times the layer loss of chunk-level states: each tap's filtered states (the
+student's through its filters, the teacher's through its stage-1 filters, each on its own tokens) averaged
+over the positions of each aligned chunk, so both sides have one state per chunk of the same text; with one
+tokenizer every chunk is one position and it is TED's layer loss.
+
 The vocabulary-sized terms (CE, KD, stage-1 tap CE) run over chunks of ``CHUNK_TOKENS`` tokens and make
 their gradient together with their value, in closed form: at 128k vocabulary and 8k tokens one fp32
 (tokens × V) tensor is 4 GB, and autograd through log_softmax would keep several of them.
@@ -495,10 +500,34 @@ def overlap_kl_loss(student_logits, teacher_logits, view, shared: tuple[torch.Te
     return kd_loss(s[None], t[None], kept, w.temperature, divergence=w.divergence, mix=w.divergence_mix)
 
 
+def chunk_means(states: torch.Tensor, chunk: torch.Tensor, chunks: int) -> torch.Tensor:
+    """The mean state of each of ``chunks`` chunks (chunks, D) in fp32, ``chunk`` (B, T) naming each position's
+    chunk (−1: none) of ``states`` (B, T, D); autograd runs through it, its memory that of the states."""
+    flat, chunk = states.flatten(0, 1).float(), chunk.flatten()
+    kept = chunk >= 0
+    sums = flat.new_zeros(chunks, flat.shape[1]).index_add(0, chunk[kept], flat[kept])
+    sizes = torch.bincount(chunk[kept], minlength=chunks).clamp(min=1)
+    return sums / sizes.unsqueeze(1)
+
+
+def chunk_layer_loss(student_taps, teacher_taps, view, kind: str) -> torch.Tensor:
+    """TED's layer loss across tokenizers: each tap's filtered states mean-pooled over the aligned chunks on
+    both sides (``view``'s student_chunk and teacher_chunk), ``layer_loss`` of the chunk-level states, the
+    mean over taps; no chunk: 0."""
+    if view.chunks == 0:
+        return torch.zeros((), device=student_taps[0].device)
+    per_tap = [layer_loss(chunk_means(s, view.student_chunk, view.chunks)[None],
+                          chunk_means(t, view.teacher_chunk, view.chunks)[None], kind)
+               for s, t in zip(student_taps, teacher_taps)]
+    return torch.stack(per_tap).mean()
+
+
 @record_function("loss")
 def cross_tokenizer_objective(student_logits, labels, teacher_logits, view, w: ObjectiveWeights,
-                              shared: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """CE plus α times the cross-tokenizer term: overlap_kl on the ``shared`` vocabulary, else chunk_likelihood."""
+                              shared: tuple[torch.Tensor, torch.Tensor] | None, student_taps=None,
+                              teacher_taps=None) -> dict[str, torch.Tensor]:
+    """CE plus α times the cross-tokenizer term (overlap_kl on the ``shared`` vocabulary, else chunk_likelihood),
+    plus β times ``chunk_layer_loss`` when there are teacher taps (TED)."""
     own = student_logits[..., :w.vocab]  # the student tokenizer's ids
     if shared is None:
         name, term = "chunk_likelihood", chunk_likelihood_loss(own, labels, teacher_logits, view, w.temperature)
@@ -506,4 +535,7 @@ def cross_tokenizer_objective(student_logits, labels, teacher_logits, view, w: O
         name, term = "overlap_kl", overlap_kl_loss(own, teacher_logits, view, shared, w)
     terms = {"lm": lm_loss(student_logits, labels), name: term}
     terms["loss"] = terms["lm"] + w.alpha * term
+    if teacher_taps is not None and w.beta > 0:
+        terms["layer"] = chunk_layer_loss(student_taps, teacher_taps, view, w.layer_loss)
+        terms["loss"] = terms["loss"] + w.beta * terms["layer"]
     return terms

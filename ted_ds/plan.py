@@ -209,6 +209,11 @@ def plan(cfg: RunConfig, job: Job = Job.DISTILL) -> Plan:
     replaced by the directories of the local HF cache first, once (``with_local_models``): the plan
     holds the config the run uses."""
     learning = job is not Job.DISTILL
+    if learning and cfg.distill.cross_tokenizer:
+        raise ConfigError(f"learn-filters --model {job.filters_of} reads one tokenizer, and this data is the "
+                          "student's: learn each side's filters on its own tokens through its own head, with a config "
+                          "without distill.cross_tokenizer (data built with that side's tokenizer, teacher.path that "
+                          "model)")
     manifests = check_sources(cfg.data)
     manifest = manifests[0]
     needs_teacher = cfg.uses_teacher or cfg.student.init_from_teacher is not None or learning

@@ -134,13 +134,13 @@ def build_distill(p: Plan, ds: DeepSpeedSettings) -> DistillModule:
 def cross_tokenizer_loss(frozen: Teacher, engine, shared: tuple | None) -> Callable:
     """(MicroBatch, the step's ObjectiveWeights) -> terms across tokenizers: the teacher reads its own tokens
     of the batch's text (``MicroBatch.teacher_view``); ``shared``: overlap_kl's vocabulary, else
-    chunk_likelihood."""
+    chunk_likelihood; with TED the taps of both sides too."""
     shared = None if shared is None else tuple(ids.to(engine.device) for ids in shared)
 
     def loss(batch: MicroBatch, w: ObjectiveWeights):
         t = frozen(batch.teacher_view.input_ids)
-        logits, _ = engine(batch.input_ids)
-        return cross_tokenizer_objective(logits, batch.labels, t.logits, batch.teacher_view, w, shared)
+        logits, taps = engine(batch.input_ids)
+        return cross_tokenizer_objective(logits, batch.labels, t.logits, batch.teacher_view, w, shared, taps, t.taps)
 
     return loss
 

@@ -16,8 +16,10 @@ from ted_ds.crosstok import AlignmentError, Chunk, CrossTokenizer, shared_chunks
 from ted_ds.losses import (
     ObjectiveWeights,
     binary_kl,
+    chunk_layer_loss,
     chunk_likelihood_loss,
     cross_tokenizer_objective,
+    distill_objective,
     kd_loss,
     target_logprobs,
 )
@@ -253,6 +255,47 @@ def test_overlap_kl_reads_the_shared_ids_at_single_token_chunks_with_autograds_g
     torch.testing.assert_close(torch.autograd.grad(got["overlap_kl"], s)[0], torch.autograd.grad(want, s)[0])
 
 
+@pytest.mark.parametrize("kind", ["mse", "normalized_mse", "cosine"])
+def test_with_one_tokenizer_the_chunk_pooled_layer_loss_is_teds_layer_loss(toks, kind):
+    _, labels, view = aligned_windows(toks[0])
+    gen = torch.Generator().manual_seed(4)
+    s, t = torch.randn(B, L, 1000, generator=gen), torch.randn(B, L, 1000, generator=gen)
+    s_taps, t_taps = [torch.randn(B, L, 8, generator=gen) for _ in range(2)], [torch.randn(B, L, 8, generator=gen)
+                                                                                for _ in range(2)]
+    w = ObjectiveWeights(1.0, 0.7, 2.0, kind, 1000)
+    got = cross_tokenizer_objective(s, labels, t, view, w, None, s_taps, t_taps)
+    want = distill_objective(s, s_taps, labels, t, t_taps, w)
+    torch.testing.assert_close(got["layer"], want["layer"])
+    torch.testing.assert_close(got["loss"], got["lm"] + got["chunk_likelihood"] + 0.7 * want["layer"])
+
+
+@pytest.mark.parametrize("kind", ["mse", "normalized_mse", "cosine"])
+def test_the_chunk_pooled_layer_loss_and_its_gradient_match_a_direct_formulation(kind):
+    gen = torch.Generator().manual_seed(5)
+    s_chunk = torch.randint(-1, 9, (B, L), generator=gen)  # 9 chunks over the batch, some positions in none
+    t_chunk = torch.randint(-1, 9, (B, 30), generator=gen)
+    s_chunk[0, :9] = t_chunk[0, :9] = torch.arange(9)  # every chunk on both sides
+    view = type("View", (), dict(student_chunk=s_chunk, teacher_chunk=t_chunk, chunks=9))
+    s = [torch.randn(B, L, 6, generator=gen, requires_grad=True) for _ in range(2)]
+    t = [torch.randn(B, 30, 6, generator=gen) for _ in range(2)]
+
+    def pooled(states, chunk):  # each chunk's mean as a (chunks × positions) averaging matrix
+        member = (chunk.flatten()[None, :] == torch.arange(9)[:, None]).float()
+        return (member / member.sum(1, keepdim=True)) @ states.flatten(0, 1)
+
+    def distance(a, b):
+        if kind == "cosine":
+            return 1 - (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1).mean()
+        mse = ((a - b) ** 2).mean()
+        return mse / (b.var() + 1e-6) if kind == "normalized_mse" else mse
+
+    got = chunk_layer_loss(s, t, view, kind)
+    want = sum(distance(pooled(a, s_chunk), pooled(b, t_chunk)) for a, b in zip(s, t)) / 2
+    torch.testing.assert_close(got, want)
+    for g, w_ in zip(torch.autograd.grad(got, s), torch.autograd.grad(want, s)):
+        torch.testing.assert_close(g, w_)
+
+
 def test_target_bytes_are_the_texts_bytes_whatever_the_tokenizer(toks):
     """A window's targets count the UTF-8 bytes of the text they spell, an EOS one byte: the same text is the
     same bytes in SentencePiece and byte-level BPE (bits per byte compares their models); the first token
@@ -300,8 +343,8 @@ def cross_config(tiny, tmp_path, **over) -> str:
 
 
 @pytest.mark.parametrize("over, refused", [
-    ({"distill.method": "ted"}, "this run has distill.method ted"),
-    ({"teacher.placement": "zero3"}, "this run has teacher.placement zero3"),
+    ({"distill.method": "lwd"}, "this run has distill.method lwd"),
+    ({"teacher.placement": "pipeline", "teacher.pipeline_stages": 2}, "this run has teacher.placement pipeline"),
     ({"teacher.cache": "c", "teacher.logits_topk": 4}, "this run has teacher.cache c"),
     ({"teacher.logits_topk": 4}, "this run has teacher.logits_topk 4"),
     ({"teacher.logits_sampling": "sampled"}, "this run has teacher.logits_sampling sampled"),
@@ -315,6 +358,18 @@ def test_what_does_not_combine_with_cross_tokenizer_kd_is_refused_in_one_line(ti
 
     with pytest.raises(ConfigError, match=refused):
         load_run_config(cross_config(tiny, tmp_path, **over))
+
+
+@pytest.mark.parametrize("side", ["teacher", "student"])
+def test_learning_filters_across_tokenizers_is_refused_in_one_line(tiny, tmp_path, side):
+    """Stage 1 reads one tokenizer: each side learns its filters with a config of its own tokens."""
+    from ted_ds.config import load_run_config
+    from ted_ds.errors import ConfigError
+    from ted_ds.plan import Job, plan
+
+    cfg = load_run_config(cross_config(tiny, tmp_path, **{"distill.method": "ted"}))
+    with pytest.raises(ConfigError, match=f"learn-filters --model {side} reads one tokenizer"):
+        plan(cfg, Job.learning_filters_of(side))
 
 
 def test_the_plan_loads_both_tokenizers_and_the_vocabulary_they_share(tiny, tmp_path):
