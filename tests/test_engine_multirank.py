@@ -47,17 +47,21 @@ def losses(out_dir: str, key: str = "loss/total") -> list[float]:
     return [m[key] for m in metrics(out_dir) if key in m]
 
 
+def _ds_variants(o) -> tuple[str, str]:
+    """zero3_cpu.json with bf16 on (one switch flipped, as a GPU user would) and with every parameter
+    persistent (ZeRO-3 without gathers): their paths."""
+    ds = json.load(open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "ds_configs", "zero3_cpu.json")))
+    json.dump(ds | {"zero_optimization": ds["zero_optimization"] | {"stage3_param_persistence_threshold": 1e12}},
+              open(o("zero3_cpu_persistent.json"), "w"))
+    json.dump(ds | {"bf16": {"enabled": True}}, open(o("zero3_cpu_bf16.json"), "w"))
+    return o("zero3_cpu_bf16.json"), o("zero3_cpu_persistent.json")
+
+
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     o = lambda name: str(root / name)
-    bf16_config = o("zero3_cpu_bf16.json")  # the CPU config with one switch flipped, as a GPU user would
-    ds = json.load(open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "ds_configs", "zero3_cpu.json")))
-    persistent_config = o("zero3_cpu_persistent.json")  # every parameter whole: ZeRO-3 without gathers
-    json.dump(ds | {"zero_optimization": ds["zero_optimization"] | {"stage3_param_persistence_threshold": 1e12}},
-              open(persistent_config, "w"))
-    ds["bf16"] = {"enabled": True}
-    json.dump(ds, open(bf16_config, "w"))
+    bf16_config, persistent_config = _ds_variants(o)
     ll, gp = tiny["llama_data"], tiny["gpt2_data"]
     lt, gt = tiny["llama_teacher"], tiny["gpt2_teacher"]
     filters = {"teacher.filters": o("ft/filters-teacher"), "student.filters": o("fs/filters-student")}
