@@ -320,9 +320,11 @@ def _with_tail(divergence, t_logp, s_logp, mix, topk_index=None, support=None):
         topk_index = topk_index.where(support, topk_index[:, :1])
     at = s_logp.gather(1, topk_index)  # (C, k)
     on_k = at if support is None else at.masked_fill(~support, -math.inf)
-    tail = s_logp.scatter(1, topk_index, -math.inf).logsumexp(-1, keepdim=True)  # log Q_∁, no cancellation
-    terms, grad_k1 = divergence(t_logp, torch.cat([on_k, tail], 1), mix)
-    share = s_logp.sub_(tail).exp_().mul_(grad_k1[:, -1:]).masked_fill_(tail == -math.inf, 0.0)  # g_∁·q_i/Q_∁
+    q_off_k = s_logp.exp_().scatter_(1, topk_index, 0.0)  # q off K: summed, Q_∁ without 1 − Σ_K q's cancellation
+    bucket = q_off_k.sum(-1, keepdim=True)  # Q_∁ (C, 1); 0 when K holds every id
+    terms, grad_k1 = divergence(t_logp, torch.cat([on_k, bucket.log()], 1), mix)
+    empty = bucket == 0  # K holds every id (or the student puts < e⁻¹⁰³ off K): nothing goes back, nothing is divided
+    share = q_off_k.div_(bucket.masked_fill(empty, 1.0)).mul_(grad_k1[:, -1:].masked_fill(empty, 0.0))  # g_∁·q_i/Q_∁
     grad_k = grad_k1[:, :-1] if support is None else grad_k1[:, :-1].where(support, grad_k1[:, :1])
     return terms, share.scatter_(1, topk_index, grad_k)
 
