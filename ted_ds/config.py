@@ -237,7 +237,7 @@ class DistillConfig:
     (ted_ds/crosstok.py, ted_ds/losses.py) — chunk_likelihood: each chunk's likelihood softened by distill.temperature,
     ALM's binary KL | overlap_kl: distill.divergence on the tokens both vocabularies spell alike,
     where a chunk is one token on both sides; method ted adds its layer loss on states mean-pooled over those
-    chunks. Methods kd and ted, with a replicated or ZeRO-3 teacher, so far."""
+    chunks. Methods kd and ted, with a replicated, ZeRO-3 or pipeline teacher."""
     lwd_map_init: MapInit = "normal"
     """lwd: how its student map into the teacher's hidden space starts — normal: N(0, 0.02), as a fresh
     layer | identity: the identity (cut or zero-padded when the sizes differ; linear filter only), so the
@@ -439,8 +439,8 @@ class RunConfig:
 
 
 def _check_cross_tokenizer(cfg: RunConfig) -> None:
-    """distill.cross_tokenizer runs method kd or ted with a replicated or ZeRO-3 teacher reading full logits; what
-    else would need the teacher's tokens (its cache, top-k, the pipeline, LWD's raw states, document masks) is not
+    """distill.cross_tokenizer runs method kd or ted with a replicated, ZeRO-3 or pipeline teacher reading full
+    logits; what else would need the teacher's tokens (its cache, top-k, LWD's raw states, document masks) is not
     built."""
     t = cfg.teacher
     if cfg.distill.cross_tokenizer is None:
@@ -448,7 +448,6 @@ def _check_cross_tokenizer(cfg: RunConfig) -> None:
             raise ConfigError("teacher.tokenizer is for distill.cross_tokenizer: set it, or drop teacher.tokenizer")
         return
     unsupported = [("distill.method", cfg.distill.method, cfg.distill.method not in ("kd", "ted")),
-                   ("teacher.placement", t.placement, t.placement == "pipeline"),
                    ("teacher.cache", t.cache, t.cache is not None),
                    ("teacher.logits_topk", t.logits_topk, t.logits_topk > 0),
                    ("teacher.logits_sampling", t.logits_sampling, t.logits_sampling != "topk"),
@@ -457,9 +456,9 @@ def _check_cross_tokenizer(cfg: RunConfig) -> None:
     refused = [(key, value) for key, value, bad in unsupported if bad]
     if refused:
         key, value = refused[0]
-        raise ConfigError(f"distill.cross_tokenizer works with distill.method kd or ted and a replicated or ZeRO-3 "
-                          f"teacher, without teacher.cache, logits_topk, logits_sampling, data.document_attention or "
-                          f"student.init_from_teacher, so far; this run has {key} {value}")
+        raise ConfigError(f"distill.cross_tokenizer works with distill.method kd or ted, without teacher.cache, "
+                          f"logits_topk, logits_sampling, data.document_attention or student.init_from_teacher, so "
+                          f"far; this run has {key} {value}")
     if cfg.distill.cross_tokenizer == "chunk_likelihood" and cfg.distill.divergence != "forward_kl":
         raise ConfigError(f"distill.divergence {cfg.distill.divergence} is for overlap_kl: chunk_likelihood matches "
                           "each chunk's likelihood by ALM's binary KL; drop distill.divergence or use overlap_kl")

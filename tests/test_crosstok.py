@@ -344,7 +344,6 @@ def cross_config(tiny, tmp_path, **over) -> str:
 
 @pytest.mark.parametrize("over, refused", [
     ({"distill.method": "lwd"}, "this run has distill.method lwd"),
-    ({"teacher.placement": "pipeline", "teacher.pipeline_stages": 2}, "this run has teacher.placement pipeline"),
     ({"teacher.cache": "c", "teacher.logits_topk": 4}, "this run has teacher.cache c"),
     ({"teacher.logits_topk": 4}, "this run has teacher.logits_topk 4"),
     ({"teacher.logits_sampling": "sampled"}, "this run has teacher.logits_sampling sampled"),

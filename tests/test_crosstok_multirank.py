@@ -1,7 +1,9 @@
-"""Distilling across tokenizers on a real 2-rank DeepSpeed run with the teacher ZeRO-3-sharded, KD and TED,
-checked against a single-process reference: each rank's teacher reads its own micro-batch's tokens, of a
-width of its own, while the ranks gather the teacher's parameters together.  The student (SentencePiece)
-learns from the tiny GPT-2 teacher (byte-level BPE); one launch runs both."""
+"""Distilling across tokenizers on a real 2-rank DeepSpeed run with the teacher ZeRO-3-sharded or split into a
+2-stage pipeline, KD and TED, checked against a single-process reference: each rank's teacher reads its own
+micro-batch's tokens, of a width of its own, while the ranks gather the teacher's parameters together (ZeRO-3)
+or pass every rank's micro-batch through both stages (the pipeline pads them to the widest and cuts each
+rank's output back).  The student (SentencePiece) learns from the tiny GPT-2 teacher (byte-level BPE); one
+launch runs all four."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from ted_ds.plan import Job
 pytestmark = pytest.mark.multirank
 
 STEPS = 2
-SCENARIOS = {"kd_zero3": "kd", "ted_zero3": "ted"}  # name: distill.method, the teacher ZeRO-3-sharded
+SCENARIOS = {f"{method}_{placement}": (method, placement) for placement in ("zero3", "pipeline")
+             for method in ("kd", "ted")}  # name: (distill.method, teacher.placement)
 
 
 def stage1_banks(tiny, root) -> dict:
@@ -47,11 +50,11 @@ def runs(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("cross")
     banks = stage1_banks(tiny, root)
     configs = {}
-    for name, method in SCENARIOS.items():
+    for name, (method, placement) in SCENARIOS.items():
         cfg = base_config(tiny["llama_data"], tiny["gpt2_teacher"], str(root / name), **{
             "student.init_from_teacher": None, "student.config": tiny["llama_teacher"], "distill.method": method,
             "distill.teacher_every": 2, "distill.student_every": 2, "distill.cross_tokenizer": "chunk_likelihood",
-            "teacher.placement": "zero3", "train.steps": STEPS, **(banks if method == "ted" else {})})
+            "teacher.placement": placement, "train.steps": STEPS, **(banks if method == "ted" else {})})
         configs[name] = write_config(str(root / f"{name}.yaml"), **cfg)
     spec = [{"name": name, "config": path} for name, path in configs.items()]
     return launch_scenarios(2, spec, {n: str(root / n) for n in configs}, configs, str(root / "spec.json"),
@@ -110,7 +113,7 @@ def logged(out_dir: str, key: str) -> list[float]:
 def test_a_2_rank_run_across_tokenizers_matches_the_single_process_reference(runs, name):
     got = logged(runs.dir(name), "loss/total")
     assert len(got) == STEPS and got == pytest.approx(cross_reference(runs.configs[name], STEPS), rel=1e-5, abs=1e-6)
-    terms = {"chunk_likelihood", "layer"} if SCENARIOS[name] == "ted" else {"chunk_likelihood"}
+    terms = {"chunk_likelihood", "layer"} if SCENARIOS[name][0] == "ted" else {"chunk_likelihood"}
     assert all(len(logged(runs.dir(name), f"loss/{term}")) == STEPS for term in terms)
 
 

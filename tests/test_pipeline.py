@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel  # imports torch._dynamo, which sets TORCHINDUCTOR_CACHE_DIR
 
 from ted_ds.documents import DocumentAttention
 from ted_ds.errors import ConfigError, DistributedError
@@ -257,3 +258,21 @@ def test_the_nccl_matching_harness_emulates_blocking_recv_and_times_out():
             p.kill()
     assert seen["recv"] == (0, 0, 1.0, 2.0), seen
     assert seen["alone"][0] == "timed out" and seen["alone"][1] < 10, seen
+
+
+def test_a_micro_batch_padded_to_the_groups_widest_gives_its_own_outputs_once_cut_back():
+    """Across tokenizers the ranks' teacher widths differ: ``pad_to`` widens a micro-batch, ``cut_to`` cuts the
+    teacher's output back, and the kept positions are the unpadded call's (a causal GPT-2, taps and logits)."""
+    from ted_ds.pipeline.schedule import cut_to, pad_to
+    from ted_ds.teacher import TeacherOutput
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16)).eval()
+    run = lambda ids: (lambda o: TeacherOutput(list(o.hidden_states[1:]), o.logits))(
+        model(ids, output_hidden_states=True))
+    ids = torch.randint(40, (2, 7))
+    with torch.no_grad():
+        want, got = run(ids), cut_to(run(pad_to(ids, 12)), 7)
+    assert pad_to(ids, 12).shape == (2, 12) and torch.equal(pad_to(ids, 12)[:, :7], ids)
+    assert got.logits.shape == want.logits.shape and torch.allclose(got.logits, want.logits, atol=1e-6)
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got.taps, want.taps, strict=True))

@@ -50,6 +50,19 @@ def wait_for(work, backend: str, timeout: datetime.timedelta) -> bool:
     return work.wait(timeout)
 
 
+def pad_to(input_ids: torch.Tensor, width: int) -> torch.Tensor:
+    """``input_ids`` (B, T) padded on the right to ``width`` tokens with id 0: any id does, attention being
+    causal, tokens past a row's end never reach its own positions, and ``cut_to`` drops what they make."""
+    return torch.nn.functional.pad(input_ids, (0, width - input_ids.shape[1]), value=0)
+
+
+def cut_to(out: TeacherOutput, width: int) -> TeacherOutput:
+    """The teacher's output for the first ``width`` positions: what a micro-batch ``pad_to`` widened makes."""
+    cut = lambda x: None if x is None else x[:, :width].contiguous()  # no copy when nothing was padded
+    return TeacherOutput(None if out.taps is None else [cut(t) for t in out.taps], cut(out.logits),
+                         cut(out.topk_index))
+
+
 class PipelineGroup:
     """The P consecutive ranks that hold one teacher pipeline, and everything they send each other:
     group rank ``stage`` holds pipeline stage ``stage``.  Every wait is bounded (the collective timeout)
@@ -86,15 +99,17 @@ class PipelineGroup:
                                    "(stages, layers, taps, filters or logits options differ); check their configs")
 
     def gather_ids(self, input_ids: torch.Tensor) -> list[list[torch.Tensor]]:
-        """Every member's micro-batch, cut into chunks: each stage runs them all."""
+        """Every member's micro-batch, cut into chunks: each stage runs them all.  Widths may differ (across
+        tokenizers each rank's teacher reads its own tokens): all are padded to the widest (``pad_to``)."""
         shape = torch.tensor(list(input_ids.shape), dtype=torch.int64, device=input_ids.device)
         shapes = [torch.zeros_like(shape) for _ in self.members]
         self.wait(dist.all_gather(shapes, shape, group=self.group, async_op=True), "shape exchange")
-        if any(not torch.equal(s, shape) for s in shapes):
-            raise DistributedError(f"pipeline group {self.members}: micro-batch shapes differ "
-                                   f"({[tuple(s.tolist()) for s in shapes]}); every rank needs the same batch shape")
-        all_ids = [torch.zeros_like(input_ids) for _ in self.members]
-        self.wait(dist.all_gather(all_ids, input_ids.contiguous(), group=self.group, async_op=True), "token exchange")
+        if any(s[0] != shape[0] for s in shapes):
+            raise DistributedError(f"pipeline group {self.members}: micro-batch sizes differ "
+                                   f"({[tuple(s.tolist()) for s in shapes]}); every rank needs the same batch size")
+        padded = pad_to(input_ids, int(max(s[1] for s in shapes)))
+        all_ids = [torch.zeros_like(padded) for _ in self.members]
+        self.wait(dist.all_gather(all_ids, padded.contiguous(), group=self.group, async_op=True), "token exchange")
         return [list(torch.tensor_split(ids, self.layout.chunks)) for ids in all_ids]
 
     def exchange(self, tick: int, transfers: list[Transfer], made: Made, received: Received,
@@ -197,7 +212,7 @@ class PipelineTeacher:
         for tick, transfers in enumerate(self.posts):
             made = self._run_tick(tick, chunk_ids, hidden, received)
             hidden = self.comm.exchange(tick, transfers, made, received, chunk_ids)
-        return self._assemble(received)
+        return cut_to(self._assemble(received), input_ids.shape[1])
 
     def _buffers(self, my_chunks: list[torch.Tensor]) -> Received:
         """A buffer for everything this rank's chunks get back: the call's output."""

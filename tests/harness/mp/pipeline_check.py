@@ -179,7 +179,7 @@ def main():
         try:
             if args.fault == "die" and distributed.rank() == distributed.world_size() - 1:
                 os._exit(17)  # the last stage dies before sending anything
-            shape = (4, 16) if args.fault == "die" or distributed.rank() == 0 else (4, 12)
+            shape = (4, 16) if args.fault == "die" or distributed.rank() == 0 else (2, 16)
             pipe(batch(distributed.rank(), shape))
         except DistributedError as e:
             print(f"ted-ds: rank {distributed.rank()}: error: {e}", file=sys.stderr, flush=True)
