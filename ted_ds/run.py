@@ -97,13 +97,16 @@ def run_recipe(cfg: RunConfig, job: Job = Job.DISTILL) -> tuple[TrainModule, Pla
     """A whole command of ``job``; returns the recipe, its plan and what training gave (with ``output``,
     the path the recipe saved, unless a signal stopped the run first)."""
     stop = StopSignal()  # from the very start: a warning during set-up is honoured after the first step
-    p, ds = checked_plan(cfg, job)
-    resumed, changed = owned_config(p.cfg, job)  # the config as run: hub ids resolved, as checkpoints hold it
-    start_group(p)
-    recipe = build_recipe(p, ds, job)
-    if distributed.rank() == 0 and resumed is None:
-        record_config(cfg, recipe.name)
-    result = fit(recipe, p, checkpointer(recipe, p), stop, changed)
-    if not result.stopped:
-        result = replace(result, output=recipe.save_outputs(cfg.train.out_dir))
-    return recipe, p, result
+    try:
+        p, ds = checked_plan(cfg, job)
+        resumed, changed = owned_config(p.cfg, job)  # the config as run: hub ids resolved, as checkpoints hold it
+        start_group(p)
+        recipe = build_recipe(p, ds, job)
+        if distributed.rank() == 0 and resumed is None:
+            record_config(cfg, recipe.name)
+        result = fit(recipe, p, checkpointer(recipe, p), stop, changed)
+        if not result.stopped:
+            result = replace(result, output=recipe.save_outputs(cfg.train.out_dir))
+        return recipe, p, result
+    finally:
+        stop.restore()

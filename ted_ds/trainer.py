@@ -108,9 +108,13 @@ class StopSignal:
 
     def __init__(self):
         self.received = None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handler)
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
         stop_when_launcher_dies()
+
+    def restore(self) -> None:
+        """The handlers from before: a run in a longer process (a test, a scenario launch) leaves none behind."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handler(self, signum, _frame):
         self.received = signal.Signals(signum).name

@@ -65,3 +65,33 @@ def test_the_processes_a_rank_watches_are_its_launchers(cmdline, launcher):
     from ted_ds.trainer import LAUNCHERS, launched_program
 
     assert (launched_program(cmdline) in LAUNCHERS) is launcher
+
+
+def test_a_run_in_a_longer_process_gives_back_the_signal_handlers_it_found(tiny, tmp_path):
+    """StopSignal takes SIGTERM and SIGUSR1 for the run and restores them when it ends (run_recipe's
+    finally, here after a run refused in set-up): a test process or a scenario launch running several
+    runs keeps its own handlers."""
+    import signal
+
+    from harness.tiny import base_config, write_config
+    from ted_ds.config import load_run_config
+    from ted_ds.errors import UserError
+    from ted_ds.run import run_recipe
+    from ted_ds.trainer import StopSignal
+
+    mine = lambda signum, frame: None
+    before = {sig: signal.signal(sig, mine) for sig in StopSignal.SIGNALS}
+    try:
+        stop = StopSignal()
+        assert all(signal.getsignal(sig) == stop._handler for sig in StopSignal.SIGNALS)
+        signal.raise_signal(signal.SIGUSR1)
+        assert stop.received == "SIGUSR1"
+        stop.restore()
+        assert all(signal.getsignal(sig) is mine for sig in StopSignal.SIGNALS)
+        cfg = base_config(tiny["llama_data"], str(tmp_path / "no-teacher"), str(tmp_path / "out"))
+        with pytest.raises(UserError):
+            run_recipe(load_run_config(write_config(str(tmp_path / "run.yaml"), **cfg)))
+        assert all(signal.getsignal(sig) is mine for sig in StopSignal.SIGNALS)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
