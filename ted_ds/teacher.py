@@ -188,7 +188,8 @@ def teacher_side(frozen: Teacher | None, batch, from_cache: bool = False, draws:
 
 class FrozenLM(TappedLM):
     """A ``TappedLM`` evaluated without gradients, its logits cut to the tokenizer's ids (and to the top-k
-    when asked) as KD reads them.  ``filters=None`` returns raw states (stage 1, LWD)."""
+    when asked) as KD reads them: a ``TeacherOutput``, what every placement of the frozen side returns.
+    ``filters=None`` returns raw states (stage 1, LWD)."""
 
     def __init__(self, model: nn.Module, layers: list[int], filters: FilterBank | None, need_logits: bool,
                  logits_topk: int = 0, documents: DocumentAttention | None = None, vocab: int | None = None,
@@ -204,12 +205,12 @@ class FrozenLM(TappedLM):
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, input_ids: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor) -> TeacherOutput:
         logits, taps = super().forward(input_ids)
         if not self.need_logits:
-            return taps, None, None
-        return taps, *teacher_logits(logits, self.vocab, self.logits_topk, self.logits_dtype, self.tail_temperature,
-                                     self.top_p)
+            return TeacherOutput(taps, None)
+        return TeacherOutput(taps, *teacher_logits(logits, self.vocab, self.logits_topk, self.logits_dtype,
+                                                   self.tail_temperature, self.top_p))
 
 
 class ReplicatedTeacher:
@@ -224,7 +225,7 @@ class ReplicatedTeacher:
     @torch.no_grad()
     @record_function("teacher")  # names the frozen side's work in a profile (bench/profile_bench.py)
     def __call__(self, input_ids: torch.Tensor) -> TeacherOutput:
-        return TeacherOutput(*self.frozen(input_ids.to(self.device)))
+        return self.frozen(input_ids.to(self.device))
 
     def local_parameters(self) -> int:
         return count_parameters(self.frozen)
@@ -243,7 +244,7 @@ class Zero3Teacher:
     @torch.no_grad()
     @record_function("teacher")  # names the frozen side's work in a profile (bench/profile_bench.py)
     def __call__(self, input_ids: torch.Tensor) -> TeacherOutput:
-        return TeacherOutput(*self.engine(input_ids.to(self.engine.device)))
+        return self.engine(input_ids.to(self.engine.device))
 
     def local_parameters(self) -> int:
         return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()

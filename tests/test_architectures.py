@@ -121,11 +121,11 @@ def test_kd_and_top_k_see_only_the_tokenizers_ids(arch_teachers, tiny):
     model = load_model(arch_teachers["qwen2"])
     with torch.no_grad():  # make the padding rows the teacher's favourites
         model.lm_head.weight[vocab:] = 50 * model.lm_head.weight[:PADDED_ROWS]
-    _, _, index = FrozenLM(model, [], None, True, 8, vocab=vocab)(IDS)
+    index = FrozenLM(model, [], None, True, 8, vocab=vocab)(IDS).topk_index
     assert index.max() < vocab
-    _, _, unsliced = FrozenLM(model, [], None, True, 8)(IDS)
+    unsliced = FrozenLM(model, [], None, True, 8)(IDS).topk_index
     assert unsliced.max() >= vocab  # the check above is not vacuous
-    _, t_logits, _ = FrozenLM(model, [], None, True, 0, vocab=vocab)(IDS)
+    t_logits = FrozenLM(model, [], None, True, 0, vocab=vocab)(IDS).logits
     assert t_logits.shape[-1] == vocab
     student = torch.randn(*IDS.shape, vocab + 8, requires_grad=True)
     labels = torch.randint(vocab, IDS.shape)

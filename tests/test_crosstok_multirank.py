@@ -93,7 +93,8 @@ def cross_reference(config_path: str, steps: int) -> list[float]:
         for x, y in (collate(data, idx) for idx in micro):
             view = p.cross.batch(x, y)
             with torch.no_grad():
-                t_taps, t_logits, _ = teacher(view.input_ids)
+                t = teacher(view.input_ids)
+            t_taps, t_logits = t.taps, t.logits
             logits, taps = student(x)
             loss = cross_tokenizer_objective(logits, y, t_logits, view, w, p.cross.shared, taps, t_taps)["loss"]
             (loss / len(micro)).backward()

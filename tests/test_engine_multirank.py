@@ -183,7 +183,8 @@ def _reference(config_path: str, steps: int):
         for idx in micro:
             x, y = collate(data, idx)
             with torch.no_grad():
-                t_taps, t_logits, _ = teacher(x)
+                t = teacher(x)
+            t_taps, t_logits = t.taps, t.logits
             t_index = None
             if cfg.teacher.logits_topk:
                 t_logits, t_index = teacher_logits(t_logits, None, cfg.teacher.logits_topk,
@@ -317,7 +318,7 @@ def _stage1_first_loss(config_path: str) -> float:
     with torch.no_grad():
         for idx in micro:
             x, y = collate(data, idx)
-            total += torch.stack(tap_lm_losses(head, bank(frozen(x)[0]), y)).mean().item() / len(micro)
+            total += torch.stack(tap_lm_losses(head, bank(frozen(x).taps), y)).mean().item() / len(micro)
     return total
 
 

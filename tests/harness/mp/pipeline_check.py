@@ -67,8 +67,8 @@ def chunked_reference(ref: FrozenLM, ids: torch.Tensor, chunks: int) -> tuple:
     with torch.no_grad():
         outs = [ref(c) for c in torch.tensor_split(ids, chunks)]
     joined = lambda parts: torch.cat(parts) if parts[0] is not None else None
-    taps, logits, index = zip(*outs)
-    return [torch.cat(t) for t in zip(*taps)], joined(logits), joined(index)
+    return ([torch.cat(t) for t in zip(*(o.taps for o in outs))], joined([o.logits for o in outs]),
+            joined([o.topk_index for o in outs]))
 
 
 def compare(teacher_dir, bank, stages, chunks, topk, logits_dtype, results, name, vocab=None, need_logits=True):
@@ -118,7 +118,7 @@ def compare_documents(teacher_dir, results, stages, placements):
     ids, spans = packed_documents(eos, config.vocab_size, seed=distributed.rank())  # every rank its own windows
     reference = FrozenLM(load_model(teacher_dir), TAPS, None, True)
     with torch.no_grad():
-        alone = lambda x: (lambda out: [out[1], *out[0]])(reference(x))
+        alone = lambda x: (lambda out: [out.logits, *out.taps])(reference(x))
     kind = config.model_type
     teacher = SimpleNamespace(path=teacher_dir, trust_remote_code=False, logits_topk=0, logits_top_p=None,
                               logits_dtype="fp32", pipeline_stages=stages, pipeline_layers=None, pipeline_chunks=2,
