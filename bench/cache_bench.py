@@ -17,7 +17,7 @@ like a trained model's) and KD students of two of its blocks; seq 128, fp16 valu
   the old renormalized form, the samples' estimate — against full-vocabulary KD from the teacher's fp32
   logits, and the cosine between their gradients in the student's logits;
 * cache build throughput ÷ the teacher's forward alone over the same windows in the same batches
-  (``build_frozen``'s teacher giving every logit, as an online KD run without top-k asks it). The build's
+  (``place_frozen``'s teacher giving every logit, as an online KD run without top-k asks it). The build's
   time is the whole command: checks, hashing the teacher's weights, loading it, the forward, top-k,
   encoding, writing, checksums. Goal ≥ 0.9;
 * the teacher's confidence (why top-p keeps what it keeps): its mass on its top 64 and the ids a token
@@ -127,13 +127,13 @@ def forward_alone(config: str, data: str) -> float:
     import torch
 
     from ted_ds.config import load_run_config
-    from ted_ds.engine import build_frozen
+    from ted_ds.engine import place_frozen
     from ted_ds.models import load_teacher
     from ted_ds.run import setup
 
     p, ds = setup(load_run_config(config, ["teacher.logits_topk=0"]))
-    teacher = build_frozen(p.cfg, functools.partial(load_teacher, p.cfg), [], None, True, ds, None,
-                           p.manifest["vocab_size"])
+    teacher = place_frozen(p.cfg, functools.partial(load_teacher, p.cfg), [], None, True, ds, None,
+                          p.manifest["vocab_size"])
     windows = windows_of(data)
     start = time.perf_counter()
     for i in range(0, len(windows), MICRO):

@@ -6,7 +6,9 @@
 * ``build_trained_engine`` puts the trained module (student + its filters, or a filter bank in
   stage 1) under ``deepspeed.initialize`` with our AdamW (or the JSON's optimizer) and the schedule
   of ted_ds.optim.
-* ``build_frozen`` places a frozen model by ``teacher.placement``.
+* The one placement step of each side (torchtitan's ``parallelize_*``: every wrapper applied in one
+  visible order): ``place_student`` (activation checkpointing, compiled blocks, the ZeRO-3 engine) and
+  ``place_frozen`` (a frozen model by ``teacher.placement``, its blocks compiled where asked).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ted_ds.config import RunConfig, accumulation_steps
 from ted_ds.documents import for_model
 from ted_ds.errors import ConfigError
 from ted_ds.optim import lr_multiplier, param_groups
+from ted_ds.taps import TappedLM
 from ted_ds.teacher import LOGITS_DTYPES, FrozenLM, ReplicatedTeacher, Teacher, Zero3Teacher, top_p_of
 from ted_ds.weights import check_dtype
 
@@ -125,9 +128,20 @@ def compiled(cfg: RunConfig, model: nn.Module, zero3: bool = False) -> nn.Module
     return compile_blocks(model, zero3) if cfg.train.compile_blocks else model
 
 
-def build_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_logits: bool, ds: DeepSpeedSettings,
+def place_student(cfg: RunConfig, trained: TappedLM, ds: DeepSpeedSettings, total_steps: int):
+    """The student's one placement step, on the module ``distill_modules`` read into this rank's ZeRO-3
+    share, in this order: activation checkpointing (``student.activation_checkpointing``), its blocks
+    compiled as ZeRO-3 leaves (``train.compile_blocks``), the trained ZeRO-3 engine.  Its engine."""
+    if cfg.student.activation_checkpointing:
+        trained.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compiled(cfg, trained.model, zero3=True)  # the student is always ZeRO-3 (resolve_ds_config)
+    return build_trained_engine(cfg, trained, ds, total_steps)
+
+
+def place_frozen(cfg: RunConfig, load_model, layers: list[int], filters, need_logits: bool, ds: DeepSpeedSettings,
                  document_eos: int | None = None, vocab: int | None = None) -> Teacher:
-    """Place a frozen model by ``teacher.placement``; ``load_model(dtype=, device=, zero_config=)``
+    """The frozen side's one placement step, by ``teacher.placement``: its weights, its blocks compiled
+    (``train.compile_blocks``), then its wrapper.  ``load_model(dtype=, device=, zero_config=)``
     reads its weights straight into the rank's share: a whole copy on the device (replicated), this
     rank's ZeRO-3 slices (zero3); the pipeline reads its stage alone.  ``document_eos``: packed
     documents stay apart (``data.document_attention``, see ted_ds.documents).  ``vocab``: logits keep

@@ -19,7 +19,7 @@ from torch import nn
 from ted_ds import distributed
 from ted_ds.architectures import hidden_size, meta_model, vocab_size
 from ted_ds.data import MicroBatch
-from ted_ds.engine import DeepSpeedSettings, build_frozen, build_trained_engine, compiled
+from ted_ds.engine import DeepSpeedSettings, build_trained_engine, place_frozen, place_student
 from ted_ds.export import save_bank, save_student
 from ted_ds.filters import FilterBank
 from ted_ds.heads import TaskHead
@@ -107,15 +107,12 @@ def build_distill(p: Plan, ds: DeepSpeedSettings) -> DistillModule:
     """Stage 2 (ted), or a baseline (lwd, kd, lm), by ``distill.method``."""
     cfg = p.cfg
     trained, teacher_filters = distill_modules(p, dtype=ds.dtype, zero_config=ds.config)
-    if cfg.student.activation_checkpointing:
-        trained.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    compiled(cfg, trained.model, zero3=True)  # the student is always ZeRO-3 (resolve_ds_config)
     flops = flops_per_token(matmul_parameters(trained.model), p.student_config, cfg.data.seq_len, True)
-    engine = build_trained_engine(cfg, trained, ds, p.total_steps)
+    engine = place_student(cfg, trained, ds, p.total_steps)
     frozen = None
     if cfg.runs_teacher:
         teacher_vocab = p.manifest["vocab_size"] if p.cross is None else len(p.cross.teacher)
-        frozen = build_frozen(cfg, functools.partial(load_teacher, cfg), p.teacher_layers if cfg.uses_layers else [],
+        frozen = place_frozen(cfg, functools.partial(load_teacher, cfg), p.teacher_layers if cfg.uses_layers else [],
                               teacher_filters, cfg.uses_logits and not cfg.logits_from_cache, ds, p.document_eos,
                               teacher_vocab)
         flops += flops_per_token(matmul_parameters(meta_model(p.teacher_config)), p.teacher_config,
@@ -200,7 +197,7 @@ def build_filter_learning(p: Plan, ds: DeepSpeedSettings, job: Job) -> FilterMod
     engine = build_trained_engine(cfg, FiltersWithHeads(bank, head) if trainable else bank, ds, p.total_steps)
     if which == "student" and cfg.teacher.placement == "pipeline":  # a pipeline is for the teacher's size
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, placement="zero3"))
-    frozen = build_frozen(cfg, load, layers, None, False, ds, p.document_eos)
+    frozen = place_frozen(cfg, load, layers, None, False, ds, p.document_eos)
     n_filter = sum(p_.numel() for p_ in bank.parameters() if p_.ndim >= 2)
     head_mm = hidden_size(p.teacher_config) * vocab_size(p.teacher_config)
     flops = (flops_per_token(matmul_parameters(meta_model(conf)), conf, cfg.data.seq_len, False)

@@ -15,7 +15,7 @@ from harness.tiny import base_config, packed_documents, span_difference, write_c
 from ted_ds.architectures import load_hf_config
 from ted_ds.config import load_run_config
 from ted_ds.documents import DocumentAttention, document_positions, for_model
-from ted_ds.engine import DeepSpeedSettings, build_frozen
+from ted_ds.engine import DeepSpeedSettings, place_frozen
 from ted_ds.filters import FilterBank
 from ted_ds.taps import TappedLM
 from ted_ds.weights import load_model
@@ -85,10 +85,10 @@ def test_a_packed_document_equals_the_document_alone(tiny, kind, impl, tmp_path)
     cfg = load_run_config(write_config(str(tmp_path / "c.yaml"), **base_config(tiny[f"{kind}_data"], teacher,
                                                                             str(tmp_path / "o"))))
     loader = lambda **placement: load_model(teacher, **placement)
-    reference = build_frozen(cfg, loader, [2, 4], bank, True, DeepSpeedSettings.of({}))
+    reference = place_frozen(cfg, loader, [2, 4], bank, True, DeepSpeedSettings.of({}))
     alone = lambda x: (lambda o: [o.logits, *o.taps])(reference(x))
     for eos_or_off, expect_equal in ((eos, True), (None, False)):
-        out = build_frozen(cfg, loader, [2, 4], bank, True, DeepSpeedSettings.of({}), eos_or_off)(ids)
+        out = place_frozen(cfg, loader, [2, 4], bank, True, DeepSpeedSettings.of({}), eos_or_off)(ids)
         diff = span_difference([out.logits, *out.taps], alone, ids, spans)
         assert (diff < ATOL) if expect_equal else (diff > 1e-3), (eos_or_off, diff)
 

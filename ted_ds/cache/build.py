@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus 8 --module ted_ds cache-teacher --config run.yaml --out cache/ [k=v ...]
 
-The teacher is placed as ``teacher.placement`` says (``engine.build_frozen``, the training code) and run
+The teacher is placed as ``teacher.placement`` says (``engine.place_frozen``, the training code) and run
 over every window of every source's train and valid splits with ``teacher.logits_topk`` and
 ``teacher.logits_dtype``; the format is ``ted_ds.cache.format``'s. Blocks of windows go round-robin to
 the ranks; every rank runs the same number of teacher calls of the same shape (the ZeRO-3 and pipeline
@@ -163,7 +163,7 @@ def window_frames(out, seeds: list[int], spec: dict) -> list[bytes]:
 def build_cache(cfg: RunConfig, out: str, batch: int | None = None, block_windows: int = 256) -> str:
     """The whole command: check, start the process group, run the teacher over the blocks left to do,
     write the manifest; returns the line to print."""
-    from ted_ds.engine import build_frozen, resolve_ds_config
+    from ted_ds.engine import place_frozen, resolve_ds_config
     from ted_ds.models import load_teacher
 
     p, spec, blocks = plan_cache(cfg, out, block_windows)
@@ -183,8 +183,8 @@ def build_cache(cfg: RunConfig, out: str, batch: int | None = None, block_window
     distributed.barrier()
     todo = [b for b in blocks if not os.path.isfile(os.path.join(out, b.name))]
     distributed.barrier()  # every rank listed the same blocks before any is written
-    teacher = None if not todo else build_frozen(p.cfg, functools.partial(load_teacher, p.cfg), [], None, True, ds,
-                                                 p.document_eos, p.manifest["vocab_size"])
+    teacher = None if not todo else place_frozen(p.cfg, functools.partial(load_teacher, p.cfg), [], None, True, ds,
+                                                p.document_eos, p.manifest["vocab_size"])
     rounds = math.ceil(len(todo) / world)
     started, shown = time.perf_counter(), 0.0
     for r in range(rounds):

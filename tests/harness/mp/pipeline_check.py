@@ -31,7 +31,7 @@ from harness.tiny import packed_documents, span_difference  # noqa: E402
 from ted_ds import distributed  # noqa: E402
 from ted_ds.architectures import decoder_layers, final_norm, load_hf_config  # noqa: E402
 from ted_ds.documents import attn_implementation  # noqa: E402
-from ted_ds.engine import DeepSpeedSettings, build_frozen  # noqa: E402
+from ted_ds.engine import DeepSpeedSettings, place_frozen  # noqa: E402
 from ted_ds.errors import DistributedError  # noqa: E402
 from ted_ds.filters import load_filter_bank  # noqa: E402
 from ted_ds.models import load_teacher  # noqa: E402
@@ -128,7 +128,7 @@ def compare_documents(teacher_dir, results, stages, placements):
     for placement in placements:
         cfg = SimpleNamespace(teacher=SimpleNamespace(**vars(teacher), placement=placement),
                               train=SimpleNamespace(timeout_minutes=1.0, compile_blocks=False), tail_temperature=None)
-        frozen = build_frozen(cfg, functools.partial(load_teacher, cfg), TAPS, None, True, ds, eos)
+        frozen = place_frozen(cfg, functools.partial(load_teacher, cfg), TAPS, None, True, ds, eos)
         out = frozen(ids)
         diff = torch.tensor([span_difference([out.logits, *out.taps], alone, ids, spans)])
         torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
