@@ -103,7 +103,9 @@ def remember_cpu_info(path: str) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(f"{path}.{os.getpid()}", "w") as f:
             json.dump(info, f)
-        os.replace(f"{path}.{os.getpid()}", path)  # whole or absent for a process reading it meanwhile
+        # a temporary file per process: a node's ranks may all write it at once, where fileio.write_text's one
+        # shared .tmp would be removed under a writer; os.replace keeps it whole or absent for a reader
+        os.replace(f"{path}.{os.getpid()}", path)
         return info
 
     get_cpu_info.asks = ask
